@@ -1,0 +1,205 @@
+//! `mezo bench engine`: prefill and decode throughput, the sentiment scoring batch, and peak
+//! resident memory, for one weight mode per process (so each mode's peak RSS is its own).
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datasets::movie_reviews::{self, Review, CANDIDATES};
+use crate::engine::batch::{BatchRow, RowCache};
+use crate::engine::generate::{step, GenerationParams, Sequence, StopConditions};
+use crate::engine::kv_cache::KvCache;
+use crate::engine::loaded_model::LoadedModel;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::scoring::{score_continuations, ScoreItem};
+use crate::engine::weights::WeightMode;
+use crate::engine::Result;
+use crate::process_memory;
+
+/// Prompt length of the prefill measurement.
+pub const PREFILL_TOKENS: usize = 200;
+/// Examples in the scoring batch (DESIGN.md §4: 16 examples × 2 candidates).
+pub const SCORING_EXAMPLES: usize = 16;
+
+/// One mode's results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineBenchResult {
+    pub mode: WeightMode,
+    pub load_seconds: f64,
+    pub weights_bytes: u64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_b1_tokens_per_s: f64,
+    pub decode_b8_tokens_per_s: f64,
+    pub score_16x2_seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// A `PREFILL_TOKENS`-token prompt made of real text.
+fn prefill_prompt(model: &LoadedModel, reviews: &[Review]) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    for review in reviews.iter().cycle() {
+        tokens.extend(model.tokenizer.encode(&review.prompt(), false));
+        if tokens.len() >= PREFILL_TOKENS {
+            break;
+        }
+    }
+    tokens.truncate(PREFILL_TOKENS);
+    tokens
+}
+
+fn prefill_tokens_per_s(model: &LoadedModel, prompt: &[u32], reps: usize) -> Result<f64> {
+    let c = &model.llama.config;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let mut cache = KvCache::new(c.n_layer, c.n_kv_head, c.head_dim)?;
+        let start = Instant::now();
+        let mut rows = [BatchRow::last_logits(
+            prompt,
+            RowCache::Append(&mut cache),
+            None,
+        )];
+        model.llama.forward(&mut rows)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(prompt.len() as f64 / median(times))
+}
+
+/// Aggregate decode tokens/s of `batch` greedy sequences decoding `steps` tokens each (the
+/// prefill step is not timed).
+fn decode_tokens_per_s(
+    model: &LoadedModel,
+    prompt: &[u32],
+    batch: usize,
+    steps: usize,
+) -> Result<f64> {
+    let params = GenerationParams {
+        max_tokens: steps + 1,
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions::default(),
+        top_logprobs: None,
+    };
+    let mut seqs: Vec<Sequence> = (0..batch)
+        .map(|_| Sequence::new(&model.llama, prompt.to_vec(), None, params.clone()))
+        .collect::<Result<_>>()?;
+    let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+    step(&model.llama, &model.tokenizer, &mut refs)?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(&model.llama, &model.tokenizer, &mut refs)?;
+    }
+    Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn scoring_seconds(model: &LoadedModel, reviews: &[Review], reps: usize) -> Result<f64> {
+    let prompts: Vec<Vec<u32>> = reviews
+        .iter()
+        .map(|r| model.tokenizer.encode(&r.prompt(), false))
+        .collect();
+    let candidates: Vec<Vec<u32>> = CANDIDATES
+        .iter()
+        .map(|c| model.tokenizer.encode(c, false))
+        .collect();
+    let items: Vec<ScoreItem<'_>> = prompts
+        .iter()
+        .map(|p| ScoreItem {
+            prompt: p,
+            continuations: &candidates,
+            adapter: None,
+        })
+        .collect();
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        score_continuations(&model.llama, &items)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// Runs every measurement for one weight mode in this process.
+pub fn run_mode(
+    model_path: &Path,
+    mode: WeightMode,
+    data_dir: &Path,
+) -> anyhow::Result<EngineBenchResult> {
+    let reviews = movie_reviews::load(data_dir, &mut std::io::stderr())?;
+    let (_, test) = movie_reviews::split(reviews, 0, 512, 1000);
+    let batch = &test[..SCORING_EXAMPLES];
+    let model = LoadedModel::load(model_path, mode)?;
+    let prompt = prefill_prompt(&model, &test);
+    let short_prompt = &prompt[..32];
+    // One untimed pass warms caches and the allocator.
+    prefill_tokens_per_s(&model, &prompt, 1)?;
+    Ok(EngineBenchResult {
+        mode,
+        load_seconds: model.load_time.as_secs_f64(),
+        weights_bytes: model.llama.weights_size_bytes() as u64,
+        prefill_tokens_per_s: prefill_tokens_per_s(&model, &prompt, 5)?,
+        decode_b1_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 1, 64)?,
+        decode_b8_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 8, 32)?,
+        score_16x2_seconds: scoring_seconds(&model, batch, 5)?,
+        peak_rss_bytes: process_memory::peak_resident_bytes().unwrap_or(0),
+    })
+}
+
+/// One line describing the machine: CPU model, cores, vector extensions, memory.
+pub fn machine_description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let simd: Vec<&str> = ["avx2", "fma", "avx512f", "avx512_vnni"]
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB"))
+                .and_then(|kib| kib.trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / (1 << 20) as f64);
+    format!(
+        "{} | {} cores | {} | {:.0} GiB",
+        field("model name"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        simd.join(" "),
+        mem_gib
+    )
+}
+
+/// The results as a Markdown table (the README quotes it).
+pub fn render_table(results: &[EngineBenchResult]) -> String {
+    let mut out = String::from(
+        "| weights | prefill tok/s (200-token prompt) | decode tok/s, batch 1 | decode tok/s, batch 8 | score 16×2 (s) | peak RSS (MB) | weights (MB) | load (s) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.1} | {:.1} | {:.3} | {:.0} | {:.0} | {:.2} |\n",
+            r.mode,
+            r.prefill_tokens_per_s,
+            r.decode_b1_tokens_per_s,
+            r.decode_b8_tokens_per_s,
+            r.score_16x2_seconds,
+            r.peak_rss_bytes as f64 / 1e6,
+            r.weights_bytes as f64 / 1e6,
+            r.load_seconds,
+        ));
+    }
+    out
+}

@@ -1,0 +1,3 @@
+//! `mezo bench …`: benchmarks that print numbers (never asserted in tests).
+
+pub mod engine;

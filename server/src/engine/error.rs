@@ -1,0 +1,51 @@
+//! The engine layer's one error type.
+//!
+//! Every message names the file, the field or the limit involved and, where there is one, the
+//! fix, because these errors reach users on the command line and (later) in API error bodies.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read model file {path}: {source}; check the path, or run `mezo fetch-model`")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a usable GGUF file: {reason}")]
+    InvalidGguf { path: PathBuf, reason: String },
+
+    #[error(
+        "{path} holds a `{architecture}` model; this engine runs llama-architecture GGUF files only"
+    )]
+    UnsupportedArchitecture { path: PathBuf, architecture: String },
+
+    #[error("GGUF metadata key `{key}` is missing or has the wrong type: {reason}")]
+    Metadata { key: String, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("the input is {tokens} tokens, and with {requested} more to generate that exceeds the model's context of {limit} tokens; shorten the prompt or lower max_tokens")]
+    ContextOverflow {
+        tokens: usize,
+        requested: usize,
+        limit: usize,
+    },
+
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    #[error("adapter does not fit the model: {0}")]
+    AdapterMismatch(String),
+
+    #[error("tensor computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

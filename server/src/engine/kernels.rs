@@ -1,0 +1,626 @@
+//! CPU kernels for quantized GGUF weight matrices times a few f32 activation rows, for the
+//! decode path (1–8 rows per call). Candle's CPU kernels first round the activations to 8-bit
+//! blocks (Q8_0/Q8_1) and, for Q4_1, run a generic scalar loop; these kernels keep the
+//! activations in f32, so the result differs from the f32 path only by the weights'
+//! quantization and the summation order, and they are written for the bottleneck that decode
+//! actually has: memory. Every token reads all of the quantized weights once, so each weight
+//! row is streamed exactly once per call for all input rows, decoded into registers block by
+//! block, and the output rows are split across threads (rayon) so that both cores pull on
+//! memory. The inner loops work on fixed-size arrays so that the compiler vectorises them
+//! (AVX2 + FMA with `-C target-cpu=native`) without `unsafe`.
+//!
+//! Numerics are deterministic: each output element is computed by one task in a fixed order
+//! that depends neither on the thread count nor on how many rows share the call, so a row's
+//! result is the same alone or in a batch.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per block in every supported format.
+const QK: usize = 32;
+
+/// Input rows that share one pass over a weight row; more rows are processed in groups. Eight
+/// accumulators plus the decoded block still fit the 16 vector registers of AVX2.
+const MAX_GROUP: usize = 8;
+
+/// Lanes of each accumulator: one AVX2 register of f32.
+const LANES: usize = 8;
+
+/// A task should stream at least this many weight bytes, so that rayon's fork/join cost (a few
+/// microseconds) stays small next to the work.
+const MIN_TASK_BYTES: usize = 16 * 1024;
+
+/// Tasks per thread when the matrix is large: enough for work stealing to even out a core that
+/// is busy with something else.
+const TASKS_PER_THREAD: usize = 4;
+
+/// A quantized weight matrix `[out, in]` as stored in GGUF (row-major blocks along `in`).
+#[derive(Clone, Debug)]
+pub struct QuantizedMatrix {
+    format: Format,
+    out: usize,
+    inp: usize,
+    /// The GGUF block bytes, row after row; shared so that clones are cheap.
+    data: Arc<[u8]>,
+}
+
+/// The block formats these kernels handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => Q4_0::BYTES,
+            Format::Q4_1 => Q4_1::BYTES,
+            Format::Q8_0 => Q8_0::BYTES,
+        }
+    }
+}
+
+impl QuantizedMatrix {
+    /// From a candle QTensor. Supported: `GgmlDType::Q4_0`, `Q4_1`, `Q8_0`; any other dtype
+    /// gives `None`, so that the caller falls back to candle's kernel. The block bytes are
+    /// copied: the QTensor can be dropped afterwards.
+    pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Self>> {
+        let format = match q.dtype() {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return Ok(None),
+        };
+        let (out, inp) = q.shape().dims2()?;
+        if inp % QK != 0 {
+            candle_core::bail!(
+                "quantized matrix {out}x{inp}: columns are not whole blocks of {QK}"
+            );
+        }
+        let data = q.data()?;
+        let expected = out * (inp / QK) * format.block_bytes();
+        if data.len() != expected {
+            candle_core::bail!(
+                "quantized matrix {out}x{inp} {:?}: {} bytes of blocks, expected {expected}",
+                q.dtype(),
+                data.len()
+            );
+        }
+        Ok(Some(Self {
+            format,
+            out,
+            inp,
+            data: Arc::from(&*data),
+        }))
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    /// Bytes of quantized blocks: what one full matmul streams from memory.
+    pub fn size_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The GGUF dtype of the blocks.
+    pub fn dtype(&self) -> GgmlDType {
+        match self.format {
+            Format::Q4_0 => GgmlDType::Q4_0,
+            Format::Q4_1 => GgmlDType::Q4_1,
+            Format::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.inp / QK * self.format.block_bytes()
+    }
+
+    fn check_io(&self, xs: &[f32], rows: usize, ys: &[f32]) {
+        assert_eq!(
+            xs.len(),
+            rows * self.inp,
+            "matmul_t: xs holds {} values, expected {rows} rows of {}",
+            xs.len(),
+            self.inp
+        );
+        assert_eq!(
+            ys.len(),
+            rows * self.out,
+            "matmul_t: ys holds {} values, expected {rows} rows of {}",
+            ys.len(),
+            self.out
+        );
+    }
+
+    /// `ys[r*out + o] = Σ_i xs[r*in + i] · W[o, i]` for `r in 0..rows` (`xs` is `rows×in`
+    /// row-major f32). Panics if the lengths of `xs` or `ys` do not match `rows`.
+    pub fn matmul_t(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+        self.check_io(xs, rows, ys);
+        match self.format {
+            Format::Q4_0 => self.matmul_t_with::<Q4_0>(xs, rows, ys),
+            Format::Q4_1 => self.matmul_t_with::<Q4_1>(xs, rows, ys),
+            Format::Q8_0 => self.matmul_t_with::<Q8_0>(xs, rows, ys),
+        }
+    }
+
+    /// Slow, obviously-correct reference twin of [`Self::matmul_t`]: dequantizes row by row,
+    /// then plain sequential f32 dot products.
+    pub fn matmul_t_reference(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+        self.check_io(xs, rows, ys);
+        let mut w = vec![0f32; self.inp];
+        for o in 0..self.out {
+            self.dequantize_row(o, &mut w);
+            for r in 0..rows {
+                let x = &xs[r * self.inp..(r + 1) * self.inp];
+                let mut sum = 0f32;
+                for (&wi, &xi) in w.iter().zip(x) {
+                    sum += wi * xi;
+                }
+                ys[r * self.out + o] = sum;
+            }
+        }
+    }
+
+    /// Dequantizes selected rows (embedding lookup): `out[k*in..(k+1)*in] = W[ids[k], ..]`,
+    /// bit for bit what candle's `dequantize` gives. Panics if an id is not a row or `out` does
+    /// not hold `ids.len()` rows.
+    pub fn rows(&self, ids: &[u32], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            ids.len() * self.inp,
+            "rows: out holds {} values, expected {} rows of {}",
+            out.len(),
+            ids.len(),
+            self.inp
+        );
+        if self.inp == 0 {
+            return;
+        }
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.inp)) {
+            let o = id as usize;
+            assert!(
+                o < self.out,
+                "rows: id {id} out of range for {} rows",
+                self.out
+            );
+            self.dequantize_row(o, dst);
+        }
+    }
+
+    fn dequantize_row(&self, o: usize, dst: &mut [f32]) {
+        let row_bytes = self.row_bytes();
+        let src = &self.data[o * row_bytes..(o + 1) * row_bytes];
+        match self.format {
+            Format::Q4_0 => dequantize_blocks::<Q4_0>(src, dst),
+            Format::Q4_1 => dequantize_blocks::<Q4_1>(src, dst),
+            Format::Q8_0 => dequantize_blocks::<Q8_0>(src, dst),
+        }
+    }
+
+    /// Output rows per task: at least `MIN_TASK_BYTES` of weights, and otherwise a few tasks
+    /// per thread.
+    fn task_rows(&self) -> usize {
+        let min_rows = MIN_TASK_BYTES.div_ceil(self.row_bytes().max(1));
+        let tasks = rayon::current_num_threads() * TASKS_PER_THREAD;
+        min_rows.max(self.out.div_ceil(tasks)).max(1)
+    }
+
+    fn matmul_t_with<B: Block>(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+        if rows == 0 || self.out == 0 {
+            return;
+        }
+        if self.inp == 0 {
+            ys.fill(0.0);
+            return;
+        }
+        let row_bytes = self.row_bytes();
+        let chunk = self.task_rows();
+        // Task `t` owns output rows `t*chunk..` of every input row: the output is
+        // `rows × out`, so a task's part is one slice per input row, collected here. This
+        // lets each task stream its weight rows once for all input rows without `unsafe`.
+        let ntasks = self.out.div_ceil(chunk);
+        let mut tasks: Vec<Vec<&mut [f32]>> =
+            (0..ntasks).map(|_| Vec::with_capacity(rows)).collect();
+        for y_row in ys.chunks_exact_mut(self.out) {
+            for (task, part) in tasks.iter_mut().zip(y_row.chunks_mut(chunk)) {
+                task.push(part);
+            }
+        }
+        let inp = self.inp;
+        let run = |(t, mut outs): (usize, Vec<&mut [f32]>)| {
+            let first = t * chunk;
+            let n = outs.first().map_or(0, |part| part.len());
+            let w = &self.data[first * row_bytes..(first + n) * row_bytes];
+            task::<B>(w, row_bytes, xs, inp, &mut outs);
+        };
+        if ntasks == 1 {
+            tasks.into_iter().enumerate().for_each(run);
+        } else {
+            tasks.into_par_iter().enumerate().for_each(run);
+        }
+    }
+}
+
+/// One task: the weight rows `w` (each `row_bytes` long) against every input row, in groups of
+/// at most `MAX_GROUP` input rows; `outs[r][k]` receives input row `r` against weight row `k`.
+fn task<B: Block>(w: &[u8], row_bytes: usize, xs: &[f32], inp: usize, outs: &mut [&mut [f32]]) {
+    let mut r0 = 0;
+    while r0 < outs.len() {
+        let g = (outs.len() - r0).min(MAX_GROUP);
+        let x = &xs[r0 * inp..(r0 + g) * inp];
+        let o = &mut outs[r0..r0 + g];
+        match g {
+            1 => group::<B, 1>(w, row_bytes, x, o),
+            2 => group::<B, 2>(w, row_bytes, x, o),
+            3 => group::<B, 3>(w, row_bytes, x, o),
+            4 => group::<B, 4>(w, row_bytes, x, o),
+            5 => group::<B, 5>(w, row_bytes, x, o),
+            6 => group::<B, 6>(w, row_bytes, x, o),
+            7 => group::<B, 7>(w, row_bytes, x, o),
+            _ => group::<B, 8>(w, row_bytes, x, o),
+        }
+        r0 += g;
+    }
+}
+
+/// `R` input rows (`xs`, `R × in`) against every weight row of `w`.
+fn group<B: Block, const R: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[f32],
+    outs: &mut [&mut [f32]],
+) {
+    let inp = xs.len() / R;
+    let x: [&[f32]; R] = std::array::from_fn(|r| &xs[r * inp..(r + 1) * inp]);
+    for (k, w_row) in w.chunks_exact(row_bytes).enumerate() {
+        let dots = dot_rows::<B, R>(w_row, &x);
+        for (out, dot) in outs.iter_mut().zip(dots) {
+            out[k] = dot;
+        }
+    }
+}
+
+/// One weight row against `R` input rows. Each block is decoded once into 32 f32 (four
+/// registers) and reused for every input row. Per input row and block, the 32 products are
+/// summed into an 8-lane partial that is then added to the row's accumulator: the
+/// loop-carried dependency is a single add, so even one row keeps the FMA units busy, and the
+/// summation order does not depend on `R`.
+#[inline(always)]
+fn dot_rows<B: Block, const R: usize>(w_row: &[u8], x: &[&[f32]; R]) -> [f32; R] {
+    let mut acc = [[0f32; LANES]; R];
+    for (b, block) in w_row.chunks_exact(B::BYTES).enumerate() {
+        let w = B::decode(block);
+        for (acc, x) in acc.iter_mut().zip(x) {
+            let x: &[f32; QK] = x[b * QK..(b + 1) * QK]
+                .try_into()
+                .expect("invariant: a block of x is QK values");
+            let mut part = [0f32; LANES];
+            for l in 0..LANES {
+                part[l] = w[l] * x[l];
+            }
+            for c in 1..QK / LANES {
+                for l in 0..LANES {
+                    part[l] = w[c * LANES + l].mul_add(x[c * LANES + l], part[l]);
+                }
+            }
+            for l in 0..LANES {
+                acc[l] += part[l];
+            }
+        }
+    }
+    acc.map(reduce_lanes)
+}
+
+/// Sums the lanes in a fixed tree order.
+#[inline(always)]
+fn reduce_lanes(a: [f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// Dequantizes whole blocks (`src`) into `dst` (32 values per block).
+fn dequantize_blocks<B: Block>(src: &[u8], dst: &mut [f32]) {
+    for (block, out) in src.chunks_exact(B::BYTES).zip(dst.chunks_exact_mut(QK)) {
+        out.copy_from_slice(&B::decode(block));
+    }
+}
+
+/// The little-endian f16 at `bytes[at..at + 2]`.
+#[inline(always)]
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
+}
+
+/// A ggml block format of 32 values.
+trait Block {
+    /// Bytes per block.
+    const BYTES: usize;
+    /// The block's 32 values, computed exactly as ggml (and candle's `dequantize`) do, so that
+    /// the kernels, the reference and embedding lookups all see the same weights.
+    fn decode(block: &[u8]) -> [f32; QK];
+}
+
+/// `{ d: f16, qs: [u8; 16] }`: value `j` is `d * ((qs[j] & 0xF) - 8)`, value `j + 16` is
+/// `d * ((qs[j] >> 4) - 8)`.
+struct Q4_0;
+
+impl Block for Q4_0 {
+    const BYTES: usize = 18;
+
+    #[inline(always)]
+    fn decode(block: &[u8]) -> [f32; QK] {
+        let block: &[u8; 18] = block.try_into().expect("invariant: Q4_0 block is 18 bytes");
+        let d = f16_at(block, 0);
+        let qs: &[u8; 16] = block[2..].try_into().expect("invariant: 16 nibble bytes");
+        let mut w = [0f32; QK];
+        for j in 0..QK / 2 {
+            w[j] = f32::from((qs[j] & 0x0F) as i8 - 8) * d;
+            w[j + QK / 2] = f32::from((qs[j] >> 4) as i8 - 8) * d;
+        }
+        w
+    }
+}
+
+/// `{ d: f16, m: f16, qs: [u8; 16] }`: value `j` is `d * (qs[j] & 0xF) + m`, value `j + 16`
+/// is `d * (qs[j] >> 4) + m`.
+struct Q4_1;
+
+impl Block for Q4_1 {
+    const BYTES: usize = 20;
+
+    #[inline(always)]
+    fn decode(block: &[u8]) -> [f32; QK] {
+        let block: &[u8; 20] = block.try_into().expect("invariant: Q4_1 block is 20 bytes");
+        let d = f16_at(block, 0);
+        let m = f16_at(block, 2);
+        let qs: &[u8; 16] = block[4..].try_into().expect("invariant: 16 nibble bytes");
+        let mut w = [0f32; QK];
+        for j in 0..QK / 2 {
+            // A multiply and an add, not an FMA: ggml rounds the product first.
+            w[j] = f32::from(qs[j] & 0x0F) * d + m;
+            w[j + QK / 2] = f32::from(qs[j] >> 4) * d + m;
+        }
+        w
+    }
+}
+
+/// `{ d: f16, qs: [i8; 32] }`: value `j` is `d * qs[j]`.
+struct Q8_0;
+
+impl Block for Q8_0 {
+    const BYTES: usize = 34;
+
+    #[inline(always)]
+    fn decode(block: &[u8]) -> [f32; QK] {
+        let block: &[u8; 34] = block.try_into().expect("invariant: Q8_0 block is 34 bytes");
+        let d = f16_at(block, 0);
+        let qs: &[u8; 32] = block[2..].try_into().expect("invariant: 32 quant bytes");
+        let mut w = [0f32; QK];
+        for j in 0..QK {
+            w[j] = f32::from(qs[j] as i8) * d;
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Tensor};
+
+    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+
+    fn random_qtensor(out: usize, inp: usize, dtype: GgmlDType) -> QTensor {
+        let w = Tensor::randn(0f32, 1f32, (out, inp), &Device::Cpu).expect("randn");
+        QTensor::quantize(&w, dtype).expect("quantize")
+    }
+
+    fn random_xs(rows: usize, inp: usize) -> Vec<f32> {
+        Tensor::randn(0f32, 1f32, (rows * inp,), &Device::Cpu)
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("randn")
+    }
+
+    /// `max |a - b|` relative to `max |b|` (dot products cancel, so an element-wise relative
+    /// error would be meaningless for outputs near zero).
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        diff / scale
+    }
+
+    fn check_matmul(out: usize, inp: usize, dtype: GgmlDType, rows_list: &[usize]) {
+        let q = random_qtensor(out, inp, dtype);
+        let m = QuantizedMatrix::from_qtensor(&q)
+            .expect("from_qtensor")
+            .expect("supported");
+        assert_eq!(m.dims(), (out, inp));
+        assert_eq!(m.dtype(), dtype);
+        assert_eq!(m.size_bytes(), q.storage_size_in_bytes());
+        let w = q.dequantize(&Device::Cpu).expect("dequantize");
+        for &rows in rows_list {
+            let xs = random_xs(rows, inp);
+            let mut fast = vec![f32::NAN; rows * out];
+            let mut reference = vec![f32::NAN; rows * out];
+            m.matmul_t(&xs, rows, &mut fast);
+            m.matmul_t_reference(&xs, rows, &mut reference);
+            let err = rel_err(&fast, &reference);
+            assert!(
+                err <= 1e-4,
+                "{dtype:?} {out}x{inp} rows={rows}: fast vs reference {err}"
+            );
+
+            let x = Tensor::from_slice(&xs, (rows, inp), &Device::Cpu).expect("x");
+            let candle = x
+                .matmul(&w.t().expect("t"))
+                .and_then(|y| y.flatten_all())
+                .and_then(|y| y.to_vec1::<f32>())
+                .expect("candle matmul");
+            let err = rel_err(&reference, &candle);
+            assert!(
+                err <= 1e-4,
+                "{dtype:?} {out}x{inp} rows={rows}: reference vs candle {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_t_matches_reference_and_candle() {
+        for dtype in FORMATS {
+            for (out, inp) in [(192, 576), (1536, 576), (576, 1536), (100, 64)] {
+                check_matmul(out, inp, dtype, &[1, 3, 8]);
+            }
+        }
+    }
+
+    #[test]
+    fn more_rows_than_one_group() {
+        for dtype in FORMATS {
+            check_matmul(100, 64, dtype, &[11, 17]);
+        }
+    }
+
+    #[test]
+    fn rows_equal_dequantized_rows_exactly() {
+        for dtype in FORMATS {
+            let (out, inp) = (100, 128);
+            let q = random_qtensor(out, inp, dtype);
+            let m = QuantizedMatrix::from_qtensor(&q)
+                .expect("from_qtensor")
+                .expect("supported");
+            let w = q
+                .dequantize(&Device::Cpu)
+                .and_then(|w| w.flatten_all())
+                .and_then(|w| w.to_vec1::<f32>())
+                .expect("dequantize");
+            let ids = [0u32, 99, 7, 7, 42];
+            let mut got = vec![f32::NAN; ids.len() * inp];
+            m.rows(&ids, &mut got);
+            for (k, &id) in ids.iter().enumerate() {
+                let want = &w[id as usize * inp..(id as usize + 1) * inp];
+                let got = &got[k * inp..(k + 1) * inp];
+                let same = want
+                    .iter()
+                    .zip(got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?}: row {id} differs from candle's dequantize");
+            }
+        }
+    }
+
+    /// A row's result is bit for bit the same alone or in a batch, and with one thread or many.
+    #[test]
+    fn deterministic_across_batch_and_threads() {
+        for dtype in FORMATS {
+            let (out, inp, rows) = (1536, 576, 8);
+            let m = QuantizedMatrix::from_qtensor(&random_qtensor(out, inp, dtype))
+                .expect("from_qtensor")
+                .expect("supported");
+            let xs = random_xs(rows, inp);
+            let mut batched = vec![0f32; rows * out];
+            m.matmul_t(&xs, rows, &mut batched);
+            for r in 0..rows {
+                let mut alone = vec![0f32; out];
+                m.matmul_t(&xs[r * inp..(r + 1) * inp], 1, &mut alone);
+                let same = alone
+                    .iter()
+                    .zip(&batched[r * out..(r + 1) * out])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?}: row {r} differs between batch and alone");
+            }
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .expect("pool");
+            let mut serial = vec![0f32; rows * out];
+            pool.install(|| m.matmul_t(&xs, rows, &mut serial));
+            let same = serial
+                .iter()
+                .zip(&batched)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}: one thread differs from the default pool");
+        }
+    }
+
+    #[test]
+    fn unsupported_dtypes_fall_back() {
+        let w = Tensor::randn(0f32, 1f32, (64, 256), &Device::Cpu).expect("randn");
+        for dtype in [GgmlDType::F32, GgmlDType::Q4K, GgmlDType::Q8_1] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            assert!(QuantizedMatrix::from_qtensor(&q)
+                .expect("from_qtensor")
+                .is_none());
+        }
+    }
+
+    /// Best of `reps` timings of `iters` calls, in seconds per call.
+    fn best_time(reps: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        (0..reps)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    f();
+                }
+                start.elapsed().as_secs_f64() / iters as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Throughput against candle's `QMatMul`; prints, asserts nothing. Run with
+    /// `cargo test -p mezo-server --lib kernels -- --ignored --nocapture` (add `--release` for
+    /// the engine's release numbers: the dev profile builds this crate at opt-level 1, which
+    /// does not vectorise).
+    #[test]
+    #[ignore]
+    fn kernel_throughput() {
+        let cases = [
+            (1, 1536, 576, GgmlDType::Q4_1),
+            (8, 1536, 576, GgmlDType::Q4_1),
+            (1, 576, 1536, GgmlDType::Q4_1),
+            (8, 576, 1536, GgmlDType::Q4_1),
+            (1, 576, 576, GgmlDType::Q4_1),
+            (1, 192, 576, GgmlDType::Q4_1),
+            (1, 49152, 576, GgmlDType::Q8_0),
+            (8, 49152, 576, GgmlDType::Q8_0),
+        ];
+        println!("threads: {}", rayon::current_num_threads());
+        for (rows, out, inp, dtype) in cases {
+            let q = random_qtensor(out, inp, dtype);
+            let m = QuantizedMatrix::from_qtensor(&q)
+                .expect("from_qtensor")
+                .expect("supported");
+            let bytes = m.size_bytes() as f64;
+            let xs = random_xs(rows, inp);
+            // Enough calls per timing for ~20 ms at 10 GB/s.
+            let iters = ((2e8 / bytes) as usize).clamp(3, 2000);
+            let mut ys = vec![0f32; rows * out];
+            let ours = best_time(10, iters, || m.matmul_t(&xs, rows, &mut ys));
+            let qmm = candle_core::quantized::QMatMul::from_qtensor(q).expect("qmatmul");
+            let x = Tensor::from_slice(&xs, (rows, inp), &Device::Cpu).expect("x");
+            let theirs = best_time(10, iters, || {
+                qmm.forward(&x).expect("forward");
+            });
+            println!(
+                "{rows}x{inp} · ({out}x{inp})ᵀ {dtype:?} {:.2} MB: ours {:.4} ms ({:.1} GB/s), \
+                 candle {:.4} ms ({:.1} GB/s), {:.1}x",
+                bytes / 1e6,
+                ours * 1e3,
+                bytes / ours / 1e9,
+                theirs * 1e3,
+                bytes / theirs / 1e9,
+                theirs / ours
+            );
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! The llama architecture (SmolLM2, Llama 2/3, Mistral-style GGUFs): loading from GGUF and the
+//! batched forward pass.
+//!
+//! Conventions that bite:
+//! - GGUF stores `attn_q`/`attn_k` rows permuted for *interleaved* rotary embeddings (pairs
+//!   `(x[2i], x[2i+1])`, llama.cpp's "normal" rope), so [`rope`] uses `rope_i`, not the
+//!   half-split layout of Hugging Face checkpoints.
+//! - The output projection is tied to `token_embd.weight` when `output.weight` is absent; both
+//!   uses share one tensor in memory.
+//! - Grouped-query attention: query head `h` reads key/value head `h / (n_head / n_kv_head)`.
+
+use std::ops::Range;
+
+use adapters::{ModelDims, TargetModule};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, Tensor, D};
+
+use super::batch::{BatchRow, RowCache};
+use super::gguf::{GgufFile, Metadata};
+use super::lora::{add_lora, AdapterSegment};
+use super::weights::{Matrix, WeightMode};
+use super::{EngineError, Result};
+
+/// Hyperparameters read from `llama.*` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f64,
+}
+
+impl LlamaConfig {
+    pub fn from_metadata(meta: &Metadata<'_>, vocab_size: usize) -> Result<Self> {
+        let hidden = meta.usize("llama.embedding_length")?;
+        let n_head = meta.usize("llama.attention.head_count")?;
+        let n_kv_head = match meta.get("llama.attention.head_count_kv") {
+            Some(_) => meta.usize("llama.attention.head_count_kv")?,
+            None => n_head,
+        };
+        let invalid = |reason: String| EngineError::Metadata {
+            key: "llama.attention.head_count".into(),
+            reason,
+        };
+        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
+            return Err(invalid(format!(
+                "{n_head} heads, {n_kv_head} key/value heads and width {hidden} do not divide evenly"
+            )));
+        }
+        let head_dim = hidden / n_head;
+        if head_dim % 2 != 0 {
+            return Err(invalid(format!("head size {head_dim} is odd")));
+        }
+        let rope_theta = match meta.get("llama.rope.freq_base") {
+            Some(_) => meta.f32("llama.rope.freq_base")?,
+            None => 10_000.0,
+        };
+        Ok(Self {
+            n_layer: meta.usize("llama.block_count")?,
+            hidden,
+            ffn: meta.usize("llama.feed_forward_length")?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            vocab_size,
+            context_length: meta.usize("llama.context_length")?,
+            rope_theta,
+            rms_norm_eps: f64::from(meta.f32("llama.attention.layer_norm_rms_epsilon")?),
+        })
+    }
+
+    /// The shapes a LoRA adapter must fit.
+    pub fn dims(&self) -> ModelDims {
+        ModelDims {
+            n_layer: self.n_layer,
+            hidden: self.hidden,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            ffn: self.ffn,
+        }
+    }
+}
+
+/// Reads tensors out of a GGUF file by name, with errors that name the file and tensor.
+struct TensorReader<'a> {
+    file: &'a mut GgufFile,
+    mode: WeightMode,
+}
+
+impl TensorReader<'_> {
+    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let GgufFile {
+            path,
+            content,
+            reader,
+        } = &mut *self.file;
+        if !content.tensor_infos.contains_key(name) {
+            return Err(EngineError::InvalidGguf {
+                path: path.clone(),
+                reason: format!("tensor `{name}` is missing"),
+            });
+        }
+        content
+            .tensor(reader, name, &Device::Cpu)
+            .map_err(|e| EngineError::InvalidGguf {
+                path: path.clone(),
+                reason: format!("cannot read tensor `{name}`: {e}"),
+            })
+    }
+
+    fn matrix(&mut self, name: &str, expected: (usize, usize)) -> Result<Matrix> {
+        let matrix = Matrix::from_qtensor(self.qtensor(name)?, self.mode)?;
+        let dims = matrix.dims()?;
+        if dims != expected {
+            return Err(EngineError::InvalidGguf {
+                path: self.file.path.clone(),
+                reason: format!("tensor `{name}` is {dims:?}, expected {expected:?}"),
+            });
+        }
+        Ok(matrix)
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self
+            .qtensor(name)?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        if t.dims() != [len] {
+            return Err(EngineError::InvalidGguf {
+                path: self.file.path.clone(),
+                reason: format!("tensor `{name}` is {:?}, expected [{len}]", t.dims()),
+            });
+        }
+        Ok(t)
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+/// Rotary embedding tables, `[context_length, head_dim / 2]`.
+#[derive(Debug)]
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(config: &LlamaConfig) -> Result<Self> {
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f32 / config.head_dim as f32)
+            })
+            .collect();
+        let n = config.context_length;
+        let mut angles = Vec::with_capacity(n * half);
+        for pos in 0..n {
+            angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (n, half), &Device::Cpu)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// `(cos, sin)` rows for the given absolute positions.
+    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+}
+
+/// Applies rotary embeddings to `xs` of shape `[1, heads, n, head_dim]` with per-token tables.
+fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::rotary_emb::rope_i(&xs.contiguous()?, cos, sin)?)
+}
+
+#[derive(Debug)]
+struct Attention {
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Per-forward facts shared by every layer.
+struct ForwardContext<'a> {
+    segments: Vec<AdapterSegment<'a>>,
+    /// Token range of each row in the packed batch.
+    row_ranges: Vec<Range<usize>>,
+    /// Causal mask of each row (`None` for single-token rows).
+    masks: Vec<Option<Tensor>>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A llama model loaded once; `forward` serves every kind of work.
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub mode: WeightMode,
+    tok_embeddings: Matrix,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    output: Matrix,
+    /// `output` is `tok_embeddings` (same storage), as in SmolLM2.
+    tied_output: bool,
+    rotary: RotaryEmbedding,
+}
+
+impl Llama {
+    /// Loads every tensor of a llama GGUF in the given weight mode. `vocab_size` comes from the
+    /// tokenizer (the embedding must have as many rows).
+    pub fn load(file: &mut GgufFile, mode: WeightMode) -> Result<Self> {
+        check_architecture(file)?;
+        check_complete(file)?;
+        let vocab_size = tensor_rows(&file.content, "token_embd.weight").ok_or_else(|| {
+            EngineError::InvalidGguf {
+                path: file.path.clone(),
+                reason: "tensor `token_embd.weight` is missing".into(),
+            }
+        })?;
+        let config = LlamaConfig::from_metadata(&file.metadata(), vocab_size)?;
+        let has_output = file.content.tensor_infos.contains_key("output.weight");
+        let mut reader = TensorReader { file, mode };
+        let c = &config;
+        let eps = c.rms_norm_eps as f32;
+        let tok_embeddings = reader.matrix("token_embd.weight", (c.vocab_size, c.hidden))?;
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let q_out = c.n_head * c.head_dim;
+            let kv_out = c.n_kv_head * c.head_dim;
+            let p = format!("blk.{i}");
+            blocks.push(Block {
+                attn_norm: RmsNorm {
+                    weight: reader.vector(&format!("{p}.attn_norm.weight"), c.hidden)?,
+                    eps,
+                },
+                attn: Attention {
+                    wq: reader.matrix(&format!("{p}.attn_q.weight"), (q_out, c.hidden))?,
+                    wk: reader.matrix(&format!("{p}.attn_k.weight"), (kv_out, c.hidden))?,
+                    wv: reader.matrix(&format!("{p}.attn_v.weight"), (kv_out, c.hidden))?,
+                    wo: reader.matrix(&format!("{p}.attn_output.weight"), (c.hidden, q_out))?,
+                },
+                ffn_norm: RmsNorm {
+                    weight: reader.vector(&format!("{p}.ffn_norm.weight"), c.hidden)?,
+                    eps,
+                },
+                mlp: Mlp {
+                    gate: reader.matrix(&format!("{p}.ffn_gate.weight"), (c.ffn, c.hidden))?,
+                    up: reader.matrix(&format!("{p}.ffn_up.weight"), (c.ffn, c.hidden))?,
+                    down: reader.matrix(&format!("{p}.ffn_down.weight"), (c.hidden, c.ffn))?,
+                },
+            });
+        }
+        let norm = RmsNorm {
+            weight: reader.vector("output_norm.weight", c.hidden)?,
+            eps,
+        };
+        let output = if has_output {
+            reader.matrix("output.weight", (c.vocab_size, c.hidden))?
+        } else {
+            tok_embeddings.clone()
+        };
+        let rotary = RotaryEmbedding::new(&config)?;
+        Ok(Self {
+            config,
+            mode,
+            tok_embeddings,
+            blocks,
+            norm,
+            output,
+            tied_output: !has_output,
+            rotary,
+        })
+    }
+
+    /// Bytes held by the weights (a tied output matrix counted once).
+    pub fn weights_size_bytes(&self) -> usize {
+        let matrices = self.blocks.iter().flat_map(|b| {
+            [
+                &b.attn.wq,
+                &b.attn.wk,
+                &b.attn.wv,
+                &b.attn.wo,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ]
+        });
+        let output = if self.tied_output {
+            0
+        } else {
+            self.output.size_bytes()
+        };
+        matrices.map(Matrix::size_bytes).sum::<usize>() + self.tok_embeddings.size_bytes() + output
+    }
+
+    /// Runs a packed batch and returns, per row, the logits `[k, vocab]` at its requested
+    /// positions (`None` when it asked for none). Rows with `RowCache::Append` have their keys
+    /// and values appended to their cache.
+    pub fn forward(&self, rows: &mut [BatchRow<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let ctx = self.prepare(rows)?;
+        let n_tokens = ctx.row_ranges.last().map_or(0, |r| r.end);
+        let tokens: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
+        let tokens = Tensor::from_vec(tokens, n_tokens, &Device::Cpu)?;
+        let mut xs = self.tok_embeddings.rows(&tokens)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let residual = &xs;
+            let h = block.attn_norm.forward(&xs)?;
+            let h = self.attention(layer, &block.attn, &h, rows, &ctx)?;
+            let xs_attn = (residual + h)?;
+            let residual = &xs_attn;
+            let h = block.ffn_norm.forward(&xs_attn)?;
+            let h = self.mlp(layer, &block.mlp, &h, &ctx)?;
+            xs = (residual + h)?;
+        }
+        for row in rows.iter_mut() {
+            if let RowCache::Append(cache) = &mut row.cache {
+                cache.advance(row.tokens.len());
+            }
+        }
+        let xs = self.norm.forward(&xs)?;
+        self.logits_at(&xs, rows, &ctx)
+    }
+
+    fn prepare<'a>(&self, rows: &[BatchRow<'a>]) -> Result<ForwardContext<'a>> {
+        let mut row_ranges = Vec::with_capacity(rows.len());
+        let mut positions = Vec::new();
+        let mut masks = Vec::with_capacity(rows.len());
+        let mut segments: Vec<AdapterSegment<'a>> = Vec::new();
+        let mut start = 0;
+        for row in rows {
+            let t = row.tokens.len();
+            if t == 0 {
+                return Err(EngineError::InvalidRequest(
+                    "a batch row has no tokens".into(),
+                ));
+            }
+            let prefix = row.cache.prefix_len();
+            if prefix + t > self.config.context_length {
+                return Err(EngineError::ContextOverflow {
+                    tokens: prefix + t,
+                    requested: 0,
+                    limit: self.config.context_length,
+                });
+            }
+            if let Some(&id) = row
+                .tokens
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(EngineError::InvalidRequest(format!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    self.config.vocab_size
+                )));
+            }
+            if row.logits.end > t {
+                return Err(EngineError::InvalidRequest(format!(
+                    "logits requested up to position {} of a {t}-token row",
+                    row.logits.end
+                )));
+            }
+            positions.extend((prefix..prefix + t).map(|p| p as u32));
+            masks.push(causal_mask(t, prefix)?);
+            match segments.last_mut() {
+                Some(seg) if same_view(seg.view, row.adapter) => seg.len += t,
+                _ => segments.push(AdapterSegment {
+                    start,
+                    len: t,
+                    view: row.adapter,
+                }),
+            }
+            row_ranges.push(start..start + t);
+            start += t;
+        }
+        let positions = Tensor::from_vec(positions, start, &Device::Cpu)?;
+        let (cos, sin) = self.rotary.at(&positions)?;
+        Ok(ForwardContext {
+            segments,
+            row_ranges,
+            masks,
+            cos,
+            sin,
+        })
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        xs: &Tensor,
+        rows: &mut [BatchRow<'_>],
+        ctx: &ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = xs.dim(0)?;
+        let seg = &ctx.segments;
+        let q = add_lora(xs, attn.wq.forward(xs)?, layer, TargetModule::Q, seg)?;
+        let k = add_lora(xs, attn.wk.forward(xs)?, layer, TargetModule::K, seg)?;
+        let v = add_lora(xs, attn.wv.forward(xs)?, layer, TargetModule::V, seg)?;
+        // [n, heads, head_dim] -> [1, heads, n, head_dim]: the layout rope_i and attention want.
+        let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((n, heads, c.head_dim))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?)
+        };
+        let q = rope(&to_heads(q, c.n_head)?, &ctx.cos, &ctx.sin)?.squeeze(0)?;
+        let k = rope(&to_heads(k, c.n_kv_head)?, &ctx.cos, &ctx.sin)?.squeeze(0)?;
+        let v = to_heads(v, c.n_kv_head)?.squeeze(0)?;
+        let mut outputs = Vec::with_capacity(rows.len());
+        for ((row, range), mask) in rows.iter_mut().zip(&ctx.row_ranges).zip(&ctx.masks) {
+            let t = range.len();
+            let q = q.narrow(1, range.start, t)?;
+            let k = k.narrow(1, range.start, t)?;
+            let v = v.narrow(1, range.start, t)?;
+            let (k, v) = match &mut row.cache {
+                RowCache::None => (k, v),
+                RowCache::Append(cache) => cache.append(layer, &k, &v)?,
+                RowCache::Prefix(cache) => {
+                    let (pk, pv) = cache.view(layer)?;
+                    (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
+                }
+            };
+            outputs.push(self.attend(&q, &k, &v, mask.as_ref())?);
+        }
+        let ys = Tensor::cat(&outputs, 0)?;
+        add_lora(&ys, attn.wo.forward(&ys)?, layer, TargetModule::O, seg)
+    }
+
+    /// Scaled dot-product attention of one row: `q` `[n_head, t, d]`, `k`/`v` `[n_kv_head, T, d]`
+    /// (T ≥ t; the last t key positions are the row's own). Returns `[t, n_head·d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let c = &self.config;
+        let (t, big_t) = (q.dim(1)?, k.dim(1)?);
+        let n_rep = c.n_head / c.n_kv_head;
+        // Query heads sharing a key/value head are stacked along the row axis, so each group is
+        // one matrix product against that head's keys, with no copy of k or v per query head.
+        let q = q
+            .reshape((c.n_kv_head, n_rep * t, c.head_dim))?
+            .contiguous()?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.transpose(1, 2)?)? * scale)?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((c.n_kv_head, n_rep, t, big_t))?
+                .broadcast_add(mask)?
+                .reshape((c.n_kv_head, n_rep * t, big_t))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ys = probs.matmul(&v.contiguous()?)?;
+        Ok(ys
+            .reshape((c.n_head, t, c.head_dim))?
+            .transpose(0, 1)?
+            .reshape((t, c.n_head * c.head_dim))?)
+    }
+
+    fn mlp(
+        &self,
+        layer: usize,
+        mlp: &Mlp,
+        xs: &Tensor,
+        ctx: &ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let seg = &ctx.segments;
+        let gate = add_lora(xs, mlp.gate.forward(xs)?, layer, TargetModule::Gate, seg)?;
+        let up = add_lora(xs, mlp.up.forward(xs)?, layer, TargetModule::Up, seg)?;
+        let h = (candle_nn::ops::silu(&gate)? * up)?;
+        add_lora(&h, mlp.down.forward(&h)?, layer, TargetModule::Down, seg)
+    }
+
+    fn logits_at(
+        &self,
+        xs: &Tensor,
+        rows: &[BatchRow<'_>],
+        ctx: &ForwardContext<'_>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut picks = Vec::new();
+        for (row, range) in rows.iter().zip(&ctx.row_ranges) {
+            picks.extend(row.logits.clone().map(|p| (range.start + p) as u32));
+        }
+        if picks.is_empty() {
+            return Ok(rows.iter().map(|_| None).collect());
+        }
+        let n_picks = picks.len();
+        let picked = xs.index_select(&Tensor::from_vec(picks, n_picks, &Device::Cpu)?, 0)?;
+        let logits = self.output.forward(&picked)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut offset = 0;
+        for row in rows {
+            let k = row.logits.len();
+            out.push(if k == 0 {
+                None
+            } else {
+                Some(logits.narrow(0, offset, k)?)
+            });
+            offset += k;
+        }
+        Ok(out)
+    }
+}
+
+fn same_view(a: Option<&super::lora::AdapterView>, b: Option<&super::lora::AdapterView>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}
+
+/// `[t, prefix + t]` additive mask: query `i` sees keys `0..=prefix + i`. `None` when `t == 1`
+/// (a single new token sees everything before it).
+fn causal_mask(t: usize, prefix: usize) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let total = prefix + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > prefix + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, total), &Device::Cpu)?))
+}
+
+fn tensor_rows(content: &Content, name: &str) -> Option<usize> {
+    // GGUF lists dimensions innermost first; candle reverses them, so dims()[0] is rows.
+    content
+        .tensor_infos
+        .get(name)
+        .map(|info| info.shape.dims()[0])
+}
+
+fn check_architecture(file: &GgufFile) -> Result<()> {
+    let architecture = file.metadata().string("general.architecture")?.to_string();
+    if architecture != "llama" {
+        return Err(EngineError::UnsupportedArchitecture {
+            path: file.path.clone(),
+            architecture,
+        });
+    }
+    Ok(())
+}
+
+/// Rejects a truncated file up front, with a message that says so, instead of failing on
+/// whichever tensor happens to be read first past the end.
+fn check_complete(file: &GgufFile) -> Result<()> {
+    let len = file
+        .reader
+        .get_ref()
+        .metadata()
+        .map_err(|source| EngineError::Io {
+            path: file.path.clone(),
+            source,
+        })?
+        .len();
+    let content = &file.content;
+    let needed = content
+        .tensor_infos
+        .values()
+        .map(|info| {
+            let elems = info.shape.elem_count();
+            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            content.tensor_data_offset + info.offset + bytes as u64
+        })
+        .max()
+        .unwrap_or(content.tensor_data_offset);
+    if len < needed {
+        return Err(EngineError::InvalidGguf {
+            path: file.path.clone(),
+            reason: format!(
+                "the file is truncated: it has {len} bytes, its tensors need {needed}; download it again (`mezo fetch-model`)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Log-softmax over the vocabulary (last dimension).
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+}

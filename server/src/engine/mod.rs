@@ -1,0 +1,20 @@
+//! The serving engine: one copy of a llama-architecture model loaded from GGUF, its tokenizer
+//! and chat template, and one forward pass that serves requests and evaluates training
+//! perturbations alike (rows of a batch may each use a different LoRA adapter view).
+
+pub mod batch;
+pub mod chat_template;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod kernels;
+pub mod kv_cache;
+pub mod llama;
+pub mod loaded_model;
+pub mod lora;
+pub mod sampler;
+pub mod scoring;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{EngineError, Result};

@@ -1,0 +1,971 @@
+//! The model's tokenizer: GPT-2 style byte-level BPE built from a GGUF file's
+//! `tokenizer.ggml.*` metadata, reproducing llama.cpp's tokenization (special-token
+//! partitioning, regex pre-tokenization, rank-ordered merges) so that prompts get exactly the
+//! ids the model was evaluated with, plus decoding and a streaming decoder that only emits
+//! whole UTF-8 characters.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+
+use candle_core::quantized::gguf_file::Value;
+use fancy_regex::Regex;
+
+use super::gguf::Metadata;
+use super::{EngineError, Result};
+
+const KEY_MODEL: &str = "tokenizer.ggml.model";
+const KEY_PRE: &str = "tokenizer.ggml.pre";
+const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+const KEY_MERGES: &str = "tokenizer.ggml.merges";
+const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
+const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+
+/// GPT-2's word-splitting regex. llama.cpp writes it without the final `|\s+` and instead
+/// keeps unmatched gaps as words of their own; both split every text identically.
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// Isolates every digit, so numbers are tokenized digit by digit.
+const DIGIT_PATTERN: &str = r"\p{N}";
+
+/// `tokenizer.ggml.pre` values that llama.cpp pre-tokenizes with [`DIGIT_PATTERN`] and then
+/// [`GPT2_PATTERN`].
+const DIGITS_THEN_GPT2: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+];
+
+/// `tokenizer.ggml.pre` values that llama.cpp pre-tokenizes with [`GPT2_PATTERN`] alone.
+const GPT2_ONLY: &[&str] = &["gpt-2", "mpt", "olmo"];
+
+/// Marks a byte whose symbol is missing from the vocabulary. SmolLM2's vocabulary lacks 21
+/// bytes (0xC0, 0xC1, 0xF5..0xFF never occur in UTF-8; a few control characters and the lead
+/// bytes 0xF1, 0xF2 were simply never seen). No merge mentions such a symbol, and llama.cpp and
+/// HF (without an unknown token) both drop it from the output, so this tokenizer does too.
+const NO_TOKEN: u32 = u32::MAX;
+
+/// Token texts that end a generation turn in the chat formats this engine meets.
+const END_OF_TURN_TEXTS: &[&str] = &["<|im_end|>", "<|endoftext|>", "<|eot_id|>"];
+
+/// What a token is, from `tokenizer.ggml.token_type` (llama.cpp's numbering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    /// Type 1: ordinary vocabulary stored in the byte-level alphabet.
+    Normal,
+    /// Types 2 (unknown) and 3 (control): matched in text only when asked to parse specials.
+    Control,
+    /// Type 4: added tokens that llama.cpp (like HF) matches in text even without
+    /// `parse_special`.
+    UserDefined,
+    /// Types 5 (unused) and 6 (byte): plain vocabulary entries decoded as their literal text.
+    Other,
+}
+
+impl TokenKind {
+    fn from_type(t: i64) -> Self {
+        match t {
+            1 => Self::Normal,
+            2 | 3 => Self::Control,
+            4 => Self::UserDefined,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// A merge rule, keyed by the ids of its two halves.
+#[derive(Clone, Copy)]
+struct Merge {
+    rank: u32,
+    merged: u32,
+}
+
+/// A merge that BPE could apply to two adjacent symbols. The derived order (rank, then
+/// position) is the order merges are applied in.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Candidate {
+    rank: u32,
+    left: usize,
+    left_id: u32,
+    right_id: u32,
+    merged: u32,
+}
+
+/// A token that is cut out of the text verbatim before pre-tokenization.
+#[derive(Clone, Copy)]
+struct Literal {
+    id: u32,
+    needs_parse_special: bool,
+}
+
+/// A piece of the input after special-token partitioning.
+enum Fragment<'t> {
+    Text(&'t str),
+    Token(u32),
+}
+
+/// A byte-level BPE tokenizer for one model's vocabulary.
+#[derive(Clone)]
+pub struct Tokenizer {
+    tokens: Vec<String>,
+    kinds: Vec<TokenKind>,
+    /// The bytes of every token, concatenated: token `i` is `bytes[offsets[i]..offsets[i + 1]]`.
+    bytes: Vec<u8>,
+    offsets: Vec<usize>,
+    ids: HashMap<String, u32>,
+    merges: HashMap<(u32, u32), Merge>,
+    /// The token of each single byte, the starting symbols of BPE, or [`NO_TOKEN`].
+    byte_tokens: [u32; 256],
+    /// Tokens matched verbatim in text, longest first as llama.cpp does.
+    literals: Vec<Literal>,
+    pre_name: String,
+    /// Applied in order, each splitting the pieces the previous one produced.
+    pre_regexes: Vec<Regex>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+impl fmt::Debug for Tokenizer {
+    // The vocabulary and merges are tens of thousands of entries; show what identifies it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.tokens.len())
+            .field("merges", &self.merges.len())
+            .field("pre", &self.pre_name)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from GGUF metadata; only `tokenizer.ggml.model = "gpt2"` (byte-level
+    /// BPE) is supported.
+    pub fn from_gguf(meta: &Metadata) -> Result<Tokenizer> {
+        let model = meta.string(KEY_MODEL)?;
+        if model != "gpt2" {
+            return Err(EngineError::Tokenizer(format!(
+                "`{KEY_MODEL}` is `{model}`, but this engine only implements the byte-level BPE \
+                 tokenizer `gpt2` (GPT-2, StarCoder and SmolLM families)"
+            )));
+        }
+        let pre_name = match meta.get(KEY_PRE) {
+            Some(_) => meta.string(KEY_PRE)?.to_string(),
+            None => {
+                // Older converters did not record the pre-tokenizer; GPT-2's is what the model
+                // name `gpt2` implies.
+                tracing::warn!("`{KEY_PRE}` is missing; pre-tokenizing with the GPT-2 regex");
+                "gpt-2".to_string()
+            }
+        };
+        let patterns: &[&str] = if DIGITS_THEN_GPT2.contains(&pre_name.as_str()) {
+            &[DIGIT_PATTERN, GPT2_PATTERN]
+        } else if GPT2_ONLY.contains(&pre_name.as_str()) {
+            &[GPT2_PATTERN]
+        } else {
+            return Err(EngineError::Tokenizer(format!(
+                "pre-tokenizer `{KEY_PRE}` = `{pre_name}` is not supported; supported: {}",
+                [DIGITS_THEN_GPT2, GPT2_ONLY].concat().join(", ")
+            )));
+        };
+        let pre_regexes = patterns
+            .iter()
+            .map(|p| Regex::new(p).expect("the pre-tokenizer patterns are valid regexes"))
+            .collect();
+
+        let tokens = meta
+            .array(KEY_TOKENS)?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(EngineError::Metadata {
+                    key: KEY_TOKENS.into(),
+                    reason: format!("entry {i} is {other:?}, not a string"),
+                }),
+            })
+            .collect::<Result<Vec<String>>>()?;
+        if tokens.is_empty() || u32::try_from(tokens.len()).is_err() {
+            return Err(EngineError::Metadata {
+                key: KEY_TOKENS.into(),
+                reason: format!("{} tokens is not a usable vocabulary size", tokens.len()),
+            });
+        }
+        let kinds = read_kinds(meta, tokens.len())?;
+
+        let byte_to_char = byte_to_unicode();
+        let mut char_to_byte = HashMap::with_capacity(256);
+        for (b, c) in byte_to_char.iter().enumerate() {
+            char_to_byte.insert(*c, u8::try_from(b).expect("256 entries index bytes"));
+        }
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(tokens.len() + 1);
+        offsets.push(0);
+        for (text, kind) in tokens.iter().zip(&kinds) {
+            if *kind == TokenKind::Normal {
+                // A character outside the byte-level alphabet cannot come from the GPT-2
+                // mapping; keeping its UTF-8 bytes is the only faithful rendering.
+                for c in text.chars() {
+                    match char_to_byte.get(&c) {
+                        Some(b) => bytes.push(*b),
+                        None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+            } else {
+                bytes.extend_from_slice(text.as_bytes());
+            }
+            offsets.push(bytes.len());
+        }
+
+        let mut ids = HashMap::with_capacity(tokens.len());
+        for (i, text) in tokens.iter().enumerate() {
+            // Duplicate texts resolve to the last id, as in llama.cpp.
+            ids.insert(text.clone(), to_id(i));
+        }
+
+        let mut byte_tokens = [NO_TOKEN; 256];
+        for (slot, c) in byte_tokens.iter_mut().zip(&byte_to_char) {
+            if let Some(&id) = ids.get(c.to_string().as_str()) {
+                *slot = id;
+            }
+        }
+        let missing = byte_tokens.iter().filter(|&&t| t == NO_TOKEN).count();
+        if missing > 0 {
+            tracing::debug!(
+                "{missing} of 256 bytes have no token; text bytes among them are dropped"
+            );
+        }
+
+        let merges = read_merges(meta, &ids)?;
+
+        let mut literals: Vec<Literal> = kinds
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !tokens[*i].is_empty())
+            .filter_map(|(i, kind)| match kind {
+                TokenKind::Control => Some(Literal {
+                    id: to_id(i),
+                    needs_parse_special: true,
+                }),
+                TokenKind::UserDefined => Some(Literal {
+                    id: to_id(i),
+                    needs_parse_special: false,
+                }),
+                TokenKind::Normal | TokenKind::Other => None,
+            })
+            .collect();
+        // Longest first, so that a special token containing another one wins.
+        literals.sort_by_key(|l| (Reverse(tokens[l.id as usize].len()), l.id));
+
+        let bos = optional_id(meta, KEY_BOS, tokens.len())?;
+        let eos = optional_id(meta, KEY_EOS, tokens.len())?;
+
+        Ok(Tokenizer {
+            tokens,
+            kinds,
+            bytes,
+            offsets,
+            ids,
+            merges,
+            byte_tokens,
+            literals,
+            pre_name,
+            pre_regexes,
+            bos,
+            eos,
+        })
+    }
+
+    /// Tokenizes `text`; no BOS is added. With `parse_special`, control tokens written in the
+    /// text (`<|im_start|>`) become their single id; without it they are tokenized as text.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        for fragment in self.partition(text, parse_special) {
+            match fragment {
+                Fragment::Token(id) => out.push(id),
+                Fragment::Text(s) => {
+                    for word in self.pre_tokenize(s) {
+                        self.bpe(word.as_bytes(), &mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The text of `ids`, special tokens included; invalid UTF-8 becomes U+FFFD and ids outside
+    /// the vocabulary contribute nothing.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            bytes.extend_from_slice(self.token_bytes(id));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The raw bytes token `id` stands for (empty for an id outside the vocabulary). A token may
+    /// hold part of a UTF-8 character, hence bytes rather than text.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let i = id as usize;
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(&start), Some(&end)) => &self.bytes[start..end],
+            _ => &[],
+        }
+    }
+
+    /// The vocabulary entry as stored in the GGUF file (byte-level alphabet for normal tokens);
+    /// empty for an id outside the vocabulary.
+    pub fn token_text(&self, id: u32) -> &str {
+        self.tokens.get(id as usize).map_or("", String::as_str)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The id whose vocabulary entry is exactly `text` (as stored, see [`Self::token_text`]).
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.ids.get(text).copied()
+    }
+
+    /// Whether `id` is a control, unknown or user-defined token rather than ordinary text.
+    pub fn is_special(&self, id: u32) -> bool {
+        matches!(
+            self.kinds.get(id as usize),
+            Some(TokenKind::Control | TokenKind::UserDefined)
+        )
+    }
+
+    /// Ids that end a generation: EOS plus the end-of-turn tokens of common chat formats that
+    /// this vocabulary has (chat models often end a turn with a token other than EOS).
+    pub fn eog_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .eos
+            .into_iter()
+            .chain(END_OF_TURN_TEXTS.iter().filter_map(|t| self.token_id(t)))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Cuts the literal tokens out of `text` the way llama.cpp does: each literal in turn
+    /// (longest first) splits every remaining text fragment at all of its occurrences.
+    fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        let mut fragments = vec![Fragment::Text(text)];
+        for literal in &self.literals {
+            if literal.needs_parse_special && !parse_special {
+                continue;
+            }
+            let pattern = self.token_text(literal.id);
+            let occurs = fragments
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(s) if s.contains(pattern)));
+            if !occurs {
+                continue;
+            }
+            let mut split = Vec::with_capacity(fragments.len() + 2);
+            for fragment in fragments {
+                let Fragment::Text(mut rest) = fragment else {
+                    split.push(fragment);
+                    continue;
+                };
+                while let Some(at) = rest.find(pattern) {
+                    if at > 0 {
+                        split.push(Fragment::Text(&rest[..at]));
+                    }
+                    split.push(Fragment::Token(literal.id));
+                    rest = &rest[at + pattern.len()..];
+                }
+                if !rest.is_empty() {
+                    split.push(Fragment::Text(rest));
+                }
+            }
+            fragments = split;
+        }
+        fragments
+    }
+
+    /// Splits text into the words BPE runs on: each regex splits the previous pieces further,
+    /// and text between matches stays a word of its own (llama.cpp's `unicode_regex_split`).
+    fn pre_tokenize<'t>(&self, text: &'t str) -> Vec<&'t str> {
+        let mut pieces = vec![text];
+        for regex in &self.pre_regexes {
+            let mut split = Vec::with_capacity(pieces.len() * 2);
+            for piece in pieces {
+                let mut last = 0;
+                for found in regex.find_iter(piece) {
+                    let m = match found {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // Only a backtracking limit can fail here; the rest of the piece
+                            // then stays one word, which BPE still tokenizes losslessly.
+                            tracing::warn!(
+                                "pre-tokenizer regex gave up on a {} byte piece: {e}",
+                                piece.len()
+                            );
+                            break;
+                        }
+                    };
+                    if m.start() > last {
+                        split.push(&piece[last..m.start()]);
+                    }
+                    if m.end() > m.start() {
+                        split.push(m.as_str());
+                    }
+                    last = m.end();
+                }
+                if last < piece.len() {
+                    split.push(&piece[last..]);
+                }
+            }
+            pieces = split;
+        }
+        pieces
+    }
+
+    /// Byte-level BPE of one word: start from one symbol per byte and repeatedly apply the
+    /// lowest-ranked merge, leftmost first on ties. A heap of candidate pairs keeps long words
+    /// at O(n log n); a candidate is stale once either of its symbols has changed.
+    fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
+        const NONE: usize = usize::MAX;
+        let n = word.len();
+        let mut symbols: Vec<u32> = word
+            .iter()
+            .map(|b| self.byte_tokens[usize::from(*b)])
+            .collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.checked_sub(1).unwrap_or(NONE)).collect();
+        let mut next: Vec<usize> = (1..=n).map(|i| if i < n { i } else { NONE }).collect();
+        let mut alive = vec![true; n];
+        // A min-heap: the lowest rank first, the leftmost on ties.
+        let mut heap: BinaryHeap<Reverse<Candidate>> = BinaryHeap::new();
+        let candidate = |symbols: &[u32], left: usize, right: usize| {
+            let (left_id, right_id) = (symbols[left], symbols[right]);
+            self.merges.get(&(left_id, right_id)).map(|m| {
+                Reverse(Candidate {
+                    rank: m.rank,
+                    left,
+                    left_id,
+                    right_id,
+                    merged: m.merged,
+                })
+            })
+        };
+        for left in 0..n.saturating_sub(1) {
+            heap.extend(candidate(&symbols, left, left + 1));
+        }
+        while let Some(Reverse(c)) = heap.pop() {
+            let (left, right) = (c.left, next[c.left]);
+            if !alive[left]
+                || right == NONE
+                || symbols[left] != c.left_id
+                || symbols[right] != c.right_id
+            {
+                continue;
+            }
+            symbols[left] = c.merged;
+            alive[right] = false;
+            next[left] = next[right];
+            if next[left] != NONE {
+                prev[next[left]] = left;
+                heap.extend(candidate(&symbols, left, next[left]));
+            }
+            if prev[left] != NONE {
+                heap.extend(candidate(&symbols, prev[left], left));
+            }
+        }
+        let mut i = if n == 0 { NONE } else { 0 };
+        while i != NONE {
+            if symbols[i] != NO_TOKEN {
+                out.push(symbols[i]);
+            }
+            i = next[i];
+        }
+    }
+}
+
+/// Turns a stream of token ids into text that only ever contains whole characters: bytes of a
+/// UTF-8 character split across tokens (emoji, CJK) are held back until it is complete.
+#[derive(Debug, Default, Clone)]
+pub struct DecodeStream {
+    pending: Vec<u8>,
+}
+
+impl DecodeStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds token `id`; returns the text completed by it, if any. Bytes that can never become
+    /// valid UTF-8 are emitted as U+FFFD, as [`Tokenizer::decode`] does.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Option<String> {
+        self.pending.extend_from_slice(tok.token_bytes(id));
+        let mut text = String::new();
+        let mut consumed = 0;
+        while consumed < self.pending.len() {
+            match std::str::from_utf8(&self.pending[consumed..]) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    consumed = self.pending.len();
+                }
+                Err(e) => {
+                    let valid_end = consumed + e.valid_up_to();
+                    text.push_str(&String::from_utf8_lossy(&self.pending[consumed..valid_end]));
+                    consumed = valid_end;
+                    match e.error_len() {
+                        Some(invalid) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            consumed += invalid;
+                        }
+                        // An incomplete character at the end: wait for the next token.
+                        None => break,
+                    }
+                }
+            }
+        }
+        self.pending.drain(..consumed);
+        (!text.is_empty()).then_some(text)
+    }
+
+    /// Ends the stream: whatever incomplete character is left, rendered lossily.
+    pub fn flush(&mut self) -> Option<String> {
+        let rest = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        (!rest.is_empty()).then_some(rest)
+    }
+}
+
+/// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map to
+/// themselves and the rest to U+0100 onwards, so every token is a printable string.
+fn byte_to_unicode() -> [char; 256] {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut map = ['\0'; 256];
+    let mut shifted = 256u32;
+    for b in 0..=255u8 {
+        map[usize::from(b)] = if printable(b) {
+            char::from(b)
+        } else {
+            let c = char::from_u32(shifted).expect("U+0100..U+0143 are characters");
+            shifted += 1;
+            c
+        };
+    }
+    map
+}
+
+fn to_id(index: usize) -> u32 {
+    u32::try_from(index).expect("the vocabulary size was checked to fit u32")
+}
+
+/// Token kinds from `tokenizer.ggml.token_type`; without the key every token is normal, as in
+/// llama.cpp.
+fn read_kinds(meta: &Metadata, n_tokens: usize) -> Result<Vec<TokenKind>> {
+    if meta.get(KEY_TOKEN_TYPE).is_none() {
+        return Ok(vec![TokenKind::Normal; n_tokens]);
+    }
+    let types = meta.array(KEY_TOKEN_TYPE)?;
+    if types.len() != n_tokens {
+        return Err(EngineError::Metadata {
+            key: KEY_TOKEN_TYPE.into(),
+            reason: format!("{} entries for {n_tokens} tokens", types.len()),
+        });
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let t = match v {
+                Value::I32(t) => i64::from(*t),
+                Value::U32(t) => i64::from(*t),
+                Value::I8(t) => i64::from(*t),
+                Value::U8(t) => i64::from(*t),
+                other => {
+                    return Err(EngineError::Metadata {
+                        key: KEY_TOKEN_TYPE.into(),
+                        reason: format!("entry {i} is {other:?}, not an integer"),
+                    })
+                }
+            };
+            Ok(TokenKind::from_type(t))
+        })
+        .collect()
+}
+
+/// Merge rules `"left right"` ranked by position. A rule whose halves or result are not
+/// vocabulary entries can never yield a token and is dropped (and counted in the log).
+fn read_merges(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<HashMap<(u32, u32), Merge>> {
+    let entries = meta.array(KEY_MERGES)?;
+    let mut merges = HashMap::with_capacity(entries.len());
+    let mut unusable = 0usize;
+    for (rank, entry) in entries.iter().enumerate() {
+        let Value::String(rule) = entry else {
+            return Err(EngineError::Metadata {
+                key: KEY_MERGES.into(),
+                reason: format!("entry {rank} is {entry:?}, not a string"),
+            });
+        };
+        // The separator is the first space after the first character: a half may itself be
+        // a space in vocabularies that do not byte-map it.
+        let first_len = rule.chars().next().map_or(0, char::len_utf8);
+        let Some(space) = rule[first_len..].find(' ').map(|at| at + first_len) else {
+            return Err(EngineError::Metadata {
+                key: KEY_MERGES.into(),
+                reason: format!("entry {rank} `{rule}` is not two space-separated halves"),
+            });
+        };
+        let (left, right) = (&rule[..space], &rule[space + 1..]);
+        let merged = format!("{left}{right}");
+        let rank = u32::try_from(rank).map_err(|_| EngineError::Metadata {
+            key: KEY_MERGES.into(),
+            reason: "more than u32::MAX merges".into(),
+        })?;
+        match (ids.get(left), ids.get(right), ids.get(merged.as_str())) {
+            (Some(&l), Some(&r), Some(&m)) => {
+                // A repeated pair keeps its first (best) rank.
+                merges.entry((l, r)).or_insert(Merge { rank, merged: m });
+            }
+            _ => unusable += 1,
+        }
+    }
+    if unusable > 0 {
+        tracing::warn!(
+            "{unusable} of {} BPE merges name tokens missing from the vocabulary and are ignored",
+            entries.len()
+        );
+    }
+    Ok(merges)
+}
+
+/// An id key that may be absent; present, it must name a token.
+fn optional_id(meta: &Metadata, key: &str, n_tokens: usize) -> Result<Option<u32>> {
+    if meta.get(key).is_none() {
+        return Ok(None);
+    }
+    let id = meta.usize(key)?;
+    if id >= n_tokens {
+        return Err(EngineError::Metadata {
+            key: key.into(),
+            reason: format!("token id {id} is outside the vocabulary of {n_tokens} tokens"),
+        });
+    }
+    Ok(Some(to_id(id)))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
+
+    use super::*;
+    use crate::engine::gguf::GgufFile;
+
+    /// The real model: `MEZO_MODEL`, or the default file that `mezo fetch-model` writes.
+    pub(crate) fn model_path() -> PathBuf {
+        let path = std::env::var_os("MEZO_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            });
+        assert!(
+            path.exists(),
+            "{} is missing: run `mezo fetch-model` (`cargo run -p mezo-server -- fetch-model`) \
+             or set MEZO_MODEL",
+            path.display()
+        );
+        path
+    }
+
+    /// The real model's GGUF header, parsed once for all tests.
+    pub(crate) fn model_gguf() -> &'static GgufFile {
+        static FILE: OnceLock<GgufFile> = OnceLock::new();
+        FILE.get_or_init(|| GgufFile::open(&model_path()).expect("open the model's GGUF header"))
+    }
+
+    pub(crate) fn golden_cases() -> Vec<serde_json::Value> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/smollm2_golden.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read the golden fixture {}: {e}", path.display()));
+        let golden: serde_json::Value =
+            serde_json::from_str(&text).expect("the golden fixture is JSON");
+        let cases = golden["cases"].as_array().expect("the fixture has `cases`");
+        assert!(!cases.is_empty(), "the golden fixture has no cases");
+        cases.clone()
+    }
+
+    pub(crate) fn ids_of(case: &serde_json::Value) -> Vec<u32> {
+        case["ids"]
+            .as_array()
+            .expect("case has `ids`")
+            .iter()
+            .map(|v| u32::try_from(v.as_u64().expect("token id")).expect("id fits u32"))
+            .collect()
+    }
+
+    fn smollm() -> &'static Tokenizer {
+        static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+        TOKENIZER.get_or_init(|| {
+            Tokenizer::from_gguf(&model_gguf().metadata()).expect("build the SmolLM2 tokenizer")
+        })
+    }
+
+    fn strings(items: &[&str]) -> Value {
+        Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    /// A tiny byte-level vocabulary: the 256 byte symbols, then `extra` tokens (merge results
+    /// and specials, whose types are given), built with `merges` and pre-tokenizer `pre`.
+    fn synthetic(
+        model: &str,
+        pre: &str,
+        extra: &[(&str, i32)],
+        merges: &[&str],
+    ) -> Result<Tokenizer> {
+        let mut tokens: Vec<String> = byte_to_unicode().iter().map(char::to_string).collect();
+        let mut types = vec![1; 256];
+        for (text, t) in extra {
+            tokens.push(text.to_string());
+            types.push(*t);
+        }
+        let mut metadata = HashMap::new();
+        metadata.insert(KEY_MODEL.to_string(), Value::String(model.into()));
+        metadata.insert(KEY_PRE.to_string(), Value::String(pre.into()));
+        metadata.insert(
+            KEY_TOKENS.to_string(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        );
+        metadata.insert(
+            KEY_TOKEN_TYPE.to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        );
+        metadata.insert(KEY_MERGES.to_string(), strings(merges));
+        let content = Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        Tokenizer::from_gguf(&Metadata::new(&content))
+    }
+
+    #[test]
+    fn text_cases_match_llama_cpp_ids() {
+        let tok = smollm();
+        let mut checked = 0;
+        for case in golden_cases().iter().filter(|c| c["kind"] == "text") {
+            let text = case["text"].as_str().expect("text case has `text`");
+            assert_eq!(tok.encode(text, true), ids_of(case), "ids of {text:?}");
+            checked += 1;
+        }
+        assert!(checked > 0, "the fixture has no text cases");
+    }
+
+    #[test]
+    fn rendered_chat_cases_match_llama_cpp_ids() {
+        let tok = smollm();
+        let mut checked = 0;
+        for case in golden_cases().iter().filter(|c| c["kind"] == "chat") {
+            let rendered = case["rendered"].as_str().expect("chat case has `rendered`");
+            assert_eq!(
+                tok.encode(rendered, true),
+                ids_of(case),
+                "ids of {rendered:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "the fixture has no chat cases");
+    }
+
+    #[test]
+    fn decode_inverts_encode_on_fixture_texts() {
+        let tok = smollm();
+        for case in golden_cases() {
+            let text = case["text"]
+                .as_str()
+                .or_else(|| case["rendered"].as_str())
+                .expect("every case has `text` or `rendered`");
+            assert_eq!(tok.decode(&tok.encode(text, true)), text);
+            assert_eq!(tok.decode(&ids_of(&case)), text);
+        }
+    }
+
+    #[test]
+    fn decode_stream_holds_back_partial_characters() {
+        let tok = smollm();
+        let text = golden_cases()
+            .iter()
+            .filter_map(|c| c["text"].as_str().map(str::to_string))
+            .find(|t| t.contains('🎉'))
+            .expect("the fixture has the emoji case");
+        let ids = tok.encode(&text, true);
+        // The emoji's four bytes must be spread over several tokens for this test to bite.
+        assert!(
+            ids.iter()
+                .any(|&id| std::str::from_utf8(tok.token_bytes(id)).is_err()),
+            "no token of {text:?} splits a character"
+        );
+        let mut stream = DecodeStream::new();
+        let mut streamed = String::new();
+        for &id in &ids {
+            if let Some(piece) = stream.push(tok, id) {
+                assert!(
+                    !piece.contains(char::REPLACEMENT_CHARACTER),
+                    "partial character in {piece:?}"
+                );
+                streamed.push_str(&piece);
+            }
+        }
+        assert_eq!(stream.flush(), None);
+        assert_eq!(streamed, text);
+    }
+
+    #[test]
+    fn decode_stream_flushes_an_incomplete_character_lossily() {
+        let tok = smollm();
+        let mut stream = DecodeStream::new();
+        let first_byte = tok.byte_tokens[0xF0];
+        assert_ne!(first_byte, NO_TOKEN);
+        assert_eq!(stream.push(tok, first_byte), None);
+        // An ASCII byte cannot continue the sequence: the lead byte becomes U+FFFD.
+        assert_eq!(
+            stream
+                .push(tok, tok.byte_tokens[usize::from(b'a')])
+                .as_deref(),
+            Some("\u{FFFD}a")
+        );
+        assert_eq!(stream.push(tok, first_byte), None);
+        assert_eq!(stream.flush().as_deref(), Some("\u{FFFD}"));
+        assert_eq!(stream.flush(), None);
+    }
+
+    #[test]
+    fn smollm_metadata_is_read() {
+        let tok = smollm();
+        assert_eq!(tok.vocab_size(), 49152);
+        assert_eq!(tok.bos_id(), Some(1));
+        assert_eq!(tok.eos_id(), Some(2));
+        assert_eq!(tok.token_text(1), "<|im_start|>");
+        assert_eq!(tok.token_id("<|im_end|>"), Some(2));
+        assert!(tok.is_special(1));
+        assert!(!tok.is_special(tok.byte_tokens[usize::from(b'a')]));
+        // <|endoftext|> (0) and <|im_end|> (2, also EOS).
+        assert_eq!(tok.eog_ids(), vec![0, 2]);
+        // "Ġthe" is stored in the byte-level alphabet but stands for " the".
+        let the = tok.token_id("Ġthe").expect("`Ġthe` is in the vocabulary");
+        assert_eq!(tok.token_bytes(the), b" the");
+        assert_eq!(tok.token_bytes(1), b"<|im_start|>");
+    }
+
+    #[test]
+    fn out_of_range_ids_do_not_panic() {
+        let tok = smollm();
+        let beyond = u32::try_from(tok.vocab_size()).expect("vocab fits u32");
+        assert_eq!(tok.token_bytes(beyond), b"");
+        assert_eq!(tok.token_bytes(u32::MAX), b"");
+        assert_eq!(tok.token_text(u32::MAX), "");
+        assert!(!tok.is_special(u32::MAX));
+        let hi = tok.encode("hi", false);
+        assert_eq!(tok.decode(&[hi[0], u32::MAX, beyond]), tok.decode(&hi[..1]));
+        let mut stream = DecodeStream::new();
+        assert_eq!(stream.push(tok, u32::MAX), None);
+    }
+
+    #[test]
+    fn special_tokens_are_text_unless_parse_special() {
+        let tok = smollm();
+        let text = "<|im_start|>user";
+        let parsed = tok.encode(text, true);
+        assert_eq!(parsed[0], 1);
+        let literal = tok.encode(text, false);
+        assert!(
+            !literal.contains(&1),
+            "special token parsed without parse_special: {literal:?}"
+        );
+        assert!(literal.len() > parsed.len());
+        assert_eq!(tok.decode(&literal), text);
+    }
+
+    #[test]
+    fn bytes_without_a_token_are_dropped() {
+        let tok = smollm();
+        assert_eq!(tok.byte_tokens[0x04], NO_TOKEN);
+        let a = tok.token_id("a").expect("a");
+        let b = tok.token_id("b").expect("b");
+        assert_eq!(tok.encode("a\u{4}b", false), vec![a, b]);
+    }
+
+    #[test]
+    fn empty_text_has_no_tokens() {
+        assert!(smollm().encode("", true).is_empty());
+    }
+
+    #[test]
+    fn unknown_tokenizer_model_is_rejected() {
+        let err =
+            synthetic("llama", "default", &[], &[]).expect_err("SentencePiece is not supported");
+        let message = err.to_string();
+        assert!(message.contains("`llama`"), "{message}");
+        assert!(matches!(err, EngineError::Tokenizer(_)));
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_is_rejected() {
+        let err = synthetic("gpt2", "deepseek-coder", &[], &[]).expect_err("unsupported pre");
+        assert!(err.to_string().contains("`deepseek-coder`"), "{err}");
+    }
+
+    #[test]
+    fn merges_follow_rank_not_position() {
+        // "a b" ranks before "b c": "abc" must become "ab" + "c", never "a" + "bc".
+        let tok = synthetic("gpt2", "gpt-2", &[("ab", 1), ("bc", 1)], &["a b", "b c"])
+            .expect("synthetic tokenizer");
+        let ab = tok.token_id("ab").expect("ab");
+        let c = tok.token_id("c").expect("c");
+        assert_eq!(tok.encode("abc", false), vec![ab, c]);
+        let tok = synthetic("gpt2", "gpt-2", &[("ab", 1), ("bc", 1)], &["b c", "a b"])
+            .expect("synthetic tokenizer");
+        let a = tok.token_id("a").expect("a");
+        let bc = tok.token_id("bc").expect("bc");
+        assert_eq!(tok.encode("abc", false), vec![a, bc]);
+    }
+
+    #[test]
+    fn smollm_family_splits_digits_and_gpt2_does_not() {
+        let extra = [("12", 1)];
+        let merges = ["1 2"];
+        let gpt2 = synthetic("gpt2", "gpt-2", &extra, &merges).expect("gpt-2 tokenizer");
+        let twelve = gpt2.token_id("12").expect("12");
+        assert_eq!(gpt2.encode("12", false), vec![twelve]);
+        let smollm = synthetic("gpt2", "smollm", &extra, &merges).expect("smollm tokenizer");
+        assert_eq!(smollm.encode("12", false).len(), 2);
+    }
+
+    #[test]
+    fn user_defined_tokens_match_without_parse_special_and_longest_first() {
+        let extra = [("<a>", 4), ("<a><b>", 3)];
+        let tok = synthetic("gpt2", "gpt-2", &extra, &[]).expect("synthetic tokenizer");
+        let a = tok.token_id("<a>").expect("<a>");
+        let ab = tok.token_id("<a><b>").expect("<a><b>");
+        assert_eq!(tok.encode("<a><b>", true), vec![ab]);
+        let without = tok.encode("<a><b>", false);
+        assert_eq!(without[0], a);
+        assert!(!without.contains(&ab));
+        assert_eq!(tok.decode(&without), "<a><b>");
+    }
+}

