@@ -61,7 +61,16 @@ fn run(seqs: &mut [Sequence]) -> Vec<String> {
 
 #[test]
 fn greedy_chat_continuations_match_the_reference() {
-    let m = model();
+    check_greedy_golden(model());
+}
+
+#[test]
+fn quantized_mode_decodes_the_same_greedy_continuations() {
+    let quantized = LoadedModel::load(&common::model_path(), WeightMode::Quantized).expect("load");
+    check_greedy_golden(&quantized);
+}
+
+fn check_greedy_golden(m: &LoadedModel) {
     let golden = common::golden();
     for case in golden["cases"].as_array().expect("cases") {
         if case["kind"] != "chat" {

@@ -221,6 +221,7 @@ impl QuantizedMatrix {
             return;
         }
         let row_bytes = self.row_bytes();
+        let acts = Activations::new::<B>(xs, self.inp);
         let chunk = self.task_rows();
         // Task `t` owns output rows `t*chunk..` of every input row: the output is
         // `rows × out`, so a task's part is one slice per input row, collected here. This
@@ -233,12 +234,11 @@ impl QuantizedMatrix {
                 task.push(part);
             }
         }
-        let inp = self.inp;
         let run = |(t, mut outs): (usize, Vec<&mut [f32]>)| {
             let first = t * chunk;
             let n = outs.first().map_or(0, |part| part.len());
             let w = &self.data[first * row_bytes..(first + n) * row_bytes];
-            task::<B>(w, row_bytes, xs, inp, &mut outs);
+            task::<B>(w, row_bytes, &acts, &mut outs);
         };
         if ntasks == 1 {
             tasks.into_iter().enumerate().for_each(run);
@@ -248,86 +248,176 @@ impl QuantizedMatrix {
     }
 }
 
+/// The input rows of one call, laid out for the kernel: within every block of 32, the values
+/// are reordered to the lane order in which [`Block::unpack`] produces the quants (that order
+/// is the cheapest to decode, and the activations are reused for every weight row, so
+/// reordering them once costs nothing), and for formats with an offset each block's sum is
+/// kept (`Σ (d·q + m)·x = d·Σ q·x + m·Σ x`).
+struct Activations {
+    /// Blocks per input row.
+    nb: usize,
+    /// `rows × nb` blocks, reordered.
+    xs: Vec<[f32; QK]>,
+    /// `rows × nb` block sums (empty when the format has no offset).
+    sums: Vec<f32>,
+}
+
+impl Activations {
+    fn new<B: Block>(xs: &[f32], inp: usize) -> Self {
+        let mut reordered = vec![[0f32; QK]; xs.len() / QK];
+        for (src, dst) in xs.chunks_exact(QK).zip(reordered.iter_mut()) {
+            for (d, &from) in dst.iter_mut().zip(B::ORDER.iter()) {
+                *d = src[from];
+            }
+        }
+        let sums = if B::OFFSET {
+            xs.chunks_exact(QK)
+                .map(|block| block.iter().sum())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            nb: inp / QK,
+            xs: reordered,
+            sums,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.xs.len() / self.nb
+    }
+
+    fn row(&self, r: usize) -> &[[f32; QK]] {
+        &self.xs[r * self.nb..(r + 1) * self.nb]
+    }
+
+    fn sums(&self, r: usize) -> &[f32] {
+        if self.sums.is_empty() {
+            &[]
+        } else {
+            &self.sums[r * self.nb..(r + 1) * self.nb]
+        }
+    }
+}
+
 /// One task: the weight rows `w` (each `row_bytes` long) against every input row, in groups of
 /// at most `MAX_GROUP` input rows; `outs[r][k]` receives input row `r` against weight row `k`.
-fn task<B: Block>(w: &[u8], row_bytes: usize, xs: &[f32], inp: usize, outs: &mut [&mut [f32]]) {
+fn task<B: Block>(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
+    let rows = acts.rows();
     let mut r0 = 0;
-    while r0 < outs.len() {
-        let g = (outs.len() - r0).min(MAX_GROUP);
-        let x = &xs[r0 * inp..(r0 + g) * inp];
+    while r0 < rows {
+        let g = (rows - r0).min(MAX_GROUP);
         let o = &mut outs[r0..r0 + g];
         match g {
-            1 => group::<B, 1>(w, row_bytes, x, o),
-            2 => group::<B, 2>(w, row_bytes, x, o),
-            3 => group::<B, 3>(w, row_bytes, x, o),
-            4 => group::<B, 4>(w, row_bytes, x, o),
-            5 => group::<B, 5>(w, row_bytes, x, o),
-            6 => group::<B, 6>(w, row_bytes, x, o),
-            7 => group::<B, 7>(w, row_bytes, x, o),
-            _ => group::<B, 8>(w, row_bytes, x, o),
+            1 => group::<B, 1>(w, row_bytes, acts, r0, o),
+            2 => group::<B, 2>(w, row_bytes, acts, r0, o),
+            3 => group::<B, 3>(w, row_bytes, acts, r0, o),
+            4 => group::<B, 4>(w, row_bytes, acts, r0, o),
+            5 => group::<B, 5>(w, row_bytes, acts, r0, o),
+            6 => group::<B, 6>(w, row_bytes, acts, r0, o),
+            7 => group::<B, 7>(w, row_bytes, acts, r0, o),
+            _ => group::<B, 8>(w, row_bytes, acts, r0, o),
         }
         r0 += g;
     }
 }
 
-/// `R` input rows (`xs`, `R × in`) against every weight row of `w`.
+/// Input rows `r0..r0 + R` against every weight row of `w`.
 fn group<B: Block, const R: usize>(
     w: &[u8],
     row_bytes: usize,
-    xs: &[f32],
+    acts: &Activations,
+    r0: usize,
     outs: &mut [&mut [f32]],
 ) {
-    let inp = xs.len() / R;
-    let x: [&[f32]; R] = std::array::from_fn(|r| &xs[r * inp..(r + 1) * inp]);
+    let x: [&[[f32; QK]]; R] = std::array::from_fn(|r| acts.row(r0 + r));
+    let sums: [&[f32]; R] = std::array::from_fn(|r| acts.sums(r0 + r));
     for (k, w_row) in w.chunks_exact(row_bytes).enumerate() {
-        let dots = dot_rows::<B, R>(w_row, &x);
+        let dots = dot_rows::<B, R>(w_row, &x, &sums);
         for (out, dot) in outs.iter_mut().zip(dots) {
             out[k] = dot;
         }
     }
 }
 
-/// One weight row against `R` input rows. Each block is decoded once into 32 f32 (four
-/// registers) and reused for every input row. Per input row and block, the 32 products are
-/// summed into an 8-lane partial that is then added to the row's accumulator: the
-/// loop-carried dependency is a single add, so even one row keeps the FMA units busy, and the
-/// summation order does not depend on `R`.
+/// One weight row against `R` input rows. Each block is unpacked once into 32 f32 quants
+/// (four registers) and reused for every input row. Per input row and block, the 32 products
+/// are summed in two short chains and scaled by the block's `d` into the row's 8-lane
+/// accumulator; the offset term `Σ_b m_b·Σx_b` goes to a scalar accumulator. The
+/// loop-carried dependencies are single FMAs, so even one row keeps the FMA units busy, and
+/// the summation order does not depend on `R`.
 #[inline(always)]
-fn dot_rows<B: Block, const R: usize>(w_row: &[u8], x: &[&[f32]; R]) -> [f32; R] {
+fn dot_rows<B: Block, const R: usize>(
+    w_row: &[u8],
+    x: &[&[[f32; QK]]; R],
+    sums: &[&[f32]; R],
+) -> [f32; R] {
+    // With more than two rows, the offsets' accumulators would push the others out of the 16
+    // vector registers: they get a pass of their own (same order, so the same sums).
+    let offsets_inline = B::OFFSET && R <= 2;
     let mut acc = [[0f32; LANES]; R];
-    for (b, block) in w_row.chunks_exact(B::BYTES).enumerate() {
-        let w = B::decode(block);
-        for (acc, x) in acc.iter_mut().zip(x) {
-            let x: &[f32; QK] = x[b * QK..(b + 1) * QK]
-                .try_into()
-                .expect("invariant: a block of x is QK values");
-            let mut part = [0f32; LANES];
+    let mut acc_offset = [0f32; R];
+    // Every slice is cut to exactly `nb` and `b` runs over `0..nb`, so that the compiler
+    // drops the bounds checks.
+    let nb = w_row.len() / B::BYTES;
+    let x: [&[[f32; QK]]; R] = std::array::from_fn(|r| &x[r][..nb]);
+    let sums: [&[f32]; R] = std::array::from_fn(|r| if B::OFFSET { &sums[r][..nb] } else { &[] });
+    for (block, b) in w_row.chunks_exact(B::BYTES).zip(0..nb) {
+        let u = B::unpack(block);
+        for r in 0..R {
+            let x = &x[r][b];
+            let mut lo = [0f32; LANES];
+            let mut hi = [0f32; LANES];
             for l in 0..LANES {
-                part[l] = w[l] * x[l];
-            }
-            for c in 1..QK / LANES {
-                for l in 0..LANES {
-                    part[l] = w[c * LANES + l].mul_add(x[c * LANES + l], part[l]);
-                }
+                lo[l] = u.q[0][l] * x[l];
             }
             for l in 0..LANES {
-                acc[l] += part[l];
+                hi[l] = u.q[2][l] * x[2 * LANES + l];
+            }
+            for l in 0..LANES {
+                lo[l] = u.q[1][l].mul_add(x[LANES + l], lo[l]);
+            }
+            for l in 0..LANES {
+                hi[l] = u.q[3][l].mul_add(x[3 * LANES + l], hi[l]);
+            }
+            for l in 0..LANES {
+                acc[r][l] = u.scale.mul_add(lo[l] + hi[l], acc[r][l]);
+            }
+            if offsets_inline {
+                acc_offset[r] = u.offset.mul_add(sums[r][b], acc_offset[r]);
             }
         }
     }
-    acc.map(reduce_lanes)
+    if B::OFFSET && !offsets_inline {
+        for (block, b) in w_row.chunks_exact(B::BYTES).zip(0..nb) {
+            let offset = B::offset(block);
+            for r in 0..R {
+                acc_offset[r] = offset.mul_add(sums[r][b], acc_offset[r]);
+            }
+        }
+    }
+    let mut dots = [0f32; R];
+    for r in 0..R {
+        dots[r] = reduce_lanes(&acc[r]) + acc_offset[r];
+    }
+    dots
 }
 
-/// Sums the lanes in a fixed tree order.
+/// One register of f32: the compiler keeps these in AVX2 registers.
+type V8 = [f32; LANES];
+
+/// Sums the lanes in order. Deliberately sequential: LLVM's SLP vectoriser (rustc 1.95) turns
+/// a pairwise tree here into 2-lane vectors for the whole kernel, halving its speed.
 #[inline(always)]
-fn reduce_lanes(a: [f32; LANES]) -> f32 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+fn reduce_lanes(a: &V8) -> f32 {
+    a.iter().sum()
 }
 
 /// Dequantizes whole blocks (`src`) into `dst` (32 values per block).
 fn dequantize_blocks<B: Block>(src: &[u8], dst: &mut [f32]) {
     for (block, out) in src.chunks_exact(B::BYTES).zip(dst.chunks_exact_mut(QK)) {
-        out.copy_from_slice(&B::decode(block));
+        B::dequantize(block, out);
     }
 }
 
@@ -337,13 +427,68 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
+/// A block unpacked for the kernel: value `ORDER[8c + l]` of the block is
+/// `scale · q[c][l] + offset` (mathematically; the kernel applies `scale` and `offset` to
+/// sums).
+struct Unpacked {
+    scale: f32,
+    offset: f32,
+    q: [V8; 4],
+}
+
 /// A ggml block format of 32 values.
 trait Block {
     /// Bytes per block.
     const BYTES: usize;
-    /// The block's 32 values, computed exactly as ggml (and candle's `dequantize`) do, so that
-    /// the kernels, the reference and embedding lookups all see the same weights.
-    fn decode(block: &[u8]) -> [f32; QK];
+    /// Lane `p` of [`Block::unpack`]'s quants is value `ORDER[p]` of the block.
+    const ORDER: [usize; QK];
+    /// Whether [`Unpacked::offset`] can be nonzero.
+    const OFFSET: bool;
+    /// The block's 32 values in order, computed exactly as ggml (and candle's `dequantize`)
+    /// do: for embedding lookups and the reference.
+    fn dequantize(block: &[u8], out: &mut [f32]);
+    /// The block's quants as f32, in `ORDER`, with its scale and offset.
+    fn unpack(block: &[u8]) -> Unpacked;
+    /// [`Unpacked::offset`] alone.
+    fn offset(block: &[u8]) -> f32;
+}
+
+/// Lane order of [`unpack_nibbles`].
+const NIBBLE_ORDER: [usize; QK] = {
+    let mut order = [0; QK];
+    let mut p = 0;
+    while p < QK {
+        let (c, l) = (p / LANES, p % LANES);
+        // Vector `c`, lane `l`: byte `c` of little-endian word `l % 4` (byte 4(l % 4) + c),
+        // low nibble (value j) in lanes 0..4, high nibble (value j + 16) in lanes 4..8.
+        order[p] = 4 * (l % 4) + c + QK / 2 * (l / 4);
+        p += 1;
+    }
+    order
+};
+
+/// The 32 nibbles of a 4-bit block (`qs[j] & 0xF` is value `j`, `qs[j] >> 4` value
+/// `j + 16`) as f32, in [`NIBBLE_ORDER`]. The 16 bytes are read as four little-endian words,
+/// repeated over the 8 lanes (one broadcast load); vector `c` then takes byte `c` of its
+/// lane's word, low nibble in lanes 0..4 and high nibble in lanes 4..8: a per-lane shift, a
+/// mask and a conversion per vector, all within 32-bit lanes. Widening bytes or 16-bit
+/// words instead costs four cross-lane shuffles per block (LLVM narrows the masks and
+/// shifts of a 16-bit layout back to before the widening), and the kernel is bound by
+/// exactly this decode at one row.
+#[inline(always)]
+fn unpack_nibbles(qs: &[u8]) -> [V8; 4] {
+    let qs: &[u8; QK / 2] = qs.try_into().expect("invariant: 16 nibble bytes");
+    let mut words = [0u32; 4];
+    for (t, word) in words.iter_mut().enumerate() {
+        *word = u32::from_le_bytes([qs[4 * t], qs[4 * t + 1], qs[4 * t + 2], qs[4 * t + 3]]);
+    }
+    let mut q = [[0f32; LANES]; 4];
+    for (c, q) in q.iter_mut().enumerate() {
+        for l in 0..LANES {
+            q[l] = ((words[l % 4] >> (8 * c + 4 * (l / 4))) & 0x0F) as f32;
+        }
+    }
+    q
 }
 
 /// `{ d: f16, qs: [u8; 16] }`: value `j` is `d * ((qs[j] & 0xF) - 8)`, value `j + 16` is
@@ -352,18 +497,31 @@ struct Q4_0;
 
 impl Block for Q4_0 {
     const BYTES: usize = 18;
+    const ORDER: [usize; QK] = NIBBLE_ORDER;
+    const OFFSET: bool = true;
+
+    fn dequantize(block: &[u8], out: &mut [f32]) {
+        let d = f16_at(block, 0);
+        for (j, &q) in block[2..Self::BYTES].iter().enumerate() {
+            out[j] = f32::from((q & 0x0F) as i8 - 8) * d;
+            out[j + QK / 2] = f32::from((q >> 4) as i8 - 8) * d;
+        }
+    }
 
     #[inline(always)]
-    fn decode(block: &[u8]) -> [f32; QK] {
+    fn unpack(block: &[u8]) -> Unpacked {
         let block: &[u8; 18] = block.try_into().expect("invariant: Q4_0 block is 18 bytes");
-        let d = f16_at(block, 0);
-        let qs: &[u8; 16] = block[2..].try_into().expect("invariant: 16 nibble bytes");
-        let mut w = [0f32; QK];
-        for j in 0..QK / 2 {
-            w[j] = f32::from((qs[j] & 0x0F) as i8 - 8) * d;
-            w[j + QK / 2] = f32::from((qs[j] >> 4) as i8 - 8) * d;
+        let scale = f16_at(block, 0);
+        Unpacked {
+            scale,
+            offset: -8.0 * scale,
+            q: unpack_nibbles(&block[2..]),
         }
-        w
+    }
+
+    #[inline(always)]
+    fn offset(block: &[u8]) -> f32 {
+        -8.0 * f16_at(block, 0)
     }
 }
 
@@ -373,20 +531,31 @@ struct Q4_1;
 
 impl Block for Q4_1 {
     const BYTES: usize = 20;
+    const ORDER: [usize; QK] = NIBBLE_ORDER;
+    const OFFSET: bool = true;
+
+    fn dequantize(block: &[u8], out: &mut [f32]) {
+        let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+        for (j, &q) in block[4..Self::BYTES].iter().enumerate() {
+            // A multiply and an add, not an FMA: ggml rounds the product first.
+            out[j] = f32::from(q & 0x0F) * d + m;
+            out[j + QK / 2] = f32::from(q >> 4) * d + m;
+        }
+    }
 
     #[inline(always)]
-    fn decode(block: &[u8]) -> [f32; QK] {
+    fn unpack(block: &[u8]) -> Unpacked {
         let block: &[u8; 20] = block.try_into().expect("invariant: Q4_1 block is 20 bytes");
-        let d = f16_at(block, 0);
-        let m = f16_at(block, 2);
-        let qs: &[u8; 16] = block[4..].try_into().expect("invariant: 16 nibble bytes");
-        let mut w = [0f32; QK];
-        for j in 0..QK / 2 {
-            // A multiply and an add, not an FMA: ggml rounds the product first.
-            w[j] = f32::from(qs[j] & 0x0F) * d + m;
-            w[j + QK / 2] = f32::from(qs[j] >> 4) * d + m;
+        Unpacked {
+            scale: f16_at(block, 0),
+            offset: f16_at(block, 2),
+            q: unpack_nibbles(&block[4..]),
         }
-        w
+    }
+
+    #[inline(always)]
+    fn offset(block: &[u8]) -> f32 {
+        f16_at(block, 2)
     }
 }
 
@@ -395,17 +564,43 @@ struct Q8_0;
 
 impl Block for Q8_0 {
     const BYTES: usize = 34;
+    const ORDER: [usize; QK] = {
+        let mut order = [0; QK];
+        let mut p = 0;
+        while p < QK {
+            order[p] = p;
+            p += 1;
+        }
+        order
+    };
+    const OFFSET: bool = false;
+
+    fn dequantize(block: &[u8], out: &mut [f32]) {
+        let d = f16_at(block, 0);
+        for (o, &q) in out.iter_mut().zip(&block[2..Self::BYTES]) {
+            *o = f32::from(q as i8) * d;
+        }
+    }
 
     #[inline(always)]
-    fn decode(block: &[u8]) -> [f32; QK] {
+    fn unpack(block: &[u8]) -> Unpacked {
         let block: &[u8; 34] = block.try_into().expect("invariant: Q8_0 block is 34 bytes");
-        let d = f16_at(block, 0);
-        let qs: &[u8; 32] = block[2..].try_into().expect("invariant: 32 quant bytes");
-        let mut w = [0f32; QK];
-        for j in 0..QK {
-            w[j] = f32::from(qs[j] as i8) * d;
+        let qs = &block[2..];
+        let mut q = [[0f32; LANES]; 4];
+        for (c, q) in q.iter_mut().enumerate() {
+            for l in 0..LANES {
+                q[l] = f32::from(qs[c * LANES + l] as i8);
+            }
         }
-        w
+        Unpacked {
+            scale: f16_at(block, 0),
+            offset: 0.0,
+            q,
+        }
+    }
+
+    fn offset(_block: &[u8]) -> f32 {
+        0.0
     }
 }
 

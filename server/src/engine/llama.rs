@@ -473,11 +473,11 @@ impl Llama {
         let n_rep = c.n_head / c.n_kv_head;
         // Query heads sharing a key/value head are stacked along the row axis, so each group is
         // one matrix product against that head's keys, with no copy of k or v per query head.
-        let q = q
-            .reshape((c.n_kv_head, n_rep * t, c.head_dim))?
-            .contiguous()?;
+        // Scaling q (t rows) is cheaper than scaling the scores (T columns).
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.transpose(1, 2)?)? * scale)?;
+        let q = (q.reshape((c.n_kv_head, n_rep * t, c.head_dim))? * scale)?;
+        // k and v may be strided views of a cache buffer; the batched matmul reads them as is.
+        let scores = q.matmul(&k.transpose(1, 2)?)?;
         let scores = match mask {
             Some(mask) => scores
                 .reshape((c.n_kv_head, n_rep, t, big_t))?
@@ -486,7 +486,7 @@ impl Llama {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ys = probs.matmul(&v.contiguous()?)?;
+        let ys = probs.matmul(v)?;
         Ok(ys
             .reshape((c.n_head, t, c.head_dim))?
             .transpose(0, 1)?

@@ -16,5 +16,6 @@ pub mod sampler;
 pub mod scoring;
 pub mod tokenizer;
 pub mod weights;
+pub mod zo_backend;
 
 pub use error::{EngineError, Result};

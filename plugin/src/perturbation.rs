@@ -1,0 +1,259 @@
+//! MeZO's random directions z, and the two things done with them: building θ ± εz and the update.
+//!
+//! z is never stored. For a step seed `s`, the values of z for the adapter's tensor number `t`
+//! (in [`LoraAdapter::params`] order) are the standard normal draws of a ChaCha20 generator keyed
+//! by `s` and switched to stream `t`: a counter-based generator, so the same (seed, tensor) gives
+//! the same values bit for bit on any machine, in any order of visiting the tensors, and the
+//! update regenerates exactly the z that the perturbation used. Changing this generator breaks the
+//! replay of every stored step log, which is what `noise_values_are_pinned` guards.
+//!
+//! The perturbed adapters are new copies; θ itself is never perturbed and restored (the paper's
+//! in-place +ε, −2ε, +ε round trip does not give θ back exactly), so serving can keep reading it.
+
+use adapters::LoraAdapter;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::StandardNormal;
+
+/// The direction z of one MeZO perturbation, identified by its seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Perturbation {
+    seed: u64,
+}
+
+impl Perturbation {
+    pub fn new(seed: u64) -> Self {
+        Self { seed }
+    }
+
+    pub fn seed(self) -> u64 {
+        self.seed
+    }
+
+    /// The values of z for tensor `tensor_index` of an adapter, element by element, row-major:
+    /// an endless stream of independent N(0, 1) draws.
+    pub fn noise(self, tensor_index: usize) -> impl Iterator<Item = f32> {
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
+        rng.set_stream(tensor_index as u64);
+        std::iter::repeat_with(move || rng.sample(StandardNormal))
+    }
+
+    /// `(θ + εz, θ − εz)` as two new adapters; `theta` is left untouched.
+    pub fn perturbed_pair(self, theta: &LoraAdapter, epsilon: f32) -> (LoraAdapter, LoraAdapter) {
+        let mut plus = theta.clone();
+        let mut minus = theta.clone();
+        for (index, (p, m)) in plus.params_mut().zip(minus.params_mut()).enumerate() {
+            for ((p, m), z) in p.iter_mut().zip(m.iter_mut()).zip(self.noise(index)) {
+                let step = epsilon * z;
+                *p += step;
+                *m -= step;
+            }
+        }
+        (plus, minus)
+    }
+}
+
+/// The MeZO update `θ ← θ − lr·(d + wd·θ)`, with `d = Σᵢ (gᵢ/q)·zᵢ` over the q perturbations of the
+/// step (`d = g·z` for one), each z regenerated from its seed.
+///
+/// This is the only code that changes θ, in training and in replay alike; its f32 operations and
+/// their order define what "bit-exact replay" reproduces. Per element: the directions are summed
+/// in the order given, starting from the first term (not from 0, so a lone `g·z` is used as is,
+/// sign of zero included), then `θ − lr·(d + wd·θ)`.
+pub fn apply_update(
+    theta: &mut LoraAdapter,
+    directions: &[(Perturbation, f32)],
+    lr: f32,
+    weight_decay: f32,
+) {
+    if directions.is_empty() {
+        return;
+    }
+    let q = directions.len() as f32;
+    let scaled_grads: Vec<f32> = directions.iter().map(|&(_, g)| g / q).collect();
+    for (index, values) in theta.params_mut().enumerate() {
+        let zs: Vec<Vec<f32>> = directions
+            .iter()
+            .map(|(z, _)| z.noise(index).take(values.len()).collect())
+            .collect();
+        for (j, value) in values.iter_mut().enumerate() {
+            let mut direction = scaled_grads[0] * zs[0][j];
+            for (g, z) in scaled_grads.iter().zip(&zs).skip(1) {
+                direction += g * z[j];
+            }
+            *value -= lr * (direction + weight_decay * *value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use adapters::{LoraConfig, ModelDims};
+
+    use super::*;
+
+    fn adapter() -> LoraAdapter {
+        let dims = ModelDims {
+            n_layer: 2,
+            hidden: 8,
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 4,
+            ffn: 16,
+        };
+        let config = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            ..LoraConfig::default()
+        };
+        let mut adapter = LoraAdapter::new_initialized(config, dims, 7).unwrap();
+        // Non-zero B, so that every tensor has values of both signs and weight decay shows.
+        for (i, b) in adapter
+            .layers
+            .values_mut()
+            .flat_map(|l| l.b.iter_mut())
+            .enumerate()
+        {
+            *b = (i as f32 * 0.37).sin() * 0.1;
+        }
+        adapter
+    }
+
+    fn bits(adapter: &LoraAdapter) -> Vec<Vec<u32>> {
+        adapter
+            .params()
+            .map(|p| p.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn noise_is_a_function_of_seed_and_tensor_only() {
+        let z = |seed: u64, tensor: usize| -> Vec<u32> {
+            Perturbation::new(seed)
+                .noise(tensor)
+                .take(64)
+                .map(f32::to_bits)
+                .collect()
+        };
+        assert_eq!(z(5, 3), z(5, 3));
+        // Drawing other tensors first does not shift tensor 3's values (counter-based streams).
+        let _ = z(5, 0);
+        assert_eq!(z(5, 3), z(5, 3));
+        assert_ne!(z(5, 3), z(6, 3), "another seed, another direction");
+        assert_ne!(z(5, 3), z(5, 4), "another tensor, another stream");
+        assert_ne!(
+            z(5, 0),
+            z(0, 5),
+            "seed and tensor must not be interchangeable"
+        );
+    }
+
+    #[test]
+    fn noise_values_are_pinned() {
+        // The first values of z for seed 42, tensors 0 and 1, as produced by this generator
+        // (ChaCha20 keyed by `seed_from_u64(42)`, stream = tensor index, rand_distr 0.4's
+        // StandardNormal in f64 rounded to f32) when the step log format was fixed. A change
+        // here means stored step logs no longer replay: do not update these numbers lightly.
+        let tensor0: Vec<f32> = Perturbation::new(42).noise(0).take(3).collect();
+        let tensor1: Vec<f32> = Perturbation::new(42).noise(1).take(3).collect();
+        assert_eq!(tensor0, PINNED_TENSOR0);
+        assert_eq!(tensor1, PINNED_TENSOR1);
+    }
+
+    const PINNED_TENSOR0: [f32; 3] = [0.044_676_196, -0.245_632_95, -0.746_224_64];
+    const PINNED_TENSOR1: [f32; 3] = [-2.060_87, -0.870_405, 0.542_192_1];
+
+    #[test]
+    fn noise_is_standard_normal() {
+        let n = 20_000;
+        let values: Vec<f64> = Perturbation::new(1)
+            .noise(0)
+            .take(n)
+            .map(f64::from)
+            .collect();
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        // Standard errors: 1/√n ≈ 0.007 for the mean, √(2/n) ≈ 0.01 for the variance.
+        assert!(mean.abs() < 0.03, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.05, "variance {var}");
+    }
+
+    #[test]
+    fn perturbed_pair_is_theta_plus_and_minus_epsilon_z() {
+        let theta = adapter();
+        let before = theta.clone();
+        let epsilon = 1e-3;
+        let (plus, minus) = Perturbation::new(9).perturbed_pair(&theta, epsilon);
+        assert_eq!(theta, before, "θ itself must not move");
+        for (index, ((t, p), m)) in theta
+            .params()
+            .zip(plus.params())
+            .zip(minus.params())
+            .enumerate()
+        {
+            let z: Vec<f32> = Perturbation::new(9).noise(index).take(t.len()).collect();
+            for j in 0..t.len() {
+                assert_eq!(p[j].to_bits(), (t[j] + epsilon * z[j]).to_bits());
+                assert_eq!(m[j].to_bits(), (t[j] - epsilon * z[j]).to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn update_regenerates_the_perturbation_direction_bit_for_bit() {
+        let theta = adapter();
+        let (lr, g) = (1e-3f32, 0.75f32);
+        let mut updated = theta.clone();
+        apply_update(&mut updated, &[(Perturbation::new(11), g)], lr, 0.0);
+
+        // θ − lr·g·z with z drawn afresh from its own generator, independent of apply_update.
+        let mut expected = theta.clone();
+        for (index, values) in expected.params_mut().enumerate() {
+            let mut rng = ChaCha20Rng::seed_from_u64(11);
+            rng.set_stream(index as u64);
+            for v in values.iter_mut() {
+                let z: f32 = rng.sample(StandardNormal);
+                *v -= lr * (g * z);
+            }
+        }
+        assert_eq!(bits(&updated), bits(&expected));
+        assert_ne!(bits(&updated), bits(&theta));
+    }
+
+    #[test]
+    fn update_averages_over_perturbations_and_decays_weights() {
+        let theta = adapter();
+        let (lr, wd) = (1e-2f32, 0.1f32);
+        let directions = [
+            (Perturbation::new(1), 0.5f32),
+            (Perturbation::new(2), -2.0f32),
+        ];
+        let mut updated = theta.clone();
+        apply_update(&mut updated, &directions, lr, wd);
+
+        let mut expected = theta.clone();
+        for (index, values) in expected.params_mut().enumerate() {
+            let z1: Vec<f32> = Perturbation::new(1)
+                .noise(index)
+                .take(values.len())
+                .collect();
+            let z2: Vec<f32> = Perturbation::new(2)
+                .noise(index)
+                .take(values.len())
+                .collect();
+            for (j, v) in values.iter_mut().enumerate() {
+                let direction = (0.5 / 2.0) * z1[j] + (-2.0 / 2.0) * z2[j];
+                *v -= lr * (direction + wd * *v);
+            }
+        }
+        assert_eq!(bits(&updated), bits(&expected));
+    }
+
+    #[test]
+    fn update_without_perturbations_changes_nothing() {
+        let theta = adapter();
+        let mut updated = theta.clone();
+        apply_update(&mut updated, &[], 1.0, 0.5);
+        assert_eq!(bits(&updated), bits(&theta));
+    }
+}

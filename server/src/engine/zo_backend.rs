@@ -1,0 +1,141 @@
+//! The engine as MeZO sees it: [`plugin::ZoEngine`] for a loaded model.
+//!
+//! Every call evaluates the same work under several adapters (θ+εz and θ−εz, or one θ for
+//! evaluation) as rows of the same packed batches, so the two perturbed passes of a MeZO step
+//! share every matrix product. Rows are processed in chunks of at most
+//! [`MAX_TOKENS_PER_FORWARD`] prompt tokens to bound activation memory on large evaluations.
+
+use std::sync::Arc;
+
+use adapters::LoraAdapter;
+use plugin::{ScoreRequest, ZoEngine};
+
+use super::generate::{generate, GenerationParams, Sequence, StopConditions};
+use super::loaded_model::LoadedModel;
+use super::lora::AdapterView;
+use super::sampler::SamplingParams;
+use super::scoring::{score_continuations, ScoreItem};
+use super::{EngineError, Result};
+
+/// Upper bound on prompt tokens per packed forward pass.
+pub const MAX_TOKENS_PER_FORWARD: usize = 4096;
+
+impl LoadedModel {
+    fn views(&self, adapters: &[&LoraAdapter]) -> Result<Vec<Arc<AdapterView>>> {
+        let dims = self.llama.config.dims();
+        adapters
+            .iter()
+            .map(|a| AdapterView::new(a, &dims))
+            .collect()
+    }
+}
+
+/// Splits `lens` into consecutive chunks of at most `budget` total (at least one item each).
+fn chunks_by_budget(
+    lens: impl Iterator<Item = usize>,
+    budget: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut used, mut i) = (0, 0, 0);
+    for len in lens {
+        if i > start && used + len > budget {
+            chunks.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used += len;
+        i += 1;
+    }
+    if i > start {
+        chunks.push(start..i);
+    }
+    chunks
+}
+
+impl ZoEngine for LoadedModel {
+    type Error = EngineError;
+
+    fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
+        self.tokenizer.encode(text, special)
+    }
+
+    fn score(
+        &self,
+        adapters: &[&LoraAdapter],
+        items: &[ScoreRequest],
+    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let views = self.views(adapters)?;
+        // Rows ordered adapter-major, so each adapter's rows form one contiguous LoRA segment.
+        let rows: Vec<ScoreItem<'_>> = views
+            .iter()
+            .flat_map(|view| {
+                items.iter().map(move |item| ScoreItem {
+                    prompt: &item.prompt,
+                    continuations: &item.continuations,
+                    adapter: Some(view),
+                })
+            })
+            .collect();
+        let mut scores = Vec::with_capacity(rows.len());
+        let lens = rows
+            .iter()
+            .map(|r| r.prompt.len() + r.continuations.iter().map(Vec::len).sum::<usize>());
+        for chunk in chunks_by_budget(lens, MAX_TOKENS_PER_FORWARD) {
+            scores.extend(score_continuations(&self.llama, &rows[chunk])?);
+        }
+        let mut per_adapter = Vec::with_capacity(adapters.len());
+        let mut scores = scores.into_iter();
+        for _ in adapters {
+            per_adapter.push(scores.by_ref().take(items.len()).collect());
+        }
+        Ok(per_adapter)
+    }
+
+    fn generate_greedy(
+        &self,
+        adapters: &[&LoraAdapter],
+        prompts: &[Vec<u32>],
+        max_tokens: usize,
+    ) -> Result<Vec<Vec<String>>> {
+        let views = self.views(adapters)?;
+        let params = GenerationParams {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: StopConditions {
+                token_ids: self.tokenizer.eog_ids(),
+                strings: Vec::new(),
+            },
+            top_logprobs: None,
+        };
+        let mut seqs: Vec<Sequence> = views
+            .iter()
+            .flat_map(|view| prompts.iter().map(move |p| (view, p)))
+            .map(|(view, prompt)| {
+                Sequence::new(
+                    &self.llama,
+                    prompt.clone(),
+                    Some(view.clone()),
+                    params.clone(),
+                )
+            })
+            .collect::<Result<_>>()?;
+        generate(&self.llama, &self.tokenizer, &mut seqs, |_, _| {})?;
+        let mut texts = seqs.iter().map(|s| s.text().to_string());
+        Ok(adapters
+            .iter()
+            .map(|_| texts.by_ref().take(prompts.len()).collect())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks_by_budget;
+
+    #[test]
+    fn chunks_respect_the_budget_but_never_split_an_item() {
+        let chunks = chunks_by_budget([3, 3, 3, 10, 1].into_iter(), 6);
+        assert_eq!(chunks, vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(chunks_by_budget(std::iter::empty(), 6), vec![]);
+    }
+}
