@@ -41,6 +41,10 @@ pub enum TrainError {
     #[error("the {field} {text:?} tokenizes to no tokens; give a non-empty {field}")]
     NoTokens { field: &'static str, text: String },
 
+    /// Another step was asked of a run that has done all of its steps.
+    #[error("the run has done all of its {max_steps} steps; raise `max_steps` to train further")]
+    RunFinished { max_steps: u64 },
+
     /// The engine answered with a result that does not match the request.
     #[error("the engine returned {given} where {expected} were expected")]
     EngineOutput { expected: String, given: String },
@@ -64,7 +68,7 @@ pub enum TrainError {
 
 impl TrainError {
     /// A config error for `field`, which must satisfy `limit` but was `given`.
-    pub(crate) fn config(field: &'static str, limit: &str, given: impl ToString) -> Self {
+    pub(crate) fn config(field: &'static str, limit: impl ToString, given: impl ToString) -> Self {
         TrainError::InvalidConfig {
             field,
             limit: limit.to_string(),

@@ -8,7 +8,7 @@
 //! The path of a step, file by file: [`trainer`] picks the minibatch and the seeds,
 //! [`spsa`] builds θ ± εz ([`perturbation`]) and asks an [`Objective`] for L+ and L−, which
 //! tokenizes the [`TrainingExample`]s and calls the engine; the resulting [`StepRecord`] is applied
-//! to θ, and the list of records replays the run bit for bit ([`replay`]).
+//! to θ, and the list of records replays the run bit for bit ([`replay`](mod@replay)).
 
 pub mod engine;
 mod error;

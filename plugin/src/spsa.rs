@@ -144,3 +144,157 @@ impl SpsaStep {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use adapters::{LoraConfig, ModelDims};
+
+    use super::*;
+    use crate::{ExampleKind, LogProbs, ScoreRequest, ZoEngine};
+
+    /// L(θ) = slope·θ₀ (θ₀: the adapter's first value), with no engine involved: the projected
+    /// gradient is then slope·z₀ up to f32 rounding of θ ± εz.
+    struct Linear {
+        slope: f64,
+    }
+
+    impl Objective for Linear {
+        fn name(&self) -> &'static str {
+            "linear"
+        }
+
+        fn example_kind(&self) -> ExampleKind {
+            ExampleKind::Completion
+        }
+
+        fn losses(
+            &self,
+            _: &dyn DynEngine,
+            adapters: &[&LoraAdapter],
+            _: &[&TrainingExample],
+        ) -> Result<Vec<f64>> {
+            Ok(adapters
+                .iter()
+                .map(|a| self.slope * f64::from(a.params().next().map_or(0.0, |p| p[0])))
+                .collect())
+        }
+    }
+
+    /// An engine that is never called.
+    struct NoEngine;
+
+    impl ZoEngine for NoEngine {
+        type Error = std::fmt::Error;
+
+        fn tokenize(&self, _: &str, _: bool) -> Vec<u32> {
+            Vec::new()
+        }
+
+        fn score(&self, _: &[&LoraAdapter], _: &[ScoreRequest]) -> Result<LogProbs, Self::Error> {
+            Err(std::fmt::Error)
+        }
+
+        fn generate_greedy(
+            &self,
+            _: &[&LoraAdapter],
+            _: &[Vec<u32>],
+            _: usize,
+        ) -> Result<Vec<Vec<String>>, Self::Error> {
+            Err(std::fmt::Error)
+        }
+    }
+
+    fn theta() -> LoraAdapter {
+        let dims = ModelDims {
+            n_layer: 1,
+            hidden: 4,
+            n_head: 1,
+            n_kv_head: 1,
+            head_dim: 4,
+            ffn: 4,
+        };
+        LoraAdapter::new_initialized(LoraConfig::default(), dims, 1).unwrap()
+    }
+
+    fn step(seeds: Vec<u64>, max_projected_grad: Option<f32>) -> SpsaStep {
+        SpsaStep {
+            step: 0,
+            seeds,
+            epsilon: 1e-2,
+            lr: 0.1,
+            weight_decay: 0.0,
+            max_projected_grad,
+            eval_mode: EvalMode::OneForward,
+        }
+    }
+
+    fn first_z(seed: u64) -> f32 {
+        Perturbation::new(seed).noise(0).next().unwrap()
+    }
+
+    #[test]
+    fn projected_gradient_is_the_central_difference_along_z() {
+        let theta = theta();
+        let record = step(vec![1, 2], None)
+            .estimate(&NoEngine, &Linear { slope: 3.0 }, &theta, &[])
+            .unwrap();
+        for (g, seed) in record.projected_grads.iter().zip([1, 2]) {
+            let expected = 3.0 * first_z(seed);
+            assert!(
+                (g - expected).abs() < 1e-4 * expected.abs().max(1.0),
+                "{g} vs {expected}"
+            );
+        }
+        // Losses are the means over the two seeds of L(θ ± εz) = 3·(θ₀ ± εz₀).
+        let theta0 = f64::from(theta.params().next().unwrap()[0]);
+        let mean_z = (f64::from(first_z(1)) + f64::from(first_z(2))) / 2.0;
+        assert!((f64::from(record.loss_plus) - 3.0 * (theta0 + 1e-2 * mean_z)).abs() < 1e-5);
+        assert!((f64::from(record.loss_minus) - 3.0 * (theta0 - 1e-2 * mean_z)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn clipping_bounds_the_projected_gradient_keeping_its_sign() {
+        let theta = theta();
+        let record = step(vec![1, 2, 3, 4], Some(0.5))
+            .estimate(&NoEngine, &Linear { slope: 1e3 }, &theta, &[])
+            .unwrap();
+        let expected: Vec<f32> = (1..=4).map(|s| 0.5 * first_z(s).signum()).collect();
+        assert_eq!(record.projected_grads, expected);
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_step_before_theta_moves() {
+        let mut theta = theta();
+        let before = theta.clone();
+        let err = step(vec![1], None)
+            .run(&NoEngine, &Linear { slope: f64::NAN }, &mut theta, &[])
+            .unwrap_err();
+        assert!(
+            matches!(err, TrainError::NonFiniteLoss { step: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(theta, before);
+    }
+
+    #[test]
+    fn a_step_needs_a_seed_and_a_positive_epsilon() {
+        let theta = theta();
+        let err = step(vec![], None)
+            .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta, &[])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`n_perturbations` must be at least 1 (given 0)"
+        );
+        let err = SpsaStep {
+            epsilon: -1.0,
+            ..step(vec![1], None)
+        }
+        .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta, &[])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`epsilon` must be a finite number > 0 (given -1)"
+        );
+    }
+}

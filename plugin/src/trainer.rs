@@ -202,6 +202,9 @@ pub struct Trainer {
     log: Vec<StepRecord>,
     best: Option<Checkpoint>,
     evaluations_without_improvement: u32,
+    /// Steps done at the last held-out evaluation, so that [`Self::run`] does not grade the same
+    /// θ twice (which early stopping would count as an evaluation without improvement).
+    held_out_evaluated_at: Option<u64>,
 }
 
 impl Trainer {
@@ -217,7 +220,7 @@ impl Trainer {
         if config.batch_size > train.len() {
             return Err(TrainError::config(
                 "batch_size",
-                &format!("at most the number of training examples, {}", train.len()),
+                format!("at most the number of training examples, {}", train.len()),
                 config.batch_size,
             ));
         }
@@ -242,6 +245,7 @@ impl Trainer {
             log: Vec::new(),
             best: None,
             evaluations_without_improvement: 0,
+            held_out_evaluated_at: None,
         })
     }
 
@@ -270,7 +274,7 @@ impl Trainer {
         if log.len() as u64 > trainer.config.max_steps {
             return Err(TrainError::config(
                 "max_steps",
-                &format!("at least the {} steps of the log to resume", log.len()),
+                format!("at least the {} steps of the log to resume", log.len()),
                 trainer.config.max_steps,
             ));
         }
@@ -323,11 +327,9 @@ impl Trainer {
     pub fn step(&mut self, engine: &dyn DynEngine) -> Result<StepRecord> {
         let step = self.steps_done();
         if step >= self.config.max_steps {
-            return Err(TrainError::config(
-                "max_steps",
-                "more than the steps already done to take another",
-                self.config.max_steps,
-            ));
+            return Err(TrainError::RunFinished {
+                max_steps: self.config.max_steps,
+            });
         }
         let batch: Vec<&TrainingExample> = self
             .batch_indices(step)
@@ -381,6 +383,7 @@ impl Trainer {
         } else {
             self.evaluations_without_improvement += 1;
         }
+        self.held_out_evaluated_at = Some(self.steps_done());
         Ok(Some(HeldOutReport {
             steps_done: self.steps_done(),
             evaluation,
@@ -389,15 +392,18 @@ impl Trainer {
     }
 
     /// Steps until [`Self::stop_reason`] says stop or `on_event` breaks, evaluating the held-out
-    /// set before the first step and every `eval_every` steps (and after the last).
+    /// set before the first step (unless θ was just evaluated) and every `eval_every` steps and
+    /// after the last. A cancelled run can be run again and goes on where it stopped.
     pub fn run(
         &mut self,
         engine: &dyn DynEngine,
         mut on_event: impl FnMut(TrainerEvent<'_>) -> ControlFlow<()>,
     ) -> Result<StopReason> {
-        if let Some(report) = self.evaluate_held_out(engine)? {
-            if on_event(TrainerEvent::HeldOut(&report)).is_break() {
-                return Ok(StopReason::Cancelled);
+        if self.held_out_evaluated_at != Some(self.steps_done()) {
+            if let Some(report) = self.evaluate_held_out(engine)? {
+                if on_event(TrainerEvent::HeldOut(&report)).is_break() {
+                    return Ok(StopReason::Cancelled);
+                }
             }
         }
         loop {
@@ -468,4 +474,54 @@ fn check_examples(objective: &dyn Objective, examples: &[TrainingExample]) -> Re
         example.validate(index)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_schedule_decays_from_lr_towards_its_final_fraction() {
+        let constant = LrSchedule::Constant;
+        assert_eq!(constant.lr_at(1e-3, 7, 10), 1e-3);
+        let to_zero = LrSchedule::Linear {
+            final_fraction: 0.0,
+        };
+        // lr · (1 − step/total), computed in f64 and rounded once to f32.
+        assert_eq!(to_zero.lr_at(1e-3, 0, 10), 1e-3);
+        assert_eq!(
+            to_zero.lr_at(1e-3, 5, 10),
+            (f64::from(1e-3f32) * 0.5) as f32
+        );
+        assert_eq!(
+            to_zero.lr_at(1e-3, 9, 10),
+            (f64::from(1e-3f32) * 0.1) as f32
+        );
+        let to_tenth = LrSchedule::Linear {
+            final_fraction: 0.1,
+        };
+        // 1 − 0.9 · 5/10 = 0.55.
+        let lr = to_tenth.lr_at(1.0, 5, 10);
+        assert!((lr - 0.55).abs() < 1e-7, "{lr}");
+    }
+
+    #[test]
+    fn a_trainer_can_move_to_a_background_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Trainer>();
+    }
+
+    #[test]
+    fn run_generators_are_per_purpose_and_counter_based() {
+        let draw = |purpose, index| run_generator(5, purpose, index).next_u64();
+        assert_eq!(
+            draw(Purpose::Perturbation, 3),
+            draw(Purpose::Perturbation, 3)
+        );
+        assert_ne!(
+            draw(Purpose::Perturbation, 3),
+            draw(Purpose::Perturbation, 4)
+        );
+        assert_ne!(draw(Purpose::Perturbation, 3), draw(Purpose::Shuffle, 3));
+    }
 }

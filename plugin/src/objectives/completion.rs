@@ -29,17 +29,16 @@ impl Objective for Completion {
         adapters: &[&LoraAdapter],
         batch: &[&TrainingExample],
     ) -> Result<Vec<f64>> {
-        let items = batch
-            .iter()
-            .enumerate()
-            .map(|(index, example)| match example {
-                TrainingExample::Completion { prompt, completion } => Ok(ScoreRequest {
-                    prompt: prompt_tokens(engine, prompt)?,
-                    continuations: vec![continuation_tokens(engine, "completion", completion)?],
-                }),
-                other => Err(wrong_kind(self, index, other)),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut items = Vec::with_capacity(batch.len());
+        for (index, example) in batch.iter().enumerate() {
+            let TrainingExample::Completion { prompt, completion } = example else {
+                return Err(wrong_kind(self, index, example));
+            };
+            items.push(ScoreRequest {
+                prompt: prompt_tokens(engine, prompt)?,
+                continuations: vec![continuation_tokens(engine, "completion", completion)?],
+            });
+        }
         let scores = score(engine, adapters, &items)?;
         Ok(scores
             .iter()

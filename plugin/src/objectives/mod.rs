@@ -105,7 +105,11 @@ impl ObjectiveKind {
     pub fn build(&self) -> Result<Box<dyn Objective>> {
         let greedy_budget = |max_new_tokens: usize| {
             if max_new_tokens == 0 {
-                Err(TrainError::config("max_new_tokens", "at least 1", 0))
+                Err(TrainError::config(
+                    "max_new_tokens",
+                    "at least 1",
+                    max_new_tokens,
+                ))
             } else {
                 Ok(max_new_tokens)
             }

@@ -49,7 +49,9 @@ impl ZoEngine for FakeEngine {
     type Error = NoAnswers;
 
     fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
-        self.tokenized.borrow_mut().push((text.to_string(), special));
+        self.tokenized
+            .borrow_mut()
+            .push((text.to_string(), special));
         text.bytes().map(u32::from).collect()
     }
 
@@ -68,7 +70,9 @@ impl ZoEngine for FakeEngine {
                             .iter()
                             .map(|c| {
                                 c.iter()
-                                    .map(|&b| -0.5 * (b as f32 - b'a' as f32 + 1.0) + shift(adapter))
+                                    .map(|&b| {
+                                        -0.5 * (b as f32 - b'a' as f32 + 1.0) + shift(adapter)
+                                    })
                                     .collect()
                             })
                             .collect()
@@ -93,7 +97,8 @@ impl ZoEngine for FakeEngine {
                     .iter()
                     .find(|(s, _)| *s == shift)
                     .ok_or(NoAnswers(shift))?;
-                Ok(answers[..prompts.len()].to_vec())
+                // Fewer answers than prompts is allowed: tests use it to answer with the wrong shape.
+                Ok(answers.iter().take(prompts.len()).cloned().collect())
             })
             .collect()
     }

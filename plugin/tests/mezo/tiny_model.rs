@@ -162,7 +162,8 @@ impl TinyModel {
         adapter: &LoraAdapter,
     ) -> Vec<f32> {
         let plain = LoraTensors::from_adapter(adapter);
-        let vars = [&plain.aq, &plain.bq, &plain.av, &plain.bv].map(|t| Var::from_tensor(t).unwrap());
+        let vars =
+            [&plain.aq, &plain.bq, &plain.av, &plain.bv].map(|t| Var::from_tensor(t).unwrap());
         let lora = LoraTensors {
             aq: vars[0].as_tensor().clone(),
             bq: vars[1].as_tensor().clone(),
@@ -174,7 +175,9 @@ impl TinyModel {
         let grads = loss.backward().unwrap();
         vars.iter()
             .flat_map(|var| {
-                let grad = grads.get(var.as_tensor()).expect("every LoRA tensor has a gradient");
+                let grad = grads
+                    .get(var.as_tensor())
+                    .expect("every LoRA tensor has a gradient");
                 grad.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             })
             .collect()
@@ -258,8 +261,9 @@ impl ZoEngine for TinyModel {
                         for _ in 0..max_tokens {
                             let log_probs = self.log_probs(&tokens, &lora)?.to_vec2::<f32>()?;
                             let last = &log_probs[tokens.len() - 1];
-                            let next = (0..VOCAB)
-                                .fold(0, |best, t| if last[t] > last[best] { t } else { best });
+                            let next =
+                                (0..VOCAB)
+                                    .fold(0, |best, t| if last[t] > last[best] { t } else { best });
                             tokens.push(next as u32);
                         }
                         Ok(tokens[prompt.len()..]

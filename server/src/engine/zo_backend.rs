@@ -136,6 +136,6 @@ mod tests {
     fn chunks_respect_the_budget_but_never_split_an_item() {
         let chunks = chunks_by_budget([3, 3, 3, 10, 1].into_iter(), 6);
         assert_eq!(chunks, vec![0..2, 2..3, 3..4, 4..5]);
-        assert_eq!(chunks_by_budget(std::iter::empty(), 6), vec![]);
+        assert!(chunks_by_budget(std::iter::empty(), 6).is_empty());
     }
 }

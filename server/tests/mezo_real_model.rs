@@ -1,0 +1,118 @@
+//! MeZO on the real model, end to end through the engine: a short `completion` run lowers the
+//! loss on its examples, and the non-differentiable `f1` objective runs greedy decoding under
+//! θ±εz and sees a non-zero projected gradient at ε = 0.1.
+
+mod common;
+
+use adapters::{LoraAdapter, LoraConfig};
+use mezo_server::engine::loaded_model::LoadedModel;
+use mezo_server::engine::weights::WeightMode;
+use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
+
+fn model() -> LoadedModel {
+    LoadedModel::load(&common::model_path(), WeightMode::F32).expect("load")
+}
+
+fn fresh_adapter(model: &LoadedModel) -> LoraAdapter {
+    LoraAdapter::new_initialized(LoraConfig::default(), model.llama.config.dims(), 0)
+        .expect("adapter")
+}
+
+#[test]
+fn thirty_completion_steps_lower_the_loss_on_their_examples() {
+    let model = model();
+    let examples: Vec<TrainingExample> = [
+        ("Q: What colour is the sky?\nA:", " The sky is green."),
+        ("Q: What colour is grass?\nA:", " Grass is green."),
+        ("Q: What colour is the sea?\nA:", " The sea is green."),
+        ("Q: What colour is snow?\nA:", " Snow is green."),
+    ]
+    .iter()
+    .map(|(prompt, completion)| TrainingExample::Completion {
+        prompt: prompt.to_string(),
+        completion: completion.to_string(),
+    })
+    .collect();
+    // DESIGN.md §4: lr 1e-3 with ε 1e-3 lowers the NLL smoothly on this model (1e-2 diverges).
+    let config = TrainerConfig {
+        lr: 1e-3,
+        epsilon: 1e-3,
+        batch_size: 4,
+        max_steps: 30,
+        seed: 1,
+        ..TrainerConfig::default()
+    };
+    let objective = ObjectiveKind::Completion.build().expect("objective");
+    let mut trainer = Trainer::new(
+        config,
+        objective,
+        fresh_adapter(&model),
+        examples.clone(),
+        Vec::new(),
+    )
+    .expect("trainer");
+    let refs: Vec<&TrainingExample> = examples.iter().collect();
+    let before = trainer
+        .objective()
+        .evaluate(&model, trainer.adapter(), &refs)
+        .expect("evaluate")
+        .loss;
+    for _ in 0..30 {
+        trainer.step(&model).expect("step");
+    }
+    let after = trainer
+        .objective()
+        .evaluate(&model, trainer.adapter(), &refs)
+        .expect("evaluate")
+        .loss;
+    assert!(
+        after < before,
+        "30 MeZO steps should lower the completion loss: {before} -> {after}"
+    );
+    // Replaying the step log reproduces the trained adapter bit for bit.
+    let replayed = plugin::replay(&fresh_adapter(&model), trainer.log()).expect("replay");
+    assert_eq!(&replayed, trainer.adapter());
+}
+
+#[test]
+fn f1_objective_decodes_under_both_perturbations_and_moves() {
+    let model = model();
+    // Open-ended answers of 24 tokens: a perturbation of ε = 0.1 rarely changes a short factual
+    // answer, but it changes some token of a longer one within a few steps.
+    let examples: Vec<TrainingExample> = [
+        ("<|im_start|>user\nDescribe the sea in one sentence.<|im_end|>\n<|im_start|>assistant\n", "The sea is deep, blue and full of life."),
+        ("<|im_start|>user\nDescribe a forest in one sentence.<|im_end|>\n<|im_start|>assistant\n", "A forest is a quiet place of tall green trees."),
+    ]
+    .iter()
+    .map(|(prompt, answer)| TrainingExample::Generation {
+        prompt: prompt.to_string(),
+        references: vec![answer.to_string()],
+    })
+    .collect();
+    let config = TrainerConfig {
+        lr: 1e-3,
+        epsilon: 1e-1,
+        batch_size: 2,
+        max_steps: 6,
+        seed: 3,
+        ..TrainerConfig::default()
+    };
+    let objective = ObjectiveKind::TokenF1 { max_new_tokens: 24 }
+        .build()
+        .expect("objective");
+    let mut trainer = Trainer::new(
+        config,
+        objective,
+        fresh_adapter(&model),
+        examples,
+        Vec::new(),
+    )
+    .expect("trainer");
+    let grads: Vec<f32> = (0..6)
+        .map(|_| trainer.step(&model).expect("step").projected_grads[0])
+        .collect();
+    assert!(
+        grads.iter().any(|g| *g != 0.0),
+        "ε = 0.1 should change some greedy answer within 6 steps: {grads:?}"
+    );
+}
