@@ -101,6 +101,32 @@ enum BenchCommand {
         #[arg(long, hide = true)]
         json: bool,
     },
+    /// MeZO on the movie-review sentiment task: accuracy, step time, memory, curves (PNG).
+    Mezo(MezoBenchArgs),
+}
+
+#[derive(Args)]
+struct MezoBenchArgs {
+    #[arg(long, default_value_t = 400)]
+    steps: u64,
+    /// Evaluate on the held-out set every this many steps.
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 512)]
+    train_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    test_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 1e-3)]
+    epsilon: f32,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the PNG of the curves (default: <data-dir>/mezo_sentiment_curves.png).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -155,6 +181,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Bench { which } => match which {
             BenchCommand::Engine { mode, json } => {
                 run_bench_engine(&config, &cli.global.data_dir, mode, json)
+            }
+            BenchCommand::Mezo(args) => {
+                let data_dir = cli.global.data_dir.clone();
+                bench::mezo::run(&bench::mezo::MezoBenchConfig {
+                    model: model_path(&config)?,
+                    weights: config.model.weights,
+                    plot: args
+                        .plot
+                        .unwrap_or_else(|| bench::mezo::default_plot_path(&data_dir)),
+                    data_dir,
+                    train_size: args.train_size,
+                    test_size: args.test_size,
+                    steps: args.steps,
+                    eval_every: args.eval_every,
+                    lr: args.lr,
+                    epsilon: args.epsilon,
+                    batch_size: args.batch_size,
+                    seed: args.seed,
+                })
             }
         },
     }

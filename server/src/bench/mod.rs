@@ -1,3 +1,5 @@
 //! `mezo bench …`: benchmarks that print numbers (never asserted in tests).
 
 pub mod engine;
+pub mod mezo;
+pub mod plot;
