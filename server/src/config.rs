@@ -102,7 +102,8 @@ mod tests {
     #[test]
     fn defaults_parse_and_name_the_default_model() {
         let config = Config::default();
-        assert_eq!(config.model.weights, WeightMode::F32);
+        assert_eq!(config.model.weights, WeightMode::Quantized);
+        assert_eq!(config.model.weights, WeightMode::default());
         let (path, is_default) = config.model.resolved_path();
         assert!(is_default);
         assert!(path.ends_with(DEFAULT_MODEL.file_name));
@@ -111,8 +112,8 @@ mod tests {
     #[test]
     fn a_partial_file_overrides_only_its_keys() {
         let config =
-            Config::from_toml_over_defaults("[model]\nweights = \"quantized\"\n").expect("valid");
-        assert_eq!(config.model.weights, WeightMode::Quantized);
+            Config::from_toml_over_defaults("[model]\nweights = \"f32\"\n").expect("valid");
+        assert_eq!(config.model.weights, WeightMode::F32);
         assert_eq!(config.model.dir, PathBuf::from("models"));
     }
 

@@ -10,7 +10,8 @@ use mezo_server::engine::weights::WeightMode;
 use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
 
 fn model() -> LoadedModel {
-    LoadedModel::load(&common::model_path(), WeightMode::F32).expect("load")
+    // The default weight mode: quantized storage, f32 numerics in every product.
+    LoadedModel::load(&common::model_path(), WeightMode::default()).expect("load")
 }
 
 fn fresh_adapter(model: &LoadedModel) -> LoraAdapter {

@@ -1,40 +1,40 @@
-//! CPU kernels for quantized GGUF weight matrices times a few f32 activation rows, for the
-//! decode path (1–8 rows per call). Candle's CPU kernels first round the activations to 8-bit
-//! blocks (Q8_0/Q8_1) and, for Q4_1, run a generic scalar loop; these kernels keep the
-//! activations in f32, so the result differs from the f32 path only by the weights'
-//! quantization and the summation order, and they are written for the bottleneck that decode
-//! actually has: memory. Every token reads all of the quantized weights once, so each weight
-//! row is streamed exactly once per call for all input rows, decoded into registers block by
-//! block, and the output rows are split across threads (rayon) so that both cores pull on
-//! memory. The inner loops work on fixed-size arrays so that the compiler vectorises them
-//! (AVX2 + FMA with `-C target-cpu=native`) without `unsafe`.
+//! CPU kernels for a quantized GGUF weight matrix times a few f32 activation rows: the decode
+//! path (1–8 rows per call). Candle's CPU kernels first round the activations to 8-bit blocks
+//! (Q8_0/Q8_1), and for Q4_1 run a generic scalar loop; these keep the activations in f32, so
+//! a result differs from the f32 path only by the weights' quantization and the summation
+//! order. Decode reads every weight once per token, so the kernels are built around that:
+//! each weight row is streamed once per call for all input rows and decoded block by block in
+//! registers, and the output rows are shared out between the cores. The inner loops are
+//! written over fixed-size arrays in the shapes that LLVM vectorises (AVX2 + FMA under
+//! `-C target-cpu=native`), without `unsafe`; at opt-level 1 (this workspace's dev profile)
+//! nothing is vectorised and they run several times slower.
 //!
-//! Numerics are deterministic: each output element is computed by one task in a fixed order
-//! that depends neither on the thread count nor on how many rows share the call, so a row's
-//! result is the same alone or in a batch.
+//! Numerics are deterministic: each output is computed by one thread in a fixed order that
+//! depends neither on the thread count nor on how many rows share the call, so a row's result
+//! is bit for bit the same alone or in a batch.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
 
 /// Values per block in every supported format.
 const QK: usize = 32;
 
-/// Input rows that share one pass over a weight row; more rows are processed in groups. Eight
-/// accumulators plus the decoded block still fit the 16 vector registers of AVX2.
+/// Input rows that share one pass over a weight row (more are processed in groups of this
+/// many). Eight accumulators and the decoded block nearly fit AVX2's 16 vector registers;
+/// measured, groups of 8 beat groups of 4 at 8 rows.
 const MAX_GROUP: usize = 8;
 
 /// Lanes of each accumulator: one AVX2 register of f32.
 const LANES: usize = 8;
 
-/// A task should stream at least this many weight bytes, so that rayon's fork/join cost (a few
-/// microseconds) stays small next to the work.
+/// A task streams at least this many weight bytes, so that handing it out stays cheap next to
+/// the work.
 const MIN_TASK_BYTES: usize = 16 * 1024;
 
-/// Tasks per thread when the matrix is large: enough for work stealing to even out a core that
-/// is busy with something else.
+/// Tasks per thread when the matrix is large: enough for a thread that finishes early to take
+/// over part of the work of a core that is busy with something else.
 const TASKS_PER_THREAD: usize = 4;
 
 /// A quantized weight matrix `[out, in]` as stored in GGUF (row-major blocks along `in`).
@@ -142,11 +142,16 @@ impl QuantizedMatrix {
     /// `ys[r*out + o] = Σ_i xs[r*in + i] · W[o, i]` for `r in 0..rows` (`xs` is `rows×in`
     /// row-major f32). Panics if the lengths of `xs` or `ys` do not match `rows`.
     pub fn matmul_t(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+        self.matmul_t_on(xs, rows, ys, true);
+    }
+
+    /// [`Self::matmul_t`], on the calling thread alone unless `parallel`.
+    fn matmul_t_on(&self, xs: &[f32], rows: usize, ys: &mut [f32], parallel: bool) {
         self.check_io(xs, rows, ys);
         match self.format {
-            Format::Q4_0 => self.matmul_t_with::<Q4_0>(xs, rows, ys),
-            Format::Q4_1 => self.matmul_t_with::<Q4_1>(xs, rows, ys),
-            Format::Q8_0 => self.matmul_t_with::<Q8_0>(xs, rows, ys),
+            Format::Q4_0 => self.matmul_t_with::<Q4_0>(xs, rows, ys, parallel),
+            Format::Q4_1 => self.matmul_t_with::<Q4_1>(xs, rows, ys, parallel),
+            Format::Q8_0 => self.matmul_t_with::<Q8_0>(xs, rows, ys, parallel),
         }
     }
 
@@ -208,11 +213,12 @@ impl QuantizedMatrix {
     /// per thread.
     fn task_rows(&self) -> usize {
         let min_rows = MIN_TASK_BYTES.div_ceil(self.row_bytes().max(1));
-        let tasks = rayon::current_num_threads() * TASKS_PER_THREAD;
+        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        let tasks = threads * TASKS_PER_THREAD;
         min_rows.max(self.out.div_ceil(tasks)).max(1)
     }
 
-    fn matmul_t_with<B: Block>(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+    fn matmul_t_with<B: Block>(&self, xs: &[f32], rows: usize, ys: &mut [f32], parallel: bool) {
         if rows == 0 || self.out == 0 {
             return;
         }
@@ -234,17 +240,32 @@ impl QuantizedMatrix {
                 task.push(part);
             }
         }
-        let run = |(t, mut outs): (usize, Vec<&mut [f32]>)| {
+        let run = |t: usize, outs: &mut [&mut [f32]]| {
             let first = t * chunk;
             let n = outs.first().map_or(0, |part| part.len());
             let w = &self.data[first * row_bytes..(first + n) * row_bytes];
-            task::<B>(w, row_bytes, &acts, &mut outs);
+            task::<B>(w, row_bytes, &acts, outs);
         };
-        if ntasks == 1 {
-            tasks.into_iter().enumerate().for_each(run);
-        } else {
-            tasks.into_par_iter().enumerate().for_each(run);
+        if ntasks == 1 || !parallel {
+            for (t, mut outs) in tasks.into_iter().enumerate() {
+                run(t, &mut outs);
+            }
+            return;
         }
+        // Candle's barrier pool, not rayon: its workers spin between calls and the calling
+        // thread takes part, whereas rayon, called from outside its pool, queues the job and
+        // blocks the caller, two cross-thread wake-ups per call that cost more than a whole
+        // 192×576 product (measured 11 µs per call against 18–21 µs). It is also the pool
+        // that candle's own CPU kernels use, so the two do not compete for the cores. Each
+        // task's output slices sit behind a lock that exactly one thread takes, once: the safe
+        // way to hand them to whichever thread runs the task.
+        let tasks: Vec<Mutex<Vec<&mut [f32]>>> = tasks.into_iter().map(Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(ntasks, |range| {
+            for t in range {
+                let mut outs = tasks[t].lock().unwrap_or_else(PoisonError::into_inner);
+                run(t, &mut outs);
+            }
+        });
     }
 }
 
@@ -266,14 +287,16 @@ impl Activations {
     fn new<B: Block>(xs: &[f32], inp: usize) -> Self {
         let mut reordered = vec![[0f32; QK]; xs.len() / QK];
         for (src, dst) in xs.chunks_exact(QK).zip(reordered.iter_mut()) {
-            for (d, &from) in dst.iter_mut().zip(B::ORDER.iter()) {
-                *d = src[from];
+            for ((d, &from), &scale) in dst.iter_mut().zip(&B::ORDER).zip(&B::X_SCALE) {
+                // Values so small that the scaling would make them subnormal (|x| < 2^-102)
+                // are flushed to zero: their products are far below f32 precision of any sum,
+                // and subnormal operands can be slow.
+                let x = src[from] * scale;
+                *d = if x.is_subnormal() { 0.0 } else { x };
             }
         }
         let sums = if B::OFFSET {
-            xs.chunks_exact(QK)
-                .map(|block| block.iter().sum())
-                .collect()
+            xs.chunks_exact(QK).map(block_sum).collect()
         } else {
             Vec::new()
         };
@@ -299,6 +322,18 @@ impl Activations {
             &self.sums[r * self.nb..(r + 1) * self.nb]
         }
     }
+}
+
+/// The sum of a block of 32 values, in a fixed order that vectorises: a sequential sum would
+/// be a chain of 32 additions per block, per call.
+fn block_sum(block: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    for chunk in block.chunks_exact(LANES) {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    reduce_lanes(&lanes)
 }
 
 /// One task: the weight rows `w` (each `row_bytes` long) against every input row, in groups of
@@ -442,6 +477,9 @@ trait Block {
     const BYTES: usize;
     /// Lane `p` of [`Block::unpack`]'s quants is value `ORDER[p]` of the block.
     const ORDER: [usize; QK];
+    /// Lane `p` of [`Block::unpack`]'s quants is the quant divided by `X_SCALE[p]`; the
+    /// activations are multiplied by it (an exact power of two).
+    const X_SCALE: [f32; QK];
     /// Whether [`Unpacked::offset`] can be nonzero.
     const OFFSET: bool;
     /// The block's 32 values in order, computed exactly as ggml (and candle's `dequantize`)
@@ -453,39 +491,68 @@ trait Block {
     fn offset(block: &[u8]) -> f32;
 }
 
-/// Lane order of [`unpack_nibbles`].
+/// Where lane `p` of [`unpack_nibbles`] finds its nibble: the little-endian word `p % 4` of
+/// the block's 16 quant bytes, at this bit position.
+const fn nibble_bit(p: usize) -> usize {
+    let (c, l) = (p / LANES, p % LANES);
+    // Vectors 0 and 1 take the low nibbles of bytes (0, 1) and (2, 3) of each word, vectors
+    // 2 and 3 the high nibbles; lanes 0..4 the first byte of each pair, lanes 4..8 the second.
+    16 * (c % 2) + 8 * (l / 4) + 4 * (c / 2)
+}
+
+/// Lane order of [`unpack_nibbles`]: lane `p` holds value `NIBBLE_ORDER[p]` of the block.
 const NIBBLE_ORDER: [usize; QK] = {
     let mut order = [0; QK];
     let mut p = 0;
     while p < QK {
-        let (c, l) = (p / LANES, p % LANES);
-        // Vector `c`, lane `l`: byte `c` of little-endian word `l % 4` (byte 4(l % 4) + c),
-        // low nibble (value j) in lanes 0..4, high nibble (value j + 16) in lanes 4..8.
-        order[p] = 4 * (l % 4) + c + QK / 2 * (l / 4);
+        let bit = nibble_bit(p);
+        // Byte `bit / 8` of word `p % 4`; its low nibble is value `j`, its high one `j + 16`.
+        order[p] = 4 * (p % 4) + bit / 8 + QK / 2 * (bit % 8 / 4);
         p += 1;
     }
     order
 };
 
+/// [`unpack_nibbles`] leaves each nibble `q` in place, i.e. as `q · 2^k` with `k` the bit
+/// position of its byte (0, 8, 16 or 24); the activations carry the compensating `2^-k`.
+const NIBBLE_SCALE: [f32; QK] = {
+    let mut scale = [0f32; QK];
+    let mut p = 0;
+    while p < QK {
+        scale[p] = match nibble_bit(p) / 8 {
+            0 => 1.0,
+            1 => 1.0 / 256.0,
+            2 => 1.0 / 65536.0,
+            _ => 1.0 / 16_777_216.0,
+        };
+        p += 1;
+    }
+    scale
+};
+
 /// The 32 nibbles of a 4-bit block (`qs[j] & 0xF` is value `j`, `qs[j] >> 4` value
-/// `j + 16`) as f32, in [`NIBBLE_ORDER`]. The 16 bytes are read as four little-endian words,
-/// repeated over the 8 lanes (one broadcast load); vector `c` then takes byte `c` of its
-/// lane's word, low nibble in lanes 0..4 and high nibble in lanes 4..8: a per-lane shift, a
-/// mask and a conversion per vector, all within 32-bit lanes. Widening bytes or 16-bit
-/// words instead costs four cross-lane shuffles per block (LLVM narrows the masks and
-/// shifts of a 16-bit layout back to before the widening), and the kernel is bound by
-/// exactly this decode at one row.
+/// `j + 16`) as f32, in [`NIBBLE_ORDER`] and scaled by `1 / NIBBLE_SCALE`. The 16 bytes are
+/// read as four little-endian words repeated over the 8 lanes (one broadcast load), and once
+/// more shifted right by 4 to bring the high nibbles down; each vector is then one mask and
+/// one conversion, all within 32-bit lanes. The kernel is bound by exactly this decode at one
+/// row: widening bytes or 16-bit words instead costs four cross-lane shuffles per block, and
+/// shifting every nibble down to bit 0 four more shifts. Leaving a nibble at bit `k` is exact
+/// (`q · 2^k < 2^28`), and so is the product with `x · 2^-k`.
 #[inline(always)]
 fn unpack_nibbles(qs: &[u8]) -> [V8; 4] {
     let qs: &[u8; QK / 2] = qs.try_into().expect("invariant: 16 nibble bytes");
-    let mut words = [0u32; 4];
-    for (t, word) in words.iter_mut().enumerate() {
+    let mut words = [0u32; LANES];
+    for (l, word) in words.iter_mut().enumerate() {
+        let t = l % 4;
         *word = u32::from_le_bytes([qs[4 * t], qs[4 * t + 1], qs[4 * t + 2], qs[4 * t + 3]]);
     }
     let mut q = [[0f32; LANES]; 4];
     for (c, q) in q.iter_mut().enumerate() {
         for l in 0..LANES {
-            q[l] = ((words[l % 4] >> (8 * c + 4 * (l / 4))) & 0x0F) as f32;
+            let bit = nibble_bit(c * LANES + l);
+            let low = bit / 8 * 8;
+            // As i32: the value is below 2^28, and the signed conversion is the cheap one.
+            q[l] = (((words[l] >> (bit - low)) & (0x0F << low)) as i32) as f32;
         }
     }
     q
@@ -498,6 +565,7 @@ struct Q4_0;
 impl Block for Q4_0 {
     const BYTES: usize = 18;
     const ORDER: [usize; QK] = NIBBLE_ORDER;
+    const X_SCALE: [f32; QK] = NIBBLE_SCALE;
     const OFFSET: bool = true;
 
     fn dequantize(block: &[u8], out: &mut [f32]) {
@@ -532,6 +600,7 @@ struct Q4_1;
 impl Block for Q4_1 {
     const BYTES: usize = 20;
     const ORDER: [usize; QK] = NIBBLE_ORDER;
+    const X_SCALE: [f32; QK] = NIBBLE_SCALE;
     const OFFSET: bool = true;
 
     fn dequantize(block: &[u8], out: &mut [f32]) {
@@ -573,6 +642,7 @@ impl Block for Q8_0 {
         }
         order
     };
+    const X_SCALE: [f32; QK] = [1.0; QK];
     const OFFSET: bool = false;
 
     fn dequantize(block: &[u8], out: &mut [f32]) {
@@ -733,17 +803,13 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{dtype:?}: row {r} differs between batch and alone");
             }
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .expect("pool");
             let mut serial = vec![0f32; rows * out];
-            pool.install(|| m.matmul_t(&xs, rows, &mut serial));
+            m.matmul_t_on(&xs, rows, &mut serial, false);
             let same = serial
                 .iter()
                 .zip(&batched)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{dtype:?}: one thread differs from the default pool");
+            assert!(same, "{dtype:?}: one thread differs from the pool");
         }
     }
 
@@ -777,7 +843,7 @@ mod tests {
     /// the engine's release numbers: the dev profile builds this crate at opt-level 1, which
     /// does not vectorise).
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: prints timings, asserts nothing"]
     fn kernel_throughput() {
         let cases = [
             (1, 1536, 576, GgmlDType::Q4_1),
@@ -789,7 +855,10 @@ mod tests {
             (1, 49152, 576, GgmlDType::Q8_0),
             (8, 49152, 576, GgmlDType::Q8_0),
         ];
-        println!("threads: {}", rayon::current_num_threads());
+        println!(
+            "threads: {}",
+            candle_core::utils::barrier_pool().n_workers() + 1
+        );
         for (rows, out, inp, dtype) in cases {
             let q = random_qtensor(out, inp, dtype);
             let m = QuantizedMatrix::from_qtensor(&q)

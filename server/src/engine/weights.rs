@@ -1,10 +1,11 @@
 //! How the model's matrices are held in memory, and the matrix product that reads them.
 //!
-//! Two modes, chosen in config ([`WeightMode`]):
+//! Two modes, chosen in config ([`WeightMode`]); both keep the loss surface smooth at MeZO's ε
+//! (DESIGN.md §4: candle's quantized kernels round activations to 8 bits, which makes finite
+//! differences meaningless, so no training product goes through them):
 //! - `f32`: every matrix is dequantized once at load. Batched work (prefill, scoring, training)
-//!   runs as dense f32 GEMMs, and the loss surface is smooth at MeZO's ε (DESIGN.md §4: candle's
-//!   quantized kernels round activations to 8 bits, which makes finite differences meaningless).
-//! - `quantized`: matrices stay as stored in the GGUF (Q4_1, Q8_0, …), four to eight times
+//!   runs as dense f32 GEMMs.
+//! - `quantized` (the default): matrices stay as stored in the GGUF (Q4_1, Q8_0, …), four to eight times
 //!   smaller. Few-row products (decode) use the quantized kernels of [`super::kernels`], which
 //!   read less memory and keep activations in f32;
 //!   many-row products dequantize the one matrix they need, use the dense GEMM, and drop it, so
@@ -23,8 +24,9 @@ use super::Result;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightMode {
-    #[default]
     F32,
+    /// The default: see `config/default.toml` for the measurements behind it.
+    #[default]
     Quantized,
 }
 
