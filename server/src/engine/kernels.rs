@@ -6,7 +6,7 @@
 //! each weight row is streamed once per call for all input rows and decoded block by block in
 //! registers, and the output rows are shared out between the cores. The inner loops are
 //! written over fixed-size arrays in the shapes that LLVM vectorises (AVX2 + FMA under
-//! `-C target-cpu=native`, already at the dev profile's opt-level 1), without `unsafe`.
+//! `-C target-cpu=native`; they vectorise even at opt-level 1), without `unsafe`.
 //!
 //! Numerics are deterministic: each output is computed by one thread in a fixed order that
 //! depends neither on the thread count nor on how many rows share the call, so a row's result
