@@ -5,12 +5,15 @@
 //! `alpha / √rank` with rsLoRA), is added to that layer's output: `y = W·x + scale·B·(A·x)`.
 //! This crate knows nothing about engines or training: the engine turns adapters into its own
 //! tensors, the MeZO plugin perturbs and updates the f32 parameters in place of a copy, and the
-//! server stores and publishes them. Files are in PEFT's format so they load in the wider
+//! server stores and publishes them ([`store`] is the on-disk layout, [`registry`] the
+//! in-memory versions that requests resolve). Files are in PEFT's format so they load in the wider
 //! ecosystem (see [`peft`]).
 
 mod error;
 mod lora;
 pub mod peft;
+pub mod registry;
+pub mod store;
 
 pub use error::{AdapterError, Result};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer, ModelDims, TargetModule};

@@ -28,6 +28,9 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub model: ModelConfig,
+    pub server: ServerConfig,
+    pub scheduler: SchedulerConfig,
+    pub data: DataConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -38,6 +41,42 @@ pub struct ModelConfig {
     pub path: PathBuf,
     pub dir: PathBuf,
     pub weights: WeightMode,
+    /// Empty: derived from the GGUF's `general.name`.
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    pub metrics_require_key: bool,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    pub max_batch_rows: usize,
+    pub max_waiting: usize,
+    pub max_prefill_tokens_per_step: usize,
+    pub max_choices: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub dir: PathBuf,
+}
+
+impl DataConfig {
+    /// Where PEFT adapter folders are served from.
+    pub fn adapters_dir(&self) -> PathBuf {
+        self.dir.join("adapters")
+    }
 }
 
 impl ModelConfig {
@@ -67,10 +106,35 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml_over_defaults(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })
+        Self::from_toml_over_defaults(&text)
+            .and_then(|config| config.validate().map(|()| config))
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })
+    }
+
+    /// Checks values that parse but cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.scheduler;
+        for (key, value) in [
+            ("scheduler.max_batch_rows", s.max_batch_rows),
+            ("scheduler.max_waiting", s.max_waiting),
+            (
+                "scheduler.max_prefill_tokens_per_step",
+                s.max_prefill_tokens_per_step,
+            ),
+            ("scheduler.max_choices", s.max_choices),
+            ("server.max_body_bytes", self.server.max_body_bytes),
+        ] {
+            if value == 0 {
+                return Err(format!("`{key}` must be at least 1"));
+            }
+        }
+        if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err("`server.api_keys` holds an empty key; remove it".into());
+        }
+        Ok(())
     }
 
     /// Parses `text` as a partial config layered over the defaults (tables merge key by key).
@@ -107,6 +171,9 @@ mod tests {
         let (path, is_default) = config.model.resolved_path();
         assert!(is_default);
         assert!(path.ends_with(DEFAULT_MODEL.file_name));
+        config.validate().unwrap();
+        assert_eq!(config.server.port, 8080);
+        assert!(config.server.api_keys.is_empty());
     }
 
     #[test]
@@ -123,5 +190,8 @@ mod tests {
         assert!(err.contains("wieghts"), "{err}");
         let err = Config::from_toml_over_defaults("[model]\nweights = \"f16\"\n").unwrap_err();
         assert!(err.contains("f16"), "{err}");
+        let zero = Config::from_toml_over_defaults("[scheduler]\nmax_batch_rows = 0\n").unwrap();
+        let err = zero.validate().unwrap_err();
+        assert!(err.contains("scheduler.max_batch_rows"), "{err}");
     }
 }

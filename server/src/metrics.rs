@@ -1,0 +1,132 @@
+//! Prometheus metrics: every name the server exports, its help text and its buckets.
+//!
+//! Names follow Prometheus conventions (one `mezo_` namespace, base units in names, `_total` on
+//! counters); labels come from bounded sets only (route, served model name, status). Every
+//! histogram gets explicit buckets, which makes the exporter write real histograms (aggregatable
+//! across replicas) rather than summaries. The README's metrics table lists the same names.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS_TOTAL: &str = "mezo_http_requests_total";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "mezo_time_to_first_token_seconds";
+pub const E2E_REQUEST_LATENCY_SECONDS: &str = "mezo_e2e_request_latency_seconds";
+pub const TIME_PER_OUTPUT_TOKEN_SECONDS: &str = "mezo_time_per_output_token_seconds";
+pub const PROMPT_TOKENS_TOTAL: &str = "mezo_prompt_tokens_total";
+pub const GENERATION_TOKENS_TOTAL: &str = "mezo_generation_tokens_total";
+pub const REQUESTS_RUNNING: &str = "mezo_requests_running";
+pub const REQUESTS_WAITING: &str = "mezo_requests_waiting";
+pub const ENGINE_BATCH_ROWS: &str = "mezo_engine_batch_rows";
+pub const ENGINE_STEP_SECONDS: &str = "mezo_engine_step_seconds";
+pub const MODEL_WEIGHTS_BYTES: &str = "mezo_model_weights_bytes";
+pub const ADAPTER_WEIGHTS_BYTES: &str = "mezo_adapter_weights_bytes";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "mezo_process_resident_memory_bytes";
+
+/// vLLM's bucket lists, which dashboards built for LLM servers already expect.
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+];
+const E2E_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0,
+];
+const TPOT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+];
+const BATCH_ROWS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0];
+const STEP_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide recorder (once; later calls return the same handle).
+///
+/// # Panics
+///
+/// If another metrics recorder was installed first, which this program never does.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let histograms = [
+                (TIME_TO_FIRST_TOKEN_SECONDS, TTFT_BUCKETS),
+                (E2E_REQUEST_LATENCY_SECONDS, E2E_BUCKETS),
+                (TIME_PER_OUTPUT_TOKEN_SECONDS, TPOT_BUCKETS),
+                (ENGINE_BATCH_ROWS, BATCH_ROWS_BUCKETS),
+                (ENGINE_STEP_SECONDS, STEP_BUCKETS),
+            ];
+            let mut builder = PrometheusBuilder::new();
+            for (name, buckets) in histograms {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+                    .expect("bucket lists are non-empty");
+            }
+            let handle = builder
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests answered, by route, served model and status code."
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from a request's arrival to its first generated token."
+    );
+    describe_histogram!(
+        E2E_REQUEST_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time from a generation request's arrival to its last token."
+    );
+    describe_histogram!(
+        TIME_PER_OUTPUT_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Mean time per generated token after the first, per request."
+    );
+    describe_counter!(
+        PROMPT_TOKENS_TOTAL,
+        "Prompt tokens of generation requests, by served model."
+    );
+    describe_counter!(
+        GENERATION_TOKENS_TOTAL,
+        "Tokens generated, by served model."
+    );
+    describe_gauge!(REQUESTS_RUNNING, "Sequences in the engine's running batch.");
+    describe_gauge!(
+        REQUESTS_WAITING,
+        "Sequences accepted and waiting for a place in the batch."
+    );
+    describe_histogram!(
+        ENGINE_BATCH_ROWS,
+        "Sequences per engine step (continuous batching)."
+    );
+    describe_histogram!(
+        ENGINE_STEP_SECONDS,
+        Unit::Seconds,
+        "Duration of one engine step (one batched forward and sampling)."
+    );
+    describe_gauge!(
+        MODEL_WEIGHTS_BYTES,
+        Unit::Bytes,
+        "Memory held by the base model's weights."
+    );
+    describe_gauge!(
+        ADAPTER_WEIGHTS_BYTES,
+        Unit::Bytes,
+        "Memory held by all loaded adapter versions' LoRA tensors."
+    );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        Unit::Bytes,
+        "Resident memory of the whole server process."
+    );
+}

@@ -1,0 +1,132 @@
+//! The bounded queue between HTTP handlers and the engine thread.
+//!
+//! Handlers push (never blocking: a full queue is an immediate refusal the client sees as 429);
+//! the engine thread takes work between steps, as much as its batch and prefill budget allow,
+//! and sleeps on the queue only when it has nothing running.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use super::work::Work;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {waiting} requests are already waiting; retry shortly")]
+    QueueFull { waiting: usize },
+    #[error("the server is shutting down and accepts no new requests")]
+    ShuttingDown,
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: VecDeque<Work>,
+    closed: bool,
+    cancel_all: bool,
+}
+
+pub struct WorkQueue {
+    state: Mutex<QueueState>,
+    work_arrived: Condvar,
+    capacity: usize,
+}
+
+/// What the engine thread gets when it asks for work.
+pub enum Taken {
+    Work(Vec<Work>),
+    /// Stop now: shutdown's grace period is over (running sequences must be failed).
+    CancelAll,
+    /// Closed and drained: the engine may exit once its running sequences finish.
+    Closed,
+}
+
+impl WorkQueue {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState::default()),
+            work_arrived: Condvar::new(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Work items are plain data; a panic elsewhere cannot leave them half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues all of `works` or none of them.
+    pub fn push_all(&self, works: Vec<Work>) -> Result<(), SubmitError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if state.waiting.len() + works.len() > self.capacity {
+            return Err(SubmitError::QueueFull {
+                waiting: state.waiting.len(),
+            });
+        }
+        state.waiting.extend(works);
+        drop(state);
+        self.work_arrived.notify_one();
+        Ok(())
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// Takes up to `max_items` in arrival order while their prompts fit `prefill_budget` (the
+    /// first always fits, so a long prompt runs alone rather than never). Blocks while the
+    /// queue is empty if `block`.
+    pub fn take(&self, max_items: usize, prefill_budget: usize, block: bool) -> Taken {
+        let mut state = self.lock();
+        loop {
+            if state.cancel_all {
+                return Taken::CancelAll;
+            }
+            if !state.waiting.is_empty() || !block {
+                break;
+            }
+            if state.closed {
+                return Taken::Closed;
+            }
+            state = self
+                .work_arrived
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let mut taken = Vec::new();
+        let mut tokens = 0;
+        while taken.len() < max_items {
+            let Some(next) = state.waiting.front() else {
+                break;
+            };
+            let cost = next.prefill_tokens();
+            if !taken.is_empty() && tokens + cost > prefill_budget {
+                break;
+            }
+            tokens += cost;
+            taken.extend(state.waiting.pop_front());
+        }
+        Taken::Work(taken)
+    }
+
+    /// Refuses new work from now on; queued and running work still completes.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.work_arrived.notify_all();
+    }
+
+    /// Ends everything: queued work is failed here, running work by the engine thread.
+    pub fn cancel_all(&self, message: &str) {
+        let drained: Vec<Work> = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.cancel_all = true;
+            state.waiting.drain(..).collect()
+        };
+        for work in drained {
+            work.fail(message);
+        }
+        self.work_arrived.notify_all();
+    }
+}
