@@ -18,7 +18,7 @@ use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
 use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
-use mezo_server::serve::serve;
+use mezo_server::serve::{bind, serve, serve_on};
 
 #[derive(Parser)]
 #[command(
@@ -120,6 +120,26 @@ enum BenchCommand {
     },
     /// MeZO on the movie-review sentiment task: accuracy, step time, memory, curves (PNG).
     Mezo(MezoBenchArgs),
+    /// Concurrent streaming clients over HTTP: tokens/s, time to first token, latency.
+    Serve(ServeBenchArgs),
+}
+
+#[derive(Args)]
+struct ServeBenchArgs {
+    /// Concurrency levels to measure, in order.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    concurrency: Vec<usize>,
+    /// Requests each client sends one after another.
+    #[arg(long, default_value_t = 4)]
+    requests: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Benchmark this running server instead of starting one in this process.
+    #[arg(long)]
+    url: Option<String>,
+    /// Model id to request (default: the base model).
+    #[arg(long)]
+    model_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -199,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Generate(args) => run_generate(&config, args),
         Commands::Bench { which } => match which {
             BenchCommand::Engine { mode, json } => run_bench_engine(&config, &data_dir, mode, json),
+            BenchCommand::Serve(args) => run_bench_serve(config, args),
             BenchCommand::Mezo(args) => bench::mezo::run(&bench::mezo::MezoBenchConfig {
                 model: model_path(&config)?,
                 weights: config.model.weights,
@@ -265,6 +286,80 @@ fn run_serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(config, model))?;
     Ok(())
+}
+
+fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()> {
+    if args.concurrency.iter().any(|&c| c == 0) || args.requests == 0 || args.max_tokens == 0 {
+        bail!("--concurrency levels, --requests and --max-tokens must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let base_url = match args.url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => {
+                config.server.host = "127.0.0.1".into();
+                config.server.port = 0;
+                // Every client's requests must fit the queue, or the benchmark measures 429s.
+                let most = args.concurrency.iter().max().copied().unwrap_or(1);
+                config.scheduler.max_waiting = config.scheduler.max_waiting.max(most);
+                let model = model_path(&config)?;
+                let listener = bind(&config).await?;
+                let url = format!("http://{}", listener.local_addr()?);
+                tokio::spawn(serve_on(listener, config, model));
+                wait_until_ready(&url).await?;
+                url
+            }
+        };
+        let model = match args.model_id {
+            Some(id) => id,
+            None => first_model_id(&base_url).await?,
+        };
+        let bench_config = bench::serve::ServeBenchConfig {
+            base_url: base_url.clone(),
+            model: model.clone(),
+            concurrency: args.concurrency,
+            requests_per_client: args.requests,
+            max_tokens: args.max_tokens,
+        };
+        let results = bench::serve::run(&bench_config)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        println!("machine: {}", bench::engine::machine_description());
+        println!(
+            "server: {base_url}, model {model}, {} requests per client, max_tokens {}, greedy, streaming",
+            bench_config.requests_per_client, bench_config.max_tokens
+        );
+        print!("{}", bench::serve::render_table(&results));
+        Ok(())
+    })
+}
+
+async fn wait_until_ready(base_url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(response) = client.get(format!("{base_url}/ready")).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    bail!("the server at {base_url} did not become ready within a minute")
+}
+
+/// The first model `/v1/models` lists: the base model.
+async fn first_model_id(base_url: &str) -> anyhow::Result<String> {
+    let models: serde_json::Value = reqwest::get(format!("{base_url}/v1/models"))
+        .await?
+        .json()
+        .await?;
+    models["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("the server lists no models")
 }
 
 fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {

@@ -44,8 +44,26 @@ pub enum ServeError {
     Http(#[source] std::io::Error),
 }
 
-/// Runs the server until a shutdown signal; returns once it has stopped.
+/// Binds `server.host:server.port` and runs the server until a shutdown signal.
 pub async fn serve(config: Config, model_path: PathBuf) -> Result<(), ServeError> {
+    let listener = bind(&config).await?;
+    serve_on(listener, config, model_path).await
+}
+
+/// Binds the configured address (port 0: a free port; see the listener's `local_addr`).
+pub async fn bind(config: &Config) -> Result<TcpListener, ServeError> {
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Runs the server on `listener` until a shutdown signal; returns once it has stopped.
+pub async fn serve_on(
+    listener: TcpListener,
+    config: Config,
+    model_path: PathBuf,
+) -> Result<(), ServeError> {
     let metrics = crate::metrics::install();
     let state = AppState::new(
         ApiConfig {
@@ -57,13 +75,6 @@ pub async fn serve(config: Config, model_path: PathBuf) -> Result<(), ServeError
         Some(metrics.clone()),
     );
 
-    let addr = format!("{}:{}", config.server.host, config.server.port);
-    let listener = TcpListener::bind(&addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
     let local: SocketAddr = listener.local_addr().map_err(ServeError::Http)?;
     tracing::info!("listening on http://{local}");
 

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{IndexOp, Tensor};
 use mezo_server::engine::batch::{BatchRow, RowCache};
 use mezo_server::engine::llama::{log_softmax, Llama};
-use mezo_server::engine::weights::{WeightMode, QUANTIZED_KERNEL_MAX_ROWS};
+use mezo_server::engine::weights::WeightMode;
 
 /// Runs every golden case as one row and returns its `[len, vocab]` log-probs.
 fn case_logprobs(model: &Llama, ids: &[u32]) -> Tensor {
@@ -65,23 +65,8 @@ fn f32_forward_matches_reference_logprobs_and_top1() {
 }
 
 #[test]
-fn quantized_mode_matches_reference_in_both_kernels() {
-    // Rows longer than the quantized-kernel threshold dequantize each matrix for the dense GEMM;
-    // shorter ones run the quantized kernels, which keep activations in f32. Both must agree
-    // with the reference as closely as the f32 mode does.
+fn quantized_mode_matches_reference_logprobs_and_top1() {
+    // Every product runs the quantized kernels (f32 activations), short rows and long alike.
     let model = common::load_model(WeightMode::Quantized);
     check_against_golden(&model, 2e-3, |_| true);
-}
-
-#[test]
-fn the_golden_set_exercises_both_quantized_paths() {
-    let golden = common::golden();
-    let lens: Vec<usize> = golden["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| common::ids_of(c, "ids").len())
-        .collect();
-    assert!(lens.iter().any(|&n| n <= QUANTIZED_KERNEL_MAX_ROWS));
-    assert!(lens.iter().any(|&n| n > QUANTIZED_KERNEL_MAX_ROWS));
 }

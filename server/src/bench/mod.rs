@@ -3,3 +3,4 @@
 pub mod engine;
 pub mod mezo;
 pub mod plot;
+pub mod serve;

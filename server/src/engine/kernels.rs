@@ -1,5 +1,5 @@
-//! CPU kernels for a quantized GGUF weight matrix times a few f32 activation rows: the decode
-//! path (1–8 rows per call). Candle's CPU kernels first round the activations to 8-bit blocks
+//! CPU kernels for a quantized GGUF weight matrix times f32 activation rows: every product of
+//! the `quantized` weight mode, decode (a few rows per call) and prefill alike. Candle's CPU kernels first round the activations to 8-bit blocks
 //! (Q8_0/Q8_1), and for Q4_1 run a generic scalar loop; these keep the activations in f32, so
 //! a result differs from the f32 path only by the weights' quantization and the summation
 //! order. Decode reads every weight once per token, so the kernels are built around that:
@@ -337,24 +337,35 @@ fn block_sum(block: &[f32]) -> f32 {
 }
 
 /// One task: the weight rows `w` (each `row_bytes` long) against every input row, in groups of
-/// at most `MAX_GROUP` input rows; `outs[r][k]` receives input row `r` against weight row `k`.
+/// input rows (see [`group_size`]); `outs[r][k]` receives input row `r` against weight row `k`.
 fn task<B: Block>(w: &[u8], row_bytes: usize, acts: &Activations, outs: &mut [&mut [f32]]) {
     let rows = acts.rows();
     let mut r0 = 0;
     while r0 < rows {
-        let g = (rows - r0).min(MAX_GROUP);
+        let g = group_size(rows - r0);
         let o = &mut outs[r0..r0 + g];
         match g {
             1 => group::<B, 1>(w, row_bytes, acts, r0, o),
-            2 => group::<B, 2>(w, row_bytes, acts, r0, o),
-            3 => group::<B, 3>(w, row_bytes, acts, r0, o),
             4 => group::<B, 4>(w, row_bytes, acts, r0, o),
-            5 => group::<B, 5>(w, row_bytes, acts, r0, o),
             6 => group::<B, 6>(w, row_bytes, acts, r0, o),
             7 => group::<B, 7>(w, row_bytes, acts, r0, o),
-            _ => group::<B, 8>(w, row_bytes, acts, r0, o),
+            _ => group::<B, MAX_GROUP>(w, row_bytes, acts, r0, o),
         }
         r0 += g;
+    }
+}
+
+/// How many of `remaining` input rows the next group takes. Only group sizes whose code is
+/// fast are used: with 2, 3 or 5 rows the compiled loop ran 4–10× slower per call than with 1
+/// or 4 (LLVM vectorises those instances badly; `kernel_throughput` shows it), so such counts
+/// are split into groups of 1 and 4. The result does not depend on the grouping (each row's
+/// sum runs in the same order), only the speed does.
+fn group_size(remaining: usize) -> usize {
+    match remaining {
+        0..=3 => 1,
+        4 | 5 => 4,
+        6 | 7 => remaining,
+        _ => MAX_GROUP,
     }
 }
 
@@ -869,12 +880,20 @@ mod tests {
     fn kernel_throughput() {
         let cases = [
             (1, 1536, 576, GgmlDType::Q4_1),
+            (2, 1536, 576, GgmlDType::Q4_1),
+            (3, 1536, 576, GgmlDType::Q4_1),
+            (4, 1536, 576, GgmlDType::Q4_1),
+            (5, 1536, 576, GgmlDType::Q4_1),
+            (6, 1536, 576, GgmlDType::Q4_1),
+            (7, 1536, 576, GgmlDType::Q4_1),
             (8, 1536, 576, GgmlDType::Q4_1),
             (1, 576, 1536, GgmlDType::Q4_1),
             (8, 576, 1536, GgmlDType::Q4_1),
             (1, 576, 576, GgmlDType::Q4_1),
             (1, 192, 576, GgmlDType::Q4_1),
             (1, 49152, 576, GgmlDType::Q8_0),
+            (2, 49152, 576, GgmlDType::Q8_0),
+            (3, 49152, 576, GgmlDType::Q8_0),
             (8, 49152, 576, GgmlDType::Q8_0),
         ];
         println!(
