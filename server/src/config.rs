@@ -64,6 +64,7 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     pub max_prefill_tokens_per_step: usize,
     pub max_choices: usize,
+    pub prefix_cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -20,6 +20,8 @@ pub const REQUESTS_RUNNING: &str = "mezo_requests_running";
 pub const REQUESTS_WAITING: &str = "mezo_requests_waiting";
 pub const ENGINE_BATCH_ROWS: &str = "mezo_engine_batch_rows";
 pub const ENGINE_STEP_SECONDS: &str = "mezo_engine_step_seconds";
+pub const PREFILL_TOKENS_TOTAL: &str = "mezo_prefill_tokens_total";
+pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "mezo_prefix_cache_hit_tokens_total";
 pub const MODEL_WEIGHTS_BYTES: &str = "mezo_model_weights_bytes";
 pub const ADAPTER_WEIGHTS_BYTES: &str = "mezo_adapter_weights_bytes";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "mezo_process_resident_memory_bytes";
@@ -113,6 +115,14 @@ fn describe() {
         ENGINE_STEP_SECONDS,
         Unit::Seconds,
         "Duration of one engine step (one batched forward and sampling)."
+    );
+    describe_counter!(
+        PREFILL_TOKENS_TOTAL,
+        "Prompt tokens the engine computed (prompt tokens minus prefix-cache hits)."
+    );
+    describe_counter!(
+        PREFIX_CACHE_HIT_TOKENS_TOTAL,
+        "Prompt tokens whose keys and values came from the prefix cache."
     );
     describe_gauge!(
         MODEL_WEIGHTS_BYTES,

@@ -178,6 +178,7 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
         BatchLimits {
             max_batch_rows: config.scheduler.max_batch_rows,
             max_prefill_tokens_per_step: config.scheduler.max_prefill_tokens_per_step,
+            prefix_cache_bytes: config.scheduler.prefix_cache_bytes,
         },
         config.scheduler.max_waiting,
     );

@@ -128,6 +128,21 @@ impl Sequence {
         adapter: Option<Arc<AdapterView>>,
         params: GenerationParams,
     ) -> Result<Self> {
+        let c = &model.config;
+        let cache = KvCache::new(c.n_layer, c.n_kv_head, c.head_dim);
+        Self::with_cached_prefix(model, prompt, adapter, params, cache)
+    }
+
+    /// Like [`Self::new`], starting from `cache`, which holds the keys and values of the
+    /// prompt's first `cache.len()` tokens computed under the same adapter view (a prefix-cache
+    /// hit): only the rest of the prompt is prefilled.
+    pub fn with_cached_prefix(
+        model: &Llama,
+        prompt: Vec<u32>,
+        adapter: Option<Arc<AdapterView>>,
+        params: GenerationParams,
+        cache: KvCache,
+    ) -> Result<Self> {
         params.sampling.validate()?;
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest(
@@ -147,9 +162,15 @@ impl Sequence {
                 limit,
             });
         }
-        let c = &model.config;
+        if cache.len() >= prompt.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "a cached prefix of {} tokens leaves nothing of the {}-token prompt to feed",
+                cache.len(),
+                prompt.len()
+            )));
+        }
         Ok(Self {
-            cache: KvCache::new(c.n_layer, c.n_kv_head, c.head_dim)?,
+            cache,
             sampler: Sampler::new(params.sampling.clone()),
             stop_strings: StopStringMatcher {
                 stops: params.stop.strings.clone(),
@@ -167,6 +188,16 @@ impl Sequence {
 
     pub fn prompt(&self) -> &[u32] {
         &self.prompt
+    }
+
+    /// The adapter view the sequence runs under.
+    pub fn adapter(&self) -> &Option<Arc<AdapterView>> {
+        &self.adapter
+    }
+
+    /// Keys and values computed so far (after the first step: the whole prompt).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
     }
 
     /// Tokens sampled so far (a final stop token included).
@@ -187,10 +218,11 @@ impl Sequence {
         self.finish.is_some()
     }
 
-    /// The tokens the next forward must feed: the prompt first, then the last sampled token.
+    /// The tokens the next forward must feed: the prompt (past any cached prefix) first, then
+    /// the last sampled token.
     fn next_input(&self) -> &[u32] {
-        if self.cache.is_empty() {
-            &self.prompt
+        if self.generated.is_empty() {
+            &self.prompt[self.cache.len()..]
         } else {
             let n = self.generated.len();
             &self.generated[n - 1..]

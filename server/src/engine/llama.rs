@@ -3,7 +3,7 @@
 //!
 //! Conventions that bite:
 //! - GGUF stores `attn_q`/`attn_k` rows permuted for *interleaved* rotary embeddings (pairs
-//!   `(x[2i], x[2i+1])`, llama.cpp's "normal" rope), so [`rope`] uses `rope_i`, not the
+//!   `(x[2i], x[2i+1])`, llama.cpp's "normal" rope), so [`apply_rope`] rotates pairs, not the
 //!   half-split layout of Hugging Face checkpoints.
 //! - The output projection is tied to `token_embd.weight` when `output.weight` is absent; both
 //!   uses share one tensor in memory.
@@ -15,6 +15,7 @@ use adapters::{ModelDims, TargetModule};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, D};
 
+use super::attention::{apply_rope, attend, HeadShape, KvSpans};
 use super::batch::{BatchRow, RowCache};
 use super::gguf::{GgufFile, Metadata};
 use super::lora::{add_lora, AdapterSegment};
@@ -157,12 +158,13 @@ impl RmsNorm {
 /// Rotary embedding tables, `[context_length, head_dim / 2]`.
 #[derive(Debug)]
 struct RotaryEmbedding {
-    cos: Tensor,
-    sin: Tensor,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl RotaryEmbedding {
-    fn new(config: &LlamaConfig) -> Result<Self> {
+    fn new(config: &LlamaConfig) -> Self {
         let half = config.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -172,29 +174,28 @@ impl RotaryEmbedding {
             })
             .collect();
         let n = config.context_length;
-        let mut angles = Vec::with_capacity(n * half);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
         for pos in 0..n {
-            angles.extend(inv_freq.iter().map(|f| pos as f32 * f));
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
         }
-        let angles = Tensor::from_vec(angles, (n, half), &Device::Cpu)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
+        Self { half, cos, sin }
     }
 
-    /// `(cos, sin)` rows for the given absolute positions.
-    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.cos.index_select(positions, 0)?,
-            self.sin.index_select(positions, 0)?,
-        ))
+    /// `(cos, sin)` rows for the given absolute positions, `[positions, head_dim / 2]` each.
+    fn at(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let rows = |table: &[f32]| -> Vec<f32> {
+            positions
+                .iter()
+                .flat_map(|&p| table[p * self.half..(p + 1) * self.half].iter().copied())
+                .collect()
+        };
+        (rows(&self.cos), rows(&self.sin))
     }
-}
-
-/// Applies rotary embeddings to `xs` of shape `[1, heads, n, head_dim]` with per-token tables.
-fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope_i(&xs.contiguous()?, cos, sin)?)
 }
 
 #[derive(Debug)]
@@ -225,10 +226,9 @@ struct ForwardContext<'a> {
     segments: Vec<AdapterSegment<'a>>,
     /// Token range of each row in the packed batch.
     row_ranges: Vec<Range<usize>>,
-    /// Causal mask of each row (`None` for single-token rows).
-    masks: Vec<Option<Tensor>>,
-    cos: Tensor,
-    sin: Tensor,
+    /// Rotary tables of every token of the batch, `[n_tokens, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 /// A llama model loaded once; `forward` serves every kind of work.
@@ -299,7 +299,7 @@ impl Llama {
         } else {
             tok_embeddings.clone()
         };
-        let rotary = RotaryEmbedding::new(&config)?;
+        let rotary = RotaryEmbedding::new(&config);
         Ok(Self {
             config,
             mode,
@@ -364,7 +364,6 @@ impl Llama {
     fn prepare<'a>(&self, rows: &[BatchRow<'a>]) -> Result<ForwardContext<'a>> {
         let mut row_ranges = Vec::with_capacity(rows.len());
         let mut positions = Vec::new();
-        let mut masks = Vec::with_capacity(rows.len());
         let mut segments: Vec<AdapterSegment<'a>> = Vec::new();
         let mut start = 0;
         for row in rows {
@@ -398,8 +397,7 @@ impl Llama {
                     row.logits.end
                 )));
             }
-            positions.extend((prefix..prefix + t).map(|p| p as u32));
-            masks.push(causal_mask(t, prefix)?);
+            positions.extend(prefix..prefix + t);
             match segments.last_mut() {
                 Some(seg) if same_view(seg.view, row.adapter) => seg.len += t,
                 _ => segments.push(AdapterSegment {
@@ -411,12 +409,10 @@ impl Llama {
             row_ranges.push(start..start + t);
             start += t;
         }
-        let positions = Tensor::from_vec(positions, start, &Device::Cpu)?;
-        let (cos, sin) = self.rotary.at(&positions)?;
+        let (cos, sin) = self.rotary.at(&positions);
         Ok(ForwardContext {
             segments,
             row_ranges,
-            masks,
             cos,
             sin,
         })
@@ -433,64 +429,60 @@ impl Llama {
         let c = &self.config;
         let n = xs.dim(0)?;
         let seg = &ctx.segments;
-        let q = add_lora(xs, attn.wq.forward(xs)?, layer, TargetModule::Q, seg)?;
-        let k = add_lora(xs, attn.wk.forward(xs)?, layer, TargetModule::K, seg)?;
-        let v = add_lora(xs, attn.wv.forward(xs)?, layer, TargetModule::V, seg)?;
-        // [n, heads, head_dim] -> [1, heads, n, head_dim]: the layout rope_i and attention want.
-        let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((n, heads, c.head_dim))?
-                .transpose(0, 1)?
-                .unsqueeze(0)?)
+        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        // [n, heads, head_dim] on the host: attention runs row by row in plain loops
+        // (see `attention.rs`), which also writes the caches in place.
+        let mut q = host(add_lora(
+            xs,
+            attn.wq.forward(xs)?,
+            layer,
+            TargetModule::Q,
+            seg,
+        )?)?;
+        let mut k = host(add_lora(
+            xs,
+            attn.wk.forward(xs)?,
+            layer,
+            TargetModule::K,
+            seg,
+        )?)?;
+        let v = host(add_lora(
+            xs,
+            attn.wv.forward(xs)?,
+            layer,
+            TargetModule::V,
+            seg,
+        )?)?;
+        apply_rope(&mut q, c.n_head, c.head_dim, &ctx.cos, &ctx.sin);
+        apply_rope(&mut k, c.n_kv_head, c.head_dim, &ctx.cos, &ctx.sin);
+        let shape = HeadShape {
+            n_head: c.n_head,
+            n_kv_head: c.n_kv_head,
+            head_dim: c.head_dim,
         };
-        let q = rope(&to_heads(q, c.n_head)?, &ctx.cos, &ctx.sin)?.squeeze(0)?;
-        let k = rope(&to_heads(k, c.n_kv_head)?, &ctx.cos, &ctx.sin)?.squeeze(0)?;
-        let v = to_heads(v, c.n_kv_head)?.squeeze(0)?;
-        let mut outputs = Vec::with_capacity(rows.len());
-        for ((row, range), mask) in rows.iter_mut().zip(&ctx.row_ranges).zip(&ctx.masks) {
-            let t = range.len();
-            let q = q.narrow(1, range.start, t)?;
-            let k = k.narrow(1, range.start, t)?;
-            let v = v.narrow(1, range.start, t)?;
-            let (k, v) = match &mut row.cache {
-                RowCache::None => (k, v),
-                RowCache::Append(cache) => cache.append(layer, &k, &v)?,
-                RowCache::Prefix(cache) => {
-                    let (pk, pv) = cache.view(layer)?;
-                    (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?)
+        let q_width = c.n_head * c.head_dim;
+        let kv_width = c.n_kv_head * c.head_dim;
+        let mut out = vec![0f32; n * q_width];
+        for (row, range) in rows.iter_mut().zip(&ctx.row_ranges) {
+            let q_row = &q[range.start * q_width..range.end * q_width];
+            let own_k = &k[range.start * kv_width..range.end * kv_width];
+            let own_v = &v[range.start * kv_width..range.end * kv_width];
+            let out_row = &mut out[range.start * q_width..range.end * q_width];
+            match &mut row.cache {
+                RowCache::None => attend(q_row, KvSpans::one(own_k, own_v), shape, out_row),
+                RowCache::Append(cache) => {
+                    cache.append(layer, own_k, own_v);
+                    let (keys, values) = cache.layer(layer);
+                    attend(q_row, KvSpans::one(keys, values), shape, out_row);
                 }
-            };
-            outputs.push(self.attend(&q, &k, &v, mask.as_ref())?);
+                RowCache::Prefix(cache) => {
+                    let prefix = cache.layer(layer);
+                    attend(q_row, KvSpans::two(prefix, (own_k, own_v)), shape, out_row);
+                }
+            }
         }
-        let ys = Tensor::cat(&outputs, 0)?;
+        let ys = Tensor::from_vec(out, (n, q_width), &Device::Cpu)?;
         add_lora(&ys, attn.wo.forward(&ys)?, layer, TargetModule::O, seg)
-    }
-
-    /// Scaled dot-product attention of one row: `q` `[n_head, t, d]`, `k`/`v` `[n_kv_head, T, d]`
-    /// (T ≥ t; the last t key positions are the row's own). Returns `[t, n_head·d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let c = &self.config;
-        let (t, big_t) = (q.dim(1)?, k.dim(1)?);
-        let n_rep = c.n_head / c.n_kv_head;
-        // Query heads sharing a key/value head are stacked along the row axis, so each group is
-        // one matrix product against that head's keys, with no copy of k or v per query head.
-        // Scaling q (t rows) is cheaper than scaling the scores (T columns).
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let q = (q.reshape((c.n_kv_head, n_rep * t, c.head_dim))? * scale)?;
-        // k and v may be strided views of a cache buffer; the batched matmul reads them as is.
-        let scores = q.matmul(&k.transpose(1, 2)?)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((c.n_kv_head, n_rep, t, big_t))?
-                .broadcast_add(mask)?
-                .reshape((c.n_kv_head, n_rep * t, big_t))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ys = probs.matmul(v)?;
-        Ok(ys
-            .reshape((c.n_head, t, c.head_dim))?
-            .transpose(0, 1)?
-            .reshape((t, c.n_head * c.head_dim))?)
     }
 
     fn mlp(
@@ -548,25 +540,6 @@ fn same_view(a: Option<&super::lora::AdapterView>, b: Option<&super::lora::Adapt
 
 /// `[t, prefix + t]` additive mask: query `i` sees keys `0..=prefix + i`. `None` when `t == 1`
 /// (a single new token sees everything before it).
-fn causal_mask(t: usize, prefix: usize) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let total = prefix + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > prefix + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (t, total), &Device::Cpu)?))
-}
-
 fn tensor_rows(content: &Content, name: &str) -> Option<usize> {
     // GGUF lists dimensions innermost first; candle reverses them, so dims()[0] is rows.
     content

@@ -2,6 +2,7 @@
 //! and chat template, and one forward pass that serves requests and evaluates training
 //! perturbations alike (rows of a batch may each use a different LoRA adapter view).
 
+pub mod attention;
 pub mod batch;
 pub mod chat_template;
 pub mod error;

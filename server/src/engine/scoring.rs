@@ -65,12 +65,8 @@ pub fn score_continuations(model: &Llama, items: &[ScoreItem<'_>]) -> Result<Con
         .collect();
     let mut caches: Vec<Option<KvCache>> = needs_prefix
         .iter()
-        .map(|&needed| {
-            needed
-                .then(|| KvCache::new(c.n_layer, c.n_kv_head, c.head_dim))
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
+        .map(|&needed| needed.then(|| KvCache::new(c.n_layer, c.n_kv_head, c.head_dim)))
+        .collect();
 
     // Phase 1: each prompt once; logits at its last position score every first token.
     let mut rows: Vec<BatchRow<'_>> = items

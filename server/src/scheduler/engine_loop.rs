@@ -4,7 +4,9 @@
 //! prefill budget), drops sequences whose client went away, runs one [`step`] over every running
 //! sequence — the newcomers' prompts and everyone else's next token in one packed forward, each
 //! row under its own adapter version — and hands each sequence its token. Sequences join and
-//! leave between steps; nobody waits for a whole batch to finish.
+//! leave between steps; nobody waits for a whole batch to finish. A newcomer whose prompt
+//! starts like a recent one under the same adapter version skips that part of its prefill
+//! ([`PrefixCache`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +21,7 @@ use crate::engine::sampler::{log_softmax_row, top_logprobs, TokenLogprob};
 use crate::engine::Result;
 use crate::metrics as m;
 
+use super::prefix_cache::PrefixCache;
 use super::queue::{Taken, WorkQueue};
 use super::work::{GenerateWork, GenerationEvent, PromptLogprobsWork, PromptTokenLogprob, Work};
 
@@ -27,6 +30,8 @@ use super::work::{GenerateWork, GenerationEvent, PromptLogprobsWork, PromptToken
 pub struct BatchLimits {
     pub max_batch_rows: usize,
     pub max_prefill_tokens_per_step: usize,
+    /// Memory for cached prompt prefixes (0: no prefix caching).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Prompt log-probs are computed this many tokens per forward, so a long prompt's logits
@@ -38,10 +43,13 @@ pub const SHUTDOWN_MESSAGE: &str = "the server shut down before this request fin
 struct RunningSequence {
     seq: Sequence,
     events: mpsc::UnboundedSender<GenerationEvent>,
+    /// Joined this step: its prompt is prefilled by the coming step.
+    prefilling: bool,
 }
 
 pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) {
     let mut running: Vec<RunningSequence> = Vec::new();
+    let mut prefixes = PrefixCache::new(limits.prefix_cache_bytes);
     loop {
         let free_rows = limits.max_batch_rows.saturating_sub(running.len());
         let admitted = match queue.take(
@@ -62,7 +70,9 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
         };
         for work in admitted {
             match work {
-                Work::Generate(work) => running.extend(start_sequence(&model, work)),
+                Work::Generate(work) => {
+                    running.extend(start_sequence(&model, &mut prefixes, work));
+                }
                 Work::PromptLogprobs(work) => run_prompt_logprobs(&model, work),
             }
         }
@@ -83,9 +93,13 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
         metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(events) => {
-                for (r, event) in running.iter().zip(events) {
+                for (r, event) in running.iter_mut().zip(events) {
                     if let Some(event) = event {
                         let _ = r.events.send(GenerationEvent::Token(event));
+                    }
+                    if r.prefilling {
+                        r.prefilling = false;
+                        prefixes.insert(r.seq.adapter(), r.seq.prompt(), r.seq.cache());
                     }
                 }
                 running.retain(|r| !r.seq.is_finished());
@@ -104,11 +118,30 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
     tracing::info!("engine thread stopped");
 }
 
-fn start_sequence(model: &LoadedModel, work: GenerateWork) -> Option<RunningSequence> {
-    match Sequence::new(&model.llama, work.prompt, work.adapter, work.params) {
+fn start_sequence(
+    model: &LoadedModel,
+    prefixes: &mut PrefixCache,
+    work: GenerateWork,
+) -> Option<RunningSequence> {
+    let cached = prefixes.lookup(&work.adapter, &work.prompt);
+    let reused = cached.as_ref().map_or(0, |c| c.len());
+    metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(reused as u64);
+    metrics::counter!(m::PREFILL_TOKENS_TOTAL).increment((work.prompt.len() - reused) as u64);
+    let seq = match cached {
+        Some(cache) => Sequence::with_cached_prefix(
+            &model.llama,
+            work.prompt,
+            work.adapter,
+            work.params,
+            cache,
+        ),
+        None => Sequence::new(&model.llama, work.prompt, work.adapter, work.params),
+    };
+    match seq {
         Ok(seq) => Some(RunningSequence {
             seq,
             events: work.events,
+            prefilling: true,
         }),
         Err(err) => {
             // Handlers validate first, so this is a limit they did not know about.
@@ -132,7 +165,7 @@ fn prompt_logprobs(
     work: &PromptLogprobsWork,
 ) -> Result<Vec<PromptTokenLogprob>> {
     let c = &model.llama.config;
-    let mut cache = KvCache::new(c.n_layer, c.n_kv_head, c.head_dim)?;
+    let mut cache = KvCache::new(c.n_layer, c.n_kv_head, c.head_dim);
     let mut out = Vec::with_capacity(work.tokens.len());
     out.extend(work.tokens.first().map(|&token| PromptTokenLogprob {
         token,

@@ -7,6 +7,7 @@
 //! [`Scheduler::cancel_all`] ends what is left.
 
 pub mod engine_loop;
+pub mod prefix_cache;
 pub mod queue;
 pub mod work;
 
