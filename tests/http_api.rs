@@ -234,7 +234,7 @@ async fn streamed_chat_follows_openai_framing_with_usage() {
         .collect::<Vec<_>>();
     assert_eq!(finish.len(), 1);
     let completion_tokens = last["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(completion_tokens >= 1 && completion_tokens <= 10);
+    assert!((1..=10).contains(&completion_tokens));
     if finish[0] == "length" {
         assert_eq!(completion_tokens, 10);
     }
@@ -350,7 +350,15 @@ async fn every_bad_input_gets_its_status_and_error_type() {
         body[key] = value;
         body
     };
-    let cases: Vec<(Value, u16, &str, Option<&str>, Option<&str>)> = vec![
+    // (body, status, error type, param, code)
+    type Case = (
+        Value,
+        u16,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             with("temperature", json!("hot")),
             400,

@@ -289,7 +289,7 @@ fn run_serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()> {
-    if args.concurrency.iter().any(|&c| c == 0) || args.requests == 0 || args.max_tokens == 0 {
+    if args.concurrency.contains(&0) || args.requests == 0 || args.max_tokens == 0 {
         bail!("--concurrency levels, --requests and --max-tokens must be at least 1");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

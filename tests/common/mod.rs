@@ -103,7 +103,7 @@ impl Server {
                             rest.chars().take_while(|c| !c.is_whitespace()).collect();
                         let _ = addr_tx.send(addr);
                     }
-                    let mut log = log.lock().unwrap();
+                    let mut log = log.lock().expect("the log lock");
                     log.push_str(&line);
                     log.push('\n');
                 }
@@ -111,7 +111,12 @@ impl Server {
         }
         let addr = addr_rx
             .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("the server did not start: {}", log.lock().unwrap()));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the server did not start: {}",
+                    log.lock().expect("the log lock")
+                )
+            });
         let server = Server {
             child,
             base: format!("http://{addr}"),
@@ -151,7 +156,7 @@ impl Server {
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.lock().expect("the log lock").clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -204,7 +209,7 @@ pub fn write_random_adapter(root: &Path, name: &str, version: Option<u32>, seed:
 fn smollm2_dims() -> adapters::ModelDims {
     use std::sync::OnceLock;
     static DIMS: OnceLock<adapters::ModelDims> = OnceLock::new();
-    DIMS.get_or_init(|| {
+    *DIMS.get_or_init(|| {
         let file = mezo_server::engine::gguf::GgufFile::open(&model_path()).expect("open");
         let vocab = mezo_server::engine::tokenizer::Tokenizer::from_gguf(&file.metadata())
             .expect("tokenizer")
@@ -213,7 +218,6 @@ fn smollm2_dims() -> adapters::ModelDims {
             .expect("config")
             .dims()
     })
-    .clone()
 }
 
 pub fn client() -> reqwest::Client {
@@ -276,7 +280,7 @@ pub async fn post_stream(url: &str, body: &Value) -> StreamResult {
     assert_eq!(response.status().as_u16(), 200, "stream refused");
     let content_type = response.headers()["content-type"]
         .to_str()
-        .unwrap()
+        .expect("an ASCII content type")
         .to_string();
     assert!(
         content_type.starts_with("text/event-stream"),

@@ -143,7 +143,7 @@ pub async fn completions(
         metrics.finish();
         let choices = prompts
             .iter()
-            .flat_map(|p| std::iter::repeat(p).take(n))
+            .flat_map(|p| std::iter::repeat_n(p, n))
             .enumerate()
             .map(|(index, prompt)| {
                 let mut logprobs = texts.logprobs.then(CompletionLogprobs::default);
@@ -171,7 +171,7 @@ pub async fn completions(
                 texts,
                 choices: prompts
                     .iter()
-                    .flat_map(|p| std::iter::repeat(p).take(n))
+                    .flat_map(|p| std::iter::repeat_n(p, n))
                     .map(|p| ChoiceState {
                         tokens: p.tokens.clone(),
                         text: p.text.clone(),

@@ -81,14 +81,7 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
     let scale = 1.0 / (head_dim as f32).sqrt();
     let split = kv.keys[0].len() / kv_stride;
     // Position j's vector of kv head g, from whichever span holds it.
-    fn at<'s>(
-        spans: [&'s [f32]; 2],
-        split: usize,
-        stride: usize,
-        j: usize,
-        g: usize,
-        d: usize,
-    ) -> &'s [f32] {
+    fn at(spans: [&[f32]; 2], split: usize, stride: usize, j: usize, g: usize, d: usize) -> &[f32] {
         let (span, j) = if j < split {
             (spans[0], j)
         } else {
