@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
+use mezo_server::engine::batch::{BatchRow, RowCache};
 use mezo_server::engine::chat_template::ChatMessage;
 use mezo_server::engine::generate::{
     generate, FinishReason, GenerationParams, Sequence, StopConditions,
@@ -211,4 +212,13 @@ fn prompts_past_the_context_are_refused_with_the_limit() {
     let err =
         Sequence::new(&m.llama, vec![], None, params(8, SamplingParams::greedy())).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
+    // A forward (scoring, training) past the context says so, without a generation budget.
+    let tokens = vec![198; limit + 1];
+    let mut rows = [BatchRow::last_logits(&tokens, RowCache::None, None)];
+    let err = m.llama.forward(&mut rows).unwrap_err();
+    assert!(
+        matches!(err, EngineError::InputTooLong { tokens, .. } if tokens == limit + 1),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("generate"), "{err}");
 }

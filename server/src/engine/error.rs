@@ -38,6 +38,11 @@ pub enum EngineError {
         limit: usize,
     },
 
+    #[error(
+        "the input is {tokens} tokens, past the model's context of {limit} tokens; shorten it"
+    )]
+    InputTooLong { tokens: usize, limit: usize },
+
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 

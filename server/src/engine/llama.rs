@@ -375,9 +375,8 @@ impl Llama {
             }
             let prefix = row.cache.prefix_len();
             if prefix + t > self.config.context_length {
-                return Err(EngineError::ContextOverflow {
+                return Err(EngineError::InputTooLong {
                     tokens: prefix + t,
-                    requested: 0,
                     limit: self.config.context_length,
                 });
             }
