@@ -187,6 +187,15 @@ impl From<SubmitError> for ApiError {
                     err.to_string(),
                 )
             },
+            SubmitError::TooManySequences { .. } => Self {
+                param: Some("n".into()),
+                code: Some("too_many_sequences"),
+                ..Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    err.to_string(),
+                )
+            },
             SubmitError::ShuttingDown => Self {
                 code: Some("shutting_down"),
                 retry_after: Some(5),

@@ -15,6 +15,8 @@ pub enum SubmitError {
     QueueFull { waiting: usize },
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
+    #[error("this request asks for {asked} sequences (prompts × n) but the server queues at most {capacity} (scheduler.max_waiting); split it")]
+    TooManySequences { asked: usize, capacity: usize },
 }
 
 #[derive(Default)]
@@ -58,6 +60,12 @@ impl WorkQueue {
         let mut state = self.lock();
         if state.closed {
             return Err(SubmitError::ShuttingDown);
+        }
+        if works.len() > self.capacity {
+            return Err(SubmitError::TooManySequences {
+                asked: works.len(),
+                capacity: self.capacity,
+            });
         }
         if state.waiting.len() + works.len() > self.capacity {
             return Err(SubmitError::QueueFull {
