@@ -17,25 +17,11 @@ use serde_json::Value;
 
 pub const BASE_MODEL: &str = "smollm2-135m-instruct";
 
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the server crate lives inside the workspace")
-        .to_path_buf()
-}
-
-/// The real model: `MEZO_MODEL`, or the default file that `mezo fetch-model` writes.
-pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("MEZO_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo run -p mezo-server -- fetch-model` (or set MEZO_MODEL)",
-        path.display()
-    );
-    path
-}
+// Where the workspace and the real model are: shared with the engine's own tests.
+#[path = "../../server/tests/common/mod.rs"]
+mod engine_common;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use engine_common::{model_path, workspace_root};
 
 /// A running `mezo serve`; killed when dropped.
 pub struct Server {

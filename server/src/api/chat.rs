@@ -291,12 +291,7 @@ struct ChatChunks {
 
 impl ChatChunks {
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
-        let chunk = ChatCompletionChunk {
-            meta: self.meta.clone(),
-            choices,
-            usage: self.include_usage.then_some(usage),
-        };
-        serde_json::to_string(&chunk).unwrap_or_default()
+        ChatCompletionChunk::stream_chunk(&self.meta, choices, self.include_usage, usage)
     }
 }
 

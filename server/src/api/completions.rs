@@ -381,12 +381,7 @@ struct CompletionChunks {
 
 impl CompletionChunks {
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
-        let chunk = Completion {
-            meta: self.meta.clone(),
-            choices,
-            usage: self.include_usage.then_some(usage),
-        };
-        serde_json::to_string(&chunk).unwrap_or_default()
+        Completion::stream_chunk(&self.meta, choices, self.include_usage, usage)
     }
 }
 

@@ -190,16 +190,36 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<&'static str>,
 }
 
+/// A stream chunk (chat) or a text completion: shared fields, the choices, and `usage`, which
+/// is absent, `null` (a stream chunk before the last, with `include_usage`) or the counts.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChatCompletionChunk {
+pub struct ChoicesEnvelope<C> {
     #[serde(flatten)]
     pub meta: ResponseMeta,
-    pub choices: Vec<ChatChunkChoice>,
-    /// `null` on every chunk but the last when `stream_options.include_usage` is set; absent
-    /// otherwise.
+    pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
 }
+
+impl<C: Serialize> ChoicesEnvelope<C> {
+    /// One stream chunk as JSON text: `usage` appears (as `null` unless given) only when the
+    /// client asked for `include_usage`.
+    pub fn stream_chunk(
+        meta: &ResponseMeta,
+        choices: Vec<C>,
+        include_usage: bool,
+        usage: Option<Usage>,
+    ) -> String {
+        let chunk = Self {
+            meta: meta.clone(),
+            choices,
+            usage: include_usage.then_some(usage),
+        };
+        serde_json::to_string(&chunk).unwrap_or_default()
+    }
+}
+
+pub type ChatCompletionChunk = ChoicesEnvelope<ChatChunkChoice>;
 
 /// Legacy completions log-probs: parallel lists, one entry per token.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -218,14 +238,7 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Completion {
-    #[serde(flatten)]
-    pub meta: ResponseMeta,
-    pub choices: Vec<CompletionChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-}
+pub type Completion = ChoicesEnvelope<CompletionChoice>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelCard {
