@@ -621,7 +621,7 @@ async fn api_keys_guard_the_api_but_not_the_probes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_with_retry_after() {
     let server = Server::start(ServerOptions {
-        config: "[scheduler]\nmax_batch_rows = 1\nmax_waiting = 1\n".into(),
+        config: "[scheduler]\nmax_batch_rows = 1\nmax_waiting = 2\n".into(),
         ..ServerOptions::default()
     });
     let url = server.url("/v1/chat/completions");
@@ -638,22 +638,27 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let mut running = response.bytes_stream();
     use futures_util::StreamExt;
     running.next().await.expect("the first chunk").unwrap();
-    // … one request waits in the queue …
+    // … one request with two choices fills the queue (both accepted or neither) …
     let waiting = tokio::spawn({
         let url = url.clone();
-        async move { post_json(&url, &chat(BASE_MODEL, "Hi", 2)).await.0 }
+        async move {
+            let mut body = chat(BASE_MODEL, "Hi", 2);
+            body["n"] = json!(2);
+            post_json(&url, &body).await.0
+        }
     });
-    let mut refused = None;
-    for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let response = post_json(&url, &chat(BASE_MODEL, "Hi", 2)).await;
-        if response.0 == 429 {
-            refused = Some(response);
+    let mut queued = false;
+    for _ in 0..200 {
+        let (_, ready) = get_json(&server.url("/ready")).await;
+        if ready["waiting"] == 2 {
+            queued = true;
             break;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    // … and the next is refused with Retry-After.
-    let refused = refused.expect("a 429 while the queue is full");
+    assert!(queued, "the two choices never showed as waiting");
+    // … and the next request is refused at once, with Retry-After.
+    let refused = post_json(&url, &chat(BASE_MODEL, "Hi", 2)).await;
     assert_error(&refused, 429, "rate_limit_error", None, Some("queue_full"));
     assert!(refused.1.contains_key("retry-after"));
     // Dropping the long stream cancels it, so the waiting request gets its turn.
