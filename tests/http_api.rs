@@ -314,6 +314,16 @@ async fn completions_generate_and_score_prompts_with_echo() {
     .await;
     assert!(streamed.done);
     assert_eq!(streamed.text(), text);
+
+    // With `echo`, the stream starts with the prompt.
+    let echoed = post_stream(
+        &url,
+        &json!({"model": BASE_MODEL, "prompt": "The capital of France is", "max_tokens": 6,
+                "temperature": 0, "stream": true, "echo": true}),
+    )
+    .await;
+    assert!(echoed.done);
+    assert_eq!(echoed.text(), format!("The capital of France is{text}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

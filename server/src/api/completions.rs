@@ -33,6 +33,7 @@ use super::ServedModelLabel;
 const DEFAULT_MAX_TOKENS: u64 = 16;
 
 /// One prompt of the request, tokenized, with what `echo` needs.
+#[derive(Clone)]
 struct Prompt {
     tokens: Vec<u32>,
     text: String,
@@ -173,9 +174,7 @@ pub async fn completions(
                     .iter()
                     .flat_map(|p| std::iter::repeat_n(p, n))
                     .map(|p| ChoiceState {
-                        tokens: p.tokens.clone(),
-                        text: p.text.clone(),
-                        logprobs: p.logprobs.clone(),
+                        prompt: p.clone(),
                         offset: 0,
                     })
                     .collect(),
@@ -364,11 +363,10 @@ impl Texts {
     }
 }
 
-/// Streaming state of one choice: the text so far (for log-prob offsets).
+/// Streaming state of one choice: its prompt (for `echo`) and the length of its text so far
+/// (for log-prob offsets).
 struct ChoiceState {
-    tokens: Vec<u32>,
-    text: String,
-    logprobs: Option<Vec<PromptTokenLogprob>>,
+    prompt: Prompt,
     offset: usize,
 }
 
@@ -392,14 +390,10 @@ impl ChunkRenderer for CompletionChunks {
         }
         let mut chunks = Vec::new();
         for index in 0..self.choices.len() {
-            let state = &self.choices[index];
-            let prompt = Prompt {
-                tokens: state.tokens.clone(),
-                text: state.text.clone(),
-                logprobs: state.logprobs.clone(),
-            };
             let mut logprobs = self.texts.logprobs.then(CompletionLogprobs::default);
-            let text = self.texts.echo_prompt(&prompt, logprobs.as_mut());
+            let text = self
+                .texts
+                .echo_prompt(&self.choices[index].prompt, logprobs.as_mut());
             self.choices[index].offset = text.chars().count();
             chunks.push(self.chunk(
                 vec![CompletionChoice {
