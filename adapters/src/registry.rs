@@ -200,6 +200,39 @@ impl<T> AdapterRegistry<T> {
         self.adapters.load().contains_key(name)
     }
 
+    /// The versions of `name`, oldest first, and which one is live; `None` for an unknown name.
+    pub fn versions(&self, name: &str) -> Option<(Vec<Arc<AdapterVersion<T>>>, u32)> {
+        let adapters = self.adapters.load();
+        let entry = adapters.get(name)?;
+        Some((entry.versions.values().cloned().collect(), entry.live))
+    }
+
+    /// Makes an existing version of `name` live (a rollback, or a roll forward).
+    pub fn set_live(&self, name: &str, version: u32) -> Result<(), ResolveError> {
+        let mut outcome = Ok(());
+        self.update(|adapters| match adapters.get_mut(name) {
+            None => outcome = Err(ResolveError::UnknownAdapter(name.to_string())),
+            Some(entry) if !entry.versions.contains_key(&version) => {
+                let available: Vec<String> = entry.versions.keys().map(u32::to_string).collect();
+                outcome = Err(ResolveError::UnknownVersion {
+                    name: name.to_string(),
+                    version,
+                    available: available.join(", "),
+                });
+            }
+            Some(entry) => entry.live = version,
+        });
+        outcome
+    }
+
+    /// Removes `name` and all its versions; requests holding a version finish on it. Returns
+    /// whether the name existed.
+    pub fn remove(&self, name: &str) -> bool {
+        let mut existed = false;
+        self.update(|adapters| existed = adapters.remove(name).is_some());
+        existed
+    }
+
     fn update(&self, change: impl FnOnce(&mut AdapterMap<T>)) {
         // A poisoned lock only means another writer panicked; the map it guards is the
         // ArcSwap's, which is always whole, so writing on is safe.
@@ -263,5 +296,30 @@ mod tests {
                 created: first.created,
             }]
         );
+    }
+
+    #[test]
+    fn set_live_rolls_back_and_remove_forgets() {
+        let registry = AdapterRegistry::new();
+        registry.insert("a", 1, 0, "one");
+        registry.insert("a", 2, 0, "two");
+        registry.set_live("a", 1).unwrap();
+        assert_eq!(registry.resolve("a").unwrap().payload, "one");
+        assert_eq!(registry.resolve("a@2").unwrap().payload, "two");
+        assert!(matches!(
+            registry.set_live("a", 9),
+            Err(ResolveError::UnknownVersion { version: 9, .. })
+        ));
+        assert_eq!(
+            registry.set_live("b", 1),
+            Err(ResolveError::UnknownAdapter("b".into()))
+        );
+        let (versions, live) = registry.versions("a").unwrap();
+        assert_eq!((versions.len(), live), (2, 1));
+        let held = registry.resolve("a").unwrap();
+        assert!(registry.remove("a"));
+        assert!(!registry.remove("a"));
+        assert!(registry.resolve("a").is_err());
+        assert_eq!(held.payload, "one");
     }
 }

@@ -30,6 +30,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub server: ServerConfig,
     pub scheduler: SchedulerConfig,
+    pub training: TrainingConfig,
     pub data: DataConfig,
 }
 
@@ -65,6 +66,17 @@ pub struct SchedulerConfig {
     pub max_prefill_tokens_per_step: usize,
     pub max_choices: usize,
     pub prefix_cache_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub max_engine_share: f64,
+    pub slice_tokens: usize,
+    pub max_examples: usize,
+    pub max_steps: u64,
+    pub remembered_completions: usize,
+    pub max_file_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -127,10 +139,20 @@ impl Config {
             ),
             ("scheduler.max_choices", s.max_choices),
             ("server.max_body_bytes", self.server.max_body_bytes),
+            ("training.slice_tokens", self.training.slice_tokens),
+            ("training.max_examples", self.training.max_examples),
+            ("training.max_steps", self.training.max_steps as usize),
+            ("training.max_file_bytes", self.training.max_file_bytes),
         ] {
             if value == 0 {
                 return Err(format!("`{key}` must be at least 1"));
             }
+        }
+        let share = self.training.max_engine_share;
+        if !(0.0..=1.0).contains(&share) {
+            return Err(format!(
+                "`training.max_engine_share` must be in [0, 1] (given {share})"
+            ));
         }
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err("`server.api_keys` holds an empty key; remove it".into());

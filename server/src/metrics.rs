@@ -25,6 +25,15 @@ pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "mezo_prefix_cache_hit_tokens_to
 pub const MODEL_WEIGHTS_BYTES: &str = "mezo_model_weights_bytes";
 pub const ADAPTER_WEIGHTS_BYTES: &str = "mezo_adapter_weights_bytes";
 pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "mezo_process_resident_memory_bytes";
+pub const TRAINING_STEPS_TOTAL: &str = "mezo_training_steps_total";
+pub const TRAINING_LOSS: &str = "mezo_training_loss";
+pub const TRAINING_PROJECTED_GRADIENT: &str = "mezo_training_projected_gradient";
+pub const TRAINING_STEP_SECONDS: &str = "mezo_training_step_seconds";
+pub const TRAINING_HELD_OUT: &str = "mezo_training_held_out";
+pub const FINETUNE_JOBS: &str = "mezo_finetune_jobs";
+pub const ADAPTER_PUBLISHES_TOTAL: &str = "mezo_adapter_publishes_total";
+pub const ADAPTER_LIVE_VERSION: &str = "mezo_adapter_live_version";
+pub const FEEDBACK_TOTAL: &str = "mezo_feedback_total";
 
 /// vLLM's bucket lists, which dashboards built for LLM servers already expect.
 const TTFT_BUCKETS: &[f64] = &[
@@ -42,6 +51,9 @@ const BATCH_ROWS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 3
 const STEP_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+const TRAINING_STEP_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
+];
 
 /// Installs the process-wide recorder (once; later calls return the same handle).
 ///
@@ -58,6 +70,7 @@ pub fn install() -> PrometheusHandle {
                 (TIME_PER_OUTPUT_TOKEN_SECONDS, TPOT_BUCKETS),
                 (ENGINE_BATCH_ROWS, BATCH_ROWS_BUCKETS),
                 (ENGINE_STEP_SECONDS, STEP_BUCKETS),
+                (TRAINING_STEP_SECONDS, TRAINING_STEP_BUCKETS),
             ];
             let mut builder = PrometheusBuilder::new();
             for (name, buckets) in histograms {
@@ -138,5 +151,39 @@ fn describe() {
         PROCESS_RESIDENT_MEMORY_BYTES,
         Unit::Bytes,
         "Resident memory of the whole server process."
+    );
+    describe_counter!(
+        TRAINING_STEPS_TOTAL,
+        "MeZO steps taken by fine-tuning jobs, by adapter."
+    );
+    describe_gauge!(
+        TRAINING_LOSS,
+        "Training loss of the last MeZO step, (L+ + L-)/2 on its minibatch, by adapter."
+    );
+    describe_gauge!(
+        TRAINING_PROJECTED_GRADIENT,
+        "Projected gradient (L+ - L-)/(2 eps) of the last MeZO step, by adapter."
+    );
+    describe_histogram!(
+        TRAINING_STEP_SECONDS,
+        Unit::Seconds,
+        "Wall time of one MeZO step, serving interleaved included."
+    );
+    describe_gauge!(
+        TRAINING_HELD_OUT,
+        "Last held-out evaluation of a job, by adapter and metric (loss, accuracy, token_f1, ...)."
+    );
+    describe_gauge!(FINETUNE_JOBS, "Fine-tuning jobs, by status.");
+    describe_counter!(
+        ADAPTER_PUBLISHES_TOTAL,
+        "Adapter versions published (hot-swapped in), by adapter."
+    );
+    describe_gauge!(
+        ADAPTER_LIVE_VERSION,
+        "The version each adapter name serves (0 once deleted)."
+    );
+    describe_counter!(
+        FEEDBACK_TOTAL,
+        "Feedback items received, by adapter and kind (up, down, reward, correction)."
     );
 }

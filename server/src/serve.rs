@@ -9,23 +9,19 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use adapters::registry::AdapterRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use crate::api::ids::unix_now;
-use crate::api::{app, ApiConfig, AppState, ServedAdapter, Serving};
+use crate::adapter_versions::AdapterVersions;
+use crate::api::{app, ApiConfig, AppState, Serving};
 use crate::config::Config;
 use crate::engine::loaded_model::LoadedModel;
-use crate::engine::lora::AdapterView;
+use crate::ids::unix_now;
 use crate::metrics as m;
 use crate::scheduler::{BatchLimits, Scheduler};
-
-/// Largest adapter file read at start-up: a rank-64 adapter on every linear layer of a 1B model
-/// is ~100 MB, so this only stops mistakes (a model file dropped into the adapters folder).
-const MAX_ADAPTER_FILE_BYTES: u64 = 1 << 30;
+use crate::training::Training;
 
 /// Time given to connections after the grace period's cancellation, before exiting anyway.
 const CLOSE_CONNECTIONS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,6 +66,7 @@ pub async fn serve_on(
             api_keys: config.server.api_keys.clone(),
             metrics_require_key: config.server.metrics_require_key,
             max_body_bytes: config.server.max_body_bytes,
+            max_file_bytes: config.training.max_file_bytes,
             max_choices: config.scheduler.max_choices,
         },
         Some(metrics.clone()),
@@ -111,6 +108,7 @@ pub async fn serve_on(
             let _ = signal.wait_for(|&s| s).await;
             tracing::info!("shutting down: no new requests; running ones may finish");
             if let Ok(serving) = state.serving() {
+                serving.training.shutdown();
                 serving.scheduler.close();
             }
         }
@@ -171,7 +169,11 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
     let model = LoadedModel::load(model_path, config.model.weights).map_err(|e| e.to_string())?;
     metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.llama.weights_size_bytes() as f64);
     let model_id = model_id(config, &model);
-    let adapters = load_adapters(&config.data.adapters_dir(), &model);
+    let adapters = Arc::new(AdapterVersions::load(
+        config.data.adapters_dir(),
+        &model,
+        model_id.clone(),
+    ));
     let model = Arc::new(model);
     let scheduler = Scheduler::start(
         Arc::clone(&model),
@@ -179,15 +181,27 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
             max_batch_rows: config.scheduler.max_batch_rows,
             max_prefill_tokens_per_step: config.scheduler.max_prefill_tokens_per_step,
             prefix_cache_bytes: config.scheduler.prefix_cache_bytes,
+            max_training_share: config.training.max_engine_share,
+            training_slice_tokens: config.training.slice_tokens,
         },
         config.scheduler.max_waiting,
     );
+    let training = Training::start(
+        &config.data.dir,
+        config.training.clone(),
+        Arc::clone(&model),
+        Arc::clone(&adapters),
+        scheduler.handle().clone(),
+        model_id.clone(),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(Serving {
         model,
         model_id,
         created: unix_now(),
-        adapters: Arc::new(adapters),
+        adapters,
         scheduler,
+        training,
     })
 }
 
@@ -239,54 +253,6 @@ fn slug(text: &str) -> String {
         }
     }
     out.trim_end_matches('-').to_string()
-}
-
-/// Loads every adapter version under `dir`. A version that cannot be loaded is skipped with a
-/// warning naming the folder and the reason, so one bad upload does not stop the server.
-fn load_adapters(dir: &Path, model: &LoadedModel) -> AdapterRegistry<ServedAdapter> {
-    let registry = AdapterRegistry::new();
-    let (found, warnings) = match adapters::store::scan(dir) {
-        Ok(found) => found,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot read the adapters folder; serving none");
-            return registry;
-        }
-    };
-    for warning in warnings {
-        tracing::warn!("{warning}");
-    }
-    let dims = model.llama.config.dims();
-    let mut total_bytes = 0;
-    for stored in found {
-        let loaded = adapters::peft::load_limited(&stored.dir, &dims, MAX_ADAPTER_FILE_BYTES)
-            .map_err(|e| e.to_string())
-            .and_then(|lora| AdapterView::new(&lora, &dims).map_err(|e| e.to_string()));
-        match loaded {
-            Ok(view) => {
-                total_bytes += view.size_bytes();
-                let created = std::fs::metadata(&stored.dir)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or_else(unix_now, |d| d.as_secs());
-                tracing::info!(adapter = %stored.name, version = stored.version, dir = %stored.dir.display(), "adapter loaded");
-                registry.insert(
-                    &stored.name,
-                    stored.version,
-                    created,
-                    ServedAdapter {
-                        view,
-                        dir: stored.dir,
-                    },
-                );
-            }
-            Err(err) => {
-                tracing::warn!(dir = %stored.dir.display(), error = %err, "skipping adapter")
-            }
-        }
-    }
-    metrics::gauge!(m::ADAPTER_WEIGHTS_BYTES).set(total_bytes as f64);
-    registry
 }
 
 #[cfg(test)]

@@ -149,6 +149,12 @@ impl Server {
         self.child.id()
     }
 
+    /// Kills the process at once (SIGKILL: no shutdown code runs, as in a crash).
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill the server");
+        self.child.wait().expect("reap the server");
+    }
+
     /// Sends SIGTERM and waits up to `limit` for the process to exit; returns its exit code.
     pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
         Command::new("kill")
@@ -221,6 +227,44 @@ pub async fn post_json(url: &str, body: &Value) -> (u16, reqwest::header::Header
     let text = response.text().await.expect("body");
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, headers, json)
+}
+
+/// Sends `method` with an optional JSON body; returns (status, body as JSON).
+pub async fn request_json(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut request = client().request(method, url);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The `data:` payloads of a server-sent event stream read to its end (`[DONE]` included).
+pub async fn get_event_stream(url: &str) -> Vec<String> {
+    let text = client()
+        .get(url)
+        .send()
+        .await
+        .expect("GET the event stream")
+        .text()
+        .await
+        .expect("read the event stream");
+    text.lines()
+        .filter_map(|line| {
+            line.strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 pub async fn get_json(url: &str) -> (u16, Value) {

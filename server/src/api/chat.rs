@@ -17,7 +17,6 @@ use crate::scheduler::SequenceRequest;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{chat_logprob, collect, RequestMetrics};
-use super::ids::{new_id, unix_now};
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, MessageContent, ResponseMeta,
@@ -27,6 +26,9 @@ use super::state::AppState;
 use super::stream::{sse_response, ChunkRenderer};
 use super::validate::{logprobs_count, plan, positive_max_tokens, reject_if_set, PlanInputs};
 use super::ServedModelLabel;
+use crate::ids::{new_id, unix_now};
+use crate::training::db::StoredCompletion;
+use crate::training::Training;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -40,7 +42,7 @@ pub async fn chat_completions(
     let model = serving.resolve_model(&request.model)?;
     let label = ServedModelLabel(model.name.clone());
 
-    let messages = convert_messages(&request.messages)?;
+    let messages = convert_messages(&request.messages, "")?;
     let llm = &serving.model;
     let text = llm
         .chat_template
@@ -100,6 +102,13 @@ pub async fn chat_completions(
         adapter_version: model.version(),
     };
     let mut metrics = RequestMetrics::new(&model.name, arrived, prompt.len());
+    let memory = CompletionMemory {
+        training: serving.training.clone(),
+        id: meta.id.clone(),
+        adapter: model.adapter.as_ref().map(|a| a.name.clone()),
+        prompt: text,
+        answer: String::new(),
+    };
 
     let mut response = if plan.stream {
         let renderer = ChatChunks {
@@ -112,6 +121,7 @@ pub async fn chat_completions(
             logprobs: top_logprobs.is_some(),
             stop_token_ids,
             model: Arc::clone(llm),
+            memory: Some(memory),
         };
         sse_response(
             receivers,
@@ -142,7 +152,10 @@ pub async fn chat_completions(
                 },
                 finish_reason: Some(out.finish.as_str()),
             })
-            .collect();
+            .collect::<Vec<ChatChoice>>();
+        if let Some(first) = choices.first() {
+            memory.remember(first.message.content.clone());
+        }
         Json(ChatCompletion {
             meta,
             choices,
@@ -200,11 +213,15 @@ fn reject_unsupported(request: &ChatCompletionRequest) -> Result<(), ApiError> {
 }
 
 /// OpenAI messages → chat-template messages: text only; tools and images are refused by name.
-fn convert_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+/// `prefix` is the path of the list's owner in error params (`examples[3].` for training data).
+pub(crate) fn convert_messages(
+    messages: &[ChatMessageIn],
+    prefix: &str,
+) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
-            "messages",
-            "`messages` must hold at least one message",
+            format!("{prefix}messages"),
+            format!("`{prefix}messages` must hold at least one message"),
         ));
     }
     messages
@@ -218,26 +235,26 @@ fn convert_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiE
                 "assistant" => "assistant",
                 "tool" | "function" => {
                     return Err(ApiError::unsupported(
-                        &format!("messages[{i}].role"),
+                        &format!("{prefix}messages[{i}].role"),
                         "tool results need tool calling, which is not implemented",
                     ))
                 }
                 other => {
                     return Err(ApiError::invalid(
-                        format!("messages[{i}].role"),
-                        format!("`messages[{i}].role` is `{other}`; use system, developer, user or assistant"),
+                        format!("{prefix}messages[{i}].role"),
+                        format!("`{prefix}messages[{i}].role` is `{other}`; use system, developer, user or assistant"),
                     ))
                 }
             };
             if message.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
                 return Err(ApiError::unsupported(
-                    &format!("messages[{i}].tool_calls"),
+                    &format!("{prefix}messages[{i}].tool_calls"),
                     "tool calling is not implemented",
                 ));
             }
             if message.function_call.as_ref().is_some_and(|v| !v.is_null()) {
                 return Err(ApiError::unsupported(
-                    &format!("messages[{i}].function_call"),
+                    &format!("{prefix}messages[{i}].function_call"),
                     "function calling is not implemented",
                 ));
             }
@@ -250,13 +267,13 @@ fn convert_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiE
                             ("text", Some(t)) => text.push_str(t),
                             ("text", None) => {
                                 return Err(ApiError::invalid(
-                                    format!("messages[{i}].content[{j}].text"),
-                                    format!("text part `messages[{i}].content[{j}]` has no `text`"),
+                                    format!("{prefix}messages[{i}].content[{j}].text"),
+                                    format!("text part `{prefix}messages[{i}].content[{j}]` has no `text`"),
                                 ))
                             }
                             (other, _) => {
                                 return Err(ApiError::unsupported(
-                                    &format!("messages[{i}].content[{j}].type"),
+                                    &format!("{prefix}messages[{i}].content[{j}].type"),
                                     &format!("`{other}` content parts are not implemented; this model reads text only"),
                                 ))
                             }
@@ -266,8 +283,8 @@ fn convert_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiE
                 }
                 None => {
                     return Err(ApiError::invalid(
-                        format!("messages[{i}].content"),
-                        format!("`messages[{i}].content` is missing; give the message's text"),
+                        format!("{prefix}messages[{i}].content"),
+                        format!("`{prefix}messages[{i}].content` is missing; give the message's text"),
                     ))
                 }
             };
@@ -287,6 +304,32 @@ struct ChatChunks {
     logprobs: bool,
     stop_token_ids: Vec<u32>,
     model: Arc<LoadedModel>,
+    /// Collects the first choice's text, remembered for feedback once it finishes.
+    memory: Option<CompletionMemory>,
+}
+
+/// What `POST /v1/feedback` needs of an answer: kept once the answer is complete.
+struct CompletionMemory {
+    training: Training,
+    id: String,
+    adapter: Option<String>,
+    /// The prompt as the model saw it.
+    prompt: String,
+    answer: String,
+}
+
+impl CompletionMemory {
+    /// Stores the completion off the async threads; serving does not wait for the disk.
+    fn remember(self, answer: String) {
+        let completion = StoredCompletion {
+            id: self.id,
+            adapter: self.adapter,
+            prompt: self.prompt,
+            completion: answer,
+        };
+        let training = self.training;
+        tokio::task::spawn_blocking(move || training.remember_completion(completion));
+    }
 }
 
 impl ChatChunks {
@@ -316,6 +359,17 @@ impl ChunkRenderer for ChatChunks {
     }
 
     fn token(&mut self, index: usize, event: &TokenEvent) -> Vec<String> {
+        if index == 0 {
+            if let Some(memory) = self.memory.as_mut() {
+                memory.answer.push_str(&event.text);
+            }
+            if event.finish.is_some() {
+                if let Some(mut memory) = self.memory.take() {
+                    let answer = std::mem::take(&mut memory.answer);
+                    memory.remember(answer);
+                }
+            }
+        }
         let mut chunks = Vec::new();
         let logprob = self
             .logprobs

@@ -19,7 +19,6 @@ use crate::scheduler::{PromptTokenLogprob, SequenceRequest};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{collect, token_string, RequestMetrics};
-use super::ids::{new_id, unix_now};
 use super::protocol::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ResponseMeta,
     SamplingFields, Usage,
@@ -28,6 +27,7 @@ use super::state::{AppState, ResolvedModel, Serving};
 use super::stream::{sse_response, ChunkRenderer};
 use super::validate::{logprobs_count, plan, reject_if_set, GenerationPlan, PlanInputs};
 use super::ServedModelLabel;
+use crate::ids::{new_id, unix_now};
 
 /// OpenAI's default `max_tokens` for this endpoint.
 const DEFAULT_MAX_TOKENS: u64 = 16;

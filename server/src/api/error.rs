@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::scheduler::SubmitError;
+use crate::training::TrainingError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -155,6 +156,35 @@ impl ApiError {
         }
     }
 
+    /// 404: a job, file, adapter or completion that does not exist.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+        }
+    }
+
+    /// 409: the request conflicts with the object's state (cancelling a finished job).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("conflict"),
+            ..Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+        }
+    }
+
+    /// 413: more of something than the server accepts in one request.
+    pub fn too_large(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            code: Some("request_too_large"),
+            ..Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                message,
+            )
+        }
+    }
+
     /// 500: something on our side failed; the message says what.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
@@ -205,6 +235,31 @@ impl From<SubmitError> for ApiError {
                     err.to_string(),
                 )
             },
+        }
+    }
+}
+
+impl From<TrainingError> for ApiError {
+    fn from(err: TrainingError) -> Self {
+        match err {
+            TrainingError::Invalid { param, message } => ApiError::invalid(param, message),
+            TrainingError::TooLarge { param, message } => ApiError::too_large(param, message),
+            TrainingError::NotFound { what, .. } => {
+                let code = match what {
+                    "job" => "job_not_found",
+                    "file" => "file_not_found",
+                    "adapter" => "adapter_not_found",
+                    "adapter version" => "adapter_version_not_found",
+                    "completion" => "completion_not_found",
+                    _ => "not_found",
+                };
+                ApiError::not_found(code, err.to_string())
+            }
+            TrainingError::Conflict(message) => ApiError::conflict(message),
+            TrainingError::Db(_) | TrainingError::Publish(_) => {
+                tracing::error!(error = %err, "fine-tuning storage failed");
+                ApiError::internal(err.to_string())
+            }
         }
     }
 }

@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use crate::metrics as m;
 
 use super::error::ApiError;
-use super::ids::new_id;
 use super::state::AppState;
 use super::ServedModelLabel;
+use crate::ids::new_id;
 
 const REQUEST_ID: &str = "x-request-id";
 

@@ -5,23 +5,28 @@
 //! back as JSON or server-sent events ([`stream`]). [`app`] builds the whole router, so tests
 //! can drive it without a socket.
 
+pub mod adapters;
 pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod extract;
+pub mod feedback;
+pub mod files;
+pub mod fine_tuning;
+pub mod finetune;
 pub mod generation;
 pub mod health;
-pub mod ids;
 pub mod middleware;
 pub mod models;
 pub mod protocol;
 pub mod state;
 pub mod stream;
+pub mod training_data;
 pub mod validate;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use error::ApiError;
@@ -33,11 +38,61 @@ pub struct ServedModelLabel(pub String);
 
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config().max_body_bytes;
+    let file_limit = state.config().max_file_bytes;
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
+        .route(
+            "/v1/finetune",
+            post(finetune::create_job).get(finetune::list_jobs),
+        )
+        .route("/v1/finetune/{id}", get(finetune::get_job))
+        .route("/v1/finetune/{id}/cancel", post(finetune::cancel_job))
+        .route("/v1/finetune/{id}/events", get(finetune::job_events))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(fine_tuning::create_job).get(fine_tuning::list_jobs),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel_job),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/events",
+            get(fine_tuning::job_events),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(fine_tuning::job_checkpoints),
+        )
+        .route(
+            "/v1/files",
+            post(files::upload_file)
+                .layer(DefaultBodyLimit::max(file_limit))
+                .get(files::list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(files::get_file).delete(files::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(files::file_content))
+        .route(
+            "/v1/feedback",
+            post(feedback::post_feedback).get(feedback::list_feedback),
+        )
+        .route("/v1/adapters", get(adapters::list_adapters))
+        .route(
+            "/v1/adapters/{name}",
+            get(adapters::get_adapter).delete(adapters::delete_adapter),
+        )
+        .route("/v1/adapters/{name}/rollback", post(adapters::rollback))
+        .route(
+            "/v1/adapters/{name}/continuous_training",
+            put(adapters::set_continuous_training),
+        )
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))

@@ -53,16 +53,21 @@ fn model_cards(serving: &Serving) -> Vec<ModelCard> {
         versions: None,
         max_model_len: Some(serving.model.llama.config.context_length),
     };
-    let adapters = serving.adapters.list().into_iter().map(|a| ModelCard {
-        id: a.name.clone(),
-        object: "model",
-        created: a.created,
-        owned_by: OWNER,
-        parent: Some(serving.model_id.clone()),
-        root: Some(a.name),
-        live_version: Some(a.live),
-        versions: Some(a.versions),
-        max_model_len: Some(serving.model.llama.config.context_length),
-    });
+    let adapters = serving
+        .adapters
+        .registry()
+        .list()
+        .into_iter()
+        .map(|a| ModelCard {
+            id: a.name.clone(),
+            object: "model",
+            created: a.created,
+            owned_by: OWNER,
+            parent: Some(serving.model_id.clone()),
+            root: Some(a.name),
+            live_version: Some(a.live),
+            versions: Some(a.versions),
+            max_model_len: Some(serving.model.llama.config.context_length),
+        });
     std::iter::once(base).chain(adapters).collect()
 }

@@ -4,15 +4,17 @@
 //! The server answers `/health` (and `/ready` with 503) while the model loads; handlers that
 //! need the model get a 503 with `Retry-After` until [`AppState::set_serving`] runs.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use adapters::registry::{AdapterRegistry, AdapterVersion, ResolveError};
+use adapters::registry::ResolveError;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::adapter_versions::AdapterVersions;
+pub use crate::adapter_versions::{ServedAdapter, ServedAdapterVersion};
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::lora::AdapterView;
 use crate::scheduler::Scheduler;
+use crate::training::{Training, TrainingError};
 
 use super::error::ApiError;
 
@@ -22,17 +24,10 @@ pub struct ApiConfig {
     pub api_keys: Vec<String>,
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
+    /// Largest upload to `POST /v1/files`.
+    pub max_file_bytes: usize,
     pub max_choices: usize,
 }
-
-/// One loaded adapter version: the engine's tensors and where they came from.
-#[derive(Debug)]
-pub struct ServedAdapter {
-    pub view: Arc<AdapterView>,
-    pub dir: PathBuf,
-}
-
-pub type ServedAdapterVersion = AdapterVersion<ServedAdapter>;
 
 /// Everything serving needs once the model is loaded.
 pub struct Serving {
@@ -41,8 +36,10 @@ pub struct Serving {
     pub model_id: String,
     /// Unix seconds the model was loaded (`created` in `/v1/models`).
     pub created: u64,
-    pub adapters: Arc<AdapterRegistry<ServedAdapter>>,
+    pub adapters: Arc<AdapterVersions>,
     pub scheduler: Scheduler,
+    /// Fine-tuning jobs, feedback and uploaded files.
+    pub training: Training,
 }
 
 /// What a request's `model` resolved to, once, on arrival: a later publish never changes it.
@@ -136,5 +133,18 @@ impl AppState {
 
     pub fn is_ready(&self) -> bool {
         self.inner.serving.get().is_some()
+    }
+
+    /// Runs `work` on the fine-tuning service off the async threads (it reads and writes the
+    /// database, which may wait on the disk).
+    pub async fn training<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Training) -> Result<T, TrainingError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let training = self.serving()?.training.clone();
+        tokio::task::spawn_blocking(move || work(&training))
+            .await
+            .map_err(|e| ApiError::internal(format!("a fine-tuning task failed: {e}")))?
+            .map_err(ApiError::from)
     }
 }

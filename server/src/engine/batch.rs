@@ -71,3 +71,38 @@ impl<'a> BatchRow<'a> {
         }
     }
 }
+
+/// Splits items of lengths `lens` into consecutive chunks of at most `budget` total tokens (at
+/// least one item each, so an item longer than the budget runs alone).
+pub fn chunks_by_budget(
+    lens: impl Iterator<Item = usize>,
+    budget: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut used, mut i) = (0, 0, 0);
+    for len in lens {
+        if i > start && used + len > budget {
+            chunks.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used += len;
+        i += 1;
+    }
+    if i > start {
+        chunks.push(start..i);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks_by_budget;
+
+    #[test]
+    fn chunks_respect_the_budget_but_never_split_an_item() {
+        let chunks = chunks_by_budget([3, 3, 3, 10, 1].into_iter(), 6);
+        assert_eq!(chunks, vec![0..2, 2..3, 3..4, 4..5]);
+        assert!(chunks_by_budget(std::iter::empty(), 6).is_empty());
+    }
+}

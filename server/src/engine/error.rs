@@ -49,6 +49,10 @@ pub enum EngineError {
     #[error("adapter does not fit the model: {0}")]
     AdapterMismatch(String),
 
+    /// The scheduler refused or dropped work (the server is shutting down).
+    #[error("the engine is not available: {0}")]
+    Unavailable(String),
+
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }

@@ -7,23 +7,32 @@
 //! leave between steps; nobody waits for a whole batch to finish. A newcomer whose prompt
 //! starts like a recent one under the same adapter version skips that part of its prefill
 //! ([`PrefixCache`]).
+//!
+//! Training work (the forward passes of MeZO steps) runs between serving steps, one slice of
+//! at most `training_slice_tokens` tokens at a time, within the share of engine time that
+//! [`EngineShare`] allows while requests are being served.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::engine::batch::{BatchRow, RowCache};
+use crate::engine::batch::{chunks_by_budget, BatchRow, RowCache};
 use crate::engine::generate::{step, Sequence};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::sampler::{log_softmax_row, top_logprobs, TokenLogprob};
+use crate::engine::scoring::{score_continuations, ContinuationLogprobs, ScoreItem};
 use crate::engine::Result;
 use crate::metrics as m;
 
 use super::prefix_cache::PrefixCache;
 use super::queue::{Taken, WorkQueue};
-use super::work::{GenerateWork, GenerationEvent, PromptLogprobsWork, PromptTokenLogprob, Work};
+use super::share::EngineShare;
+use super::work::{
+    BackgroundScoreWork, GenerateWork, GenerationEvent, PromptLogprobsWork, PromptTokenLogprob,
+    Work,
+};
 
 /// What the loop needs to know about its limits.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +41,10 @@ pub struct BatchLimits {
     pub max_prefill_tokens_per_step: usize,
     /// Memory for cached prompt prefixes (0: no prefix caching).
     pub prefix_cache_bytes: usize,
+    /// Training's most share of engine time while requests are served, in [0, 1].
+    pub max_training_share: f64,
+    /// Most tokens in one training slice: the longest a serving step waits behind training.
+    pub training_slice_tokens: usize,
 }
 
 /// Prompt log-probs are computed this many tokens per forward, so a long prompt's logits
@@ -39,6 +52,57 @@ pub struct BatchLimits {
 const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 pub const SHUTDOWN_MESSAGE: &str = "the server shut down before this request finished";
+
+/// Training work being run slice by slice.
+struct TrainingTask {
+    work: BackgroundScoreWork,
+    slices: Vec<std::ops::Range<usize>>,
+    next_slice: usize,
+    scores: ContinuationLogprobs,
+}
+
+impl TrainingTask {
+    fn new(work: BackgroundScoreWork, slice_tokens: usize) -> Self {
+        let slices = chunks_by_budget(work.rows.iter().map(|r| r.tokens()), slice_tokens);
+        let scores = Vec::with_capacity(work.rows.len());
+        Self {
+            work,
+            slices,
+            next_slice: 0,
+            scores,
+        }
+    }
+
+    /// Runs the next slice; `Some` with the reply's content once all slices ran or one failed.
+    fn run_slice(&mut self, model: &LoadedModel) -> Option<std::result::Result<(), String>> {
+        let Some(range) = self.slices.get(self.next_slice).cloned() else {
+            return Some(Ok(()));
+        };
+        self.next_slice += 1;
+        let items: Vec<ScoreItem<'_>> = self.work.rows[range]
+            .iter()
+            .map(|row| ScoreItem {
+                prompt: &row.prompt,
+                continuations: &row.continuations,
+                adapter: Some(&row.adapter),
+            })
+            .collect();
+        match score_continuations(&model.llama, &items) {
+            Ok(scores) => {
+                self.scores.extend(scores);
+                (self.next_slice == self.slices.len()).then_some(Ok(()))
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "training forward failed");
+                Some(Err(format!("the engine failed: {err}")))
+            }
+        }
+    }
+
+    fn finish(self, outcome: std::result::Result<(), String>) {
+        let _ = self.work.reply.send(outcome.map(|()| self.scores));
+    }
+}
 
 struct RunningSequence {
     seq: Sequence,
@@ -50,24 +114,34 @@ struct RunningSequence {
 pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) {
     let mut running: Vec<RunningSequence> = Vec::new();
     let mut prefixes = PrefixCache::new(limits.prefix_cache_bytes);
+    let mut share = EngineShare::new(limits.max_training_share);
+    let mut training: Option<TrainingTask> = None;
     loop {
         let free_rows = limits.max_batch_rows.saturating_sub(running.len());
-        let admitted = match queue.take(
+        let idle = running.is_empty() && training.is_none();
+        let (admitted, background) = match queue.take(
             free_rows,
             limits.max_prefill_tokens_per_step,
-            running.is_empty(),
+            training.is_none(),
+            idle,
         ) {
-            Taken::Work(works) => works,
+            Taken::Work { works, background } => (works, background),
             Taken::CancelAll => {
                 for r in running.drain(..) {
                     let _ = r
                         .events
                         .send(GenerationEvent::Failed(SHUTDOWN_MESSAGE.into()));
                 }
+                if let Some(task) = training.take() {
+                    task.finish(Err(SHUTDOWN_MESSAGE.into()));
+                }
                 break;
             }
             Taken::Closed => break,
         };
+        if let Some(work) = background {
+            training = Some(TrainingTask::new(work, limits.training_slice_tokens));
+        }
         for work in admitted {
             match work {
                 Work::Generate(work) => {
@@ -81,41 +155,70 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
         running.retain(|r| !r.events.is_closed());
         metrics::gauge!(m::REQUESTS_RUNNING).set(running.len() as f64);
         metrics::gauge!(m::REQUESTS_WAITING).set(queue.waiting() as f64);
-        if running.is_empty() {
-            continue;
+        if !running.is_empty() {
+            let started = Instant::now();
+            serving_step(&model, &mut running, &mut prefixes);
+            share.record_serving(started.elapsed());
         }
-        let started = Instant::now();
-        let outcome = {
-            let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
-            step(&model.llama, &model.tokenizer, &mut seqs)
-        };
-        metrics::histogram!(m::ENGINE_BATCH_ROWS).record(running.len() as f64);
-        metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(events) => {
-                for (r, event) in running.iter_mut().zip(events) {
-                    if let Some(event) = event {
-                        let _ = r.events.send(GenerationEvent::Token(event));
-                    }
-                    if r.prefilling {
-                        r.prefilling = false;
-                        prefixes.insert(r.seq.adapter(), r.seq.prompt(), r.seq.cache());
-                    }
-                }
-                running.retain(|r| !r.seq.is_finished());
+        if training.is_some() && queue.is_closed() {
+            // Shutting down: the job resumes from its step log at the next start.
+            if let Some(task) = training.take() {
+                task.finish(Err(SHUTDOWN_MESSAGE.into()));
             }
-            Err(err) => {
-                tracing::error!(error = %err, rows = running.len(), "engine step failed");
-                for r in running.drain(..) {
-                    let _ = r
-                        .events
-                        .send(GenerationEvent::Failed(format!("the engine failed: {err}")));
+        }
+        let serving_busy = !running.is_empty() || queue.waiting() > 0;
+        if let Some(task) = training.as_mut() {
+            if share.training_may_run(serving_busy) {
+                let started = Instant::now();
+                let outcome = task.run_slice(&model);
+                share.record_training(started.elapsed());
+                if let Some(outcome) = outcome {
+                    if let Some(task) = training.take() {
+                        task.finish(outcome);
+                    }
                 }
             }
         }
     }
     metrics::gauge!(m::REQUESTS_RUNNING).set(0.0);
     tracing::info!("engine thread stopped");
+}
+
+/// One forward step over every running sequence; each gets its token (or the failure).
+fn serving_step(
+    model: &LoadedModel,
+    running: &mut Vec<RunningSequence>,
+    prefixes: &mut PrefixCache,
+) {
+    let started = Instant::now();
+    let outcome = {
+        let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+        step(&model.llama, &model.tokenizer, &mut seqs)
+    };
+    metrics::histogram!(m::ENGINE_BATCH_ROWS).record(running.len() as f64);
+    metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
+    match outcome {
+        Ok(events) => {
+            for (r, event) in running.iter_mut().zip(events) {
+                if let Some(event) = event {
+                    let _ = r.events.send(GenerationEvent::Token(event));
+                }
+                if r.prefilling {
+                    r.prefilling = false;
+                    prefixes.insert(r.seq.adapter(), r.seq.prompt(), r.seq.cache());
+                }
+            }
+            running.retain(|r| !r.seq.is_finished());
+        }
+        Err(err) => {
+            tracing::error!(error = %err, rows = running.len(), "engine step failed");
+            for r in running.drain(..) {
+                let _ = r
+                    .events
+                    .send(GenerationEvent::Failed(format!("the engine failed: {err}")));
+            }
+        }
+    }
 }
 
 fn start_sequence(

@@ -9,6 +9,7 @@
 pub mod engine_loop;
 pub mod prefix_cache;
 pub mod queue;
+pub mod share;
 pub mod work;
 
 use std::sync::Arc;
@@ -22,14 +23,21 @@ use crate::engine::lora::AdapterView;
 
 pub use engine_loop::BatchLimits;
 pub use queue::SubmitError;
-pub use work::{GenerationEvent, PromptTokenLogprob, Work};
+pub use work::{BackgroundRow, BackgroundScoreWork, GenerationEvent, PromptTokenLogprob, Work};
 
 use queue::WorkQueue;
 use work::{GenerateWork, PromptLogprobsWork};
 
 pub struct Scheduler {
-    queue: Arc<WorkQueue>,
+    handle: SchedulerHandle,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A cloneable way to submit work, for those who outlive a borrow of [`Scheduler`] (training's
+/// worker thread).
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    queue: Arc<WorkQueue>,
 }
 
 /// One sequence a request asks for.
@@ -49,11 +57,68 @@ impl Scheduler {
             .spawn(move || engine_loop::run(model, thread_queue, limits))
             .expect("the OS can start one thread at start-up");
         Self {
-            queue,
+            handle: SchedulerHandle { queue },
             thread: Some(thread),
         }
     }
 
+    pub fn handle(&self) -> &SchedulerHandle {
+        &self.handle
+    }
+
+    /// See [`SchedulerHandle::submit_sequences`].
+    pub fn submit_sequences(
+        &self,
+        sequences: Vec<SequenceRequest>,
+    ) -> Result<Vec<mpsc::UnboundedReceiver<GenerationEvent>>, SubmitError> {
+        self.handle.submit_sequences(sequences)
+    }
+
+    /// Queues the computation of a prompt's own token log-probs.
+    pub fn submit_prompt_logprobs(
+        &self,
+        tokens: Vec<u32>,
+        adapter: Option<Arc<AdapterView>>,
+        top_n: usize,
+    ) -> Result<oneshot::Receiver<Result<Vec<PromptTokenLogprob>, String>>, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.handle
+            .queue
+            .push_all(vec![Work::PromptLogprobs(PromptLogprobsWork {
+                tokens,
+                adapter,
+                top_n,
+                reply,
+            })])?;
+        Ok(rx)
+    }
+
+    /// Requests accepted but not yet running.
+    pub fn waiting(&self) -> usize {
+        self.handle.queue.waiting()
+    }
+
+    /// Refuses new work; queued and running requests still complete, training work stops.
+    pub fn close(&self) {
+        self.handle.queue.close(engine_loop::SHUTDOWN_MESSAGE);
+    }
+
+    /// Fails everything queued or running (the end of shutdown's grace period).
+    pub fn cancel_all(&self) {
+        self.handle.queue.cancel_all(engine_loop::SHUTDOWN_MESSAGE);
+    }
+
+    /// Waits for the engine thread to exit (after `close` once work ran out, or `cancel_all`).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}
+
+impl SchedulerHandle {
     /// Queues the sequences of one request (its `n` choices, its prompts) together: all are
     /// accepted or none. Each gets its own event channel, in order.
     pub fn submit_sequences(
@@ -78,52 +143,19 @@ impl Scheduler {
         Ok(receivers)
     }
 
-    /// Queues the computation of a prompt's own token log-probs.
-    pub fn submit_prompt_logprobs(
-        &self,
-        tokens: Vec<u32>,
-        adapter: Option<Arc<AdapterView>>,
-        top_n: usize,
-    ) -> Result<oneshot::Receiver<Result<Vec<PromptTokenLogprob>, String>>, SubmitError> {
-        let (reply, rx) = oneshot::channel();
-        self.queue
-            .push_all(vec![Work::PromptLogprobs(PromptLogprobsWork {
-                tokens,
-                adapter,
-                top_n,
-                reply,
-            })])?;
-        Ok(rx)
+    /// Queues training's forward passes; the reply arrives on `work.reply`.
+    pub fn submit_background(&self, work: BackgroundScoreWork) -> Result<(), SubmitError> {
+        self.queue.push_background(work)
     }
 
-    /// Requests accepted but not yet running.
-    pub fn waiting(&self) -> usize {
-        self.queue.waiting()
-    }
-
-    /// Refuses new work; what is queued or running still completes.
-    pub fn close(&self) {
-        self.queue.close();
-    }
-
-    /// Fails everything queued or running (the end of shutdown's grace period).
-    pub fn cancel_all(&self) {
-        self.queue.cancel_all(engine_loop::SHUTDOWN_MESSAGE);
-    }
-
-    /// Waits for the engine thread to exit (after `close` once work ran out, or `cancel_all`).
-    pub fn join(mut self) {
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the engine thread panicked");
-            }
-        }
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
     }
 }
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
         // Without this the engine thread would sleep on the queue forever.
-        self.queue.cancel_all(engine_loop::SHUTDOWN_MESSAGE);
+        self.handle.queue.cancel_all(engine_loop::SHUTDOWN_MESSAGE);
     }
 }

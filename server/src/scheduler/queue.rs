@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use super::work::Work;
+use super::work::{BackgroundScoreWork, Work};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -22,6 +22,9 @@ pub enum SubmitError {
 #[derive(Default)]
 struct QueueState {
     waiting: VecDeque<Work>,
+    /// Training's work: not bounded by `capacity` (one job trains at a time and waits for each
+    /// reply), and never refused with 429.
+    background: VecDeque<BackgroundScoreWork>,
     closed: bool,
     cancel_all: bool,
 }
@@ -34,7 +37,10 @@ pub struct WorkQueue {
 
 /// What the engine thread gets when it asks for work.
 pub enum Taken {
-    Work(Vec<Work>),
+    Work {
+        works: Vec<Work>,
+        background: Option<BackgroundScoreWork>,
+    },
     /// Stop now: shutdown's grace period is over (running sequences must be failed).
     CancelAll,
     /// Closed and drained: the engine may exit once its running sequences finish.
@@ -78,20 +84,39 @@ impl WorkQueue {
         Ok(())
     }
 
+    /// Queues training work; refused only when the server is shutting down.
+    pub fn push_background(&self, work: BackgroundScoreWork) -> Result<(), SubmitError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(SubmitError::ShuttingDown);
+        }
+        state.background.push_back(work);
+        drop(state);
+        self.work_arrived.notify_one();
+        Ok(())
+    }
+
     pub fn waiting(&self) -> usize {
         self.lock().waiting.len()
     }
 
     /// Takes up to `max_items` in arrival order while their prompts fit `prefill_budget` (the
-    /// first always fits, so a long prompt runs alone rather than never). Blocks while the
-    /// queue is empty if `block`.
-    pub fn take(&self, max_items: usize, prefill_budget: usize, block: bool) -> Taken {
+    /// first always fits, so a long prompt runs alone rather than never), and the next training
+    /// work if `want_background`. Blocks while there is nothing to take if `block`.
+    pub fn take(
+        &self,
+        max_items: usize,
+        prefill_budget: usize,
+        want_background: bool,
+        block: bool,
+    ) -> Taken {
         let mut state = self.lock();
         loop {
             if state.cancel_all {
                 return Taken::CancelAll;
             }
-            if !state.waiting.is_empty() || !block {
+            let background_ready = want_background && !state.background.is_empty();
+            if !state.waiting.is_empty() || background_ready || !block {
                 break;
             }
             if state.closed {
@@ -115,24 +140,50 @@ impl WorkQueue {
             tokens += cost;
             taken.extend(state.waiting.pop_front());
         }
-        Taken::Work(taken)
+        let background = if want_background {
+            state.background.pop_front()
+        } else {
+            None
+        };
+        Taken::Work {
+            works: taken,
+            background,
+        }
     }
 
-    /// Refuses new work from now on; queued and running work still completes.
-    pub fn close(&self) {
-        self.lock().closed = true;
+    /// Refuses new work from now on; queued and running requests still complete. Training work
+    /// is failed at once: a job resumes from its step log when the server starts again.
+    pub fn close(&self, message: &str) {
+        let background: Vec<BackgroundScoreWork> = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.background.drain(..).collect()
+        };
+        for work in background {
+            work.fail(message);
+        }
         self.work_arrived.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Ends everything: queued work is failed here, running work by the engine thread.
     pub fn cancel_all(&self, message: &str) {
-        let drained: Vec<Work> = {
+        let (drained, background): (Vec<Work>, Vec<BackgroundScoreWork>) = {
             let mut state = self.lock();
             state.closed = true;
             state.cancel_all = true;
-            state.waiting.drain(..).collect()
+            (
+                state.waiting.drain(..).collect(),
+                state.background.drain(..).collect(),
+            )
         };
         for work in drained {
+            work.fail(message);
+        }
+        for work in background {
             work.fail(message);
         }
         self.work_arrived.notify_all();

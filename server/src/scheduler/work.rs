@@ -7,6 +7,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::engine::generate::{GenerationParams, TokenEvent};
 use crate::engine::lora::AdapterView;
 use crate::engine::sampler::TokenLogprob;
+use crate::engine::scoring::ContinuationLogprobs;
 
 /// Work waiting for the engine.
 pub enum Work {
@@ -69,4 +70,33 @@ pub struct PromptTokenLogprob {
     pub token: u32,
     pub logprob: Option<f32>,
     pub top_logprobs: Vec<TokenLogprob>,
+}
+
+/// Training's forward passes: continuations to score, each row under its own adapter (θ+εz and
+/// θ−εz of a MeZO step, or θ for a held-out evaluation). The engine runs them in slices within
+/// training's share of its time ([`super::share`]), between serving steps.
+pub struct BackgroundScoreWork {
+    pub rows: Vec<BackgroundRow>,
+    /// `[row][continuation][token]` log-probs, or why they could not be computed.
+    pub reply: std::sync::mpsc::SyncSender<Result<ContinuationLogprobs, String>>,
+}
+
+impl BackgroundScoreWork {
+    /// Tells the submitter the work will not run.
+    pub fn fail(self, message: &str) {
+        let _ = self.reply.send(Err(message.to_string()));
+    }
+}
+
+pub struct BackgroundRow {
+    pub prompt: Vec<u32>,
+    pub continuations: Vec<Vec<u32>>,
+    pub adapter: Arc<AdapterView>,
+}
+
+impl BackgroundRow {
+    /// Tokens this row puts through the forward pass.
+    pub fn tokens(&self) -> usize {
+        self.prompt.len() + self.continuations.iter().map(Vec::len).sum::<usize>()
+    }
 }

@@ -1,0 +1,148 @@
+//! `/v1/adapters`: the adapter versions being served, and their management.
+//!
+//! `GET /v1/adapters[/{name}]` lists each adapter's versions (with the held-out metrics they
+//! were published with and which one is live); `POST /v1/adapters/{name}/rollback {version}`
+//! makes an older version live again (and stays so across restarts);
+//! `DELETE /v1/adapters/{name}` cancels its jobs, stops serving it and deletes its folder;
+//! `PUT /v1/adapters/{name}/continuous_training {feedback_every, steps}` makes it train on its
+//! feedback (`feedback_every: null` stops it).
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::training::{Training, TrainingError};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::state::AppState;
+
+/// Steps of a continuous-training job when the request does not say.
+const DEFAULT_FEEDBACK_STEPS: u64 = 50;
+
+pub async fn list_adapters(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let data = state
+        .training(|t| {
+            let names: Vec<String> = t
+                .adapters()
+                .registry()
+                .list()
+                .into_iter()
+                .map(|a| a.name)
+                .collect();
+            names
+                .iter()
+                .map(|name| adapter_json(t, name))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+pub async fn get_adapter(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.training(move |t| adapter_json(t, &name)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    version: u32,
+}
+
+pub async fn rollback(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: ApiJson,
+) -> Result<Json<Value>, ApiError> {
+    let request: RollbackRequest = body.parse()?;
+    let adapter = state
+        .training(move |t| {
+            t.rollback(&name, request.version)?;
+            adapter_json(t, &name)
+        })
+        .await?;
+    Ok(Json(adapter))
+}
+
+pub async fn delete_adapter(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let deleted = name.clone();
+    state.training(move |t| t.delete_adapter(&name)).await?;
+    Ok(Json(
+        json!({ "id": deleted, "object": "adapter", "deleted": true }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContinuousRequest {
+    feedback_every: Option<u32>,
+    steps: Option<u64>,
+}
+
+pub async fn set_continuous_training(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: ApiJson,
+) -> Result<Json<Value>, ApiError> {
+    let request: ContinuousRequest = body.parse()?;
+    let every = request
+        .feedback_every
+        .map(|every| (every, request.steps.unwrap_or(DEFAULT_FEEDBACK_STEPS)));
+    let settings = state
+        .training(move |t| {
+            t.set_continuous(&name, every)?;
+            Ok(json!({ "adapter": name, "continuous_training": continuous_json(every) }))
+        })
+        .await?;
+    Ok(Json(settings))
+}
+
+fn continuous_json(every: Option<(u32, u64)>) -> Value {
+    every.map_or(
+        Value::Null,
+        |(every, steps)| json!({ "feedback_every": every, "steps": steps }),
+    )
+}
+
+/// An adapter with every version, its metrics and which one is live.
+fn adapter_json(training: &Training, name: &str) -> Result<Value, TrainingError> {
+    let (versions, live) = training
+        .adapters()
+        .registry()
+        .versions(name)
+        .ok_or_else(|| TrainingError::NotFound {
+            what: "adapter",
+            id: name.to_string(),
+        })?;
+    let history = training.versions(name)?;
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| {
+            let info = history.iter().find(|h| h.version == v.version);
+            json!({
+                "version": v.version,
+                "id": format!("{name}@{}", v.version),
+                "created_at": v.created,
+                "live": v.version == live,
+                "size_bytes": v.payload.view.size_bytes(),
+                "job_id": info.and_then(|i| i.job_id.clone()),
+                "step": info.and_then(|i| i.step),
+                "held_out": info.and_then(|i| i.held_out.clone()),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "id": name,
+        "object": "adapter",
+        "live_version": live,
+        "versions": versions,
+        "continuous_training": continuous_json(training.continuous(name)?),
+    }))
+}

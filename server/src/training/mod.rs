@@ -1,0 +1,510 @@
+//! Background fine-tuning: jobs of MeZO steps on posted examples and feedback, run while the
+//! server keeps serving, publishing adapter versions as they go.
+//!
+//! The path of a job: the HTTP layer validates a request into a [`NewJob`]; [`Training::submit`]
+//! checks it against the plugin's trainer and stores it with its examples ([`db`]) before
+//! answering 202; the one worker thread ([`worker`]) takes queued jobs in order (one per adapter
+//! at a time), runs the plugin's trainer through [`QueuedEngine`], which sends each forward pass
+//! to the scheduler as background work (training slices share the engine with serving, see
+//! [`crate::scheduler::share`]), records every step, and publishes versions through
+//! [`AdapterVersions`]. After a crash the worker replays a job's step log and goes on.
+//! [`feedback`] turns rated answers into `reward` jobs.
+
+pub mod db;
+pub mod feedback;
+pub mod job;
+pub mod queued_engine;
+mod worker;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+use adapters::{LoraAdapter, LoraConfig};
+use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
+
+use crate::adapter_versions::{AdapterVersions, PublishError};
+use crate::config::TrainingConfig;
+use crate::engine::loaded_model::LoadedModel;
+use crate::ids::{new_id, unix_now};
+use crate::metrics as m;
+use crate::scheduler::SchedulerHandle;
+
+pub use db::{Db, DbError, StoredFile};
+pub use job::{Job, JobEvent, JobOrigin, JobSpec, JobStatus, Progress, VersionInfo};
+pub use queued_engine::QueuedEngine;
+
+/// The database file in the data folder.
+pub const DB_FILE: &str = "mezo.sqlite";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// A request that cannot become a job; `param` is the offending field's path.
+    #[error("{message}")]
+    Invalid { param: String, message: String },
+    /// More of something than one request may hold (examples, file bytes).
+    #[error("{message}")]
+    TooLarge { param: String, message: String },
+    #[error("{what} `{id}` does not exist")]
+    NotFound { what: &'static str, id: String },
+    /// The request conflicts with the object's state (cancelling a finished job).
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl TrainingError {
+    fn not_found(what: &'static str, id: &str) -> Self {
+        TrainingError::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+}
+
+/// A validated request for a job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub adapter: String,
+    pub objective: ObjectiveKind,
+    pub trainer: TrainerConfig,
+    /// LoRA shape of a new adapter; `None`: the paper's (r = 8, α = 16 on q and v).
+    pub lora: Option<LoraConfig>,
+    pub publish_every: Option<u64>,
+    pub publish_only_if_improved: bool,
+    pub train: Vec<TrainingExample>,
+    pub held_out: Vec<TrainingExample>,
+    pub origin: JobOrigin,
+}
+
+/// The running job, so that a cancel can reach it between steps.
+struct RunningJob {
+    id: String,
+    cancelled: Arc<AtomicBool>,
+}
+
+pub(crate) struct Shared {
+    db: Db,
+    config: TrainingConfig,
+    model: Arc<LoadedModel>,
+    adapters: Arc<AdapterVersions>,
+    scheduler: SchedulerHandle,
+    base_model: String,
+    running: Mutex<Option<RunningJob>>,
+    shutdown: AtomicBool,
+    /// Wakes the worker when a job is queued or the server stops.
+    wake: (Mutex<u64>, Condvar),
+}
+
+/// The fine-tuning service: jobs, their events, adapter versions' history, files, feedback.
+#[derive(Clone)]
+pub struct Training {
+    shared: Arc<Shared>,
+}
+
+impl Training {
+    /// Opens the database in `data_dir`, puts jobs interrupted by a crash back in the queue,
+    /// restores rolled-back live versions, and starts the worker thread.
+    pub fn start(
+        data_dir: &Path,
+        config: TrainingConfig,
+        model: Arc<LoadedModel>,
+        adapters: Arc<AdapterVersions>,
+        scheduler: SchedulerHandle,
+        base_model: String,
+    ) -> Result<Self, TrainingError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            TrainingError::Db(DbError::Corrupt {
+                what: "data folder",
+                reason: format!("cannot create {}: {e}", data_dir.display()),
+            })
+        })?;
+        let db = Db::open(&data_dir.join(DB_FILE))?;
+        let requeued = db.requeue_interrupted()?;
+        if requeued > 0 {
+            tracing::info!(
+                jobs = requeued,
+                "jobs interrupted by the last shutdown will resume from their step logs"
+            );
+        }
+        for (name, version) in db.live_versions()? {
+            if let Err(err) = adapters.set_live(&name, version) {
+                tracing::warn!(adapter = %name, version, error = %err, "cannot restore the live version");
+            }
+        }
+        let training = Self {
+            shared: Arc::new(Shared {
+                db,
+                config,
+                model,
+                adapters,
+                scheduler,
+                base_model,
+                running: Mutex::new(None),
+                shutdown: AtomicBool::new(false),
+                wake: (Mutex::new(0), Condvar::new()),
+            }),
+        };
+        training.update_job_gauges();
+        let shared = Arc::clone(&training.shared);
+        std::thread::Builder::new()
+            .name("mezo-training".into())
+            .spawn(move || worker::run(shared))
+            .expect("the OS can start one thread at start-up");
+        Ok(training)
+    }
+
+    pub fn config(&self) -> &TrainingConfig {
+        &self.shared.config
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    pub fn adapters(&self) -> &AdapterVersions {
+        &self.shared.adapters
+    }
+
+    /// The base model's id, as requests name it.
+    pub fn base_model(&self) -> &str {
+        &self.shared.base_model
+    }
+
+    /// Stops the worker after its current step; the job stays resumable.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.notify();
+    }
+
+    /// Validates `request` as the trainer would, stores it with its examples, and queues it.
+    pub fn submit(&self, request: NewJob) -> Result<Job, TrainingError> {
+        let job = self.build_job(&request)?;
+        self.shared
+            .db
+            .insert_job(&job, &request.train, &request.held_out)?;
+        self.queued(&job);
+        Ok(job)
+    }
+
+    /// Reports a stored job as queued and wakes the worker.
+    fn queued(&self, job: &Job) {
+        self.shared.event(
+            &job.id,
+            job::EventLevel::Info,
+            job::EventKind::Status,
+            &format!(
+                "job queued: {} training and {} held-out examples for adapter `{}`",
+                job.train_examples, job.held_out_examples, job.spec.adapter
+            ),
+            serde_json::json!({ "status": "queued" }),
+        );
+        self.update_job_gauges();
+        self.shared.notify();
+    }
+
+    /// The job `request` describes, once checked as the trainer would check it.
+    fn build_job(&self, request: &NewJob) -> Result<Job, TrainingError> {
+        let adapter = &request.adapter;
+        adapters::store::validate_name(adapter).map_err(|e| TrainingError::Invalid {
+            param: "adapter".into(),
+            message: e.to_string(),
+        })?;
+        let total = request.train.len() + request.held_out.len();
+        if total > self.shared.config.max_examples {
+            return Err(TrainingError::TooLarge {
+                param: "examples".into(),
+                message: format!(
+                    "{total} examples is more than the {} one job may post (training.max_examples)",
+                    self.shared.config.max_examples
+                ),
+            });
+        }
+        if request.trainer.max_steps > self.shared.config.max_steps {
+            return Err(TrainingError::Invalid {
+                param: "hyperparameters.max_steps".into(),
+                message: format!(
+                    "max_steps must be at most {} (training.max_steps); given {}",
+                    self.shared.config.max_steps, request.trainer.max_steps
+                ),
+            });
+        }
+        if request.publish_every == Some(0) {
+            return Err(TrainingError::Invalid {
+                param: "publish_every".into(),
+                message: "publish_every must be at least 1 step".into(),
+            });
+        }
+        let base = self.shared.adapters.registry().versions(adapter);
+        let (base_version, initial) = match base {
+            Some((_, live)) => {
+                let lora = self.shared.adapters.load_lora(adapter, live).map_err(|e| {
+                    TrainingError::Invalid {
+                        param: "adapter".into(),
+                        message: format!("cannot continue from `{adapter}@{live}`: {e}"),
+                    }
+                })?;
+                if request.lora.as_ref().is_some_and(|l| *l != lora.config) {
+                    return Err(TrainingError::Invalid {
+                        param: "lora".into(),
+                        message: format!(
+                            "adapter `{adapter}` exists with another LoRA shape; omit `lora` to continue it, or train a new adapter name"
+                        ),
+                    });
+                }
+                (Some(live), lora)
+            }
+            None => (
+                None,
+                self.fresh_adapter(request.lora.clone().unwrap_or_default(), 0)?,
+            ),
+        };
+        let lora = initial.config.clone();
+        let objective = request
+            .objective
+            .build()
+            .map_err(|e| invalid_hyperparameter(&e))?;
+        Trainer::new(
+            request.trainer.clone(),
+            objective,
+            initial,
+            request.train.clone(),
+            request.held_out.clone(),
+        )
+        .map_err(|e| invalid_hyperparameter(&e))?;
+
+        Ok(Job {
+            id: new_id("ftjob"),
+            created_at: unix_now(),
+            spec: JobSpec {
+                adapter: adapter.clone(),
+                objective: request.objective.clone(),
+                init_seed: request.trainer.seed,
+                trainer: request.trainer.clone(),
+                base_version,
+                lora,
+                publish_every: request.publish_every,
+                publish_only_if_improved: request.publish_only_if_improved,
+                origin: request.origin.clone(),
+            },
+            status: JobStatus::Queued,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            progress: Progress::default(),
+            train_examples: request.train.len(),
+            held_out_examples: request.held_out.len(),
+        })
+    }
+
+    fn fresh_adapter(&self, lora: LoraConfig, seed: u64) -> Result<LoraAdapter, TrainingError> {
+        LoraAdapter::new_initialized(lora, self.shared.adapters.dims(), seed).map_err(|e| {
+            TrainingError::Invalid {
+                param: "lora".into(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    pub fn job(&self, id: &str) -> Result<Job, TrainingError> {
+        self.shared
+            .db
+            .job(id)?
+            .ok_or_else(|| TrainingError::not_found("job", id))
+    }
+
+    pub fn list_jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<Job>, TrainingError> {
+        if let Some(after) = after {
+            self.job(after)?;
+        }
+        Ok(self.shared.db.list_jobs(after, limit)?)
+    }
+
+    /// Cancels a queued or running job (a running one stops after its current step; nothing
+    /// more is published). Cancelling a finished job is a conflict.
+    pub fn cancel(&self, id: &str) -> Result<Job, TrainingError> {
+        let job = self.job(id)?;
+        if job.status.is_finished() {
+            return Err(TrainingError::Conflict(format!(
+                "job `{id}` already ended with status `{}`; only queued or running jobs can be cancelled",
+                job.status.as_str()
+            )));
+        }
+        self.shared.cancel_unfinished(&job)?;
+        self.update_job_gauges();
+        self.job(id)
+    }
+
+    /// Events with `seq > after`, oldest first.
+    pub fn events(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, TrainingError> {
+        self.job(id)?;
+        Ok(self.shared.db.events(id, after, limit)?)
+    }
+
+    /// Events with `seq < before` (all when `None`), newest first: OpenAI's order.
+    pub fn events_newest_first(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, TrainingError> {
+        self.job(id)?;
+        Ok(self.shared.db.events_before(id, before, limit)?)
+    }
+
+    /// What the database knows of each version of `adapter` (metrics, the job that made it).
+    pub fn versions(&self, adapter: &str) -> Result<Vec<VersionInfo>, TrainingError> {
+        Ok(self.shared.db.versions(adapter)?)
+    }
+
+    /// Makes `version` of `adapter` live again, and remembers it across restarts.
+    pub fn rollback(&self, adapter: &str, version: u32) -> Result<(), TrainingError> {
+        self.shared
+            .adapters
+            .set_live(adapter, version)
+            .map_err(|e| match e {
+                adapters::registry::ResolveError::UnknownAdapter(_) => {
+                    TrainingError::not_found("adapter", adapter)
+                }
+                _ => TrainingError::NotFound {
+                    what: "adapter version",
+                    id: format!("{adapter}@{version}"),
+                },
+            })?;
+        self.shared.db.set_live_version(adapter, version)?;
+        tracing::info!(adapter, version, "adapter rolled back");
+        Ok(())
+    }
+
+    /// Cancels the adapter's jobs, stops serving it, deletes its folder and history.
+    pub fn delete_adapter(&self, adapter: &str) -> Result<(), TrainingError> {
+        if self.shared.adapters.registry().versions(adapter).is_none() {
+            return Err(TrainingError::not_found("adapter", adapter));
+        }
+        for job in self.shared.db.unfinished_jobs_of(adapter)? {
+            self.shared.cancel_unfinished(&job)?;
+        }
+        self.shared.adapters.delete(adapter)?;
+        self.shared.db.delete_adapter(adapter)?;
+        self.update_job_gauges();
+        tracing::info!(adapter, "adapter deleted");
+        Ok(())
+    }
+
+    fn update_job_gauges(&self) {
+        self.shared.update_job_gauges();
+    }
+}
+
+/// The trainer's validation errors as a 400 naming the field.
+fn invalid_hyperparameter(err: &plugin::TrainError) -> TrainingError {
+    use plugin::TrainError as E;
+    let param = match err {
+        E::InvalidConfig { field, .. } => format!("hyperparameters.{field}"),
+        E::InvalidExample { index, field, .. } => format!("examples[{index}].{field}"),
+        E::WrongExampleKind { index, .. } => format!("examples[{index}]"),
+        E::InHeldOutSet(inner) => match inner.as_ref() {
+            E::InvalidExample { index, field, .. } => format!("eval_examples[{index}].{field}"),
+            E::WrongExampleKind { index, .. } => format!("eval_examples[{index}]"),
+            _ => "eval_examples".into(),
+        },
+        _ => "hyperparameters".into(),
+    };
+    TrainingError::Invalid {
+        param,
+        message: err.to_string(),
+    }
+}
+
+impl Shared {
+    fn notify(&self) {
+        let (count, condvar) = &self.wake;
+        *count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        condvar.notify_all();
+    }
+
+    /// Sleeps until notified or `timeout`, whichever comes first.
+    fn wait(&self, timeout: Duration) {
+        let (count, condvar) = &self.wake;
+        let guard = count.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = *guard;
+        let _ = condvar
+            .wait_timeout_while(guard, timeout, |c| *c == seen)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst) || self.scheduler.is_closed()
+    }
+
+    fn cancel_unfinished(&self, job: &Job) -> Result<(), TrainingError> {
+        let now = unix_now();
+        let moved = self.db.transition(
+            &job.id,
+            &[JobStatus::Queued, JobStatus::Running],
+            JobStatus::Cancelled,
+            now,
+            None,
+        )?;
+        if let Some(running) = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|r| r.id == job.id)
+        {
+            running.cancelled.store(true, Ordering::SeqCst);
+        }
+        if moved {
+            self.event(
+                &job.id,
+                job::EventLevel::Info,
+                job::EventKind::Status,
+                "job cancelled",
+                serde_json::json!({ "status": "cancelled" }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Appends an event; a database failure here is logged, not fatal to the job.
+    fn event(
+        &self,
+        job_id: &str,
+        level: job::EventLevel,
+        kind: job::EventKind,
+        message: &str,
+        data: serde_json::Value,
+    ) {
+        if let Err(err) = self
+            .db
+            .add_event(job_id, unix_now(), level, kind, message, &data)
+        {
+            tracing::error!(job = job_id, error = %err, "cannot record a job event");
+        }
+    }
+
+    fn update_job_gauges(&self) {
+        match self.db.count_jobs_by_status() {
+            Ok(counts) => {
+                for status in JobStatus::ALL {
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| *s == status)
+                        .map_or(0, |(_, n)| *n);
+                    metrics::gauge!(m::FINETUNE_JOBS, "status" => status.as_str()).set(n as f64);
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot count jobs for /metrics"),
+        }
+    }
+}

@@ -1,0 +1,660 @@
+//! Fine-tuning end to end, on the real server and model: a `/v1/finetune` job trains while the
+//! server serves, publishes versions that chat completions use at once, and is followed through
+//! its event stream; versions roll back and adapters delete; bad requests get their status and
+//! field; a `kill -9` in the middle of a job loses nothing and the job resumes bit for bit; and
+//! twenty loaded adapters cost their LoRA tensors, not a copy of the model.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    get_event_stream, get_json, post_json, promtool_check, request_json, Server, ServerOptions,
+    BASE_MODEL,
+};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Short movie reviews, half positive: the sentiment task of DESIGN.md §3 in miniature.
+const REVIEWS: [(&str, usize); 16] = [
+    ("A warm, funny and moving film.", 1),
+    ("Dull, slow and far too long.", 0),
+    ("The best thing I have seen all year.", 1),
+    ("A tedious mess with no redeeming qualities.", 0),
+    ("Brilliant acting and a clever script.", 1),
+    ("I walked out halfway through.", 0),
+    ("A delightful surprise from start to finish.", 1),
+    ("Lifeless characters and a predictable plot.", 0),
+    ("Charming, smart and beautifully shot.", 1),
+    ("An embarrassing waste of a good cast.", 0),
+    ("It made me laugh and cry.", 1),
+    ("Boring from the first minute.", 0),
+    ("A triumph of storytelling.", 1),
+    ("Clumsy, loud and forgettable.", 0),
+    ("Gripping and full of heart.", 1),
+    ("The worst film of the decade.", 0),
+];
+
+fn review_examples() -> Vec<Value> {
+    REVIEWS
+        .iter()
+        .map(|(text, label)| {
+            json!({
+                "prompt": format!("Review: {text}\nSentiment:"),
+                "candidates": [" negative", " positive"],
+                "label": label,
+            })
+        })
+        .collect()
+}
+
+async fn wait_for_job(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (status, job) = get_json(&server.url(&format!("/v1/finetune/{id}"))).await;
+        assert_eq!(status, 200, "{job}");
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} did not get there: {job}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn finished(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+async fn chat_version(server: &Server, model: &str) -> (u16, Value) {
+    let (status, _, body) = post_json(
+        &server.url("/v1/chat/completions"),
+        &json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "Review: Great fun.\nSentiment?"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }),
+    )
+    .await;
+    (status, body["adapter_version"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
+    let server = Server::start(ServerOptions::default());
+    let examples = review_examples();
+    let (status, _, job) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({
+            "adapter": "sentiment",
+            "objective": "classification",
+            "examples": examples[..12],
+            "eval_examples": examples[12..],
+            "hyperparameters": {"max_steps": 6, "batch_size": 4, "eval_every": 3, "lr": 1e-2, "epsilon": 1e-2},
+            "publish_every": 3,
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["examples"], json!({"train": 12, "held_out": 4}));
+    assert_eq!(job["hyperparameters"]["lr"], json!(0.01));
+    let id = job["id"].as_str().expect("a job id").to_string();
+
+    // The event stream runs until the job ends, then says [DONE].
+    let stream =
+        get_event_stream(&server.url(&format!("/v1/finetune/{id}/events?stream=true"))).await;
+    assert_eq!(
+        stream.last().map(String::as_str),
+        Some("[DONE]"),
+        "{stream:?}"
+    );
+    let events: Vec<Value> = stream[..stream.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("an event is JSON"))
+        .collect();
+    let of_type = |kind: &str| {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .collect::<Vec<_>>()
+    };
+    let steps: Vec<u64> = of_type("step")
+        .iter()
+        .map(|e| e["data"]["step"].as_u64().expect("a step number"))
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    assert!(of_type("step")
+        .iter()
+        .all(|e| e["data"]["train_loss"].as_f64().is_some_and(f64::is_finite)));
+    let held_out: Vec<u64> = of_type("held_out")
+        .iter()
+        .map(|e| e["data"]["steps_done"].as_u64().expect("steps"))
+        .collect();
+    assert_eq!(held_out, [0, 3, 6]);
+    let published: Vec<u64> = of_type("publish")
+        .iter()
+        .map(|e| e["data"]["version"].as_u64().expect("a version"))
+        .collect();
+    assert_eq!(published, [1, 2]);
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    // The same events as a page, after a cursor.
+    let (_, page) = get_json(&server.url(&format!("/v1/finetune/{id}/events?after=2"))).await;
+    assert_eq!(page["data"][0]["seq"], 3);
+
+    let (_, job) = get_json(&server.url(&format!("/v1/finetune/{id}"))).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let progress = &job["progress"];
+    assert_eq!(progress["steps_done"], 6);
+    assert_eq!(progress["published_versions"], json!([1, 2]));
+    assert!(progress["held_out_before"]["metrics"]["accuracy"].is_number());
+    assert!(progress["held_out"]["metrics"]["accuracy"].is_number());
+
+    // Each version is served at once; pinned versions stay reachable.
+    assert_eq!(chat_version(&server, "sentiment").await, (200, json!(2)));
+    assert_eq!(chat_version(&server, "sentiment@1").await, (200, json!(1)));
+    let (_, adapter) = get_json(&server.url("/v1/adapters/sentiment")).await;
+    assert_eq!(adapter["live_version"], 2);
+    let versions = adapter["versions"].as_array().expect("versions");
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0]["step"], 3);
+    assert_eq!(versions[1]["job_id"], json!(id));
+    assert!(versions[1]["held_out"]["metrics"]["accuracy"].is_number());
+    assert!(versions.iter().all(|v| v["size_bytes"].as_u64() > Some(0)));
+    // The version folders are PEFT adapters.
+    for v in 1..=2 {
+        let dir = server.data_dir.join(format!("adapters/sentiment/v{v}"));
+        assert!(
+            dir.join("adapter_config.json").exists()
+                && dir.join("adapter_model.safetensors").exists()
+        );
+    }
+
+    // Rollback, remembered by the registry at once.
+    let url = server.url("/v1/adapters/sentiment/rollback");
+    let (status, adapter) = request_json(Method::POST, &url, Some(&json!({"version": 1}))).await;
+    assert_eq!((status, adapter["live_version"].clone()), (200, json!(1)));
+    assert_eq!(chat_version(&server, "sentiment").await, (200, json!(1)));
+    let (status, err) = request_json(Method::POST, &url, Some(&json!({"version": 9}))).await;
+    assert_eq!(status, 404, "{err}");
+
+    // A second job continues from the live version; cancel it, then cancelling again is 409.
+    let (status, _, second) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({
+            "adapter": "sentiment",
+            "objective": "classification",
+            "examples": examples,
+            "hyperparameters": {"max_steps": 10000, "batch_size": 4},
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{second}");
+    let second_id = second["id"].as_str().expect("an id").to_string();
+    let running = wait_for_job(&server, &second_id, |j| {
+        j["progress"]["steps_done"].as_u64() >= Some(1)
+    })
+    .await;
+    assert_eq!(running["base_version"], 1);
+    let cancel = server.url(&format!("/v1/finetune/{second_id}/cancel"));
+    let (status, cancelled) = request_json(Method::POST, &cancel, None).await;
+    assert_eq!(
+        (status, cancelled["status"].clone()),
+        (200, json!("cancelled"))
+    );
+    let (status, err) = request_json(Method::POST, &cancel, None).await;
+    assert_eq!(
+        (status, err["error"]["code"].clone()),
+        (409, json!("conflict"))
+    );
+    let (_, list) = get_json(&server.url("/v1/finetune?limit=1")).await;
+    assert_eq!(list["data"][0]["id"], json!(second_id));
+    assert_eq!(list["has_more"], true);
+
+    // Training shows on /metrics, which stays valid Prometheus text.
+    let metrics = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    for expected in [
+        "mezo_training_steps_total{adapter=\"sentiment\"}",
+        "mezo_training_loss{adapter=\"sentiment\"}",
+        "mezo_training_held_out{adapter=\"sentiment\",metric=\"accuracy\"}",
+        "mezo_adapter_publishes_total{adapter=\"sentiment\"} 2",
+        "mezo_adapter_live_version{adapter=\"sentiment\"} 1",
+        "mezo_finetune_jobs{status=\"succeeded\"} 1",
+        "mezo_finetune_jobs{status=\"cancelled\"} 1",
+        "mezo_training_step_seconds_bucket",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in\n{metrics}"
+        );
+    }
+    let (ok, report) = promtool_check(&metrics);
+    assert!(ok, "{report}");
+
+    // Delete: no longer served or listed; its folder is gone.
+    let adapter_url = server.url("/v1/adapters/sentiment");
+    let (status, deleted) = request_json(Method::DELETE, &adapter_url, None).await;
+    assert_eq!((status, deleted["deleted"].clone()), (200, json!(true)));
+    assert_eq!(chat_version(&server, "sentiment").await.0, 404);
+    assert!(!server.data_dir.join("adapters/sentiment").exists());
+    let (status, _) = request_json(Method::DELETE, &adapter_url, None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_fine_tuning_requests_get_their_status_and_field() {
+    let server = Server::start(ServerOptions {
+        config: "[training]\nmax_examples = 20\n".into(),
+        ..ServerOptions::default()
+    });
+    let examples = review_examples();
+    let job = |patch: Value| {
+        let mut body = json!({
+            "adapter": "bad",
+            "objective": "classification",
+            "examples": examples[..4],
+        });
+        for (k, v) in patch.as_object().expect("an object") {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let mut broken = examples[..4].to_vec();
+    broken[2]["label"] = json!(" neutral");
+    let many: Vec<Value> = (0..21).map(|i| examples[i % 16].clone()).collect();
+    let cases: Vec<(Value, u16, Option<&str>)> = vec![
+        (job(json!({"examples": many})), 413, Some("examples")),
+        (
+            job(json!({"examples": broken})),
+            400,
+            Some("examples[2].label"),
+        ),
+        (
+            job(json!({"examples": [{"prompt": "p", "candidates": ["a", "b"], "label": 7}]})),
+            400,
+            Some("examples[0].label"),
+        ),
+        (
+            job(json!({"examples": [{"prompt": "", "candidates": ["a", "b"], "label": 0}]})),
+            400,
+            Some("examples[0].prompt"),
+        ),
+        (
+            job(json!({"eval_examples": [{"prompt": "p", "completion": "c"}]})),
+            400,
+            Some("eval_examples[0]"),
+        ),
+        (job(json!({"examples": []})), 400, Some("examples")),
+        (job(json!({"objective": "bleu"})), 400, Some("objective")),
+        (
+            job(json!({"objective": "completion"})),
+            400,
+            Some("examples[0]"),
+        ),
+        (
+            job(json!({"hyperparameters": {"lr": 0}})),
+            400,
+            Some("hyperparameters.lr"),
+        ),
+        (
+            job(json!({"hyperparameters": {"epsilon": -1}})),
+            400,
+            Some("hyperparameters.epsilon"),
+        ),
+        (
+            job(json!({"hyperparameters": {"batch_size": 5}})),
+            400,
+            Some("hyperparameters.batch_size"),
+        ),
+        (
+            job(json!({"hyperparameters": {"max_steps": 0}})),
+            400,
+            Some("hyperparameters.max_steps"),
+        ),
+        (
+            job(json!({"hyperparameters": {"learning_rate": 1}})),
+            400,
+            Some("hyperparameters.learning_rate"),
+        ),
+        (job(json!({"publish_every": 0})), 400, Some("publish_every")),
+        (job(json!({"adapter": "no spaces"})), 400, Some("adapter")),
+        (
+            job(json!({"eval_fraction": 1.5})),
+            400,
+            Some("eval_fraction"),
+        ),
+        (job(json!({"epochs": 3})), 400, Some("epochs")),
+    ];
+    for (body, status, param) in cases {
+        let (got, _, err) = post_json(&server.url("/v1/finetune"), &body).await;
+        assert_eq!(got, status, "{body}: {err}");
+        assert_eq!(err["error"]["param"].as_str(), param, "{body}: {err}");
+    }
+    let too_big = json!({"adapter": "x", "examples": [{"prompt": "x".repeat(5 << 20)}]});
+    let (status, _, err) = post_json(&server.url("/v1/finetune"), &too_big).await;
+    assert_eq!(status, 413, "{err}");
+
+    for (method, path, body, status, code) in [
+        (
+            Method::GET,
+            "/v1/finetune/ftjob-nope",
+            None,
+            404,
+            "job_not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/finetune/ftjob-nope/cancel",
+            None,
+            404,
+            "job_not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/finetune/ftjob-nope/events",
+            None,
+            404,
+            "job_not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/fine_tuning/jobs/ftjob-nope",
+            None,
+            404,
+            "job_not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/files/file-nope",
+            None,
+            404,
+            "file_not_found",
+        ),
+        (
+            Method::GET,
+            "/v1/adapters/nope",
+            None,
+            404,
+            "adapter_not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/adapters/nope",
+            None,
+            404,
+            "adapter_not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/adapters/nope/rollback",
+            Some(json!({"version": 1})),
+            404,
+            "adapter_not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/feedback",
+            Some(json!({"completion_id": "chatcmpl-nope", "rating": "up"})),
+            404,
+            "completion_not_found",
+        ),
+        (
+            Method::POST,
+            "/v1/feedback",
+            Some(json!({"completion_id": "x", "rating": "meh"})),
+            400,
+            "invalid_value",
+        ),
+        (
+            Method::POST,
+            "/v1/feedback",
+            Some(json!({"completion_id": "x", "reward": 2})),
+            400,
+            "invalid_value",
+        ),
+        (
+            Method::GET,
+            "/v1/finetune?limit=0",
+            None,
+            400,
+            "invalid_value",
+        ),
+    ] {
+        let (got, err) = request_json(method.clone(), &server.url(path), body.as_ref()).await;
+        assert_eq!(
+            (got, err["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fine_tuning_endpoints_need_a_key_when_keys_are_set() {
+    let server = Server::start(ServerOptions {
+        config: "[server]\napi_keys = [\"sk-train\"]\n".into(),
+        ..ServerOptions::default()
+    });
+    for (method, path) in [
+        (Method::POST, "/v1/finetune"),
+        (Method::GET, "/v1/finetune"),
+        (Method::GET, "/v1/fine_tuning/jobs"),
+        (Method::GET, "/v1/files"),
+        (Method::POST, "/v1/feedback"),
+        (Method::GET, "/v1/adapters"),
+        (Method::DELETE, "/v1/adapters/x"),
+    ] {
+        let (status, err) = request_json(method.clone(), &server.url(path), Some(&json!({}))).await;
+        assert_eq!(status, 401, "{method} {path}: {err}");
+    }
+    let listed = common::client()
+        .get(server.url("/v1/finetune"))
+        .bearer_auth("sk-train")
+        .send()
+        .await
+        .expect("GET with a key");
+    assert_eq!(listed.status(), 200);
+}
+
+/// The last version's tensors of `adapter`, as bytes on disk.
+fn version_bytes(server: &Server, adapter: &str, version: u64) -> Vec<u8> {
+    let path = server.data_dir.join(format!(
+        "adapters/{adapter}/v{version}/adapter_model.safetensors"
+    ));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for_bit() {
+    let data = tempfile::tempdir().expect("a data folder");
+    let options = || ServerOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..ServerOptions::default()
+    };
+    let spec = |adapter: &str| {
+        json!({
+            "adapter": adapter,
+            "objective": "classification",
+            "examples": review_examples(),
+            "hyperparameters": {"max_steps": 16, "batch_size": 4, "lr": 1e-2, "epsilon": 1e-2, "seed": 11},
+            "publish_every": 4,
+        })
+    };
+    let mut server = Server::start(options());
+
+    // Feedback the server must keep: on an answer of the base model, for adapter `resume`.
+    let (_, _, chat) = post_json(
+        &server.url("/v1/chat/completions"),
+        &json!({"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 3}),
+    )
+    .await;
+    let completion_id = chat["id"].as_str().expect("a completion id").to_string();
+    let mut remembered = false;
+    for _ in 0..50 {
+        let (status, _, _) = post_json(
+            &server.url("/v1/feedback"),
+            &json!({"completion_id": completion_id, "rating": "up", "adapter": "resume"}),
+        )
+        .await;
+        if status == 200 {
+            remembered = true;
+            break;
+        }
+        // The completion is stored in the background, just after the answer.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(remembered, "feedback on a fresh completion was refused");
+
+    let (status, _, job) = post_json(&server.url("/v1/finetune"), &spec("resume")).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("an id").to_string();
+    let before = wait_for_job(&server, &id, |j| {
+        j["progress"]["published_versions"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty())
+    })
+    .await;
+    server.kill();
+    let published_before = before["progress"]["published_versions"]
+        .as_array()
+        .expect("versions")
+        .len() as u64;
+    let v1_before = version_bytes(&server, "resume", 1);
+    drop(server);
+
+    let server = Server::start(options());
+    let (_, adapter) = get_json(&server.url("/v1/adapters/resume")).await;
+    assert!(
+        adapter["live_version"].as_u64() >= Some(published_before),
+        "{adapter}"
+    );
+    assert_eq!(version_bytes(&server, "resume", 1), v1_before);
+    let (_, feedback) = get_json(&server.url("/v1/feedback?adapter=resume")).await;
+    assert_eq!(
+        feedback["data"][0]["completion_id"],
+        json!(completion_id),
+        "{feedback}"
+    );
+    let (_, job) = get_json(&server.url(&format!("/v1/finetune/{id}"))).await;
+    assert_eq!(job["examples"]["train"], 16, "{job}");
+
+    let resumed = wait_for_job(&server, &id, finished).await;
+    assert_eq!(
+        resumed["status"],
+        "succeeded",
+        "{resumed}\n{}",
+        server.log()
+    );
+    assert_eq!(resumed["progress"]["steps_done"], 16);
+    assert_eq!(
+        resumed["progress"]["published_versions"],
+        json!([1, 2, 3, 4])
+    );
+    let (_, events) = get_json(&server.url(&format!("/v1/finetune/{id}/events"))).await;
+    let messages: Vec<&str> = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("job resumed at step")),
+        "{messages:?}"
+    );
+    let steps = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .count();
+    assert!(
+        steps >= 16,
+        "every step is recorded once or, if interrupted mid-step, redone"
+    );
+
+    // The same job run without interruption ends on the same adapter, bit for bit.
+    let (_, _, twin) = post_json(&server.url("/v1/finetune"), &spec("resume-twin")).await;
+    let twin_id = twin["id"].as_str().expect("an id").to_string();
+    let twin = wait_for_job(&server, &twin_id, finished).await;
+    assert_eq!(twin["status"], "succeeded", "{twin}");
+    assert_eq!(
+        version_bytes(&server, "resume", 4),
+        version_bytes(&server, "resume-twin", 4)
+    );
+}
+
+async fn resident_and_adapter_bytes(server: &Server) -> (f64, f64, f64) {
+    let text = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let gauge = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    (
+        gauge("mezo_process_resident_memory_bytes"),
+        gauge("mezo_adapter_weights_bytes"),
+        gauge("mezo_model_weights_bytes"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_adapters_cost_their_lora_tensors_not_a_model_copy() {
+    let bare = Server::start(ServerOptions::default());
+    let names: Vec<&'static str> = (0..20)
+        .map(|i| &*Box::leak(format!("a{i}").into_boxed_str()))
+        .collect();
+    let loaded = Server::start(ServerOptions {
+        adapters: names.iter().map(|&n| (n, Some(1), 5)).collect(),
+        ..ServerOptions::default()
+    });
+    let (rss_bare, none, model) = resident_and_adapter_bytes(&bare).await;
+    let (rss_loaded, twenty, _) = resident_and_adapter_bytes(&loaded).await;
+    assert_eq!(none, 0.0);
+    let (_, adapter) = get_json(&loaded.url("/v1/adapters/a0")).await;
+    let one = adapter["versions"][0]["size_bytes"]
+        .as_f64()
+        .expect("a size");
+    assert_eq!(twenty, 20.0 * one);
+    let growth = rss_loaded - rss_bare;
+    println!(
+        "resident: {:.1} MiB bare, {:.1} MiB with 20 adapters (+{:.1} MiB; their tensors {:.1} MiB; the model {:.1} MiB)",
+        rss_bare / 1048576.0,
+        rss_loaded / 1048576.0,
+        growth / 1048576.0,
+        twenty / 1048576.0,
+        model / 1048576.0
+    );
+    // Twenty model copies would be 20 × the model; allow the tensors plus allocator slack.
+    assert!(
+        growth < twenty + model / 2.0,
+        "20 adapters grew resident memory by {growth} bytes; their tensors are {twenty}"
+    );
+}
