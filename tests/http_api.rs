@@ -636,7 +636,8 @@ async fn a_full_queue_answers_429_with_retry_after() {
     });
     let url = server.url("/v1/chat/completions");
     // One long stream occupies the only row …
-    let mut long = chat(BASE_MODEL, "Write a long story about a dragon.", 400);
+    // (long enough to outlast the waits below on a loaded machine)
+    let mut long = chat(BASE_MODEL, "Write a long story about a dragon.", 4000);
     long["stream"] = json!(true);
     let response = common::client()
         .post(&url)
@@ -658,7 +659,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
         }
     });
     let mut queued = false;
-    for _ in 0..200 {
+    for _ in 0..2000 {
         let (_, ready) = get_json(&server.url("/ready")).await;
         if ready["waiting"] == 2 {
             queued = true;

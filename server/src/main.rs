@@ -140,6 +140,9 @@ struct ServeBenchArgs {
     /// Model id to request (default: the base model).
     #[arg(long)]
     model_id: Option<String>,
+    /// Measure again while a fine-tuning job runs, and print the latency ratios.
+    #[arg(long)]
+    with_training: bool,
 }
 
 #[derive(Args)]
@@ -296,10 +299,20 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // The training job's examples: the movie reviews of `mezo bench mezo`.
+    let reviews = if args.with_training {
+        let reviews = movie_reviews::load(&config.data.dir, &mut std::io::stderr())?;
+        movie_reviews::split(reviews, 0, 512, 0).0
+    } else {
+        Vec::new()
+    };
+    // The in-process server's jobs, versions and database are the benchmark's own.
+    let scratch = tempfile::tempdir().context("cannot create a temporary data folder")?;
     runtime.block_on(async move {
         let base_url = match args.url {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => {
+                config.data.dir = scratch.path().to_path_buf();
                 config.server.host = "127.0.0.1".into();
                 config.server.port = 0;
                 // Every client's requests must fit the queue, or the benchmark measures 429s.
@@ -324,15 +337,30 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
             requests_per_client: args.requests,
             max_tokens: args.max_tokens,
         };
-        let results = bench::serve::run(&bench_config)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        println!("machine: {}", bench::engine::machine_description());
-        println!(
-            "server: {base_url}, model {model}, {} requests per client, max_tokens {}, greedy, streaming",
-            bench_config.requests_per_client, bench_config.max_tokens
+        let header = format!(
+            "machine: {}\nserver: {base_url}, model {model}, {} requests per client, max_tokens {}, greedy, streaming",
+            bench::engine::machine_description(),
+            bench_config.requests_per_client,
+            bench_config.max_tokens
         );
-        print!("{}", bench::serve::render_table(&results));
+        if args.with_training {
+            let job = bench::serve::sentiment_job(&reviews);
+            let result = bench::serve::run_with_training(&bench_config, &job)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{header}\n\nidle:");
+            print!("{}", bench::serve::render_table(&result.idle));
+            println!("\nwith one fine-tuning job running:");
+            print!("{}", bench::serve::render_table(&result.training));
+            println!();
+            print!("{}", bench::serve::render_comparison(&result));
+        } else {
+            let results = bench::serve::run(&bench_config)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{header}");
+            print!("{}", bench::serve::render_table(&results));
+        }
         Ok(())
     })
 }

@@ -4,7 +4,8 @@
 //! Example formats, told apart by their fields:
 //! - chat: `{"messages": [..., {"role": "assistant", "content": answer}]}`, the conversation up
 //!   to the last message rendered with the model's chat template as the prompt and the last
-//!   (assistant) message as the completion to learn;
+//!   (assistant) message as the completion to learn; with `candidates` + `label` or
+//!   `references`, the whole conversation is the prompt and the assistant's reply is graded;
 //! - `{"prompt", "completion"}` (with `"reward"`: a rated completion for the `reward` objective);
 //! - classification: `{"prompt", "candidates", "label"}`, the label an index or a candidate;
 //! - references: `{"prompt", "references"}`, graded on greedy answers (`f1`, `exact_match`).
@@ -13,7 +14,7 @@ use plugin::{ObjectiveKind, TrainerConfig, TrainingExample};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::engine::chat_template::ChatTemplate;
+use crate::engine::chat_template::{ChatMessage, ChatTemplate};
 
 use super::chat::convert_messages;
 use super::error::ApiError;
@@ -61,44 +62,56 @@ pub fn parse_example(
             format!("`{param}` has no `{field}`; an example is one of {FORMATS}"),
         )
     };
-    if let Some(messages) = &example.messages {
-        if example.prompt.is_some() || example.completion.is_some() {
-            return Err(ApiError::invalid(
-                format!("{param}.messages"),
-                format!("`{param}` has both `messages` and `prompt`/`completion`; give one"),
-            ));
+    let prompt = match &example.messages {
+        Some(messages) => {
+            if example.prompt.is_some() || example.completion.is_some() {
+                return Err(ApiError::invalid(
+                    format!("{param}.messages"),
+                    format!("`{param}` has both `messages` and `prompt`/`completion`; give one"),
+                ));
+            }
+            let mut converted = convert_messages(messages, &format!("{param}."))?;
+            let render = |messages: &[ChatMessage]| {
+                template
+                    .render(messages, true)
+                    .map_err(|e| ApiError::invalid(format!("{param}.messages"), e.to_string()))
+            };
+            let graded = example.candidates.is_some() || example.references.is_some();
+            if graded {
+                // The conversation is the prompt; the candidates or references are graded as
+                // the assistant's next message.
+                render(&converted)?
+            } else {
+                let last = converted.len() - 1;
+                if converted[last].role != "assistant" {
+                    return Err(ApiError::invalid(
+                        format!("{param}.messages[{last}].role"),
+                        format!("the last message of `{param}.messages` must be the assistant's answer to learn (or give `candidates` or `references` to grade)"),
+                    ));
+                }
+                let answer = converted.pop().map(|m| m.content).unwrap_or_default();
+                if converted.is_empty() {
+                    return Err(ApiError::invalid(
+                        format!("{param}.messages"),
+                        format!("`{param}.messages` needs at least one message before the answer"),
+                    ));
+                }
+                let prompt = render(&converted)?;
+                return Ok(match example.reward {
+                    Some(reward) => TrainingExample::Reward {
+                        prompt,
+                        completion: answer,
+                        reward,
+                    },
+                    None => TrainingExample::Completion {
+                        prompt,
+                        completion: answer,
+                    },
+                });
+            }
         }
-        let mut converted = convert_messages(messages, &format!("{param}."))?;
-        let last = converted.len() - 1;
-        if converted[last].role != "assistant" {
-            return Err(ApiError::invalid(
-                format!("{param}.messages[{last}].role"),
-                format!("the last message of `{param}.messages` must be the assistant's answer to learn"),
-            ));
-        }
-        let answer = converted.pop().map(|m| m.content).unwrap_or_default();
-        if converted.is_empty() {
-            return Err(ApiError::invalid(
-                format!("{param}.messages"),
-                format!("`{param}.messages` needs at least one message before the answer"),
-            ));
-        }
-        let prompt = template
-            .render(&converted, true)
-            .map_err(|e| ApiError::invalid(format!("{param}.messages"), e.to_string()))?;
-        return Ok(match example.reward {
-            Some(reward) => TrainingExample::Reward {
-                prompt,
-                completion: answer,
-                reward,
-            },
-            None => TrainingExample::Completion {
-                prompt,
-                completion: answer,
-            },
-        });
-    }
-    let prompt = example.prompt.ok_or_else(|| missing("prompt"))?;
+        None => example.prompt.ok_or_else(|| missing("prompt"))?,
+    };
     if let Some(candidates) = example.candidates {
         let label = match example.label.ok_or_else(|| missing("label"))? {
             LabelIn::Index(i) => i,
@@ -251,6 +264,15 @@ mod tests {
             TrainingExample::Classification {
                 prompt: "p".into(),
                 candidates: vec![" a".into(), " b".into()],
+                label: 1
+            }
+        );
+        let graded_chat = json!({"messages": [{"role": "user", "content": "mood?"}], "candidates": ["sad", "glad"], "label": 1});
+        assert_eq!(
+            parse_example(&graded_chat, "examples[0]", &t).unwrap(),
+            TrainingExample::Classification {
+                prompt: "<user>mood?\n<assistant>".into(),
+                candidates: vec!["sad".into(), "glad".into()],
                 label: 1
             }
         );

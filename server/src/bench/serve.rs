@@ -1,11 +1,17 @@
 //! `mezo bench serve`: concurrent streaming chat clients over real HTTP. For each concurrency
 //! level it prints aggregate generated tokens/s, per-stream tokens/s, and p50/p99 time to first
 //! token and end-to-end latency; the summary compares 8 streams with 1.
+//!
+//! With `--with-training` it measures the same levels twice: idle, then while a fine-tuning job
+//! (MeZO steps of 16 movie reviews, the `mezo bench mezo` task) runs in the engine's background
+//! share, and prints the latency ratios.
 
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+
+use crate::datasets::movie_reviews::{Review, CANDIDATES};
 
 /// Prompts that make the model write at length, so every request decodes its full budget or
 /// close to it.
@@ -162,6 +168,119 @@ async fn one_request(
         e2e,
         tokens,
     })
+}
+
+/// The same load measured idle and with a fine-tuning job running.
+#[derive(Debug, Clone)]
+pub struct WithTraining {
+    pub idle: Vec<LevelResult>,
+    pub training: Vec<LevelResult>,
+    /// MeZO steps the job took while the loaded levels ran, and how long they ran.
+    pub steps_during: u64,
+    pub seconds_during: f64,
+}
+
+/// A fine-tuning job that keeps the engine's background share busy for the whole benchmark:
+/// MeZO steps on batches of 16 of `reviews` (classification, as `mezo bench mezo`), more steps
+/// than the benchmark lasts; it is cancelled at the end.
+pub fn sentiment_job(reviews: &[Review]) -> Value {
+    let examples: Vec<Value> = reviews
+        .iter()
+        .map(|r| json!({"prompt": r.prompt(), "candidates": CANDIDATES, "label": r.label()}))
+        .collect();
+    json!({
+        "adapter": "bench-training",
+        "objective": "classification",
+        "examples": examples,
+        "hyperparameters": {"max_steps": 100000, "batch_size": 16},
+    })
+}
+
+/// Runs the levels idle, starts `job`, waits for its first step, runs the levels again, and
+/// cancels the job.
+pub async fn run_with_training(
+    config: &ServeBenchConfig,
+    job: &Value,
+) -> Result<WithTraining, String> {
+    let client = reqwest::Client::new();
+    let idle = run(config).await?;
+    eprintln!("starting the fine-tuning job …");
+    let created: Value = client
+        .post(format!("{}/v1/finetune", config.base_url))
+        .json(job)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = created["id"]
+        .as_str()
+        .ok_or_else(|| format!("the server refused the job: {created}"))?
+        .to_string();
+    let job_url = format!("{}/v1/finetune/{id}", config.base_url);
+    let steps_done = || async {
+        let job: Value = client
+            .get(&job_url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        if job["status"] != "running" && job["status"] != "queued" {
+            return Err(format!("the fine-tuning job stopped: {job}"));
+        }
+        Ok::<u64, String>(job["progress"]["steps_done"].as_u64().unwrap_or(0))
+    };
+    while steps_done().await? == 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = steps_done().await?;
+    let started = Instant::now();
+    let training = run(config).await?;
+    let seconds_during = started.elapsed().as_secs_f64();
+    let steps_during = steps_done().await? - before;
+    client
+        .post(format!("{job_url}/cancel"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(WithTraining {
+        idle,
+        training,
+        steps_during,
+        seconds_during,
+    })
+}
+
+/// Latency with training over latency idle, per level.
+pub fn render_comparison(result: &WithTraining) -> String {
+    let mut out = String::from(
+        "| streams | e2e p50 idle | e2e p50 training | ratio | e2e p99 idle | e2e p99 training | ratio | TTFT p50 ratio | TTFT p99 ratio | tok/s ratio |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (idle, busy) in result.idle.iter().zip(&result.training) {
+        out.push_str(&format!(
+            "| {} | {:.2} s | {:.2} s | {:.2}x | {:.2} s | {:.2} s | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
+            idle.concurrency,
+            idle.e2e_p50,
+            busy.e2e_p50,
+            busy.e2e_p50 / idle.e2e_p50,
+            idle.e2e_p99,
+            busy.e2e_p99,
+            busy.e2e_p99 / idle.e2e_p99,
+            busy.ttft_p50 / idle.ttft_p50,
+            busy.ttft_p99 / idle.ttft_p99,
+            busy.tokens_per_s() / idle.tokens_per_s(),
+        ));
+    }
+    out.push_str(&format!(
+        "\ntraining meanwhile: {} MeZO steps (batch 16) in {:.0} s, {:.1} s per step\n",
+        result.steps_during,
+        result.seconds_during,
+        result.seconds_during / result.steps_during.max(1) as f64
+    ));
+    out
 }
 
 /// Nearest-rank percentile.
