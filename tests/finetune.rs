@@ -474,6 +474,67 @@ async fn fine_tuning_endpoints_need_a_key_when_keys_are_set() {
     assert_eq!(listed.status(), 200);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn feedback_trains_an_adapter_continuously() {
+    let server = Server::start(ServerOptions::default());
+    let url = server.url("/v1/adapters/helper/continuous_training");
+    let settings = json!({"feedback_every": 2, "steps": 2});
+    let (status, body) = request_json(Method::PUT, &url, Some(&settings)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["continuous_training"], settings);
+
+    let mut jobs = Vec::new();
+    for (i, feedback) in [
+        json!({"rating": "up"}),
+        json!({"reward": -0.5, "corrected_answer": "Hello! How can I help?"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (_, _, chat) = post_json(
+            &server.url("/v1/chat/completions"),
+            &json!({"model": BASE_MODEL, "messages": [{"role": "user", "content": format!("Hi {i}")}], "max_tokens": 4}),
+        )
+        .await;
+        let mut body = feedback;
+        body["completion_id"] = chat["id"].clone();
+        body["adapter"] = json!("helper");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let receipt = loop {
+            let (status, _, receipt) = post_json(&server.url("/v1/feedback"), &body).await;
+            // The completion is stored in the background, just after the answer.
+            if status != 404 || Instant::now() > deadline {
+                assert_eq!(status, 200, "{receipt}");
+                break receipt;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        jobs.push(receipt["job"].clone());
+    }
+    assert!(
+        jobs[0].is_null(),
+        "one item is not a batch yet: {}",
+        jobs[0]
+    );
+    let job = &jobs[1];
+    assert_eq!(job["objective"]["type"], "reward", "{job}");
+    assert_eq!(job["origin"], json!({"type": "feedback", "items": 2}));
+    // Up-rated answer, down-rated answer, and the correction.
+    assert_eq!(job["examples"]["train"], 3);
+    let id = job["id"].as_str().expect("an id").to_string();
+    let done = wait_for_job(&server, &id, finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
+    assert_eq!(chat_version(&server, "helper").await, (200, json!(1)));
+    let (_, items) = get_json(&server.url("/v1/feedback?adapter=helper")).await;
+    let used: Vec<&Value> = items["data"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|f| &f["job_id"])
+        .collect();
+    assert_eq!(used, [&json!(id), &json!(id)]);
+}
+
 /// The last version's tensors of `adapter`, as bytes on disk.
 fn version_bytes(server: &Server, adapter: &str, version: u64) -> Vec<u8> {
     let path = server.data_dir.join(format!(

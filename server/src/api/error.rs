@@ -256,7 +256,7 @@ impl From<TrainingError> for ApiError {
                 ApiError::not_found(code, err.to_string())
             }
             TrainingError::Conflict(message) => ApiError::conflict(message),
-            TrainingError::Db(_) | TrainingError::Publish(_) => {
+            TrainingError::Db(_) | TrainingError::Publish(_) | TrainingError::DataDir { .. } => {
                 tracing::error!(error = %err, "fine-tuning storage failed");
                 ApiError::internal(err.to_string())
             }

@@ -176,6 +176,7 @@ impl Db {
     }
 
     /// A database in memory, for tests.
+    #[cfg(test)]
     pub fn in_memory() -> DbResult<Self> {
         Self::init(Connection::open_in_memory()?)
     }

@@ -42,6 +42,14 @@ pub const DB_FILE: &str = "mezo.sqlite";
 pub enum TrainingError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(
+        "cannot create the data folder {path}: {source}; check --data-dir and its permissions"
+    )]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A request that cannot become a job; `param` is the offending field's path.
     #[error("{message}")]
     Invalid { param: String, message: String },
@@ -117,11 +125,9 @@ impl Training {
         scheduler: SchedulerHandle,
         base_model: String,
     ) -> Result<Self, TrainingError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            TrainingError::Db(DbError::Corrupt {
-                what: "data folder",
-                reason: format!("cannot create {}: {e}", data_dir.display()),
-            })
+        std::fs::create_dir_all(data_dir).map_err(|source| TrainingError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
         })?;
         let db = Db::open(&data_dir.join(DB_FILE))?;
         let requeued = db.requeue_interrupted()?;
