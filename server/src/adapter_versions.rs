@@ -67,6 +67,7 @@ impl AdapterVersions {
             base_model,
             writer: Mutex::new(()),
         };
+        remove_leftovers(&versions.root);
         let (found, warnings) = match adapters::store::scan(&versions.root) {
             Ok(found) => found,
             Err(err) => {
@@ -224,6 +225,39 @@ impl AdapterVersions {
     }
 }
 
+/// Folders a crash left half-written: a publish's temporary folder (`<name>/.publishing-*`) or
+/// a delete's renamed folder (`.deleted-*`). Neither is ever served; removing them only frees
+/// the disk.
+fn remove_leftovers(root: &Path) {
+    let hidden = |dir: &Path, prefix: &str| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let mut leftovers = hidden(root, ".deleted-");
+    for adapter in std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
+        leftovers.extend(hidden(&adapter.path(), ".publishing-"));
+    }
+    for dir in leftovers {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "removed a folder left by an interrupted publish or delete")
+            }
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot remove a leftover folder")
+            }
+        }
+    }
+}
+
 fn highest_version_on_disk(parent: &Path) -> u32 {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return 0;
@@ -282,6 +316,31 @@ mod tests {
             std::fs::create_dir(root.path().join(name)).unwrap();
         }
         assert_eq!(highest_version_on_disk(root.path()), 12);
+    }
+
+    #[test]
+    fn leftovers_of_interrupted_publishes_and_deletes_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["a/v1", "a/.publishing-x1", ".deleted-b-5/v1", "c"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        remove_leftovers(root.path());
+        let mut left: Vec<String> = walk(root.path());
+        left.sort();
+        assert_eq!(left, ["a", "a/v1", "c"]);
+    }
+
+    fn walk(root: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(root).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            found.push(name.clone());
+            if path.is_dir() {
+                found.extend(walk(&path).into_iter().map(|n| format!("{name}/{n}")));
+            }
+        }
+        found
     }
 
     #[test]
