@@ -260,6 +260,48 @@ async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn publish_only_if_improved_keeps_a_worse_adapter_out() {
+    let server = Server::start(ServerOptions::default());
+    let examples = review_examples();
+    // A learning rate this large wrecks the adapter: the held-out loss gets worse.
+    let (status, _, job) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({
+            "adapter": "careful",
+            "objective": "classification",
+            "examples": examples[..12],
+            "eval_examples": examples[12..],
+            "hyperparameters": {"max_steps": 2, "batch_size": 4, "lr": 50.0, "epsilon": 1e-2},
+            "publish_only_if_improved": true,
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("an id").to_string();
+    let done = wait_for_job(&server, &id, finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let before = done["progress"]["held_out_before"]["loss"]
+        .as_f64()
+        .expect("a loss");
+    let after = done["progress"]["held_out"]["loss"]
+        .as_f64()
+        .expect("a loss");
+    assert!(
+        after > before,
+        "the held-out loss did not get worse: {before} → {after}"
+    );
+    assert_eq!(done["progress"]["published_versions"], json!([]));
+    let (_, events) = get_json(&server.url(&format!("/v1/finetune/{id}/events"))).await;
+    let skipped = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .any(|e| e["type"] == "publish" && e["data"]["published"] == false);
+    assert!(skipped, "{events}");
+    assert_eq!(chat_version(&server, "careful").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_fine_tuning_requests_get_their_status_and_field() {
     let server = Server::start(ServerOptions {
         config: "[training]\nmax_examples = 20\n".into(),
