@@ -6,15 +6,12 @@
 //! with `[DONE]` when the job does).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -25,6 +22,7 @@ use crate::training::{Job, JobEvent, JobOrigin, NewJob};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::state::AppState;
+use super::stream::sse_from_channel;
 use super::training_data::{parse_examples, parse_hyperparameters, parse_objective};
 
 /// Default and largest page of a listing.
@@ -246,18 +244,7 @@ pub async fn job_events(
             }
         }
     });
-    let body = stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|data| (Ok::<_, Infallible>(Event::default().data(data)), rx))
-    });
-    Ok(Sse::new(body)
-        .keep_alive(
-            KeepAlive::new()
-                .interval(Duration::from_secs(15))
-                .text("ping"),
-        )
-        .into_response())
+    Ok(sse_from_channel(rx))
 }
 
 /// `?after=<id>&limit=<n>` of a listing.

@@ -74,6 +74,12 @@ pub fn sse_response(
         }
         request.finish();
     });
+    sse_from_channel(rx)
+}
+
+/// A server-sent event response sending each string of `rx` as one `data:` event, with `: ping`
+/// keep-alives every 15 s; it ends when the sending side is dropped.
+pub fn sse_from_channel(rx: mpsc::Receiver<String>) -> Response {
     let body = stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
