@@ -22,13 +22,36 @@ use super::{EngineError, Result};
 pub const MAX_TOKENS_PER_FORWARD: usize = 4096;
 
 impl LoadedModel {
-    fn views(&self, adapters: &[&LoraAdapter]) -> Result<Vec<Arc<AdapterView>>> {
+    /// The engine's view of each adapter, in order.
+    pub(crate) fn views(&self, adapters: &[&LoraAdapter]) -> Result<Vec<Arc<AdapterView>>> {
         let dims = self.llama.config.dims();
         adapters
             .iter()
             .map(|a| AdapterView::new(a, &dims))
             .collect()
     }
+
+    /// Greedy decoding up to `max_tokens` or the model's end of turn.
+    pub(crate) fn greedy_params(&self, max_tokens: usize) -> GenerationParams {
+        GenerationParams {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: StopConditions {
+                token_ids: self.tokenizer.eog_ids(),
+                strings: Vec::new(),
+            },
+            top_logprobs: None,
+        }
+    }
+}
+
+/// Results computed adapter-major (all items under the first adapter, then the second, …) as
+/// `[adapter][item]`.
+pub(crate) fn per_adapter<T>(results: Vec<T>, adapters: usize, items: usize) -> Vec<Vec<T>> {
+    let mut results = results.into_iter();
+    (0..adapters)
+        .map(|_| results.by_ref().take(items).collect())
+        .collect()
 }
 
 impl ZoEngine for LoadedModel {
@@ -62,12 +85,7 @@ impl ZoEngine for LoadedModel {
         for chunk in chunks_by_budget(lens, MAX_TOKENS_PER_FORWARD) {
             scores.extend(score_continuations(&self.llama, &rows[chunk])?);
         }
-        let mut per_adapter = Vec::with_capacity(adapters.len());
-        let mut scores = scores.into_iter();
-        for _ in adapters {
-            per_adapter.push(scores.by_ref().take(items.len()).collect());
-        }
-        Ok(per_adapter)
+        Ok(per_adapter(scores, adapters.len(), items.len()))
     }
 
     fn generate_greedy(
@@ -77,15 +95,7 @@ impl ZoEngine for LoadedModel {
         max_tokens: usize,
     ) -> Result<Vec<Vec<String>>> {
         let views = self.views(adapters)?;
-        let params = GenerationParams {
-            max_tokens,
-            sampling: SamplingParams::greedy(),
-            stop: StopConditions {
-                token_ids: self.tokenizer.eog_ids(),
-                strings: Vec::new(),
-            },
-            top_logprobs: None,
-        };
+        let params = self.greedy_params(max_tokens);
         let mut seqs: Vec<Sequence> = views
             .iter()
             .flat_map(|view| prompts.iter().map(move |p| (view, p)))
@@ -99,10 +109,7 @@ impl ZoEngine for LoadedModel {
             })
             .collect::<Result<_>>()?;
         generate(&self.llama, &self.tokenizer, &mut seqs, |_, _| {})?;
-        let mut texts = seqs.iter().map(|s| s.text().to_string());
-        Ok(adapters
-            .iter()
-            .map(|_| texts.by_ref().take(prompts.len()).collect())
-            .collect())
+        let texts = seqs.iter().map(|s| s.text().to_string()).collect();
+        Ok(per_adapter(texts, adapters.len(), prompts.len()))
     }
 }

@@ -13,10 +13,9 @@ use std::time::Duration;
 use adapters::LoraAdapter;
 use plugin::{LogProbs, ScoreRequest, ZoEngine};
 
-use crate::engine::generate::{GenerationParams, StopConditions};
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::lora::AdapterView;
-use crate::engine::sampler::SamplingParams;
+use crate::engine::zo_backend::per_adapter;
 use crate::engine::{EngineError, Result};
 use crate::scheduler::{
     BackgroundRow, BackgroundScoreWork, GenerationEvent, SchedulerHandle, SequenceRequest,
@@ -38,14 +37,6 @@ impl QueuedEngine {
     pub fn new(model: Arc<LoadedModel>, scheduler: SchedulerHandle) -> Self {
         Self { model, scheduler }
     }
-
-    fn views(&self, adapters: &[&LoraAdapter]) -> Result<Vec<Arc<AdapterView>>> {
-        let dims = self.model.llama.config.dims();
-        adapters
-            .iter()
-            .map(|a| AdapterView::new(a, &dims))
-            .collect()
-    }
 }
 
 fn unavailable(err: impl std::fmt::Display) -> EngineError {
@@ -60,7 +51,7 @@ impl ZoEngine for QueuedEngine {
     }
 
     fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {
-        let views = self.views(adapters)?;
+        let views = self.model.views(adapters)?;
         // Adapter-major, so each adapter's rows form one contiguous LoRA segment.
         let rows = views
             .iter()
@@ -80,11 +71,7 @@ impl ZoEngine for QueuedEngine {
             .recv()
             .map_err(|_| unavailable("the engine thread stopped"))?
             .map_err(unavailable)?;
-        let mut scores = scores.into_iter();
-        Ok(adapters
-            .iter()
-            .map(|_| scores.by_ref().take(items.len()).collect())
-            .collect())
+        Ok(per_adapter(scores, adapters.len(), items.len()))
     }
 
     fn generate_greedy(
@@ -93,16 +80,8 @@ impl ZoEngine for QueuedEngine {
         prompts: &[Vec<u32>],
         max_tokens: usize,
     ) -> Result<Vec<Vec<String>>> {
-        let views = self.views(adapters)?;
-        let params = GenerationParams {
-            max_tokens,
-            sampling: SamplingParams::greedy(),
-            stop: StopConditions {
-                token_ids: self.model.tokenizer.eog_ids(),
-                strings: Vec::new(),
-            },
-            top_logprobs: None,
-        };
+        let views = self.model.views(adapters)?;
+        let params = self.model.greedy_params(max_tokens);
         let sequences: Vec<(Arc<AdapterView>, &Vec<u32>)> = views
             .iter()
             .flat_map(|view| prompts.iter().map(move |p| (Arc::clone(view), p)))
@@ -129,11 +108,7 @@ impl ZoEngine for QueuedEngine {
                 texts.push(collect_text(&mut events)?);
             }
         }
-        let mut texts = texts.into_iter();
-        Ok(adapters
-            .iter()
-            .map(|_| texts.by_ref().take(prompts.len()).collect())
-            .collect())
+        Ok(per_adapter(texts, adapters.len(), prompts.len()))
     }
 }
 
