@@ -1,8 +1,9 @@
 //! Fine-tuning end to end, on the real server and model: a `/v1/finetune` job trains while the
 //! server serves, publishes versions that chat completions use at once, and is followed through
-//! its event stream; versions roll back and adapters delete; bad requests get their status and
-//! field; a `kill -9` in the middle of a job loses nothing and the job resumes bit for bit; and
-//! twenty loaded adapters cost their LoRA tensors, not a copy of the model.
+//! its event stream; versions roll back and adapters delete, even while a job is about to
+//! publish; bad requests get their status and field; a `kill -9` in the middle of a job loses
+//! nothing and the job resumes bit for bit; and twenty loaded adapters cost their LoRA
+//! tensors, not a copy of the model.
 
 mod common;
 
@@ -299,6 +300,60 @@ async fn publish_only_if_improved_keeps_a_worse_adapter_out() {
         .any(|e| e["type"] == "publish" && e["data"]["published"] == false);
     assert!(skipped, "{events}");
     assert_eq!(chat_version(&server, "careful").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
+    let server = Server::start(ServerOptions::default());
+    let examples = review_examples();
+    // After its first step the job evaluates a large held-out set, then publishes v1: the
+    // delete lands in that evaluation, between the step and the publish.
+    let held_out: Vec<Value> = examples.iter().cycle().take(96).cloned().collect();
+    let (status, _, job) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({
+            "adapter": "doomed",
+            "objective": "classification",
+            "examples": examples[..8],
+            "eval_examples": held_out,
+            "hyperparameters": {"max_steps": 2, "batch_size": 4},
+            "publish_every": 1,
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("an id").to_string();
+    wait_for_job(&server, &id, |job| job["progress"]["steps_done"] == 1).await;
+
+    // The adapter has no version yet, but it exists: its job is training it.
+    let adapter_url = server.url("/v1/adapters/doomed");
+    let (status, deleted) = request_json(Method::DELETE, &adapter_url, None).await;
+    assert_eq!((status, deleted["deleted"].clone()), (200, json!(true)));
+    // The job reads `cancelled` at once; its run on the worker ends later. Jobs run one after
+    // another, so once a job queued after it has finished, the cancelled one has stopped.
+    let (status, _, next) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({
+            "adapter": "next",
+            "objective": "classification",
+            "examples": examples[..4],
+            "hyperparameters": {"max_steps": 1, "batch_size": 4},
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{next}");
+    let next_id = next["id"].as_str().expect("an id");
+    let next = wait_for_job(&server, next_id, finished).await;
+    assert_eq!(next["status"], "succeeded", "{next}");
+    let (_, done) = get_json(&server.url(&format!("/v1/finetune/{id}"))).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["progress"]["published_versions"], json!([]), "{done}");
+    let (status, body) = get_json(&adapter_url).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(chat_version(&server, "doomed").await.0, 404);
+    assert!(!server.data_dir.join("adapters/doomed").exists());
+    let (status, _) = request_json(Method::DELETE, &adapter_url, None).await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]

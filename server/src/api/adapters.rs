@@ -3,7 +3,8 @@
 //! `GET /v1/adapters[/{name}]` lists each adapter's versions (with the held-out metrics they
 //! were published with and which one is live); `POST /v1/adapters/{name}/rollback {version}`
 //! makes an older version live again (and stays so across restarts);
-//! `DELETE /v1/adapters/{name}` cancels its jobs, stops serving it and deletes its folder;
+//! `DELETE /v1/adapters/{name}` cancels its jobs (an adapter exists from its first job on),
+//! stops serving it and deletes its folder;
 //! `PUT /v1/adapters/{name}/continuous_training {feedback_every, steps}` makes it train on its
 //! feedback (`feedback_every: null` stops it).
 

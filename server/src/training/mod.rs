@@ -106,6 +106,11 @@ pub(crate) struct Shared {
     shutdown: AtomicBool,
     /// Wakes the worker when a job is queued or the server stops.
     wake: (Mutex<u64>, Condvar),
+    /// Held by a job while it publishes a version (folder and database row) and by an
+    /// adapter's deletion, which cancels the adapter's jobs before taking it: a job that was
+    /// about to publish either did so before the deletion (which then removes that version
+    /// too) or finds itself cancelled, never recreating a deleted adapter.
+    publish_gate: Mutex<()>,
 }
 
 /// The fine-tuning service: jobs, their events, adapter versions' history, files, feedback.
@@ -153,6 +158,7 @@ impl Training {
                 running: Mutex::new(None),
                 shutdown: AtomicBool::new(false),
                 wake: (Mutex::new(0), Condvar::new()),
+                publish_gate: Mutex::new(()),
             }),
         };
         training.update_job_gauges();
@@ -393,12 +399,19 @@ impl Training {
 
     /// Cancels the adapter's jobs, stops serving it, deletes its folder and history.
     pub fn delete_adapter(&self, adapter: &str) -> Result<(), TrainingError> {
-        if self.shared.adapters.registry().versions(adapter).is_none() {
+        let unfinished = self.shared.db.unfinished_jobs_of(adapter)?;
+        // A new adapter exists from its first job on, before it has a version to serve.
+        if self.shared.adapters.registry().versions(adapter).is_none() && unfinished.is_empty() {
             return Err(TrainingError::not_found("adapter", adapter));
         }
-        for job in self.shared.db.unfinished_jobs_of(adapter)? {
-            self.shared.cancel_unfinished(&job)?;
+        for job in &unfinished {
+            self.shared.cancel_unfinished(job)?;
         }
+        let _gate = self
+            .shared
+            .publish_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.shared.adapters.delete(adapter)?;
         self.shared.db.delete_adapter(adapter)?;
         self.update_job_gauges();

@@ -45,23 +45,8 @@ pub(super) fn run(shared: Arc<Shared>) {
                 continue;
             }
         };
-        match shared.db.transition(
-            &job.id,
-            &[JobStatus::Queued],
-            JobStatus::Running,
-            unix_now(),
-            None,
-        ) {
-            Ok(true) => {}
-            // Cancelled between the read and now.
-            Ok(false) => continue,
-            Err(err) => {
-                tracing::error!(job = %job.id, error = %err, "cannot start the job");
-                shared.wait(IDLE_POLL);
-                continue;
-            }
-        }
-        shared.update_job_gauges();
+        // Registered as running before its status says so: a cancel that sees the status
+        // `running` also finds the flag to set.
         let cancelled = Arc::new(AtomicBool::new(false));
         *shared
             .running
@@ -70,6 +55,26 @@ pub(super) fn run(shared: Arc<Shared>) {
             id: job.id.clone(),
             cancelled: Arc::clone(&cancelled),
         });
+        let started = shared.db.transition(
+            &job.id,
+            &[JobStatus::Queued],
+            JobStatus::Running,
+            unix_now(),
+            None,
+        );
+        if !matches!(started, Ok(true)) {
+            *shared
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+            // `Ok(false)`: cancelled between the read and now.
+            if let Err(err) = started {
+                tracing::error!(job = %job.id, error = %err, "cannot start the job");
+                shared.wait(IDLE_POLL);
+            }
+            continue;
+        }
+        shared.update_job_gauges();
         let id = job.id.clone();
         let adapter = job.spec.adapter.clone();
         let outcome = JobRun::start(&shared, &engine, job, &cancelled).and_then(|run| run.run());
@@ -249,16 +254,18 @@ impl<'a> JobRun<'a> {
                 None,
             )
             .map_err(|e| e.to_string())?;
-        if moved {
-            let versions = &self.job.progress.published_versions;
-            self.shared.event(
-                &self.job.id,
-                EventLevel::Info,
-                EventKind::Status,
-                &format!("job succeeded after {done} steps; published versions {versions:?}"),
-                json!({ "status": "succeeded", "steps_done": done, "published_versions": versions }),
-            );
+        if !moved {
+            // Cancelled after its last step.
+            return Ok(JobEnd::Cancelled);
         }
+        let versions = &self.job.progress.published_versions;
+        self.shared.event(
+            &self.job.id,
+            EventLevel::Info,
+            EventKind::Status,
+            &format!("job succeeded after {done} steps; published versions {versions:?}"),
+            json!({ "status": "succeeded", "steps_done": done, "published_versions": versions }),
+        );
         Ok(JobEnd::Succeeded)
     }
 
@@ -406,6 +413,15 @@ impl<'a> JobRun<'a> {
             }
         }
         let adapter = self.job.spec.adapter.clone();
+        let _gate = self
+            .shared
+            .publish_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.cancelled.load(Ordering::SeqCst) {
+            // Its adapter may be being deleted; the run loop ends the job.
+            return Ok(());
+        }
         let published = self
             .shared
             .adapters
