@@ -303,6 +303,63 @@ async fn publish_only_if_improved_keeps_a_worse_adapter_out() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_f1_job_answers_in_the_training_share_and_publishes() {
+    let server = Server::start(ServerOptions::default());
+    let qa = |question: &str, answer: &str| {
+        json!({
+            "prompt": format!("Question: {question}\nAnswer:"),
+            "references": [answer],
+        })
+    };
+    let (status, _, job) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({
+            "adapter": "answers",
+            "objective": {"type": "f1", "max_new_tokens": 6},
+            "examples": [
+                qa("What colour is the sky on a clear day?", "blue"),
+                qa("How many legs does a spider have?", "eight"),
+                qa("What is the capital of France?", "Paris"),
+                qa("What do bees make?", "honey"),
+            ],
+            "eval_examples": [qa("What is frozen water called?", "ice")],
+            "hyperparameters": {"max_steps": 2, "batch_size": 2, "epsilon": 0.1},
+        }),
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("an id");
+    let done = wait_for_job(&server, id, finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
+    assert_eq!(done["progress"]["steps_done"], 2, "{done}");
+    assert!(
+        done["progress"]["held_out"]["metrics"]["token_f1"].is_number(),
+        "{done}"
+    );
+    assert_eq!(done["progress"]["published_versions"], json!([1]), "{done}");
+    assert_eq!(chat_version(&server, "answers").await, (200, json!(1)));
+
+    // The job's answers were decoded as training work, not as requests being served: the
+    // serving steps are those of the one 4-token chat above.
+    let metrics = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let serving_steps = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("mezo_engine_batch_rows_count "))
+        .and_then(|count| count.trim().parse::<f64>().ok());
+    assert!(
+        serving_steps.is_some_and(|steps| (1.0..=4.0).contains(&steps)),
+        "serving steps: {serving_steps:?}\n{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
     let server = Server::start(ServerOptions::default());
     let examples = review_examples();

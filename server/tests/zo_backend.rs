@@ -1,11 +1,17 @@
 //! The engine as MeZO sees it: evaluating θ+εz and θ−εz as rows of one batch gives exactly what
-//! two separate evaluations give, for scoring and for greedy decoding.
+//! two separate evaluations give, for scoring and for greedy decoding; and a job's view of it
+//! through the engine thread (background work run in slices between serving steps) gives what
+//! the model gives when called directly.
 
 mod common;
+
+use std::sync::Arc;
 
 use adapters::{LoraAdapter, LoraConfig};
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
+use mezo_server::scheduler::{BatchLimits, Scheduler};
+use mezo_server::training::QueuedEngine;
 use plugin::{ScoreRequest, ZoEngine};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -77,4 +83,68 @@ fn one_batched_evaluation_equals_two_separate_ones() {
             .generate_greedy(&[&minus], &prompts, 8)
             .expect("generate")[0]
     );
+}
+
+#[test]
+fn background_work_on_the_engine_thread_gives_what_the_model_gives_directly() {
+    let model =
+        Arc::new(LoadedModel::load(&common::model_path(), WeightMode::Quantized).expect("load"));
+    let (plus, minus) = perturbed_pair(&model);
+    // Slices of 16 tokens: every piece of work below takes several, and the longest prompt is
+    // longer than a slice.
+    let limits = BatchLimits {
+        max_batch_rows: 8,
+        max_prefill_tokens_per_step: 512,
+        prefix_cache_bytes: 0,
+        max_training_share: 0.5,
+        training_slice_tokens: 16,
+    };
+    let scheduler = Scheduler::start(Arc::clone(&model), limits, 16);
+    let queued = QueuedEngine::new(Arc::clone(&model), scheduler.handle().clone());
+
+    let prompts: Vec<Vec<u32>> = [
+        "The capital of France is",
+        "Question: what colour is the sky on a clear day? Answer in one word.\nAnswer:",
+        "1, 2, 3,",
+    ]
+    .iter()
+    .map(|p| model.tokenize(p, false))
+    .collect();
+    assert!(prompts
+        .iter()
+        .any(|p| p.len() > limits.training_slice_tokens));
+    let adapters = [&plus, &minus];
+    assert_eq!(
+        queued
+            .generate_greedy(&adapters, &prompts, 10)
+            .expect("queued greedy"),
+        model
+            .generate_greedy(&adapters, &prompts, 10)
+            .expect("direct greedy")
+    );
+
+    let items: Vec<ScoreRequest> = prompts
+        .iter()
+        .map(|prompt| ScoreRequest {
+            prompt: prompt.clone(),
+            continuations: vec![
+                model.tokenize(" Paris", false),
+                model.tokenize(" blue sky", false),
+            ],
+        })
+        .collect();
+    let queued_scores = queued.score(&adapters, &items).expect("queued score");
+    let direct_scores = model.score(&adapters, &items).expect("direct score");
+    assert_eq!(queued_scores.len(), direct_scores.len());
+    for (q, d) in queued_scores
+        .iter()
+        .flatten()
+        .zip(direct_scores.iter().flatten())
+    {
+        for (q, d) in q.iter().flatten().zip(d.iter().flatten()) {
+            assert!((q - d).abs() <= 1e-5, "{q} vs {d}");
+        }
+    }
+    scheduler.close();
+    scheduler.join();
 }

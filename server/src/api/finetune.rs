@@ -230,10 +230,7 @@ pub async fn job_events(
                     .training(move |t| t.events(&id, after, MAX_PAGE))
                     .await
             };
-            batch = match next {
-                Ok(events) => events,
-                Err(_) => Vec::new(),
-            };
+            batch = next.unwrap_or_default();
             // Finished, and every event written before the end has been sent.
             if ended && batch.is_empty() {
                 let _ = tx.send("[DONE]".into()).await;

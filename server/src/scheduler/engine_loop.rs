@@ -8,31 +8,29 @@
 //! starts like a recent one under the same adapter version skips that part of its prefill
 //! ([`PrefixCache`]).
 //!
-//! Training work (the forward passes of MeZO steps) runs between serving steps, one slice of
-//! at most `training_slice_tokens` tokens at a time, within the share of engine time that
-//! [`EngineShare`] allows while requests are being served.
+//! Training work (the forward passes of MeZO steps, greedy answers for its metrics) runs between
+//! serving steps, one slice of at most `training_slice_tokens` tokens at a time
+//! ([`BackgroundTask`]), within the share of engine time that [`EngineShare`] allows while
+//! requests are being served.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::engine::batch::{chunks_by_budget, BatchRow, RowCache};
+use crate::engine::batch::{BatchRow, RowCache};
 use crate::engine::generate::{step, Sequence};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::sampler::{log_softmax_row, top_logprobs, TokenLogprob};
-use crate::engine::scoring::{score_continuations, ContinuationLogprobs, ScoreItem};
 use crate::engine::Result;
 use crate::metrics as m;
 
+use super::background::BackgroundTask;
 use super::prefix_cache::PrefixCache;
 use super::queue::{Taken, WorkQueue};
 use super::share::EngineShare;
-use super::work::{
-    BackgroundScoreWork, GenerateWork, GenerationEvent, PromptLogprobsWork, PromptTokenLogprob,
-    Work,
-};
+use super::work::{GenerateWork, GenerationEvent, PromptLogprobsWork, PromptTokenLogprob, Work};
 
 /// What the loop needs to know about its limits.
 #[derive(Debug, Clone, Copy)]
@@ -53,57 +51,6 @@ const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 pub const SHUTDOWN_MESSAGE: &str = "the server shut down before this request finished";
 
-/// Training work being run slice by slice.
-struct TrainingTask {
-    work: BackgroundScoreWork,
-    slices: Vec<std::ops::Range<usize>>,
-    next_slice: usize,
-    scores: ContinuationLogprobs,
-}
-
-impl TrainingTask {
-    fn new(work: BackgroundScoreWork, slice_tokens: usize) -> Self {
-        let slices = chunks_by_budget(work.rows.iter().map(|r| r.tokens()), slice_tokens);
-        let scores = Vec::with_capacity(work.rows.len());
-        Self {
-            work,
-            slices,
-            next_slice: 0,
-            scores,
-        }
-    }
-
-    /// Runs the next slice; `Some` with the reply's content once all slices ran or one failed.
-    fn run_slice(&mut self, model: &LoadedModel) -> Option<std::result::Result<(), String>> {
-        let Some(range) = self.slices.get(self.next_slice).cloned() else {
-            return Some(Ok(()));
-        };
-        self.next_slice += 1;
-        let items: Vec<ScoreItem<'_>> = self.work.rows[range]
-            .iter()
-            .map(|row| ScoreItem {
-                prompt: &row.prompt,
-                continuations: &row.continuations,
-                adapter: Some(&row.adapter),
-            })
-            .collect();
-        match score_continuations(&model.llama, &items) {
-            Ok(scores) => {
-                self.scores.extend(scores);
-                (self.next_slice == self.slices.len()).then_some(Ok(()))
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "training forward failed");
-                Some(Err(format!("the engine failed: {err}")))
-            }
-        }
-    }
-
-    fn finish(self, outcome: std::result::Result<(), String>) {
-        let _ = self.work.reply.send(outcome.map(|()| self.scores));
-    }
-}
-
 struct RunningSequence {
     seq: Sequence,
     events: mpsc::UnboundedSender<GenerationEvent>,
@@ -115,7 +62,7 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
     let mut running: Vec<RunningSequence> = Vec::new();
     let mut prefixes = PrefixCache::new(limits.prefix_cache_bytes);
     let mut share = EngineShare::new(limits.max_training_share);
-    let mut training: Option<TrainingTask> = None;
+    let mut training: Option<BackgroundTask> = None;
     loop {
         let free_rows = limits.max_batch_rows.saturating_sub(running.len());
         let idle = running.is_empty() && training.is_none();
@@ -140,7 +87,7 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
             Taken::Closed => break,
         };
         if let Some(work) = background {
-            training = Some(TrainingTask::new(work, limits.training_slice_tokens));
+            training = Some(BackgroundTask::new(work, limits.training_slice_tokens));
         }
         for work in admitted {
             match work {

@@ -6,6 +6,7 @@
 //! in two phases: [`Scheduler::close`] refuses new work and lets running work finish;
 //! [`Scheduler::cancel_all`] ends what is left.
 
+pub mod background;
 pub mod engine_loop;
 pub mod prefix_cache;
 pub mod queue;
@@ -23,7 +24,10 @@ use crate::engine::lora::AdapterView;
 
 pub use engine_loop::BatchLimits;
 pub use queue::SubmitError;
-pub use work::{BackgroundRow, BackgroundScoreWork, GenerationEvent, PromptTokenLogprob, Work};
+pub use work::{
+    BackgroundGreedyWork, BackgroundRow, BackgroundScoreWork, BackgroundWork, GenerationEvent,
+    GreedyPrompt, PromptTokenLogprob, Work,
+};
 
 use queue::WorkQueue;
 use work::{GenerateWork, PromptLogprobsWork};
@@ -143,8 +147,8 @@ impl SchedulerHandle {
         Ok(receivers)
     }
 
-    /// Queues training's forward passes; the reply arrives on `work.reply`.
-    pub fn submit_background(&self, work: BackgroundScoreWork) -> Result<(), SubmitError> {
+    /// Queues training's work; the reply arrives on the work's `reply`.
+    pub fn submit_background(&self, work: BackgroundWork) -> Result<(), SubmitError> {
         self.queue.push_background(work)
     }
 

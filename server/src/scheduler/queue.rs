@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use super::work::{BackgroundScoreWork, Work};
+use super::work::{BackgroundWork, Work};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -24,7 +24,7 @@ struct QueueState {
     waiting: VecDeque<Work>,
     /// Training's work: not bounded by `capacity` (one job trains at a time and waits for each
     /// reply), and never refused with 429.
-    background: VecDeque<BackgroundScoreWork>,
+    background: VecDeque<BackgroundWork>,
     closed: bool,
     cancel_all: bool,
 }
@@ -39,7 +39,7 @@ pub struct WorkQueue {
 pub enum Taken {
     Work {
         works: Vec<Work>,
-        background: Option<BackgroundScoreWork>,
+        background: Option<BackgroundWork>,
     },
     /// Stop now: shutdown's grace period is over (running sequences must be failed).
     CancelAll,
@@ -85,7 +85,7 @@ impl WorkQueue {
     }
 
     /// Queues training work; refused only when the server is shutting down.
-    pub fn push_background(&self, work: BackgroundScoreWork) -> Result<(), SubmitError> {
+    pub fn push_background(&self, work: BackgroundWork) -> Result<(), SubmitError> {
         let mut state = self.lock();
         if state.closed {
             return Err(SubmitError::ShuttingDown);
@@ -154,7 +154,7 @@ impl WorkQueue {
     /// Refuses new work from now on; queued and running requests still complete. Training work
     /// is failed at once: a job resumes from its step log when the server starts again.
     pub fn close(&self, message: &str) {
-        let background: Vec<BackgroundScoreWork> = {
+        let background: Vec<BackgroundWork> = {
             let mut state = self.lock();
             state.closed = true;
             state.background.drain(..).collect()
@@ -171,7 +171,7 @@ impl WorkQueue {
 
     /// Ends everything: queued work is failed here, running work by the engine thread.
     pub fn cancel_all(&self, message: &str) {
-        let (drained, background): (Vec<Work>, Vec<BackgroundScoreWork>) = {
+        let (drained, background): (Vec<Work>, Vec<BackgroundWork>) = {
             let mut state = self.lock();
             state.closed = true;
             state.cancel_all = true;

@@ -72,20 +72,33 @@ pub struct PromptTokenLogprob {
     pub top_logprobs: Vec<TokenLogprob>,
 }
 
+/// Training's work on the engine: run in slices within training's share of its time
+/// ([`super::share`]), between serving steps ([`super::background`]).
+pub enum BackgroundWork {
+    Score(BackgroundScoreWork),
+    Greedy(BackgroundGreedyWork),
+}
+
+impl BackgroundWork {
+    /// Tells the submitter the work will not run.
+    pub fn fail(self, message: &str) {
+        match self {
+            BackgroundWork::Score(work) => {
+                let _ = work.reply.send(Err(message.to_string()));
+            }
+            BackgroundWork::Greedy(work) => {
+                let _ = work.reply.send(Err(message.to_string()));
+            }
+        }
+    }
+}
+
 /// Training's forward passes: continuations to score, each row under its own adapter (θ+εz and
-/// θ−εz of a MeZO step, or θ for a held-out evaluation). The engine runs them in slices within
-/// training's share of its time ([`super::share`]), between serving steps.
+/// θ−εz of a MeZO step, or θ for a held-out evaluation).
 pub struct BackgroundScoreWork {
     pub rows: Vec<BackgroundRow>,
     /// `[row][continuation][token]` log-probs, or why they could not be computed.
     pub reply: std::sync::mpsc::SyncSender<Result<ContinuationLogprobs, String>>,
-}
-
-impl BackgroundScoreWork {
-    /// Tells the submitter the work will not run.
-    pub fn fail(self, message: &str) {
-        let _ = self.reply.send(Err(message.to_string()));
-    }
 }
 
 pub struct BackgroundRow {
@@ -99,4 +112,18 @@ impl BackgroundRow {
     pub fn tokens(&self) -> usize {
         self.prompt.len() + self.continuations.iter().map(Vec::len).sum::<usize>()
     }
+}
+
+/// Training's greedy decoding (the `f1` and `exact_match` objectives): an answer for each
+/// prompt under its own adapter (θ+εz and θ−εz of a MeZO step, or θ for a held-out evaluation).
+pub struct BackgroundGreedyWork {
+    pub prompts: Vec<GreedyPrompt>,
+    pub params: GenerationParams,
+    /// The answers, in `prompts` order, or why they could not be generated.
+    pub reply: std::sync::mpsc::SyncSender<Result<Vec<String>, String>>,
+}
+
+pub struct GreedyPrompt {
+    pub prompt: Vec<u32>,
+    pub adapter: Arc<AdapterView>,
 }

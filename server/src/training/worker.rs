@@ -231,7 +231,7 @@ impl<'a> JobRun<'a> {
             }
             let done = self.trainer.steps_done();
             let config = self.trainer.config();
-            let eval_due = done % config.eval_every == 0 || done == config.max_steps;
+            let eval_due = done.is_multiple_of(config.eval_every) || done == config.max_steps;
             if eval_due && self.job.held_out_examples > 0 {
                 self.evaluate()?;
             }
@@ -275,7 +275,7 @@ impl<'a> JobRun<'a> {
         self.job
             .spec
             .publish_every
-            .is_some_and(|every| done > 0 && done % every == 0 && done < max)
+            .is_some_and(|every| done > 0 && done.is_multiple_of(every) && done < max)
     }
 
     fn record_step(&mut self, record: &StepRecord, took: Duration) -> Result<(), String> {
