@@ -19,6 +19,7 @@ use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
 use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
 use mezo_server::serve::{bind, serve, serve_on};
+use plugin::LrSchedule;
 
 #[derive(Parser)]
 #[command(
@@ -158,6 +159,10 @@ struct MezoBenchArgs {
     test_size: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// Decay the learning rate linearly from `--lr` to this fraction of it at the last step
+    /// (without it, the rate is constant).
+    #[arg(long)]
+    lr_final_fraction: Option<f32>,
     #[arg(long, default_value_t = 1e-3)]
     epsilon: f32,
     #[arg(long, default_value_t = 16)]
@@ -235,6 +240,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 steps: args.steps,
                 eval_every: args.eval_every,
                 lr: args.lr,
+                lr_schedule: args
+                    .lr_final_fraction
+                    .map_or(LrSchedule::Constant, |final_fraction| LrSchedule::Linear {
+                        final_fraction,
+                    }),
                 epsilon: args.epsilon,
                 batch_size: args.batch_size,
                 seed: args.seed,

@@ -1,10 +1,14 @@
 //! MeZO on the real model, end to end through the engine: a short `completion` run lowers the
-//! loss on its examples, and the non-differentiable `f1` objective runs greedy decoding under
-//! θ±εz and sees a non-zero projected gradient at ε = 0.1.
+//! loss on its examples, the non-differentiable `f1` objective runs greedy decoding under θ±εz
+//! and sees a non-zero projected gradient at ε = 0.1, and `mezo bench mezo` runs on a tiny data
+//! file and prints its table and curves.
 
 mod common;
 
+use std::process::Command;
+
 use adapters::{LoraAdapter, LoraConfig};
+use mezo_server::datasets::movie_reviews;
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
 use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
@@ -116,4 +120,60 @@ fn f1_objective_decodes_under_both_perturbations_and_moves() {
         grads.iter().any(|g| *g != 0.0),
         "ε = 0.1 should change some greedy answer within 6 steps: {grads:?}"
     );
+}
+
+#[test]
+fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
+    let data = tempfile::tempdir().expect("a data folder");
+    let reviews = [
+        ("A warm, funny and moving film.", 3.1),
+        ("Dull, slow and far too long.", -2.6),
+        ("The best thing I have seen all year.", 3.4),
+        ("A tedious mess.", -3.0),
+        ("Brilliant acting and a clever script.", 2.9),
+        ("I walked out halfway through.", -2.2),
+        ("Charming and beautifully shot.", 2.5),
+        ("Boring from the first minute.", -2.8),
+        ("Gripping and full of heart.", 3.0),
+        ("The worst film of the decade.", -3.5),
+        ("A delightful surprise.", 2.7),
+        ("Lifeless and predictable.", -2.4),
+    ];
+    let text: String = reviews
+        .iter()
+        .enumerate()
+        .map(|(i, (review, rating))| format!("{i}\t{rating}\t{review}\r\n"))
+        .collect();
+    std::fs::write(data.path().join(movie_reviews::FILE_NAME), text).expect("write the data");
+    let plot = data.path().join("curves.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
+        .arg("--model")
+        .arg(common::model_path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["bench", "mezo", "--steps", "2", "--eval-every", "1"])
+        .args(["--train-size", "8", "--test-size", "4", "--batch-size", "4"])
+        .args(["--lr", "2e-3", "--lr-final-fraction", "0", "--plot"])
+        .arg(&plot)
+        .output()
+        .expect("run mezo bench mezo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "8 train / 4 held-out",
+        "lr 0.002 (linear to 0 of it at the last step)",
+        "| zero-shot held-out accuracy |",
+        "| held-out accuracy after 2 steps |",
+        "| step / forward |",
+        "| training / serving peak RSS |",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}"
+        );
+    }
+    assert!(stderr.contains("held-out after     2 steps"), "{stderr}");
+    let png = std::fs::read(&plot).expect("the curves PNG");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
 }

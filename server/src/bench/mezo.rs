@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use adapters::{LoraAdapter, LoraConfig};
 use plugin::{
-    ObjectiveKind, ScoreRequest, Trainer, TrainerConfig, TrainerEvent, TrainingExample, ZoEngine,
+    LrSchedule, ObjectiveKind, ScoreRequest, Trainer, TrainerConfig, TrainerEvent, TrainingExample,
+    ZoEngine,
 };
 
 use super::plot::{write_png, Panel, Series};
@@ -29,6 +30,7 @@ pub struct MezoBenchConfig {
     pub steps: u64,
     pub eval_every: u64,
     pub lr: f32,
+    pub lr_schedule: LrSchedule,
     pub epsilon: f32,
     pub batch_size: usize,
     pub seed: u64,
@@ -85,6 +87,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     )?;
     let trainer_config = TrainerConfig {
         lr: config.lr,
+        lr_schedule: config.lr_schedule,
         epsilon: config.epsilon,
         batch_size: config.batch_size,
         max_steps: config.steps,
@@ -192,8 +195,14 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         movie_reviews::PROMPT_TEMPLATE,
         CANDIDATES
     );
+    let schedule = match config.lr_schedule {
+        LrSchedule::Constant => "constant".to_string(),
+        LrSchedule::Linear { final_fraction } => {
+            format!("linear to {final_fraction} of it at the last step")
+        }
+    };
     println!(
-        "MeZO: LoRA r=8 α=16 on q,v; lr {} ε {} batch {} seed {}; weights {}",
+        "MeZO: LoRA r=8 α=16 on q,v; lr {} ({schedule}) ε {} batch {} seed {}; weights {}",
         config.lr, config.epsilon, config.batch_size, config.seed, config.weights
     );
     println!("| measure | value |\n|---|---|");
