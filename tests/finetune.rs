@@ -49,6 +49,13 @@ fn review_examples() -> Vec<Value> {
         .collect()
 }
 
+/// Posts a `/v1/finetune` job and returns it, checking that it was accepted.
+async fn submit_job(server: &Server, body: Value) -> Value {
+    let (status, _, job) = post_json(&server.url("/v1/finetune"), &body).await;
+    assert_eq!(status, 202, "{job}");
+    job
+}
+
 async fn wait_for_job(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -91,9 +98,9 @@ async fn chat_version(server: &Server, model: &str) -> (u16, Value) {
 async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
     let server = Server::start(ServerOptions::default());
     let examples = review_examples();
-    let (status, _, job) = post_json(
-        &server.url("/v1/finetune"),
-        &json!({
+    let job = submit_job(
+        &server,
+        json!({
             "adapter": "sentiment",
             "objective": "classification",
             "examples": examples[..12],
@@ -103,7 +110,6 @@ async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
         }),
     )
     .await;
-    assert_eq!(status, 202, "{job}");
     assert_eq!(job["status"], "queued");
     assert_eq!(job["examples"], json!({"train": 12, "held_out": 4}));
     assert_eq!(job["hyperparameters"]["lr"], json!(0.01));
@@ -191,9 +197,9 @@ async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
     assert_eq!(status, 404, "{err}");
 
     // A second job continues from the live version; cancel it, then cancelling again is 409.
-    let (status, _, second) = post_json(
-        &server.url("/v1/finetune"),
-        &json!({
+    let second = submit_job(
+        &server,
+        json!({
             "adapter": "sentiment",
             "objective": "classification",
             "examples": examples,
@@ -201,7 +207,6 @@ async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
         }),
     )
     .await;
-    assert_eq!(status, 202, "{second}");
     let second_id = second["id"].as_str().expect("an id").to_string();
     let running = wait_for_job(&server, &second_id, |j| {
         j["progress"]["steps_done"].as_u64() >= Some(1)
@@ -265,9 +270,9 @@ async fn publish_only_if_improved_keeps_a_worse_adapter_out() {
     let server = Server::start(ServerOptions::default());
     let examples = review_examples();
     // A learning rate this large wrecks the adapter: the held-out loss gets worse.
-    let (status, _, job) = post_json(
-        &server.url("/v1/finetune"),
-        &json!({
+    let job = submit_job(
+        &server,
+        json!({
             "adapter": "careful",
             "objective": "classification",
             "examples": examples[..12],
@@ -277,7 +282,6 @@ async fn publish_only_if_improved_keeps_a_worse_adapter_out() {
         }),
     )
     .await;
-    assert_eq!(status, 202, "{job}");
     let id = job["id"].as_str().expect("an id").to_string();
     let done = wait_for_job(&server, &id, finished).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -311,9 +315,9 @@ async fn an_f1_job_answers_in_the_training_share_and_publishes() {
             "references": [answer],
         })
     };
-    let (status, _, job) = post_json(
-        &server.url("/v1/finetune"),
-        &json!({
+    let job = submit_job(
+        &server,
+        json!({
             "adapter": "answers",
             "objective": {"type": "f1", "max_new_tokens": 6},
             "examples": [
@@ -327,7 +331,6 @@ async fn an_f1_job_answers_in_the_training_share_and_publishes() {
         }),
     )
     .await;
-    assert_eq!(status, 202, "{job}");
     let id = job["id"].as_str().expect("an id");
     let done = wait_for_job(&server, id, finished).await;
     assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
@@ -366,9 +369,9 @@ async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
     // After its first step the job evaluates a large held-out set, then publishes v1: the
     // delete lands in that evaluation, between the step and the publish.
     let held_out: Vec<Value> = examples.iter().cycle().take(96).cloned().collect();
-    let (status, _, job) = post_json(
-        &server.url("/v1/finetune"),
-        &json!({
+    let job = submit_job(
+        &server,
+        json!({
             "adapter": "doomed",
             "objective": "classification",
             "examples": examples[..8],
@@ -378,7 +381,6 @@ async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
         }),
     )
     .await;
-    assert_eq!(status, 202, "{job}");
     let id = job["id"].as_str().expect("an id").to_string();
     wait_for_job(&server, &id, |job| job["progress"]["steps_done"] == 1).await;
 
@@ -388,9 +390,9 @@ async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
     assert_eq!((status, deleted["deleted"].clone()), (200, json!(true)));
     // The job reads `cancelled` at once; its run on the worker ends later. Jobs run one after
     // another, so once a job queued after it has finished, the cancelled one has stopped.
-    let (status, _, next) = post_json(
-        &server.url("/v1/finetune"),
-        &json!({
+    let next = submit_job(
+        &server,
+        json!({
             "adapter": "next",
             "objective": "classification",
             "examples": examples[..4],
@@ -398,7 +400,6 @@ async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
         }),
     )
     .await;
-    assert_eq!(status, 202, "{next}");
     let next_id = next["id"].as_str().expect("an id");
     let next = wait_for_job(&server, next_id, finished).await;
     assert_eq!(next["status"], "succeeded", "{next}");
@@ -738,8 +739,7 @@ async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for
     }
     assert!(remembered, "feedback on a fresh completion was refused");
 
-    let (status, _, job) = post_json(&server.url("/v1/finetune"), &spec("resume")).await;
-    assert_eq!(status, 202, "{job}");
+    let job = submit_job(&server, spec("resume")).await;
     let id = job["id"].as_str().expect("an id").to_string();
     let before = wait_for_job(&server, &id, |j| {
         j["progress"]["published_versions"]
@@ -808,7 +808,7 @@ async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for
     );
 
     // The same job run without interruption ends on the same adapter, bit for bit.
-    let (_, _, twin) = post_json(&server.url("/v1/finetune"), &spec("resume-twin")).await;
+    let twin = submit_job(&server, spec("resume-twin")).await;
     let twin_id = twin["id"].as_str().expect("an id").to_string();
     let twin = wait_for_job(&server, &twin_id, finished).await;
     assert_eq!(twin["status"], "succeeded", "{twin}");
