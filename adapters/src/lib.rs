@@ -12,8 +12,10 @@
 mod error;
 mod lora;
 pub mod peft;
+pub mod qk_rows;
 pub mod registry;
 pub mod store;
 
 pub use error::{AdapterError, Result};
 pub use lora::{LoraAdapter, LoraConfig, LoraLayer, ModelDims, TargetModule};
+pub use qk_rows::QkRowOrder;

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::{AdapterError, Result};
+use crate::{AdapterError, QkRowOrder, Result};
 
 /// A linear layer of a llama block that LoRA can adapt.
 ///
@@ -107,6 +107,9 @@ pub struct ModelDims {
     pub n_kv_head: usize,
     pub head_dim: usize,
     pub ffn: usize,
+    /// The row order of q/k in the engine's weights, which adapters in memory follow.
+    #[serde(default)]
+    pub qk_rows: QkRowOrder,
 }
 
 /// LoRA hyperparameters, with the MeZO paper's defaults (r = 8, α = 16 on q and v).
@@ -255,6 +258,7 @@ mod tests {
         n_kv_head: 2,
         head_dim: 4,
         ffn: 24,
+        qk_rows: QkRowOrder::HuggingFace,
     };
 
     fn config(targets: &[TargetModule]) -> LoraConfig {

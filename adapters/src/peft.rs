@@ -3,21 +3,24 @@
 //! [`save`] writes an adapter in the layout Hugging Face PEFT's `save_pretrained` produces, so
 //! tools that read PEFT adapters (transformers + PEFT, vLLM, llama.cpp's converter) can use it.
 //! [`load`] reads such a directory back and checks it against the base model's dimensions.
+//! Files are always in PEFT's (Hugging Face's) row order; adapters in memory follow the engine's
+//! ([`ModelDims::qk_rows`]), and the two convert here, through [`crate::qk_rows`].
 //! PEFT can express much more than this engine computes (DoRA, per-module ranks, trained biases,
 //! full copies of other modules, …); loading refuses every such adapter with an error naming the
 //! feature, because silently dropping part of an adapter would serve a different model than the
 //! one trained.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView, View};
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::qk_rows::{self, QkRowOrder};
 use crate::{AdapterError, LoraAdapter, LoraConfig, LoraLayer, ModelDims, Result, TargetModule};
 
 /// The adapter's hyperparameters, in PEFT's `LoraConfig` JSON.
@@ -28,6 +31,11 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PICKLE_WEIGHTS_FILE: &str = "adapter_model.bin";
 /// `PeftModelForCausalLM` wraps the base model as `base_model.model`, so PEFT's keys carry it.
 const KEY_PREFIX: &str = "base_model.model.";
+/// The safetensors metadata key recording the q/k `lora_B` row order of the file's tensors
+/// (always Hugging Face's when this server writes it; PEFT ignores the key).
+const ROW_ORDER_KEY: &str = "mezo.qk_row_order";
+/// A safetensors header is JSON naming each tensor; an adapter's is a few hundred KiB at most.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
 
 /// Writes `adapter` into `dir` (created if missing) as a PEFT LoRA adapter.
 ///
@@ -44,29 +52,7 @@ const KEY_PREFIX: &str = "base_model.model.";
 pub fn save(adapter: &LoraAdapter, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
     let config = &adapter.config;
     config.validate()?;
-    let mut tensors = Vec::with_capacity(adapter.layers.len() * 2);
-    for (&(layer, module), lora) in &adapter.layers {
-        check_layer_for_save(config, layer, module, lora)?;
-        tensors.push((
-            tensor_key(layer, module, Matrix::A),
-            F32Tensor {
-                shape: [lora.rank, lora.in_dim],
-                data: &lora.a,
-            },
-        ));
-        tensors.push((
-            tensor_key(layer, module, Matrix::B),
-            F32Tensor {
-                shape: [lora.out_dim, lora.rank],
-                data: &lora.b,
-            },
-        ));
-    }
-    // PyTorch tooling (transformers' loader among them) checks for this marker.
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights = safetensors::serialize(tensors, Some(metadata)).map_err(|e| {
-        AdapterError::InvalidConfig(format!("cannot serialise the adapter's tensors: {e}"))
-    })?;
+    let weights = serialize_weights(adapter)?;
 
     let config_json = PeftConfigOut {
         base_model_name_or_path,
@@ -95,6 +81,138 @@ pub fn save(adapter: &LoraAdapter, dir: &Path, base_model_name_or_path: &str) ->
     write_atomically(dir, CONFIG_FILE, config_json.as_bytes())
 }
 
+/// The adapter's tensors as `adapter_model.safetensors` bytes, `lora_B` of q/k in Hugging Face's
+/// row order (see [`crate::qk_rows`]), with that order recorded in the file's metadata.
+fn serialize_weights(adapter: &LoraAdapter) -> Result<Vec<u8>> {
+    let config = &adapter.config;
+    let mut tensors = Vec::with_capacity(adapter.layers.len() * 2);
+    for (&(layer, module), lora) in &adapter.layers {
+        check_layer_for_save(config, layer, module, lora)?;
+        tensors.push(F32Tensor {
+            key: tensor_key(layer, module, Matrix::A),
+            shape: [lora.rank, lora.in_dim],
+            data: Cow::Borrowed(&lora.a),
+        });
+        let b = qk_rows::reorder_rows(
+            &lora.b,
+            lora.rank,
+            module,
+            &adapter.dims,
+            adapter.dims.qk_rows,
+            QkRowOrder::HuggingFace,
+        );
+        tensors.push(F32Tensor {
+            key: tensor_key(layer, module, Matrix::B),
+            shape: [lora.out_dim, lora.rank],
+            data: Cow::Owned(b),
+        });
+    }
+    let metadata = [
+        // PyTorch tooling (transformers' loader among them) checks for this marker.
+        ("format", "pt"),
+        (ROW_ORDER_KEY, QkRowOrder::HuggingFace.as_str()),
+    ];
+    Ok(safetensors_bytes(&tensors, &metadata))
+}
+
+/// A safetensors file of f32 `tensors` with `metadata`, written here rather than by
+/// `safetensors::serialize`, whose metadata is a `HashMap` serialised in random order: the same
+/// adapter must always give the same bytes (replay and resume are checked byte for byte).
+fn safetensors_bytes(tensors: &[F32Tensor<'_>], metadata: &[(&str, &str)]) -> Vec<u8> {
+    let metadata: serde_json::Map<String, Value> = metadata
+        .iter()
+        .map(|&(k, v)| (k.to_string(), Value::String(v.to_string())))
+        .collect();
+    let mut header = format!("{{\"__metadata__\":{}", Value::Object(metadata));
+    let mut offset = 0;
+    for tensor in tensors {
+        let end = offset + std::mem::size_of_val(tensor.data.as_ref());
+        let info = serde_json::json!({
+            "dtype": "F32",
+            "shape": tensor.shape,
+            "data_offsets": [offset, end],
+        });
+        header.push_str(&format!(",{}:{info}", Value::String(tensor.key.clone())));
+        offset = end;
+    }
+    header.push('}');
+    // The format pads the header with spaces so that the data starts 8-byte aligned.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + header.len() + offset);
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for tensor in tensors {
+        bytes.extend(tensor.data.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    bytes
+}
+
+/// The q/k row order that the tensors in `dir` declare, or `None` for a file that does not say
+/// (PEFT's own files, which are in Hugging Face's order, and folders published by versions of
+/// this server before it recorded the order, which are in the engine's). Reads only the
+/// safetensors header.
+///
+/// # Errors
+///
+/// [`AdapterError::Io`] if the file cannot be read, [`AdapterError::InvalidFile`] if its header
+/// is malformed or names an unknown order.
+pub fn stored_row_order(dir: &Path) -> Result<Option<QkRowOrder>> {
+    let path = dir.join(WEIGHTS_FILE);
+    let io = |source| AdapterError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = File::open(&path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES {
+        return Err(invalid(
+            &path,
+            format!(
+                "its safetensors header claims {len} bytes; the file is not a safetensors file"
+            ),
+        ));
+    }
+    let mut header = Vec::new();
+    file.take(len).read_to_end(&mut header).map_err(io)?;
+    let header: Value = serde_json::from_slice(&header)
+        .map_err(|e| invalid(&path, format!("its safetensors header is not JSON ({e})")))?;
+    header
+        .get("__metadata__")
+        .and_then(|m| m.get(ROW_ORDER_KEY))
+        .map(|order| parse_row_order(&path, order))
+        .transpose()
+}
+
+fn parse_row_order(path: &Path, value: &Value) -> Result<QkRowOrder> {
+    serde_json::from_value(value.clone()).map_err(|_| {
+        invalid(
+            path,
+            format!(
+                "its metadata `{ROW_ORDER_KEY}` is {value}, expected \"{}\" or \"{}\"",
+                QkRowOrder::HuggingFace.as_str(),
+                QkRowOrder::GgufInterleaved.as_str()
+            ),
+        )
+    })
+}
+
+/// Rewrites the tensors of a folder that an earlier version of this server published, whose
+/// unmarked q/k `lora_B` rows are in the engine's order (`dims.qk_rows`), into PEFT's order with
+/// the order recorded. Only the tensors file is replaced (atomically), so an interrupted
+/// conversion leaves either the old file, converted again next time, or the new one.
+///
+/// # Errors
+///
+/// As [`load_limited`], and [`AdapterError::Io`] if the file cannot be replaced.
+pub fn convert_engine_order_folder(dir: &Path, dims: &ModelDims, max_bytes: u64) -> Result<()> {
+    let adapter = load_stored(dir, dims, max_bytes, Some(dims.qk_rows))?;
+    write_atomically(dir, WEIGHTS_FILE, &serialize_weights(&adapter)?)
+}
+
 /// Reads the PEFT LoRA adapter in `dir` for a base model of the given dimensions.
 ///
 /// # Errors
@@ -115,6 +233,16 @@ pub fn load(dir: &Path, dims: &ModelDims) -> Result<LoraAdapter> {
 /// As [`load`], and [`AdapterError::InvalidFile`] naming the size and the limit for a file over
 /// the limit.
 pub fn load_limited(dir: &Path, dims: &ModelDims, max_bytes: u64) -> Result<LoraAdapter> {
+    load_stored(dir, dims, max_bytes, None)
+}
+
+/// Loads `dir`, whose unmarked tensors are taken to be in `unmarked_order` (`None`: PEFT's).
+fn load_stored(
+    dir: &Path,
+    dims: &ModelDims,
+    max_bytes: u64,
+    unmarked_order: Option<QkRowOrder>,
+) -> Result<LoraAdapter> {
     let config_path = dir.join(CONFIG_FILE);
     let config_text = read_limited(&config_path, max_bytes)?;
     let config = parse_config(&config_path, &config_text)?;
@@ -136,7 +264,7 @@ pub fn load_limited(dir: &Path, dims: &ModelDims, max_bytes: u64) -> Result<Lora
         }
         other => other?,
     };
-    let layers = parse_tensors(&weights_path, &weights, &config, dims)?;
+    let layers = parse_tensors(&weights_path, &weights, &config, dims, unmarked_order)?;
     Ok(LoraAdapter {
         config,
         dims: *dims,
@@ -201,28 +329,11 @@ fn check_layer_for_save(
     }
 }
 
-/// A borrowed f32 matrix, serialised little-endian as safetensors requires.
+/// One f32 matrix of an adapter file, by its PEFT key.
 struct F32Tensor<'a> {
+    key: String,
     shape: [usize; 2],
-    data: &'a [f32],
-}
-
-impl View for F32Tensor<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-
-    fn data_len(&self) -> usize {
-        std::mem::size_of_val(self.data)
-    }
+    data: Cow<'a, [f32]>,
 }
 
 /// `adapter_config.json` as written. Fields are in alphabetical order because PEFT writes its
@@ -531,8 +642,9 @@ fn parse_tensors(
     bytes: &[u8],
     config: &LoraConfig,
     dims: &ModelDims,
+    unmarked_order: Option<QkRowOrder>,
 ) -> Result<BTreeMap<(usize, TargetModule), LoraLayer>> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| {
+    let not_safetensors = |e: SafeTensorError| {
         invalid(
             path,
             format!(
@@ -540,7 +652,17 @@ fn parse_tensors(
                  save_pretrained"
             ),
         )
-    })?;
+    };
+    let file = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
+    let declared = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(ROW_ORDER_KEY));
+    let stored_order = match declared {
+        Some(order) => parse_row_order(path, &Value::String(order.clone()))?,
+        None => unmarked_order.unwrap_or(QkRowOrder::HuggingFace),
+    };
 
     let expected: HashSet<String> = (0..dims.n_layer)
         .flat_map(|layer| {
@@ -605,12 +727,13 @@ fn parse_tensors(
     for layer in 0..dims.n_layer {
         for &module in &config.targets {
             let (in_dim, out_dim) = module.dims(dims);
+            let b = read_matrix(tensor_key(layer, module, Matrix::B), [out_dim, config.rank])?;
             let lora = LoraLayer {
                 in_dim,
                 out_dim,
                 rank: config.rank,
                 a: read_matrix(tensor_key(layer, module, Matrix::A), [config.rank, in_dim])?,
-                b: read_matrix(tensor_key(layer, module, Matrix::B), [out_dim, config.rank])?,
+                b: qk_rows::reorder_rows(&b, config.rank, module, dims, stored_order, dims.qk_rows),
             };
             layers.insert((layer, module), lora);
         }
@@ -758,6 +881,7 @@ fn sync_dir(_dir: &Path) -> Result<()> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // A test that hits an error should fail loudly, which unwrap does.
 mod tests {
+    use std::collections::HashMap;
     use std::path::PathBuf;
 
     use super::*;
@@ -770,6 +894,7 @@ mod tests {
         n_kv_head: 2,
         head_dim: 4,
         ffn: 24,
+        qk_rows: crate::QkRowOrder::GgufInterleaved,
     };
 
     /// An adapter with every value distinct and B non-zero, so that any mix-up shows.
@@ -815,20 +940,30 @@ mod tests {
         load(dir.path(), &DIMS)
     }
 
-    /// The adapter's tensors by key, as (shape, values), for tests to alter and rewrite.
-    fn tensors_of(adapter: &LoraAdapter) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    /// The adapter's tensors by key, as (shape, values) in `order`, for tests to alter and
+    /// rewrite.
+    fn tensors_in(
+        adapter: &LoraAdapter,
+        order: QkRowOrder,
+    ) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         let mut tensors = BTreeMap::new();
         for (&(layer, module), l) in &adapter.layers {
             tensors.insert(
                 tensor_key(layer, module, Matrix::A),
                 (vec![l.rank, l.in_dim], l.a.clone()),
             );
+            let b = qk_rows::reorder_rows(&l.b, l.rank, module, &DIMS, DIMS.qk_rows, order);
             tensors.insert(
                 tensor_key(layer, module, Matrix::B),
-                (vec![l.out_dim, l.rank], l.b.clone()),
+                (vec![l.out_dim, l.rank], b),
             );
         }
         tensors
+    }
+
+    /// The adapter's tensors as PEFT writes them.
+    fn tensors_of(adapter: &LoraAdapter) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        tensors_in(adapter, QkRowOrder::HuggingFace)
     }
 
     fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
@@ -902,6 +1037,105 @@ mod tests {
             |a: &LoraAdapter| -> Vec<u32> { a.params().flatten().map(|v| v.to_bits()).collect() };
         assert_eq!(bits(&loaded), bits(&original));
         assert_eq!(loaded, original);
+    }
+
+    /// The file's `lora_B` of `module` in layer 0, and its declared row order.
+    fn stored_b(dir: &Path, module: TargetModule) -> (Vec<f32>, Option<QkRowOrder>) {
+        let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let key = tensor_key(0, module, Matrix::B);
+        let values = to_f32(dir, &key, &file.tensor(&key).unwrap()).unwrap();
+        (values, stored_row_order(dir).unwrap())
+    }
+
+    #[test]
+    fn saved_q_and_k_rows_are_in_hugging_face_order() {
+        let original = adapter(&[TargetModule::Q, TargetModule::K, TargetModule::V], false);
+        let dir = saved(&original);
+        for module in [TargetModule::Q, TargetModule::K, TargetModule::V] {
+            let engine_b = &original.layers[&(0, module)].b;
+            let (file_b, order) = stored_b(dir.path(), module);
+            assert_eq!(order, Some(QkRowOrder::HuggingFace));
+            let hf_b = qk_rows::reorder_rows(
+                engine_b,
+                4,
+                module,
+                &DIMS,
+                QkRowOrder::GgufInterleaved,
+                QkRowOrder::HuggingFace,
+            );
+            assert_eq!(file_b, hf_b, "{module}");
+            assert_eq!(
+                file_b == *engine_b,
+                module == TargetModule::V,
+                "only q and k are permuted ({module})"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peft_file_without_a_row_order_is_in_hugging_face_order() {
+        let original = adapter(&[TargetModule::Q, TargetModule::K], false);
+        let loaded = load_with_tensors(&original, Dtype::F32, &tensors_of(&original)).unwrap();
+        assert_eq!(loaded, original);
+    }
+
+    #[test]
+    fn an_engine_order_folder_converts_to_peft_order_once() {
+        // What earlier versions of this server published: engine-order rows, no row order.
+        let original = adapter(&[TargetModule::Q, TargetModule::V], false);
+        let dir = saved(&original);
+        write_tensors(
+            dir.path(),
+            Dtype::F32,
+            &tensors_in(&original, QkRowOrder::GgufInterleaved),
+        );
+        assert_eq!(stored_row_order(dir.path()).unwrap(), None);
+        assert_ne!(
+            load(dir.path(), &DIMS).unwrap(),
+            original,
+            "read as PEFT's order"
+        );
+
+        convert_engine_order_folder(dir.path(), &DIMS, u64::MAX).unwrap();
+        assert_eq!(
+            stored_row_order(dir.path()).unwrap(),
+            Some(QkRowOrder::HuggingFace)
+        );
+        assert_eq!(load(dir.path(), &DIMS).unwrap(), original);
+        let again = tempfile::tempdir().unwrap();
+        save(&original, again.path(), "test/tiny-llama").unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap(),
+            std::fs::read(again.path().join(WEIGHTS_FILE)).unwrap(),
+            "the converted file is what a save writes now"
+        );
+    }
+
+    #[test]
+    fn an_unknown_row_order_is_refused() {
+        let original = adapter(&[TargetModule::Q], false);
+        let dir = saved(&original);
+        let tensors = tensors_of(&original);
+        let data: Vec<_> = tensors
+            .iter()
+            .map(|(k, (shape, v))| (k, shape.clone(), encode(Dtype::F32, v)))
+            .collect();
+        let views = data.iter().map(|(k, shape, bytes)| {
+            (
+                *k,
+                TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
+            )
+        });
+        let metadata = HashMap::from([(ROW_ORDER_KEY.to_string(), "neox".to_string())]);
+        let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
+        std::fs::write(dir.path().join(WEIGHTS_FILE), bytes).unwrap();
+        let (_, reason) = invalid_file(load(dir.path(), &DIMS));
+        assert!(
+            reason.contains("mezo.qk_row_order") && reason.contains("hugging_face"),
+            "{reason}"
+        );
+        assert!(stored_row_order(dir.path()).is_err());
     }
 
     #[test]

@@ -97,6 +97,7 @@ mod tests {
             n_kv_head: 1,
             head_dim: 4,
             ffn: 16,
+            qk_rows: adapters::QkRowOrder::HuggingFace,
         };
         let config = LoraConfig {
             rank: 2,

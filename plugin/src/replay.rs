@@ -115,6 +115,7 @@ mod tests {
                 n_kv_head: 2,
                 head_dim: 4,
                 ffn: 8,
+                qk_rows: adapters::QkRowOrder::HuggingFace,
             },
             0,
         )

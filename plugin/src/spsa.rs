@@ -212,6 +212,7 @@ mod tests {
             n_kv_head: 1,
             head_dim: 4,
             ffn: 4,
+            qk_rows: adapters::QkRowOrder::HuggingFace,
         };
         LoraAdapter::new_initialized(LoraConfig::default(), dims, 1).unwrap()
     }

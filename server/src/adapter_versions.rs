@@ -7,6 +7,7 @@
 //! resolved the previous version finish on it, new ones get the new one. Only the LoRA tensors
 //! are new memory; the base model is shared by every version.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::UNIX_EPOCH;
@@ -59,7 +60,18 @@ pub struct AdapterVersions {
 impl AdapterVersions {
     /// Loads every adapter version under `root`. A version that cannot be loaded is skipped with
     /// a warning naming the folder and the reason, so one bad upload does not stop the server.
-    pub fn load(root: PathBuf, model: &LoadedModel, base_model: String) -> Self {
+    ///
+    /// `published` lists the versions this server published (the database's record). Those
+    /// whose files do not declare their q/k row order were written by an earlier version of the
+    /// server in the engine's order; they are converted to PEFT's order once, here, with a log
+    /// line, so that they serve as before and load in PEFT. Folders put there by hand are
+    /// PEFT's own and already in its order.
+    pub fn load(
+        root: PathBuf,
+        model: &LoadedModel,
+        base_model: String,
+        published: &HashSet<(String, u32)>,
+    ) -> Self {
         let versions = Self {
             registry: AdapterRegistry::new(),
             root,
@@ -79,12 +91,19 @@ impl AdapterVersions {
             tracing::warn!("{warning}");
         }
         for stored in found {
-            let loaded =
-                adapters::peft::load_limited(&stored.dir, &versions.dims, MAX_ADAPTER_FILE_BYTES)
-                    .map_err(|e| e.to_string())
-                    .and_then(|lora| {
-                        AdapterView::new(&lora, &versions.dims).map_err(|e| e.to_string())
-                    });
+            let published = published.contains(&(stored.name.clone(), stored.version));
+            let loaded = convert_if_engine_order(&stored.dir, &versions.dims, published)
+                .and_then(|()| {
+                    adapters::peft::load_limited(
+                        &stored.dir,
+                        &versions.dims,
+                        MAX_ADAPTER_FILE_BYTES,
+                    )
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|lora| {
+                    AdapterView::new(&lora, &versions.dims).map_err(|e| e.to_string())
+                });
             match loaded {
                 Ok(view) => {
                     let created = std::fs::metadata(&stored.dir)
@@ -304,6 +323,27 @@ fn write_version_folder(
         .map_err(io(parent))
 }
 
+/// Converts a version folder that this server `published` before files recorded their q/k row
+/// order (see [`AdapterVersions::load`]); any other folder is left alone. When the conversion
+/// fails the version is not served (it would be read in the wrong order) and its folder stays
+/// as it was, to be converted at the next start.
+fn convert_if_engine_order(
+    dir: &Path,
+    dims: &ModelDims,
+    published: bool,
+) -> Result<(), AdapterError> {
+    if !published || adapters::peft::stored_row_order(dir)?.is_some() {
+        return Ok(());
+    }
+    adapters::peft::convert_engine_order_folder(dir, dims, MAX_ADAPTER_FILE_BYTES)?;
+    tracing::info!(
+        dir = %dir.display(),
+        "converted an adapter version published by an earlier release from the engine's q/k row \
+         order to PEFT's; it serves exactly as before and now loads in PEFT too"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +393,7 @@ mod tests {
             n_kv_head: 1,
             head_dim: 4,
             ffn: 16,
+            qk_rows: adapters::QkRowOrder::GgufInterleaved,
         };
         let adapter = LoraAdapter::new_initialized(Default::default(), dims, 3).unwrap();
         let dir = root.path().join("v1");

@@ -169,10 +169,13 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
     let model = LoadedModel::load(model_path, config.model.weights).map_err(|e| e.to_string())?;
     metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.llama.weights_size_bytes() as f64);
     let model_id = model_id(config, &model);
+    let db = Training::open_db(&config.data.dir).map_err(|e| e.to_string())?;
+    let published = db.published_versions().map_err(|e| e.to_string())?;
     let adapters = Arc::new(AdapterVersions::load(
         config.data.adapters_dir(),
         &model,
         model_id.clone(),
+        &published,
     ));
     let model = Arc::new(model);
     let scheduler = Scheduler::start(
@@ -187,7 +190,7 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
         config.scheduler.max_waiting,
     );
     let training = Training::start(
-        &config.data.dir,
+        db,
         config.training.clone(),
         Arc::clone(&model),
         Arc::clone(&adapters),

@@ -182,20 +182,24 @@ impl Drop for Server {
 /// Writes a PEFT adapter with random A and B (so it visibly changes answers) to
 /// `<root>/<name>/v<version>` or, without a version, to `<root>/<name>` (a plain PEFT folder).
 pub fn write_random_adapter(root: &Path, name: &str, version: Option<u32>, seed: u64) {
-    let dims = smollm2_dims();
-    let mut adapter =
-        LoraAdapter::new_initialized(LoraConfig::default(), dims, seed).expect("a valid adapter");
+    let dir = match version {
+        Some(v) => adapters::store::version_dir(root, name, v),
+        None => root.join(name),
+    };
+    adapters::peft::save(&random_adapter(seed), &dir, BASE_MODEL).expect("save the adapter");
+}
+
+/// An adapter for the real model (r = 8 on q and v) with random A and B, the same for a seed.
+pub fn random_adapter(seed: u64) -> LoraAdapter {
+    let mut adapter = LoraAdapter::new_initialized(LoraConfig::default(), smollm2_dims(), seed)
+        .expect("a valid adapter");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     for layer in adapter.layers.values_mut() {
         for b in &mut layer.b {
             *b = rng.gen_range(-0.1..0.1);
         }
     }
-    let dir = match version {
-        Some(v) => adapters::store::version_dir(root, name, v),
-        None => root.join(name),
-    };
-    adapters::peft::save(&adapter, &dir, BASE_MODEL).expect("save the adapter");
+    adapter
 }
 
 fn smollm2_dims() -> adapters::ModelDims {

@@ -31,6 +31,7 @@ pub fn shifted_adapter(shift: f32) -> LoraAdapter {
         n_kv_head: 1,
         head_dim: 4,
         ffn: 4,
+        qk_rows: adapters::QkRowOrder::HuggingFace,
     };
     let config = LoraConfig {
         rank: 1,

@@ -29,6 +29,7 @@ pub const DIMS: ModelDims = ModelDims {
     n_kv_head: 2,
     head_dim: 4,
     ffn: 16,
+    qk_rows: adapters::QkRowOrder::HuggingFace,
 };
 
 /// Rank 4 on q and v: 2 modules × (A 4×8 + B 8×4) = 128 trainable values.

@@ -4,14 +4,16 @@
 //! Conventions that bite:
 //! - GGUF stores `attn_q`/`attn_k` rows permuted for *interleaved* rotary embeddings (pairs
 //!   `(x[2i], x[2i+1])`, llama.cpp's "normal" rope), so [`apply_rope`] rotates pairs, not the
-//!   half-split layout of Hugging Face checkpoints.
+//!   half-split layout of Hugging Face checkpoints. LoRA `B` rows of q/k follow the same
+//!   permutation in memory; [`adapters::qk_rows`] holds it, and PEFT folders are converted on
+//!   load and save so that files on disk stay in Hugging Face's order.
 //! - The output projection is tied to `token_embd.weight` when `output.weight` is absent; both
 //!   uses share one tensor in memory.
 //! - Grouped-query attention: query head `h` reads key/value head `h / (n_head / n_kv_head)`.
 
 use std::ops::Range;
 
-use adapters::{ModelDims, TargetModule};
+use adapters::{ModelDims, QkRowOrder, TargetModule};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -85,6 +87,8 @@ impl LlamaConfig {
             n_kv_head: self.n_kv_head,
             head_dim: self.head_dim,
             ffn: self.ffn,
+            // The GGUF loader keeps llama.cpp's interleaved q/k rows (see the opening comment).
+            qk_rows: QkRowOrder::GgufInterleaved,
         }
     }
 }

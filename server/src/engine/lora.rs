@@ -140,6 +140,7 @@ mod tests {
             n_kv_head: 2,
             head_dim: 4,
             ffn: 24,
+            qk_rows: adapters::QkRowOrder::HuggingFace,
         }
     }
 

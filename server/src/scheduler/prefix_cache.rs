@@ -149,6 +149,7 @@ mod tests {
             n_kv_head: 1,
             head_dim: 4,
             ffn: 8,
+            qk_rows: adapters::QkRowOrder::HuggingFace,
         };
         let lora =
             adapters::LoraAdapter::new_initialized(adapters::LoraConfig::default(), dims, seed)

@@ -7,6 +7,7 @@
 //! `kill -9` loses nothing that was acknowledged. Adapter tensors are not here: each version is
 //! a PEFT folder on disk (see [`super::publish`]).
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -552,6 +553,14 @@ impl Db {
             });
         }
         Ok(versions)
+    }
+
+    /// Every (adapter, version) this server has published.
+    pub fn published_versions(&self) -> DbResult<HashSet<(String, u32)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT adapter, version FROM versions")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn set_live_version(&self, adapter: &str, version: u32) -> DbResult<()> {

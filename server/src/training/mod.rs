@@ -120,21 +120,26 @@ pub struct Training {
 }
 
 impl Training {
-    /// Opens the database in `data_dir`, puts jobs interrupted by a crash back in the queue,
-    /// restores rolled-back live versions, and starts the worker thread.
+    /// Opens (creating if needed) the fine-tuning database in `data_dir`. The server opens it
+    /// before loading adapters, whose published versions it lists.
+    pub fn open_db(data_dir: &Path) -> Result<Db, TrainingError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| TrainingError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Db::open(&data_dir.join(DB_FILE))?)
+    }
+
+    /// Takes over the database opened by [`Self::open_db`], puts jobs interrupted by a crash
+    /// back in the queue, restores rolled-back live versions, and starts the worker thread.
     pub fn start(
-        data_dir: &Path,
+        db: Db,
         config: TrainingConfig,
         model: Arc<LoadedModel>,
         adapters: Arc<AdapterVersions>,
         scheduler: SchedulerHandle,
         base_model: String,
     ) -> Result<Self, TrainingError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| TrainingError::DataDir {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
-        let db = Db::open(&data_dir.join(DB_FILE))?;
         let requeued = db.requeue_interrupted()?;
         if requeued > 0 {
             tracing::info!(
