@@ -698,8 +698,8 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn golden_cases() -> Vec<serde_json::Value> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/smollm2_golden.json");
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/smollm2_golden.json");
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read the golden fixture {}: {e}", path.display()));
         let golden: serde_json::Value =

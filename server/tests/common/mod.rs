@@ -34,7 +34,7 @@ pub fn load_model(mode: WeightMode) -> Llama {
 }
 
 pub fn golden() -> serde_json::Value {
-    let path = workspace_root().join("../shared/fixtures/smollm2_golden.json");
+    let path = workspace_root().join("tests/fixtures/smollm2_golden.json");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("the golden fixture is JSON")
