@@ -12,7 +12,7 @@ use adapters::{LoraAdapter, LoraConfig, QkRowOrder, TargetModule};
 use candle_core::{Device, Tensor};
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
-use plugin::{ObjectiveKind, ScoreRequest, Trainer, TrainerConfig, TrainingExample, ZoEngine};
+use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample, ZoEngine};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::SafeTensors;
@@ -139,16 +139,7 @@ fn a_trained_q_v_adapter_saves_in_peft_order_and_reloads_bit_for_bit() {
         |a: &LoraAdapter| -> Vec<u32> { a.params().flatten().map(|v| v.to_bits()).collect() };
     assert_eq!(bits(&reloaded), bits(trained));
 
-    let items: Vec<ScoreRequest> = ["Review: a gorgeous, witty film.\nSentiment:"]
-        .iter()
-        .map(|p| ScoreRequest {
-            prompt: model.tokenize(p, false),
-            continuations: vec![
-                model.tokenize(" negative", false),
-                model.tokenize(" positive", false),
-            ],
-        })
-        .collect();
+    let items = common::sentiment_items(&model, &["Review: a gorgeous, witty film.\nSentiment:"]);
     let before = model.score(&[trained], &items).expect("score");
     let after = model.score(&[&reloaded], &items).expect("score");
     assert_eq!(

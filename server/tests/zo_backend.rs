@@ -36,19 +36,13 @@ fn perturbed_pair(model: &LoadedModel) -> (LoraAdapter, LoraAdapter) {
 fn one_batched_evaluation_equals_two_separate_ones() {
     let model = LoadedModel::load(&common::model_path(), WeightMode::F32).expect("load");
     let (plus, minus) = perturbed_pair(&model);
-    let items: Vec<ScoreRequest> = [
-        "Review: a gorgeous, witty film.\nSentiment:",
-        "Review: a mess.\nSentiment:",
-    ]
-    .iter()
-    .map(|p| ScoreRequest {
-        prompt: model.tokenize(p, false),
-        continuations: vec![
-            model.tokenize(" negative", false),
-            model.tokenize(" positive", false),
+    let items = common::sentiment_items(
+        &model,
+        &[
+            "Review: a gorgeous, witty film.\nSentiment:",
+            "Review: a mess.\nSentiment:",
         ],
-    })
-    .collect();
+    );
     let both = model.score(&[&plus, &minus], &items).expect("score");
     let alone_plus = model.score(&[&plus], &items).expect("score");
     let alone_minus = model.score(&[&minus], &items).expect("score");

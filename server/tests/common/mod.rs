@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use mezo_server::engine::gguf::GgufFile;
 use mezo_server::engine::llama::Llama;
+use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
+use plugin::{ScoreRequest, ZoEngine};
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -46,5 +48,19 @@ pub fn ids_of(case: &serde_json::Value, key: &str) -> Vec<u32> {
         .unwrap_or_else(|| panic!("case has no `{key}`"))
         .iter()
         .map(|v| v.as_u64().expect("token id") as u32)
+        .collect()
+}
+
+/// Each prompt with the candidates " negative" and " positive", to score.
+pub fn sentiment_items(model: &LoadedModel, prompts: &[&str]) -> Vec<ScoreRequest> {
+    prompts
+        .iter()
+        .map(|p| ScoreRequest {
+            prompt: model.tokenize(p, false),
+            continuations: vec![
+                model.tokenize(" negative", false),
+                model.tokenize(" positive", false),
+            ],
+        })
         .collect()
 }
