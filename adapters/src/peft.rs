@@ -986,6 +986,15 @@ mod tests {
     }
 
     fn write_tensors(dir: &Path, dtype: Dtype, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+        write_tensors_with_metadata(dir, dtype, tensors, None);
+    }
+
+    fn write_tensors_with_metadata(
+        dir: &Path,
+        dtype: Dtype,
+        tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        metadata: Option<HashMap<String, String>>,
+    ) {
         let data: Vec<(&String, Vec<usize>, Vec<u8>)> = tensors
             .iter()
             .map(|(k, (shape, values))| (k, shape.clone(), encode(dtype, values)))
@@ -993,7 +1002,7 @@ mod tests {
         let views = data
             .iter()
             .map(|(k, shape, bytes)| (*k, TensorView::new(dtype, shape.clone(), bytes).unwrap()));
-        let bytes = safetensors::serialize(views, None).unwrap();
+        let bytes = safetensors::serialize(views, metadata).unwrap();
         std::fs::write(dir.join(WEIGHTS_FILE), bytes).unwrap();
     }
 
@@ -1116,20 +1125,13 @@ mod tests {
     fn an_unknown_row_order_is_refused() {
         let original = adapter(&[TargetModule::Q], false);
         let dir = saved(&original);
-        let tensors = tensors_of(&original);
-        let data: Vec<_> = tensors
-            .iter()
-            .map(|(k, (shape, v))| (k, shape.clone(), encode(Dtype::F32, v)))
-            .collect();
-        let views = data.iter().map(|(k, shape, bytes)| {
-            (
-                *k,
-                TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
-            )
-        });
         let metadata = HashMap::from([(ROW_ORDER_KEY.to_string(), "neox".to_string())]);
-        let bytes = safetensors::serialize(views, Some(metadata)).unwrap();
-        std::fs::write(dir.path().join(WEIGHTS_FILE), bytes).unwrap();
+        write_tensors_with_metadata(
+            dir.path(),
+            Dtype::F32,
+            &tensors_of(&original),
+            Some(metadata),
+        );
         let (_, reason) = invalid_file(load(dir.path(), &DIMS));
         assert!(
             reason.contains("mezo.qk_row_order") && reason.contains("hugging_face"),
