@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::datasets::movie_reviews::{self, Review, CANDIDATES};
 use crate::engine::batch::{BatchRow, RowCache};
 use crate::engine::generate::{step, GenerationParams, Sequence, StopConditions};
+use crate::engine::kernels::isa::Isa;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::sampler::SamplingParams;
@@ -33,6 +34,43 @@ pub struct EngineBenchResult {
     pub decode_b8_tokens_per_s: f64,
     pub score_16x2_seconds: f64,
     pub peak_rss_bytes: u64,
+    /// The matrix kernels' variant (`avx512`, `avx2`, `portable`).
+    pub kernels: String,
+    /// GFLOP/s of one batched product the size of a training forward's FFN projection.
+    pub batched_product_gflops: f64,
+    /// The machine's FMA peak with the same registers, measured.
+    pub fma_peak_gflops: f64,
+}
+
+/// Rows of the batched-product measurement: about a training batch's tokens.
+const BATCHED_ROWS: usize = 512;
+
+/// GFLOP/s of `BATCHED_ROWS` rows times a 1536×576 matrix (the FFN's gate projection of the
+/// default model) in `mode`: Q4_1 as the default model stores it, or f32. Best of 5.
+fn batched_product_gflops(mode: WeightMode) -> Result<f64> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use crate::engine::kernels::PackedMatrix;
+
+    let (out, inp) = (1536, 576);
+    let w = Tensor::randn(0f32, 1f32, (out, inp), &Device::Cpu)?;
+    let matrix = match mode {
+        WeightMode::Quantized => {
+            PackedMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?
+                .ok_or_else(|| candle_core::Error::Msg("Q4_1 has kernels".into()))?
+        }
+        WeightMode::F32 => PackedMatrix::from_f32(&w.flatten_all()?.to_vec1()?, out, inp),
+    };
+    let xs: Vec<f32> = Tensor::randn(0f32, 1f32, (BATCHED_ROWS * inp,), &Device::Cpu)?.to_vec1()?;
+    let mut ys = vec![0f32; BATCHED_ROWS * out];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        matrix.matmul_t(&xs, BATCHED_ROWS, &mut ys);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (BATCHED_ROWS * out * inp) as f64 / best / 1e9)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -145,6 +183,9 @@ pub fn run_mode(
         decode_b8_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 8, 32)?,
         score_16x2_seconds: scoring_seconds(&model, batch, 5)?,
         peak_rss_bytes: process_memory::peak_resident_bytes().unwrap_or(0),
+        kernels: Isa::selected().name().to_string(),
+        batched_product_gflops: batched_product_gflops(mode)?,
+        fma_peak_gflops: Isa::selected().fma_peak_gflops(),
     })
 }
 
@@ -186,16 +227,19 @@ pub fn machine_description() -> String {
 /// The results as a Markdown table (the README quotes it).
 pub fn render_table(results: &[EngineBenchResult]) -> String {
     let mut out = String::from(
-        "| weights | prefill tok/s (200-token prompt) | decode tok/s, batch 1 | decode tok/s, batch 8 | score 16×2 (s) | peak RSS (MB) | weights (MB) | load (s) |\n|---|---|---|---|---|---|---|---|\n",
+        "| weights | kernels | prefill tok/s (200-token prompt) | decode tok/s, batch 1 | decode tok/s, batch 8 | score 16×2 (s) | batched product GFLOP/s (512×576 · 576×1536) / FMA peak | peak RSS (MB) | weights (MB) | load (s) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         out.push_str(&format!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.3} | {:.0} | {:.0} | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.3} | {:.0} / {:.0} | {:.0} | {:.0} | {:.2} |\n",
             r.mode,
+            r.kernels,
             r.prefill_tokens_per_s,
             r.decode_b1_tokens_per_s,
             r.decode_b8_tokens_per_s,
             r.score_16x2_seconds,
+            r.batched_product_gflops,
+            r.fma_peak_gflops,
             r.peak_rss_bytes as f64 / 1e6,
             r.weights_bytes as f64 / 1e6,
             r.load_seconds,

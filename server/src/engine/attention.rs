@@ -4,11 +4,14 @@
 //! Each row attends over its own history only, so candle's tensor operations would cost a
 //! dozen small operations per row and layer (narrow, concatenate, reshape, two products,
 //! softmax), whose fixed overhead dominated decode at several rows per step. Here a row's
-//! attention is a few loops that LLVM vectorises, reading the key/value cache in place.
+//! attention is a few loops over the key/value cache in place, whose dot products and weighted
+//! sums run the SIMD kernels of [`super::kernels::isa`].
 //! [`attend_reference`] computes the same with candle's operations; the tests hold the two
 //! equal.
 
 use rayon::prelude::*;
+
+use super::kernels::isa::Isa;
 
 /// Rows with at least this many queries (prefill) spread them over the thread pool; decode rows
 /// are too small for a hand-off to pay.
@@ -80,37 +83,49 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
     let n_rep = n_head / n_kv_head;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let split = kv.keys[0].len() / kv_stride;
-    // Position j's vector of kv head g, from whichever span holds it.
-    fn at(spans: [&[f32]; 2], split: usize, stride: usize, j: usize, g: usize, d: usize) -> &[f32] {
-        let (span, j) = if j < split {
-            (spans[0], j)
-        } else {
-            (spans[1], j - split)
-        };
-        &span[j * stride + g * d..][..d]
-    }
-    // Query i sits at position total - t + i and sees every position up to it.
+    let isa = Isa::selected();
+    // Query i sits at position total - t + i and sees every position up to it: the first
+    // `min(visible, split)` in the first span, the rest in the second.
     let query_position = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
         let visible = total - t + i + 1;
+        let in_first = visible.min(split);
         scores.resize(visible, 0.0);
         for h in 0..n_head {
             let g = h / n_rep;
             let query = &q[(i * n_head + h) * head_dim..][..head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (j, score) in scores.iter_mut().enumerate() {
-                *score = dot(query, at(kv.keys, split, kv_stride, j, g, head_dim)) * scale;
-                max = max.max(*score);
+            // Kv head g's vectors of a span start at `g · head_dim` (an empty span has none).
+            fn head_of(span: &[f32], start: usize) -> &[f32] {
+                span.get(start..).unwrap_or(&[])
             }
+            let (first, second) = scores.split_at_mut(in_first);
+            isa.scaled_dots(
+                query,
+                head_of(kv.keys[0], g * head_dim),
+                kv_stride,
+                scale,
+                first,
+            );
+            isa.scaled_dots(
+                query,
+                head_of(kv.keys[1], g * head_dim),
+                kv_stride,
+                scale,
+                second,
+            );
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for score in scores.iter_mut() {
                 *score = (*score - max).exp();
                 sum += *score;
             }
+            for score in scores.iter_mut() {
+                *score /= sum;
+            }
             let o = &mut out[h * head_dim..][..head_dim];
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                axpy(p / sum, at(kv.values, split, kv_stride, j, g, head_dim), o);
-            }
+            let (first, second) = scores.split_at(in_first);
+            isa.weighted_sum(first, head_of(kv.values[0], g * head_dim), kv_stride, o);
+            isa.weighted_sum(second, head_of(kv.values[1], g * head_dim), kv_stride, o);
         }
     };
     let width = n_head * head_dim;
@@ -124,32 +139,6 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
         for (i, out) in out.chunks_mut(width).enumerate() {
             query_position(i, out, &mut scores);
         }
-    }
-}
-
-/// Dot product in 8 independent lanes (vectorised; the order is fixed, so results are too).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] = x[l].mul_add(y[l], lanes[l]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = alpha.mul_add(*x, *y);
     }
 }
 

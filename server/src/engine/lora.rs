@@ -10,14 +10,29 @@ use std::sync::Arc;
 use adapters::{LoraAdapter, ModelDims, TargetModule};
 use candle_core::{Device, Tensor};
 
+use super::kernels::PackedMatrix;
 use super::{EngineError, Result};
 
-/// One adapted module as the forward pass uses it: `Aᵀ` (`[in, r]`) and `scale·Bᵀ` (`[r, out]`),
-/// so the LoRA term is two plain matrix products.
+/// One adapted module as the forward pass uses it: `A` (`[r, in]`) and `scale·B` (`[out, r]`)
+/// as matrices of the engine's kernels, so the LoRA term is two products whose rows, like the
+/// base product's, do not depend on the rest of the batch.
 #[derive(Debug, Clone)]
 struct LoraPair {
-    a_t: Tensor,
-    b_t_scaled: Tensor,
+    a: PackedMatrix,
+    b_scaled: PackedMatrix,
+}
+
+impl LoraPair {
+    /// `xs·Aᵀ·(scale·B)ᵀ` for `rows` rows of `xs`.
+    fn delta(&self, xs: &[f32], rows: usize) -> Vec<f32> {
+        let (rank, _) = self.a.dims();
+        let (out, _) = self.b_scaled.dims();
+        let mut hidden = vec![0f32; rows * rank];
+        self.a.matmul_t(xs, rows, &mut hidden);
+        let mut delta = vec![0f32; rows * out];
+        self.b_scaled.matmul_t(&hidden, rows, &mut delta);
+        delta
+    }
 }
 
 /// An immutable LoRA adapter turned into engine tensors. Cheap to share (`Arc`); building one
@@ -45,7 +60,7 @@ impl AdapterView {
                 adapter.dims, dims
             )));
         }
-        let scale = f64::from(adapter.config.scale());
+        let scale = adapter.config.scale();
         let mut layers: Vec<[Option<LoraPair>; 7]> =
             (0..dims.n_layer).map(|_| Default::default()).collect();
         let mut size_bytes = 0;
@@ -57,11 +72,10 @@ impl AdapterView {
                     lora.in_dim, lora.out_dim
                 )));
             }
-            let a = Tensor::from_slice(&lora.a, (lora.rank, in_dim), &Device::Cpu)?;
-            let b = Tensor::from_slice(&lora.b, (out_dim, lora.rank), &Device::Cpu)?;
+            let b_scaled: Vec<f32> = lora.b.iter().map(|&b| b * scale).collect();
             let pair = LoraPair {
-                a_t: a.t()?.contiguous()?,
-                b_t_scaled: (b * scale)?.t()?.contiguous()?,
+                a: PackedMatrix::from_f32(&lora.a, lora.rank, in_dim),
+                b_scaled: PackedMatrix::from_f32(&b_scaled, out_dim, lora.rank),
             };
             size_bytes += (lora.a.len() + lora.b.len()) * 4;
             layers[layer][module_index(module)] = Some(pair);
@@ -103,26 +117,21 @@ pub fn add_lora(
     if adapted.is_empty() {
         return Ok(ys);
     }
-    let n = xs.dim(0)?;
-    if let [(segment, pair)] = adapted.as_slice() {
-        if segment.start == 0 && segment.len == n {
-            return Ok((ys + xs.matmul(&pair.a_t)?.matmul(&pair.b_t_scaled)?)?);
+    let (n, in_dim) = xs.dims2()?;
+    let out_dim = ys.dim(1)?;
+    let xs: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+    let mut ys: Vec<f32> = ys.flatten_all()?.to_vec1()?;
+    for (segment, pair) in adapted {
+        let rows = segment.start..segment.start + segment.len;
+        let delta = pair.delta(&xs[rows.start * in_dim..rows.end * in_dim], segment.len);
+        for (y, d) in ys[rows.start * out_dim..rows.end * out_dim]
+            .iter_mut()
+            .zip(delta)
+        {
+            *y += d;
         }
     }
-    // Mixed batch: build the delta for every row (zeros where no adapter applies) in one tensor.
-    let out_dim = ys.dim(1)?;
-    let mut parts = Vec::with_capacity(segments.len());
-    for segment in segments {
-        let pair = segment.view.and_then(|v| v.pair(layer, module));
-        parts.push(match pair {
-            Some(pair) => xs
-                .narrow(0, segment.start, segment.len)?
-                .matmul(&pair.a_t)?
-                .matmul(&pair.b_t_scaled)?,
-            None => Tensor::zeros((segment.len, out_dim), ys.dtype(), ys.device())?,
-        });
-    }
-    Ok((ys + Tensor::cat(&parts, 0)?)?)
+    Ok(Tensor::from_vec(ys, (n, out_dim), &Device::Cpu)?)
 }
 
 #[cfg(test)]

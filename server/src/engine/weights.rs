@@ -3,15 +3,14 @@
 //! Two modes, chosen in config ([`WeightMode`]); both keep the loss surface smooth at MeZO's ε
 //! (DESIGN.md §4: candle's quantized kernels round activations to 8 bits, which makes finite
 //! differences meaningless, so no training product goes through them):
-//! - `f32`: every matrix is dequantized once at load. Batched work (prefill, scoring, training)
-//!   runs as dense f32 GEMMs.
-//! - `quantized` (the default): matrices stay as stored in the GGUF (Q4_0, Q4_1, Q8_0), four to
-//!   eight times smaller, and every product, decode and prefill alike, runs the quantized
-//!   kernels of [`super::kernels`], which keep activations in f32 (so training forwards keep
-//!   f32 numerics) and give each row the same result whatever else is in the batch. Measured
-//!   against dequantize-then-GEMM at every row count from 1 to 200, the kernels were as fast or
-//!   faster (2× at 16–64 rows), so there is no second path. Other GGML types use candle's
-//!   quantized product for few rows and a dequantized GEMM for many.
+//! - `quantized` (the default): matrices keep the GGUF's quantization (Q4_0, Q4_1, Q8_0), four
+//!   to eight times smaller than f32, and every product dequantizes the panel it works on
+//!   into a cache-sized f32 buffer ([`super::kernels`]).
+//! - `f32`: every matrix is dequantized once at load, and the products read it as it is.
+//!
+//! Both run the same kernels on the same weights, so they give the same bits: the mode trades
+//! memory for the per-product dequantization only. Other GGML types use candle's quantized
+//! product for few rows and a dequantized GEMM for many.
 
 use std::sync::Arc;
 
@@ -19,7 +18,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::kernels::QuantizedMatrix;
+use super::kernels::PackedMatrix;
 use super::Result;
 
 /// How weight matrices are kept in memory. See the module documentation.
@@ -48,12 +47,8 @@ pub const CANDLE_QMATMUL_MAX_ROWS: usize = 8;
 /// A weight matrix `W` of shape `[out, in]`, applied as `xs · Wᵀ`.
 #[derive(Debug, Clone)]
 pub enum Matrix {
-    /// Stored transposed, `Wᵀ` `[in, out]` contiguous: the GEMM then reads its right-hand side
-    /// row-major, which measured 1.1× faster at 200 rows and 3× faster at 8 rows than reading
-    /// `W` through a transposed view.
-    Dense { w_t: Tensor },
-    /// Q4_0 / Q4_1 / Q8_0 blocks with this engine's kernels (f32 activations).
-    Quantized(QuantizedMatrix),
+    /// In this engine's panel layout: f32, or Q4_0 / Q4_1 / Q8_0 blocks (f32 activations).
+    Packed(PackedMatrix),
     /// Other GGML block types, with candle's kernels (8-bit activations in few-row products).
     CandleQuantized {
         qmatmul: QMatMul,
@@ -63,20 +58,25 @@ pub enum Matrix {
 
 impl Matrix {
     /// Takes a tensor as read from the GGUF and keeps it in the requested mode. Tensors that are
-    /// already f32/f16 in the file are always kept dense.
+    /// already f32/f16 in the file are always kept as f32.
     pub fn from_qtensor(qtensor: QTensor, mode: WeightMode) -> Result<Self> {
         let stored_as_float = matches!(
             qtensor.dtype(),
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
         );
-        if mode == WeightMode::F32 || stored_as_float {
+        let packed = if mode == WeightMode::F32 || stored_as_float {
             let w = qtensor.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-            return Ok(Matrix::Dense {
-                w_t: w.t()?.contiguous()?,
-            });
-        }
-        if let Some(kernel) = QuantizedMatrix::from_qtensor(&qtensor)? {
-            return Ok(Matrix::Quantized(kernel));
+            let (out, inp) = w.dims2()?;
+            Some(PackedMatrix::from_f32(
+                &w.flatten_all()?.to_vec1()?,
+                out,
+                inp,
+            ))
+        } else {
+            PackedMatrix::from_qtensor(&qtensor)?
+        };
+        if let Some(packed) = packed {
+            return Ok(Matrix::Packed(packed));
         }
         let qtensor = Arc::new(qtensor);
         let qmatmul = QMatMul::from_arc(qtensor.clone())?;
@@ -86,11 +86,7 @@ impl Matrix {
     /// `(out, in)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
         Ok(match self {
-            Matrix::Dense { w_t } => {
-                let (n_in, n_out) = w_t.dims2()?;
-                (n_out, n_in)
-            }
-            Matrix::Quantized(kernel) => kernel.dims(),
+            Matrix::Packed(kernel) => kernel.dims(),
             Matrix::CandleQuantized { qtensor, .. } => qtensor.shape().dims2()?,
         })
     }
@@ -99,8 +95,7 @@ impl Matrix {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let rows = xs.dim(0)?;
         match self {
-            Matrix::Dense { w_t } => Ok(xs.matmul(w_t)?),
-            Matrix::Quantized(kernel) => {
+            Matrix::Packed(kernel) => {
                 let (n_out, _) = kernel.dims();
                 let xs: Vec<f32> = xs.flatten_all()?.to_vec1()?;
                 let mut ys = vec![0f32; rows * n_out];
@@ -119,10 +114,7 @@ impl Matrix {
     /// Rows of `W` selected by `ids` (the embedding lookup), as f32 `[ids.len(), in]`.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            // A column gather from `Wᵀ`: one strided read per id and input feature, cheap next
-            // to keeping a second, untransposed copy of the embedding.
-            Matrix::Dense { w_t } => w_t.index_select(ids, 1)?.t()?.contiguous()?,
-            Matrix::Quantized(kernel) => {
+            Matrix::Packed(kernel) => {
                 let ids: Vec<u32> = ids.to_vec1()?;
                 let (_, n_in) = kernel.dims();
                 let mut out = vec![0f32; ids.len() * n_in];
@@ -136,8 +128,7 @@ impl Matrix {
     /// Bytes this matrix occupies in memory.
     pub fn size_bytes(&self) -> usize {
         match self {
-            Matrix::Dense { w_t } => w_t.elem_count() * w_t.dtype().size_in_bytes(),
-            Matrix::Quantized(kernel) => kernel.size_bytes(),
+            Matrix::Packed(kernel) => kernel.size_bytes(),
             Matrix::CandleQuantized { qtensor, .. } => qtensor.storage_size_in_bytes(),
         }
     }

@@ -1,0 +1,307 @@
+//! The AVX2 kernels: a panel's 16 outputs for one `k` take two 256-bit registers; the tile is
+//! up to 6 input rows × 1 panel (12 accumulators of the 16 registers). Same operations as
+//! [`super::portable`], so the same bits.
+//!
+//! `unsafe` is needed twice over: the intrinsics are `unsafe` to call, and these functions are
+//! compiled for AVX2 + FMA (`#[target_feature]`) so that one binary runs on CPUs without them.
+//! Callers reach them only through [`super::isa::Isa`], which selects them after
+//! `is_x86_feature_detected!` confirmed the features, and which checks every slice length
+//! the pointer arithmetic here relies on.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use super::isa::{Fused, Tile};
+use super::layout::{Format, PANEL, QK};
+
+/// Input rows per tile.
+pub const ROWS: usize = 6;
+/// Panels per tile.
+pub const PANELS: usize = 1;
+
+/// Half a panel: the outputs in one register.
+const HALF: usize = PANEL / 2;
+
+/// A panel block's per-row scales `d` and offsets `m` (zero unless Q4_1), as f32, rows 0..8
+/// and 8..16.
+macro_rules! block_scales {
+    ($format:expr, $p:expr) => {{
+        let d = [
+            _mm256_cvtph_ps(_mm_loadu_si128($p.cast())),
+            _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * HALF).cast())),
+        ];
+        let m = if $format == Format::Q4_1 {
+            [
+                _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * PANEL).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * PANEL + 2 * HALF).cast())),
+            ]
+        } else {
+            [_mm256_setzero_ps(); 2]
+        };
+        (d, m)
+    }};
+}
+
+/// The dequantized weights of columns `k` and `k + 1` (even `k`) of a panel block at `p`:
+/// `[column][half]`, computed as [`super::layout::dequantize_block_row`] does.
+macro_rules! column_pair {
+    ($format:expr, $p:expr, $d:expr, $m:expr, $k:expr) => {{
+        let quants: [[__m128i; 2]; 2] = match $format {
+            Format::Q4_0 | Format::Q4_1 => {
+                let nibble_mask = _mm_set1_epi8(0x0F);
+                let qs = $p.add(if $format == Format::Q4_1 {
+                    4 * PANEL
+                } else {
+                    2 * PANEL
+                });
+                let v = _mm_loadu_si128(qs.add(8 * $k).cast());
+                let lo = _mm_and_si128(v, nibble_mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble_mask);
+                // Bytes 0..8 of `lo` are rows 0..8 of column k, bytes 8..16 those of k + 1;
+                // `hi` holds rows 8..16.
+                [[lo, hi], [_mm_srli_si128(lo, 8), _mm_srli_si128(hi, 8)]]
+            }
+            _ => {
+                let qs = $p.add(2 * PANEL);
+                let v0 = _mm_loadu_si128(qs.add(PANEL * $k).cast());
+                let v1 = _mm_loadu_si128(qs.add(PANEL * ($k + 1)).cast());
+                [[v0, _mm_srli_si128(v0, 8)], [v1, _mm_srli_si128(v1, 8)]]
+            }
+        };
+        let mut w = [[_mm256_setzero_ps(); 2]; 2];
+        for (w, quants) in w.iter_mut().zip(quants) {
+            for (h, (w, q)) in w.iter_mut().zip(quants).enumerate() {
+                *w = match $format {
+                    Format::Q4_1 => {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+                        _mm256_add_ps(_mm256_mul_ps(q, $d[h]), $m[h])
+                    }
+                    Format::Q4_0 => {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+                        _mm256_mul_ps(_mm256_sub_ps(q, _mm256_set1_ps(8.0)), $d[h])
+                    }
+                    _ => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), $d[h]),
+                };
+            }
+        }
+        w
+    }};
+}
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `blocks` holds whole panel blocks of `format` (not F32)
+/// and `out` `32 · 16` floats per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dequantize(format: Format, blocks: &[u8], out: &mut [f32]) {
+    let pbb = format.panel_block_bytes();
+    for (block, out) in blocks
+        .chunks_exact(pbb)
+        .zip(out.chunks_exact_mut(QK * PANEL))
+    {
+        let p = block.as_ptr();
+        let o = out.as_mut_ptr();
+        // SAFETY (all loads and stores): `block` is one panel block of `format` and `out`
+        // holds 32 × 16 floats, so every offset stays inside them.
+        let (d, m) = block_scales!(format, p);
+        for k in (0..QK).step_by(2) {
+            let w = column_pair!(format, p, d, m, k);
+            for (c, w) in w.iter().enumerate() {
+                for (h, &w) in w.iter().enumerate() {
+                    _mm256_storeu_ps(o.add((k + c) * PANEL + h * HALF), w);
+                }
+            }
+        }
+    }
+}
+
+/// Rows per call of [`fused`].
+pub const FUSED_ROWS: usize = 4;
+
+/// [`tile`] for a few rows, reading the quantized panel blocks directly: each column's
+/// weights are dequantized in registers and used at once (same operations, same bits).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `tile` passed [`Fused::check`] for `FUSED_ROWS` and
+/// `PANELS`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn fused(tile: &mut Fused) {
+    match tile.rows {
+        1 => fused_fixed::<1>(tile),
+        2 => fused_fixed::<2>(tile),
+        3 => fused_fixed::<3>(tile),
+        4 => fused_fixed::<4>(tile),
+        _ => unreachable!("Fused::check bounds the rows"),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fused_fixed<const R: usize>(tile: &mut Fused) {
+    let format = tile.format;
+    let pbb = format.panel_block_bytes();
+    let x = tile.x.as_ptr();
+    let c = tile.c.as_mut_ptr();
+    let blocks = tile.blocks[0].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // SAFETY (all pointer offsets): `Fused::check` verified that `x` holds R rows of `kc` at
+    // `x_stride`, `blocks[0]` `kc / 32` panel blocks, and `c` R rows of 16 at `c_stride`.
+    if tile.accumulate {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_loadu_ps(c.add(r * tile.c_stride + h * HALF));
+            }
+        }
+    }
+    for b in 0..tile.kc / QK {
+        let block = blocks.add(b * pbb);
+        let (d, m) = block_scales!(format, block);
+        for k in (0..QK).step_by(2) {
+            let w = column_pair!(format, block, d, m, k);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let at = x.add(r * tile.x_stride + b * QK + k);
+                for (c, w) in w.iter().enumerate() {
+                    let xk = _mm256_set1_ps(*at.add(c));
+                    acc[0] = _mm256_fmadd_ps(xk, w[0], acc[0]);
+                    acc[1] = _mm256_fmadd_ps(xk, w[1], acc[1]);
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, &acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(r * tile.c_stride + h * HALF), acc);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA; `tile` passed [`Tile::check`] for `ROWS` and `PANELS`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn tile(tile: &mut Tile) {
+    match tile.rows {
+        1 => tile_fixed::<1>(tile),
+        2 => tile_fixed::<2>(tile),
+        3 => tile_fixed::<3>(tile),
+        4 => tile_fixed::<4>(tile),
+        5 => tile_fixed::<5>(tile),
+        6 => tile_fixed::<6>(tile),
+        _ => unreachable!("Tile::check bounds the rows"),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_fixed<const R: usize>(tile: &mut Tile) {
+    let x = tile.x.as_ptr();
+    let c = tile.c.as_mut_ptr();
+    let w = tile.w[0].as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
+    // `x_stride`, `w[0]` `kc × 16` floats, and `c` R rows of 16 at `c_stride`.
+    if tile.accumulate {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_loadu_ps(c.add(r * tile.c_stride + h * HALF));
+            }
+        }
+    }
+    for k in 0..tile.kc {
+        let wk = [
+            _mm256_loadu_ps(w.add(k * PANEL)),
+            _mm256_loadu_ps(w.add(k * PANEL + HALF)),
+        ];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xk = _mm256_set1_ps(*x.add(r * tile.x_stride + k));
+            acc[0] = _mm256_fmadd_ps(xk, wk[0], acc[0]);
+            acc[1] = _mm256_fmadd_ps(xk, wk[1], acc[1]);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, &acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(r * tile.c_stride + h * HALF), acc);
+        }
+    }
+}
+
+/// `iterations` rounds of 12 independent FMA chains in registers (the tile's shape, with no
+/// loads): returns a value that depends on all of them, so that none is optimised away.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn fma_loop(iterations: usize) -> f32 {
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    for _ in 0..iterations {
+        for acc in acc.iter_mut() {
+            *acc = _mm256_fmadd_ps(*acc, a, b);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    let mut sum = _mm256_setzero_ps();
+    for acc in acc {
+        sum = _mm256_add_ps(sum, acc);
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    lanes.iter().sum()
+}
+
+/// Attention scores: `scores[j] = (query · keys[j·stride..][..d]) · scale`, each dot product
+/// in 8 lanes of FMAs summed in order, then the tail (as [`super::portable::scaled_dots`]).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `keys` holds `scores.len()` vectors of `query.len()` at `stride`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scaled_dots(
+    query: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let d = query.len();
+    let body = d - d % HALF;
+    let q = query.as_ptr();
+    for (j, score) in scores.iter_mut().enumerate() {
+        let k = &keys[j * stride..j * stride + d];
+        let kp = k.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        // SAFETY: `i + 8 <= body <= d`, the length of both `query` and `k`.
+        for i in (0..body).step_by(HALF) {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(kp.add(i)), acc);
+        }
+        let mut lanes = [0f32; HALF];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let tail: f32 = query[body..]
+            .iter()
+            .zip(&k[body..])
+            .map(|(x, y)| x * y)
+            .sum();
+        *score = (lanes.iter().sum::<f32>() + tail) * scale;
+    }
+}
+
+/// Attention's weighted sum: `out[i] = fma(weights[j], values[j·stride + i], out[i])` for each
+/// `j` in order.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `values` holds `weights.len()` vectors of `out.len()` at `stride`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len();
+    let body = d - d % HALF;
+    let o = out.as_mut_ptr();
+    for (j, &weight) in weights.iter().enumerate() {
+        let v = &values[j * stride..j * stride + d];
+        let vp = v.as_ptr();
+        let w = _mm256_set1_ps(weight);
+        // SAFETY: `i + 8 <= body <= d`, the length of both `out` and `v`.
+        for i in (0..body).step_by(HALF) {
+            let y = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(i)), _mm256_loadu_ps(o.add(i)));
+            _mm256_storeu_ps(o.add(i), y);
+        }
+        for i in body..d {
+            let y = _mm_fmadd_ss(_mm_set_ss(weight), _mm_set_ss(v[i]), _mm_set_ss(out[i]));
+            out[i] = _mm_cvtss_f32(y);
+        }
+    }
+}

@@ -1,0 +1,677 @@
+//! The matrix products of the engine: `ys = xs · Wᵀ` for f32 activation rows `xs` and a weight
+//! matrix kept either as GGUF 4/8-bit blocks (`quantized` mode) or as f32 (`f32` mode), for one
+//! decode row and for a training batch of thousands alike.
+//!
+//! - [`layout`]: the matrix is repacked at load into panels of 16 output rows, interleaved
+//!   along `k`, keeping its quantization.
+//! - The product is a blocked GEMM: per panel (two on AVX-512) and chunk of [`KC`] columns,
+//!   the weights are dequantized once into an f32 buffer that stays in L1 (f32 panels are read
+//!   in place), and a register-blocked outer-product tile kernel runs every block of input
+//!   rows over it ([`isa::Tile`]: 12×32 on AVX-512, 6×16 on AVX2, 4×16 portable). Panels are
+//!   shared out between the cores. One decode row is the same loop with a one-row tile.
+//! - [`isa`]: the variant is chosen at run time from the CPU's features ([`avx512`], [`avx2`],
+//!   [`portable`]); no build flag is needed.
+//!
+//! Numerics: activations stay f32 (no 8-bit rounding; MeZO's finite differences need it,
+//! DESIGN.md §4), every weight is dequantized exactly as candle's `dequantize`, and every
+//! output is one chain of FMAs along `k` from 0 to `in`. So a row's result is bit for bit the
+//! same alone or in any batch, on any thread count, with every variant, and in both weight
+//! modes; and it equals [`PackedMatrix::matmul_t_reference`], the plain scalar twin.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+pub mod isa;
+pub mod layout;
+mod portable;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+
+use isa::{Fused, Isa, Tile};
+use layout::{Format, PANEL, QK};
+
+/// Columns per chunk: one panel's dequantized chunk is `KC × 16` floats (16 KiB), so the two
+/// an AVX-512 tile reads stay in L1 with the input rows' slices. A multiple of [`QK`].
+const KC: usize = 256;
+
+/// Input rows per block: the block's slice of a chunk (`MC × KC` floats, 240 KiB) stays in L2
+/// while every panel of a task passes over it. A multiple of every variant's tile rows.
+const MC: usize = 240;
+
+/// A task reads at least this many weight bytes, so that handing it out stays cheap next to
+/// the work.
+const MIN_TASK_BYTES: usize = 16 * 1024;
+
+/// Tasks per thread when the matrix is large: enough for a thread that finishes early to take
+/// over part of the work of a core that is busy with something else.
+const TASKS_PER_THREAD: usize = 4;
+
+/// A weight matrix `[out, in]` in the panel layout.
+#[derive(Clone, Debug)]
+pub struct PackedMatrix {
+    format: Format,
+    out: usize,
+    inp: usize,
+    storage: Storage,
+}
+
+/// The panels; shared so that clones are cheap.
+#[derive(Clone, Debug)]
+enum Storage {
+    Blocks(Arc<[u8]>),
+    F32(Arc<[f32]>),
+}
+
+impl PackedMatrix {
+    /// From a candle QTensor in `Q4_0`, `Q4_1` or `Q8_0`; any other dtype gives `None`, so that
+    /// the caller falls back to another path. The QTensor can be dropped afterwards.
+    pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Self>> {
+        let format = match q.dtype() {
+            GgmlDType::Q4_0 => Format::Q4_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return Ok(None),
+        };
+        let (out, inp) = q.shape().dims2()?;
+        if inp % QK != 0 {
+            candle_core::bail!(
+                "quantized matrix {out}x{inp}: columns are not whole blocks of {QK}"
+            );
+        }
+        let data = q.data()?;
+        let expected = out * (inp / QK) * format.gguf_block_bytes();
+        if data.len() != expected {
+            candle_core::bail!(
+                "quantized matrix {out}x{inp} {:?}: {} bytes of blocks, expected {expected}",
+                q.dtype(),
+                data.len()
+            );
+        }
+        let packed = layout::repack(format, &data, out, inp);
+        Ok(Some(Self {
+            format,
+            out,
+            inp,
+            storage: Storage::Blocks(Arc::from(packed)),
+        }))
+    }
+
+    /// From a row-major f32 matrix `[out, inp]`. Panics if `w` does not hold `out × inp`.
+    pub fn from_f32(w: &[f32], out: usize, inp: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            out * inp,
+            "from_f32: {} values for {out}x{inp}",
+            w.len()
+        );
+        Self {
+            format: Format::F32,
+            out,
+            inp,
+            storage: Storage::F32(Arc::from(layout::pack_f32(w, out, inp))),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    /// Bytes of the panels: what one full product streams from memory.
+    pub fn size_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Blocks(bytes) => bytes.len(),
+            Storage::F32(values) => values.len() * 4,
+        }
+    }
+
+    /// The GGUF dtype of the weights.
+    pub fn dtype(&self) -> GgmlDType {
+        match self.format {
+            Format::Q4_0 => GgmlDType::Q4_0,
+            Format::Q4_1 => GgmlDType::Q4_1,
+            Format::Q8_0 => GgmlDType::Q8_0,
+            Format::F32 => GgmlDType::F32,
+        }
+    }
+
+    fn panels(&self) -> usize {
+        self.out.div_ceil(PANEL)
+    }
+
+    /// Bytes of one panel's blocks (quantized formats).
+    fn panel_bytes(&self) -> usize {
+        self.inp / QK * self.format.panel_block_bytes()
+    }
+
+    fn check_io(&self, xs: &[f32], rows: usize, ys: &[f32]) {
+        assert_eq!(
+            xs.len(),
+            rows * self.inp,
+            "matmul_t: xs holds {} values, expected {rows} rows of {}",
+            xs.len(),
+            self.inp
+        );
+        assert_eq!(
+            ys.len(),
+            rows * self.out,
+            "matmul_t: ys holds {} values, expected {rows} rows of {}",
+            ys.len(),
+            self.out
+        );
+    }
+
+    /// `ys[r*out + o] = Σ_i xs[r*in + i] · W[o, i]` for `r in 0..rows` (`xs` is `rows×in`
+    /// row-major f32). Panics if the lengths of `xs` or `ys` do not match `rows`.
+    pub fn matmul_t(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+        self.matmul_t_with(Isa::selected(), xs, rows, ys, true);
+    }
+
+    /// [`Self::matmul_t`] with the kernels of `isa` (which the CPU must support), on the
+    /// calling thread alone unless `parallel`.
+    pub fn matmul_t_with(&self, isa: Isa, xs: &[f32], rows: usize, ys: &mut [f32], parallel: bool) {
+        self.check_io(xs, rows, ys);
+        if rows == 0 || self.out == 0 {
+            return;
+        }
+        if self.inp == 0 {
+            ys.fill(0.0);
+            return;
+        }
+        let panels_per_task = self.panels_per_task();
+        let chunk = panels_per_task * PANEL;
+        // Task `t` owns output columns `t*chunk..` of every input row: one slice per row,
+        // collected here, so that a task writes its results without `unsafe`.
+        let ntasks = self.out.div_ceil(chunk);
+        let mut tasks: Vec<Vec<&mut [f32]>> =
+            (0..ntasks).map(|_| Vec::with_capacity(rows)).collect();
+        for y_row in ys.chunks_exact_mut(self.out) {
+            for (task, part) in tasks.iter_mut().zip(y_row.chunks_mut(chunk)) {
+                task.push(part);
+            }
+        }
+        let run = |t: usize, outs: &mut [&mut [f32]]| {
+            let first = t * panels_per_task;
+            let last = (first + panels_per_task).min(self.panels());
+            self.task(isa, xs, rows, first..last, outs);
+        };
+        if ntasks == 1 || !parallel {
+            for (t, mut outs) in tasks.into_iter().enumerate() {
+                run(t, &mut outs);
+            }
+            return;
+        }
+        // Candle's barrier pool, not rayon: its workers spin between calls and the calling
+        // thread takes part, whereas rayon, called from outside its pool, queues the job and
+        // blocks the caller: two cross-thread wake-ups per call, which cost about as much as a
+        // whole 192×576 product (measured: 11 µs per call with this pool, 18–21 µs with
+        // rayon). It is also the pool that candle's own CPU kernels use, so the two do not
+        // compete for the cores. Each task's output slices sit behind a lock that exactly one
+        // thread takes, once: the safe way to hand them to whichever thread runs the task.
+        let tasks: Vec<Mutex<Vec<&mut [f32]>>> = tasks.into_iter().map(Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(ntasks, |range| {
+            for t in range {
+                let mut outs = tasks[t].lock().unwrap_or_else(PoisonError::into_inner);
+                run(t, &mut outs);
+            }
+        });
+    }
+
+    /// Panels per task: at least `MIN_TASK_BYTES` of weights, and otherwise a few tasks per
+    /// thread; even, so that AVX-512's two-panel tiles are not split between tasks.
+    fn panels_per_task(&self) -> usize {
+        let panel_bytes = self.size_bytes() / self.panels().max(1);
+        let min_panels = MIN_TASK_BYTES.div_ceil(panel_bytes.max(1));
+        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        let tasks = threads * TASKS_PER_THREAD;
+        let panels = min_panels.max(self.panels().div_ceil(tasks)).max(1);
+        panels + panels % 2
+    }
+
+    /// Panels `panels` against every input row; `outs[r]` receives row `r`'s columns of
+    /// these panels.
+    fn task(
+        &self,
+        isa: Isa,
+        xs: &[f32],
+        rows: usize,
+        panels: std::ops::Range<usize>,
+        outs: &mut [&mut [f32]],
+    ) {
+        let width = panels.len() * PANEL;
+        let mut c = vec![0f32; rows * width];
+        let (tile_rows, tile_panels) = isa.tile_shape();
+        // A few rows of quantized weights: dequantize in registers, without the buffer.
+        let fused = matches!(self.storage, Storage::Blocks(_)) && rows <= isa.fused_rows();
+        let mut buffers = [vec![0f32; KC * PANEL], vec![0f32; KC * PANEL]];
+        // Rows in blocks of `MC`, then columns in chunks of `KC`: the activations of one block
+        // and chunk stay in L2 while every panel of the task passes over them.
+        for rb in (0..rows).step_by(MC) {
+            let rb_end = (rb + MC).min(rows);
+            for k0 in (0..self.inp).step_by(KC) {
+                let kc = KC.min(self.inp - k0);
+                for p in (panels.start..panels.end).step_by(tile_panels) {
+                    let np = tile_panels.min(panels.end - p);
+                    let c = &mut c[rb * width + (p - panels.start) * PANEL..];
+                    if fused {
+                        let blocks = self.chunk_blocks(p, np, k0, kc);
+                        isa.fused(&mut Fused {
+                            format: self.format,
+                            rows: rb_end - rb,
+                            panels: np,
+                            kc,
+                            x: &xs[rb * self.inp + k0..],
+                            x_stride: self.inp,
+                            blocks,
+                            c,
+                            c_stride: width,
+                            accumulate: k0 > 0,
+                        });
+                        continue;
+                    }
+                    let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
+                    for r0 in (rb..rb_end).step_by(tile_rows) {
+                        isa.tile(&mut Tile {
+                            rows: tile_rows.min(rb_end - r0),
+                            panels: np,
+                            kc,
+                            x: &xs[r0 * self.inp + k0..],
+                            x_stride: self.inp,
+                            w,
+                            c: &mut c[(r0 - rb) * width..],
+                            c_stride: width,
+                            accumulate: k0 > 0,
+                        });
+                    }
+                }
+            }
+        }
+        for (r, out) in outs.iter_mut().enumerate() {
+            let n = out.len();
+            out.copy_from_slice(&c[r * width..r * width + n]);
+        }
+    }
+
+    /// The quantized blocks of columns `k0..k0 + kc` of panels `p..p + np`.
+    fn chunk_blocks(&self, p: usize, np: usize, k0: usize, kc: usize) -> [&[u8]; 2] {
+        let Storage::Blocks(bytes) = &self.storage else {
+            unreachable!("only quantized panels have blocks")
+        };
+        let pbb = self.format.panel_block_bytes();
+        let at = |q: usize| {
+            let start = (p + q) * self.panel_bytes() + k0 / QK * pbb;
+            &bytes[start..start + kc / QK * pbb]
+        };
+        [at(0), at(np - 1)]
+    }
+
+    /// Columns `k0..k0 + kc` of panels `p..p + np` as `kc × 16` f32 each: read in place for
+    /// f32 panels, dequantized into `buffers` otherwise.
+    fn chunk_weights<'a>(
+        &'a self,
+        isa: Isa,
+        p: usize,
+        np: usize,
+        k0: usize,
+        kc: usize,
+        buffers: &'a mut [Vec<f32>; 2],
+    ) -> [&'a [f32]; 2] {
+        match &self.storage {
+            Storage::F32(values) => {
+                let at = |q: usize| {
+                    let start = ((p + q) * self.inp + k0) * PANEL;
+                    &values[start..start + kc * PANEL]
+                };
+                [at(0), at(np - 1)]
+            }
+            Storage::Blocks(_) => {
+                let blocks = self.chunk_blocks(p, np, k0, kc);
+                for (blocks, buffer) in blocks.iter().zip(buffers.iter_mut()).take(np) {
+                    isa.dequantize(self.format, blocks, buffer);
+                }
+                let [a, b] = buffers;
+                [&a[..kc * PANEL], &b[..kc * PANEL]]
+            }
+        }
+    }
+
+    /// Slow, obviously-correct reference twin of [`Self::matmul_t`]: each weight row
+    /// dequantized, then one sequential `mul_add` chain per output.
+    pub fn matmul_t_reference(&self, xs: &[f32], rows: usize, ys: &mut [f32]) {
+        self.check_io(xs, rows, ys);
+        let mut w = vec![0f32; self.inp];
+        for o in 0..self.out {
+            self.weight_row(o, &mut w);
+            for r in 0..rows {
+                let x = &xs[r * self.inp..(r + 1) * self.inp];
+                let mut sum = 0f32;
+                for (&wi, &xi) in w.iter().zip(x) {
+                    sum = xi.mul_add(wi, sum);
+                }
+                ys[r * self.out + o] = sum;
+            }
+        }
+    }
+
+    /// Dequantizes selected rows (embedding lookup): `out[k*in..(k+1)*in] = W[ids[k], ..]`,
+    /// bit for bit what candle's `dequantize` gives. Panics if an id is not a row or `out` does
+    /// not hold `ids.len()` rows.
+    pub fn rows(&self, ids: &[u32], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            ids.len() * self.inp,
+            "rows: out holds {} values, expected {} rows of {}",
+            out.len(),
+            ids.len(),
+            self.inp
+        );
+        if self.inp == 0 {
+            return;
+        }
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.inp)) {
+            let o = id as usize;
+            assert!(
+                o < self.out,
+                "rows: id {id} out of range for {} rows",
+                self.out
+            );
+            self.weight_row(o, dst);
+        }
+    }
+
+    /// Row `o` of the matrix, dequantized into `dst`.
+    fn weight_row(&self, o: usize, dst: &mut [f32]) {
+        let (p, t) = (o / PANEL, o % PANEL);
+        match &self.storage {
+            Storage::F32(values) => {
+                let panel = &values[p * self.inp * PANEL..(p + 1) * self.inp * PANEL];
+                for (d, column) in dst.iter_mut().zip(panel.chunks_exact(PANEL)) {
+                    *d = column[t];
+                }
+            }
+            Storage::Blocks(bytes) => {
+                let panel = &bytes[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
+                let blocks = panel.chunks_exact(self.format.panel_block_bytes());
+                for (block, d) in blocks.zip(dst.chunks_exact_mut(QK)) {
+                    layout::dequantize_block_row(self.format, block, t, d);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module, Tensor};
+
+    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+
+    fn random_qtensor(out: usize, inp: usize, dtype: GgmlDType) -> QTensor {
+        let w = Tensor::randn(0f32, 1f32, (out, inp), &Device::Cpu).expect("randn");
+        QTensor::quantize(&w, dtype).expect("quantize")
+    }
+
+    fn random_xs(rows: usize, inp: usize) -> Vec<f32> {
+        Tensor::randn(0f32, 1f32, (rows * inp,), &Device::Cpu)
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("randn")
+    }
+
+    fn packed(q: &QTensor) -> PackedMatrix {
+        PackedMatrix::from_qtensor(q)
+            .expect("from_qtensor")
+            .expect("supported")
+    }
+
+    fn dequantized(q: &QTensor) -> Vec<f32> {
+        q.dequantize(&Device::Cpu)
+            .and_then(|w| w.flatten_all())
+            .and_then(|w| w.to_vec1::<f32>())
+            .expect("dequantize")
+    }
+
+    /// `max |a - b|` relative to `max |b|` (dot products cancel, so an element-wise relative
+    /// error would be meaningless for outputs near zero).
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        diff / scale
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    fn supported_variants() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.supported()).collect()
+    }
+
+    /// Every variant this CPU runs, serial and on the pool, equals the reference twin bit for
+    /// bit; the reference is within float rounding of candle's own product.
+    fn check_matmul(m: &PackedMatrix, w: &[f32], rows_list: &[usize]) {
+        let (out, inp) = m.dims();
+        for &rows in rows_list {
+            let xs = random_xs(rows, inp);
+            let mut reference = vec![f32::NAN; rows * out];
+            m.matmul_t_reference(&xs, rows, &mut reference);
+            for isa in supported_variants() {
+                for parallel in [false, true] {
+                    let mut fast = vec![f32::NAN; rows * out];
+                    m.matmul_t_with(isa, &xs, rows, &mut fast, parallel);
+                    assert!(
+                        same_bits(&fast, &reference),
+                        "{:?} {out}x{inp} rows={rows} {} parallel={parallel}: differs from \
+                         the reference by {}",
+                        m.dtype(),
+                        isa.name(),
+                        rel_err(&fast, &reference)
+                    );
+                }
+            }
+            let x = Tensor::from_slice(&xs, (rows, inp), &Device::Cpu).expect("x");
+            let w = Tensor::from_slice(w, (out, inp), &Device::Cpu).expect("w");
+            let candle = x
+                .matmul(&w.t().expect("t"))
+                .and_then(|y| y.flatten_all())
+                .and_then(|y| y.to_vec1::<f32>())
+                .expect("candle matmul");
+            let err = rel_err(&reference, &candle);
+            assert!(
+                err <= 1e-5,
+                "{out}x{inp} rows={rows}: reference vs candle {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_variant_matches_the_reference_bit_for_bit() {
+        assert!(supported_variants().contains(&Isa::Portable));
+        for dtype in FORMATS {
+            for (out, inp) in [(192, 576), (100, 64), (40, 1536), (17, 288)] {
+                let q = random_qtensor(out, inp, dtype);
+                check_matmul(&packed(&q), &dequantized(&q), &[1, 3, 8, 13, 30]);
+            }
+        }
+    }
+
+    #[test]
+    fn f32_matrices_of_any_shape() {
+        for (out, inp) in [(33, 7), (48, 300), (5, 1), (64, 577)] {
+            let w = random_xs(out, inp);
+            check_matmul(&PackedMatrix::from_f32(&w, out, inp), &w, &[1, 2, 12, 25]);
+        }
+    }
+
+    /// The two weight modes give the same bits: the f32 mode holds exactly the dequantized
+    /// weights, and the products run the same chains.
+    #[test]
+    fn quantized_and_dequantized_matrices_agree_exactly() {
+        for dtype in FORMATS {
+            let (out, inp, rows) = (80, 320, 9);
+            let q = random_qtensor(out, inp, dtype);
+            let dense = PackedMatrix::from_f32(&dequantized(&q), out, inp);
+            let xs = random_xs(rows, inp);
+            let mut a = vec![0f32; rows * out];
+            let mut b = vec![0f32; rows * out];
+            packed(&q).matmul_t(&xs, rows, &mut a);
+            dense.matmul_t(&xs, rows, &mut b);
+            assert!(
+                same_bits(&a, &b),
+                "{dtype:?}: quantized and f32 modes differ"
+            );
+        }
+    }
+
+    /// Scaled far down, activations and products are subnormal: still the reference's bits.
+    #[test]
+    fn small_activations() {
+        for dtype in FORMATS {
+            let (out, inp, rows) = (100, 256, 2);
+            let m = packed(&random_qtensor(out, inp, dtype));
+            let xs: Vec<f32> = random_xs(rows, inp).iter().map(|x| x * 1e-39).collect();
+            let mut reference = vec![0f32; rows * out];
+            m.matmul_t_reference(&xs, rows, &mut reference);
+            for isa in supported_variants() {
+                let mut fast = vec![0f32; rows * out];
+                m.matmul_t_with(isa, &xs, rows, &mut fast, true);
+                assert!(same_bits(&fast, &reference), "{dtype:?} {}", isa.name());
+            }
+        }
+    }
+
+    #[test]
+    fn rows_equal_dequantized_rows_exactly() {
+        for dtype in FORMATS {
+            let (out, inp) = (100, 128);
+            let q = random_qtensor(out, inp, dtype);
+            let w = dequantized(&q);
+            let ids = [0u32, 99, 7, 7, 42, 16, 15];
+            for m in [packed(&q), PackedMatrix::from_f32(&w, out, inp)] {
+                let mut got = vec![f32::NAN; ids.len() * inp];
+                m.rows(&ids, &mut got);
+                for (k, &id) in ids.iter().enumerate() {
+                    let want = &w[id as usize * inp..(id as usize + 1) * inp];
+                    assert!(
+                        same_bits(want, &got[k * inp..(k + 1) * inp]),
+                        "{:?}: row {id} differs from candle's dequantize",
+                        m.dtype()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Each variant's dequantization of whole panels is the portable one, bit for bit.
+    #[test]
+    fn dequantization_of_every_variant_is_the_same() {
+        for dtype in FORMATS {
+            let q = random_qtensor(48, 256, dtype);
+            let m = packed(&q);
+            let Storage::Blocks(bytes) = &m.storage else {
+                unreachable!("quantized storage")
+            };
+            let values = bytes.len() / m.format.panel_block_bytes() * QK * PANEL;
+            let mut want = vec![0f32; values];
+            Isa::Portable.dequantize(m.format, bytes, &mut want);
+            for isa in supported_variants() {
+                let mut got = vec![f32::NAN; values];
+                isa.dequantize(m.format, bytes, &mut got);
+                assert!(same_bits(&got, &want), "{dtype:?} {}", isa.name());
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_dtypes_fall_back() {
+        let w = Tensor::randn(0f32, 1f32, (64, 256), &Device::Cpu).expect("randn");
+        for dtype in [GgmlDType::F32, GgmlDType::Q4K, GgmlDType::Q8_1] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            assert!(PackedMatrix::from_qtensor(&q)
+                .expect("from_qtensor")
+                .is_none());
+        }
+    }
+
+    /// Best of `reps` timings of `iters` calls, in seconds per call.
+    fn best_time(reps: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        (0..reps)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    f();
+                }
+                start.elapsed().as_secs_f64() / iters as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Throughput of every variant against candle's `QMatMul` (best of 5 timings); prints,
+    /// asserts nothing. Run with
+    /// `cargo test -p mezo-server --lib kernels -- --ignored --nocapture` on an idle machine.
+    #[test]
+    #[ignore = "benchmark: prints timings, asserts nothing"]
+    fn kernel_throughput() {
+        let cases = [
+            (1, 1536, 576, GgmlDType::Q4_1),
+            (4, 1536, 576, GgmlDType::Q4_1),
+            (8, 1536, 576, GgmlDType::Q4_1),
+            (1, 576, 1536, GgmlDType::Q4_1),
+            (1, 49152, 576, GgmlDType::Q8_0),
+            (200, 1536, 576, GgmlDType::Q4_1),
+            (1600, 1536, 576, GgmlDType::Q4_1),
+            (1600, 576, 1536, GgmlDType::Q4_1),
+        ];
+        println!(
+            "threads: {}",
+            candle_core::utils::barrier_pool().n_workers() + 1
+        );
+        for isa in supported_variants() {
+            println!(
+                "{} FMA peak: {:.0} GFLOP/s",
+                isa.name(),
+                isa.fma_peak_gflops()
+            );
+        }
+        for (rows, out, inp, dtype) in cases {
+            let q = random_qtensor(out, inp, dtype);
+            let m = packed(&q);
+            let dense = PackedMatrix::from_f32(&dequantized(&q), out, inp);
+            let flops = 2.0 * (rows * out * inp) as f64;
+            let xs = random_xs(rows, inp);
+            let iters = ((3e8 / flops) as usize).clamp(1, 2000);
+            let mut ys = vec![0f32; rows * out];
+            let mut line = format!("{rows}x{inp} · ({out}x{inp})ᵀ {dtype:?}:");
+            // The portable kernels are too slow for the large cases to be worth the wait.
+            let variants = supported_variants()
+                .into_iter()
+                .filter(|&isa| isa != Isa::Portable || rows <= 8);
+            for isa in variants {
+                for (mode, m) in [("quantized", &m), ("f32", &dense)] {
+                    let t = best_time(5, iters, || m.matmul_t_with(isa, &xs, rows, &mut ys, true));
+                    line += &format!(
+                        " {} {mode} {:.3} ms ({:.0} GFLOP/s);",
+                        isa.name(),
+                        t * 1e3,
+                        flops / t / 1e9
+                    );
+                }
+            }
+            let qmm = candle_core::quantized::QMatMul::from_qtensor(q).expect("qmatmul");
+            let x = Tensor::from_slice(&xs, (rows, inp), &Device::Cpu).expect("x");
+            let theirs = best_time(5, iters, || {
+                qmm.forward(&x).expect("forward");
+            });
+            line += &format!(" candle {:.3} ms", theirs * 1e3);
+            println!("{line}");
+        }
+    }
+}
