@@ -44,6 +44,20 @@ impl std::fmt::Display for WeightMode {
 /// candle's quantized product (8-bit activations), larger ones a dequantized GEMM.
 pub const CANDLE_QMATMUL_MAX_ROWS: usize = 8;
 
+/// Runs `f` on the values of an f32 CPU tensor in row-major order: in place when the tensor
+/// is contiguous (no copy of a batch's activations per product), from a copy otherwise.
+pub fn with_f32_values<T>(xs: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    if xs.is_contiguous() {
+        let (storage, layout) = xs.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let start = layout.start_offset();
+            let values = &cpu.as_slice::<f32>()?[start..start + xs.elem_count()];
+            return Ok(f(values));
+        }
+    }
+    Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
+}
+
 /// A weight matrix `W` of shape `[out, in]`, applied as `xs · Wᵀ`.
 #[derive(Debug, Clone)]
 pub enum Matrix {
@@ -97,9 +111,8 @@ impl Matrix {
         match self {
             Matrix::Packed(kernel) => {
                 let (n_out, _) = kernel.dims();
-                let xs: Vec<f32> = xs.flatten_all()?.to_vec1()?;
                 let mut ys = vec![0f32; rows * n_out];
-                kernel.matmul_t(&xs, rows, &mut ys);
+                with_f32_values(xs, |xs| kernel.matmul_t(xs, rows, &mut ys))?;
                 Ok(Tensor::from_vec(ys, (rows, n_out), &Device::Cpu)?)
             }
             Matrix::CandleQuantized { qmatmul, .. } if rows <= CANDLE_QMATMUL_MAX_ROWS => {

@@ -242,7 +242,8 @@ impl PackedMatrix {
         outs: &mut [&mut [f32]],
     ) {
         let width = panels.len() * PANEL;
-        let mut c = vec![0f32; rows * width];
+        // One row block's results, copied out while they are still in cache.
+        let mut c = vec![0f32; MC.min(rows) * width];
         let (tile_rows, tile_panels) = isa.tile_shape();
         // A few rows of quantized weights: dequantize in registers, without the buffer.
         let fused = matches!(self.storage, Storage::Blocks(_)) && rows <= isa.fused_rows();
@@ -251,21 +252,22 @@ impl PackedMatrix {
         // and chunk stay in L2 while every panel of the task passes over them.
         for rb in (0..rows).step_by(MC) {
             let rb_end = (rb + MC).min(rows);
+            let block_rows = rb_end - rb;
+            let xs = &xs[rb * self.inp..rb_end * self.inp];
             for k0 in (0..self.inp).step_by(KC) {
                 let kc = KC.min(self.inp - k0);
                 for p in (panels.start..panels.end).step_by(tile_panels) {
                     let np = tile_panels.min(panels.end - p);
-                    let c = &mut c[rb * width + (p - panels.start) * PANEL..];
+                    let c = &mut c[(p - panels.start) * PANEL..];
                     if fused {
-                        let blocks = self.chunk_blocks(p, np, k0, kc);
                         isa.fused(&mut Fused {
                             format: self.format,
-                            rows: rb_end - rb,
+                            rows: block_rows,
                             panels: np,
                             kc,
-                            x: &xs[rb * self.inp + k0..],
+                            x: &xs[k0..],
                             x_stride: self.inp,
-                            blocks,
+                            blocks: self.chunk_blocks(p, np, k0, kc),
                             c,
                             c_stride: width,
                             accumulate: k0 > 0,
@@ -273,25 +275,25 @@ impl PackedMatrix {
                         continue;
                     }
                     let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
-                    for r0 in (rb..rb_end).step_by(tile_rows) {
+                    for r0 in (0..block_rows).step_by(tile_rows) {
                         isa.tile(&mut Tile {
-                            rows: tile_rows.min(rb_end - r0),
+                            rows: tile_rows.min(block_rows - r0),
                             panels: np,
                             kc,
                             x: &xs[r0 * self.inp + k0..],
                             x_stride: self.inp,
                             w,
-                            c: &mut c[(r0 - rb) * width..],
+                            c: &mut c[r0 * width..],
                             c_stride: width,
                             accumulate: k0 > 0,
                         });
                     }
                 }
             }
-        }
-        for (r, out) in outs.iter_mut().enumerate() {
-            let n = out.len();
-            out.copy_from_slice(&c[r * width..r * width + n]);
+            for (out, c) in outs[rb..rb_end].iter_mut().zip(c.chunks_exact(width)) {
+                let n = out.len();
+                out.copy_from_slice(&c[..n]);
+            }
         }
     }
 
