@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::isa::{Fused, Tile};
+use super::isa::{Tile, Weights};
 use super::layout::{Format, PANEL, QK};
 
 /// Input rows per tile.
@@ -121,28 +121,30 @@ pub const FUSED_ROWS: usize = 4;
 /// weights are dequantized in registers and used at once (same operations, same bits).
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `tile` passed [`Fused::check`] for `FUSED_ROWS` and
+/// The CPU has AVX2, FMA and F16C; `tile` passed [`Tile::check`] (with `Weights::Blocks`) for `FUSED_ROWS` and
 /// `PANELS`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn fused(tile: &mut Fused) {
+pub unsafe fn fused(tile: &mut Tile) {
     match tile.rows {
         1 => fused_fixed::<1>(tile),
         2 => fused_fixed::<2>(tile),
         3 => fused_fixed::<3>(tile),
         4 => fused_fixed::<4>(tile),
-        _ => unreachable!("Fused::check bounds the rows"),
+        _ => unreachable!("Tile::check bounds the rows"),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fused_fixed<const R: usize>(tile: &mut Fused) {
-    let format = tile.format;
+unsafe fn fused_fixed<const R: usize>(tile: &mut Tile) {
+    let Weights::Blocks(format, panel_blocks) = tile.weights else {
+        unreachable!("fused tiles read quantized blocks")
+    };
     let pbb = format.panel_block_bytes();
     let x = tile.x.as_ptr();
     let c = tile.c.as_mut_ptr();
-    let blocks = tile.blocks[0].as_ptr();
+    let blocks = panel_blocks[0].as_ptr();
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    // SAFETY (all pointer offsets): `Fused::check` verified that `x` holds R rows of `kc` at
+    // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, `blocks[0]` `kc / 32` panel blocks, and `c` R rows of 16 at `c_stride`.
     if tile.accumulate {
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -192,7 +194,10 @@ pub unsafe fn tile(tile: &mut Tile) {
 unsafe fn tile_fixed<const R: usize>(tile: &mut Tile) {
     let x = tile.x.as_ptr();
     let c = tile.c.as_mut_ptr();
-    let w = tile.w[0].as_ptr();
+    let Weights::F32([w, _]) = tile.weights else {
+        unreachable!("Isa::tile sends quantized blocks to `fused`")
+    };
+    let w = w.as_ptr();
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, `w[0]` `kc × 16` floats, and `c` R rows of 16 at `c_stride`.

@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::isa::{Fused, Tile};
+use super::isa::{Tile, Weights};
 use super::layout::{Format, PANEL, QK};
 
 /// Input rows per tile.
@@ -108,10 +108,10 @@ pub const FUSED_ROWS: usize = 4;
 /// saves the buffer's stores and loads where there are too few rows to share them.
 ///
 /// # Safety
-/// The CPU has AVX-512F, AVX2, FMA and F16C; `tile` passed [`Fused::check`] for
+/// The CPU has AVX-512F, AVX2, FMA and F16C; `tile` passed [`Tile::check`] (with `Weights::Blocks`) for
 /// `FUSED_ROWS` and `PANELS`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub unsafe fn fused(tile: &mut Fused) {
+pub unsafe fn fused(tile: &mut Tile) {
     match (tile.rows, tile.panels) {
         (1, 1) => fused_fixed::<1, 1>(tile),
         (1, _) => fused_fixed::<1, 2>(tile),
@@ -121,22 +121,24 @@ pub unsafe fn fused(tile: &mut Fused) {
         (3, _) => fused_fixed::<3, 2>(tile),
         (4, 1) => fused_fixed::<4, 1>(tile),
         (4, _) => fused_fixed::<4, 2>(tile),
-        _ => unreachable!("Fused::check bounds the rows"),
+        _ => unreachable!("Tile::check bounds the rows"),
     }
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn fused_fixed<const R: usize, const P: usize>(tile: &mut Fused) {
-    let format = tile.format;
+unsafe fn fused_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
+    let Weights::Blocks(format, panel_blocks) = tile.weights else {
+        unreachable!("fused tiles read quantized blocks")
+    };
     let pbb = format.panel_block_bytes();
     let x = tile.x.as_ptr();
     let c = tile.c.as_mut_ptr();
     let mut blocks = [std::ptr::null::<u8>(); P];
-    for (b, panel) in blocks.iter_mut().zip(&tile.blocks) {
+    for (b, panel) in blocks.iter_mut().zip(&panel_blocks) {
         *b = panel.as_ptr();
     }
     let mut acc = [[_mm512_setzero_ps(); P]; R];
-    // SAFETY (all pointer offsets): `Fused::check` verified that `x` holds R rows of `kc` at
+    // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, each `blocks[p]` `kc / 32` panel blocks, and `c` R rows of `16 · P` at
     // `c_stride`.
     if tile.accumulate {
@@ -190,7 +192,10 @@ unsafe fn tile_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
     let x = tile.x.as_ptr();
     let c = tile.c.as_mut_ptr();
     let mut w = [std::ptr::null::<f32>(); P];
-    for (w, panel) in w.iter_mut().zip(&tile.w) {
+    let Weights::F32(panels) = tile.weights else {
+        unreachable!("Isa::tile sends quantized blocks to `fused`")
+    };
+    for (w, panel) in w.iter_mut().zip(&panels) {
         *w = panel.as_ptr();
     }
     let mut acc = [[_mm512_setzero_ps(); P]; R];

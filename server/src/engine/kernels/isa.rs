@@ -19,19 +19,30 @@ pub enum Isa {
     Portable,
 }
 
-/// One call of a tile kernel: `c[r·c_stride + j] (+)= Σ_{k<kc} x[r·x_stride + k] · w[j/16][k·16 + j%16]`
-/// for `r < rows` and `j < 16·panels`, each output one chain of FMAs in the order of `k`,
-/// continuing from the value in `c` when `accumulate`.
+/// One call of a tile kernel: `c[r·c_stride + j] (+)= Σ_{k<kc} x[r·x_stride + k] · W_k[j]` for
+/// `r < rows` and `j < 16·panels`, with `W_k` column `k` of the panels' weights; each output one
+/// chain of FMAs in the order of `k`, continuing from the value in `c` when `accumulate`.
 pub struct Tile<'a> {
     pub rows: usize,
     pub panels: usize,
     pub kc: usize,
     pub x: &'a [f32],
     pub x_stride: usize,
-    pub w: [&'a [f32]; 2],
+    pub weights: Weights<'a>,
     pub c: &'a mut [f32],
     pub c_stride: usize,
     pub accumulate: bool,
+}
+
+/// The weights of a tile, per panel (the second unused for a one-panel tile).
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    /// `kc × 16` floats each: a dequantized buffer or an f32 panel.
+    F32([&'a [f32]; 2]),
+    /// `kc / 32` quantized panel blocks each, dequantized in registers by the fused kernels
+    /// (for a few rows, where a buffer's stores and loads would not be shared). Same result,
+    /// bit for bit.
+    Blocks(Format, [&'a [u8]; 2]),
 }
 
 impl Tile<'_> {
@@ -47,43 +58,18 @@ impl Tile<'_> {
         assert!(self.x_stride >= self.kc && self.c_stride >= PANEL * self.panels);
         assert!(self.x.len() >= (self.rows - 1) * self.x_stride + self.kc);
         assert!(self.c.len() >= (self.rows - 1) * self.c_stride + PANEL * self.panels);
-        for w in &self.w[..self.panels] {
-            assert!(w.len() >= self.kc * PANEL);
-        }
-    }
-}
-
-/// [`Tile`] for a few rows, reading the weights as quantized panel blocks (`kc / 32` of them
-/// per panel) instead of an f32 buffer. Same result, bit for bit.
-pub struct Fused<'a> {
-    pub format: Format,
-    pub rows: usize,
-    pub panels: usize,
-    pub kc: usize,
-    pub x: &'a [f32],
-    pub x_stride: usize,
-    pub blocks: [&'a [u8]; 2],
-    pub c: &'a mut [f32],
-    pub c_stride: usize,
-    pub accumulate: bool,
-}
-
-impl Fused<'_> {
-    /// Panics unless every slice holds what the kernels read and write: the soundness
-    /// condition of the SIMD variants' pointer arithmetic.
-    fn check(&self, max_rows: usize, max_panels: usize) {
-        assert!(
-            (1..=max_rows).contains(&self.rows) && (1..=max_panels).contains(&self.panels),
-            "fused tile of {} rows × {} panels (at most {max_rows} × {max_panels})",
-            self.rows,
-            self.panels
-        );
-        assert!(self.format != Format::F32 && self.kc % QK == 0);
-        assert!(self.x_stride >= self.kc && self.c_stride >= PANEL * self.panels);
-        assert!(self.x.len() >= (self.rows - 1) * self.x_stride + self.kc);
-        assert!(self.c.len() >= (self.rows - 1) * self.c_stride + PANEL * self.panels);
-        for blocks in &self.blocks[..self.panels] {
-            assert!(blocks.len() >= self.kc / QK * self.format.panel_block_bytes());
+        match self.weights {
+            Weights::F32(w) => {
+                for w in &w[..self.panels] {
+                    assert!(w.len() >= self.kc * PANEL);
+                }
+            }
+            Weights::Blocks(format, blocks) => {
+                assert!(format != Format::F32 && self.kc % QK == 0);
+                for blocks in &blocks[..self.panels] {
+                    assert!(blocks.len() >= self.kc / QK * format.panel_block_bytes());
+                }
+            }
         }
     }
 }
@@ -116,6 +102,15 @@ impl Isa {
 
     pub fn supported(self) -> bool {
         self.missing_features().is_empty()
+    }
+
+    /// The guard before any SIMD call: the soundness of the `unsafe` calls rests on it.
+    fn assert_supported(self) {
+        assert!(
+            self.supported(),
+            "{} kernels on a CPU without them",
+            self.name()
+        );
     }
 
     /// The variant this process uses: `MEZO_KERNELS` if set (and runnable here), otherwise
@@ -182,7 +177,8 @@ impl Isa {
         }
     }
 
-    /// The most rows a call of [`Self::fused`] takes (0: this variant has no fused kernel).
+    /// The most rows a tile of [`Weights::Blocks`] takes (0: this variant only takes f32
+    /// weights).
     pub fn fused_rows(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -193,37 +189,13 @@ impl Isa {
         }
     }
 
-    /// Runs one fused tile (see [`Fused`]); only for variants with [`Self::fused_rows`] > 0.
-    pub fn fused(self, tile: &mut Fused) {
-        tile.check(self.fused_rows(), self.tile_shape().1);
-        assert!(
-            self.supported(),
-            "{} kernels on a CPU without them",
-            self.name()
-        );
-        match self {
-            // SAFETY: the features were detected (`supported`), the slices checked above.
-            #[cfg(target_arch = "x86_64")]
-            #[allow(unsafe_code)]
-            Isa::Avx512 => unsafe { avx512::fused(tile) },
-            #[cfg(target_arch = "x86_64")]
-            #[allow(unsafe_code)]
-            Isa::Avx2 => unsafe { avx2::fused(tile) },
-            _ => unreachable!("{} has no fused kernel", self.name()),
-        }
-    }
-
     /// Dequantizes whole panel blocks of `format` into `out` (`32 · 16` floats per block,
     /// `out[k·16 + t]` = column `k` of the panel's row `t`).
     pub fn dequantize(self, format: Format, blocks: &[u8], out: &mut [f32]) {
         let pbb = format.panel_block_bytes();
         assert!(format != Format::F32 && blocks.len() % pbb == 0);
         assert!(out.len() >= blocks.len() / pbb * QK * PANEL);
-        assert!(
-            self.supported(),
-            "{} kernels on a CPU without them",
-            self.name()
-        );
+        self.assert_supported();
         match self {
             // SAFETY: the features were detected (`supported`), the lengths checked above.
             #[cfg(target_arch = "x86_64")]
@@ -239,20 +211,23 @@ impl Isa {
     /// Runs one tile (see [`Tile`]).
     pub fn tile(self, tile: &mut Tile) {
         let (rows, panels) = self.tile_shape();
-        tile.check(rows, panels);
-        assert!(
-            self.supported(),
-            "{} kernels on a CPU without them",
-            self.name()
-        );
-        match self {
+        let fused = matches!(tile.weights, Weights::Blocks(..));
+        tile.check(if fused { self.fused_rows() } else { rows }, panels);
+        self.assert_supported();
+        match (self, fused) {
             // SAFETY: the features were detected (`supported`), the slices checked above.
             #[cfg(target_arch = "x86_64")]
             #[allow(unsafe_code)]
-            Isa::Avx512 => unsafe { avx512::tile(tile) },
+            (Isa::Avx512, false) => unsafe { avx512::tile(tile) },
             #[cfg(target_arch = "x86_64")]
             #[allow(unsafe_code)]
-            Isa::Avx2 => unsafe { avx2::tile(tile) },
+            (Isa::Avx512, true) => unsafe { avx512::fused(tile) },
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            (Isa::Avx2, false) => unsafe { avx2::tile(tile) },
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            (Isa::Avx2, true) => unsafe { avx2::fused(tile) },
             _ => portable::tile(tile),
         }
     }
@@ -272,11 +247,7 @@ impl Isa {
     ) {
         let n = scores.len();
         assert!(n == 0 || keys.len() >= (n - 1) * stride + query.len());
-        assert!(
-            self.supported(),
-            "{} kernels on a CPU without them",
-            self.name()
-        );
+        self.assert_supported();
         match self {
             // SAFETY: the features were detected (`supported`), the length checked above.
             #[cfg(target_arch = "x86_64")]
@@ -293,11 +264,7 @@ impl Isa {
     pub fn weighted_sum(self, weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
         let n = weights.len();
         assert!(n == 0 || values.len() >= (n - 1) * stride + out.len());
-        assert!(
-            self.supported(),
-            "{} kernels on a CPU without them",
-            self.name()
-        );
+        self.assert_supported();
         match self {
             // SAFETY: the features were detected (`supported`), the length checked above.
             #[cfg(target_arch = "x86_64")]
@@ -340,11 +307,7 @@ impl Isa {
     /// kernels' pool runs independent FMA chains (no memory traffic) for about 50 ms. The
     /// ceiling that a matrix product's GFLOP/s are compared to.
     pub fn fma_peak_gflops(self) -> f64 {
-        assert!(
-            self.supported(),
-            "{} kernels on a CPU without them",
-            self.name()
-        );
+        self.assert_supported();
         let iterations = match self {
             Isa::Portable => 200_000,
             _ => 2_000_000,

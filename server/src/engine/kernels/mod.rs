@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use isa::{Fused, Isa, Tile};
+use isa::{Isa, Tile, Weights};
 use layout::{Format, PANEL, QK};
 
 /// Columns per chunk: one panel's dequantized chunk is `KC × 16` floats (16 KiB), so the two
@@ -259,30 +259,21 @@ impl PackedMatrix {
                 for p in (panels.start..panels.end).step_by(tile_panels) {
                     let np = tile_panels.min(panels.end - p);
                     let c = &mut c[(p - panels.start) * PANEL..];
-                    if fused {
-                        isa.fused(&mut Fused {
-                            format: self.format,
-                            rows: block_rows,
-                            panels: np,
-                            kc,
-                            x: &xs[k0..],
-                            x_stride: self.inp,
-                            blocks: self.chunk_blocks(p, np, k0, kc),
-                            c,
-                            c_stride: width,
-                            accumulate: k0 > 0,
-                        });
-                        continue;
-                    }
-                    let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
-                    for r0 in (0..block_rows).step_by(tile_rows) {
+                    let (weights, step) = if fused {
+                        let blocks = self.chunk_blocks(p, np, k0, kc);
+                        (Weights::Blocks(self.format, blocks), block_rows)
+                    } else {
+                        let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
+                        (Weights::F32(w), tile_rows)
+                    };
+                    for r0 in (0..block_rows).step_by(step) {
                         isa.tile(&mut Tile {
-                            rows: tile_rows.min(block_rows - r0),
+                            rows: step.min(block_rows - r0),
                             panels: np,
                             kc,
                             x: &xs[r0 * self.inp + k0..],
                             x_stride: self.inp,
-                            w,
+                            weights,
                             c: &mut c[r0 * width..],
                             c_stride: width,
                             accumulate: k0 > 0,

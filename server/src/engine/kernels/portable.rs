@@ -2,7 +2,7 @@
 //! and the definition of the numerics that the SIMD variants reproduce bit for bit (every
 //! product is one `mul_add`, every output one chain along `k`).
 
-use super::isa::Tile;
+use super::isa::{Tile, Weights};
 use super::layout::{dequantize_block, Format, PANEL, QK};
 
 /// Input rows per tile.
@@ -28,7 +28,10 @@ pub fn tile(tile: &mut Tile) {
             acc.copy_from_slice(&tile.c[r * tile.c_stride..r * tile.c_stride + PANEL]);
         }
     }
-    let w = &tile.w[0][..tile.kc * PANEL];
+    let Weights::F32([w, _]) = tile.weights else {
+        unreachable!("the portable variant has no fused kernel")
+    };
+    let w = &w[..tile.kc * PANEL];
     for (k, wk) in w.chunks_exact(PANEL).enumerate() {
         for (r, acc) in acc.iter_mut().enumerate() {
             let xk = tile.x[r * tile.x_stride + k];
