@@ -65,7 +65,7 @@ impl Tile<'_> {
                 }
             }
             Weights::Blocks(format, blocks) => {
-                assert!(format != Format::F32 && self.kc % QK == 0);
+                assert!(format != Format::F32 && self.kc.is_multiple_of(QK));
                 for blocks in &blocks[..self.panels] {
                     assert!(blocks.len() >= self.kc / QK * format.panel_block_bytes());
                 }
@@ -193,7 +193,7 @@ impl Isa {
     /// `out[k·16 + t]` = column `k` of the panel's row `t`).
     pub fn dequantize(self, format: Format, blocks: &[u8], out: &mut [f32]) {
         let pbb = format.panel_block_bytes();
-        assert!(format != Format::F32 && blocks.len() % pbb == 0);
+        assert!(format != Format::F32 && blocks.len().is_multiple_of(pbb));
         assert!(out.len() >= blocks.len() / pbb * QK * PANEL);
         self.assert_supported();
         match self {
@@ -385,7 +385,7 @@ mod tests {
     fn attention_kernels_of_every_variant_agree() {
         let values = |n: usize, seed: f32| -> Vec<f32> {
             (0..n)
-                .map(|i| ((i as f32 * 0.37 + seed).sin() * 3.0))
+                .map(|i| (i as f32 * 0.37 + seed).sin() * 3.0)
                 .collect()
         };
         for d in [64, 12, 5] {
