@@ -93,25 +93,13 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
         for h in 0..n_head {
             let g = h / n_rep;
             let query = &q[(i * n_head + h) * head_dim..][..head_dim];
-            // Kv head g's vectors of a span start at `g · head_dim` (an empty span has none).
-            fn head_of(span: &[f32], start: usize) -> &[f32] {
-                span.get(start..).unwrap_or(&[])
-            }
             let (first, second) = scores.split_at_mut(in_first);
-            isa.scaled_dots(
-                query,
-                head_of(kv.keys[0], g * head_dim),
-                kv_stride,
-                scale,
-                first,
-            );
-            isa.scaled_dots(
-                query,
-                head_of(kv.keys[1], g * head_dim),
-                kv_stride,
-                scale,
-                second,
-            );
+            for (keys, scores) in spans_from(kv.keys, g * head_dim)
+                .into_iter()
+                .zip([first, second])
+            {
+                isa.scaled_dots(query, keys, kv_stride, scale, scores);
+            }
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for score in scores.iter_mut() {
@@ -124,8 +112,12 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
             let o = &mut out[h * head_dim..][..head_dim];
             o.fill(0.0);
             let (first, second) = scores.split_at(in_first);
-            isa.weighted_sum(first, head_of(kv.values[0], g * head_dim), kv_stride, o);
-            isa.weighted_sum(second, head_of(kv.values[1], g * head_dim), kv_stride, o);
+            for (values, weights) in spans_from(kv.values, g * head_dim)
+                .into_iter()
+                .zip([first, second])
+            {
+                isa.weighted_sum(weights, values, kv_stride, o);
+            }
         }
     };
     let width = n_head * head_dim;
@@ -140,6 +132,12 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
             query_position(i, out, &mut scores);
         }
     }
+}
+
+/// Both spans from `start` on: where kv head `start / head_dim`'s vectors begin (an empty span
+/// has none).
+fn spans_from(spans: [&[f32]; 2], start: usize) -> [&[f32]; 2] {
+    spans.map(|span| span.get(start..).unwrap_or(&[]))
 }
 
 /// Slow, obviously-correct twin of [`attend`] with candle's operations (full scores matrix,

@@ -11,6 +11,7 @@ use adapters::{LoraAdapter, ModelDims, TargetModule};
 use candle_core::{Device, Tensor};
 
 use super::kernels::PackedMatrix;
+use super::weights::with_f32_values;
 use super::{EngineError, Result};
 
 /// One adapted module as the forward pass uses it: `A` (`[r, in]`) and `scale·B` (`[out, r]`)
@@ -119,18 +120,19 @@ pub fn add_lora(
     }
     let (n, in_dim) = xs.dims2()?;
     let out_dim = ys.dim(1)?;
-    let xs: Vec<f32> = xs.flatten_all()?.to_vec1()?;
     let mut ys: Vec<f32> = ys.flatten_all()?.to_vec1()?;
-    for (segment, pair) in adapted {
-        let rows = segment.start..segment.start + segment.len;
-        let delta = pair.delta(&xs[rows.start * in_dim..rows.end * in_dim], segment.len);
-        for (y, d) in ys[rows.start * out_dim..rows.end * out_dim]
-            .iter_mut()
-            .zip(delta)
-        {
-            *y += d;
+    with_f32_values(xs, |xs| {
+        for (segment, pair) in adapted {
+            let rows = segment.start..segment.start + segment.len;
+            let delta = pair.delta(&xs[rows.start * in_dim..rows.end * in_dim], segment.len);
+            for (y, d) in ys[rows.start * out_dim..rows.end * out_dim]
+                .iter_mut()
+                .zip(delta)
+            {
+                *y += d;
+            }
         }
-    }
+    })?;
     Ok(Tensor::from_vec(ys, (n, out_dim), &Device::Cpu)?)
 }
 

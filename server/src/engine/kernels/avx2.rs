@@ -61,7 +61,7 @@ macro_rules! column_pair {
                 // `hi` holds rows 8..16.
                 [[lo, hi], [_mm_srli_si128(lo, 8), _mm_srli_si128(hi, 8)]]
             }
-            _ => {
+            Format::Q8_0 => {
                 let qs = $p.add(2 * PANEL);
                 let v0 = _mm_loadu_si128(qs.add(PANEL * $k).cast());
                 let v1 = _mm_loadu_si128(qs.add(PANEL * ($k + 1)).cast());
@@ -80,7 +80,9 @@ macro_rules! column_pair {
                         let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
                         _mm256_mul_ps(_mm256_sub_ps(q, _mm256_set1_ps(8.0)), $d[h])
                     }
-                    _ => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), $d[h]),
+                    Format::Q8_0 => {
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), $d[h])
+                    }
                 };
             }
         }
@@ -141,18 +143,10 @@ unsafe fn fused_fixed<const R: usize>(tile: &mut Tile) {
     };
     let pbb = format.panel_block_bytes();
     let x = tile.x.as_ptr();
-    let c = tile.c.as_mut_ptr();
     let blocks = panel_blocks[0].as_ptr();
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, `blocks[0]` `kc / 32` panel blocks, and `c` R rows of 16 at `c_stride`.
-    if tile.accumulate {
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (h, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_loadu_ps(c.add(r * tile.c_stride + h * HALF));
-            }
-        }
-    }
+    let mut acc = load_accumulators::<R>(tile);
     for b in 0..tile.kc / QK {
         let block = blocks.add(b * pbb);
         let (d, m) = block_scales!(format, block);
@@ -168,11 +162,7 @@ unsafe fn fused_fixed<const R: usize>(tile: &mut Tile) {
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (h, &acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(c.add(r * tile.c_stride + h * HALF), acc);
-        }
-    }
+    store_accumulators(&acc, tile);
 }
 
 /// # Safety
@@ -193,21 +183,13 @@ pub unsafe fn tile(tile: &mut Tile) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_fixed<const R: usize>(tile: &mut Tile) {
     let x = tile.x.as_ptr();
-    let c = tile.c.as_mut_ptr();
     let Weights::F32([w, _]) = tile.weights else {
         unreachable!("Isa::tile sends quantized blocks to `fused`")
     };
     let w = w.as_ptr();
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, `w[0]` `kc × 16` floats, and `c` R rows of 16 at `c_stride`.
-    if tile.accumulate {
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (h, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_loadu_ps(c.add(r * tile.c_stride + h * HALF));
-            }
-        }
-    }
+    let mut acc = load_accumulators::<R>(tile);
     for k in 0..tile.kc {
         let wk = [
             _mm256_loadu_ps(w.add(k * PANEL)),
@@ -219,6 +201,39 @@ unsafe fn tile_fixed<const R: usize>(tile: &mut Tile) {
             acc[1] = _mm256_fmadd_ps(xk, wk[1], acc[1]);
         }
     }
+    store_accumulators(&acc, tile);
+}
+
+/// A tile's accumulators: the values in `c` when the tile continues their chains, zeros
+/// otherwise.
+///
+/// # Safety
+/// The CPU has AVX2; `tile` passed [`Tile::check`] for R rows.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_accumulators<const R: usize>(tile: &Tile) -> [[__m256; 2]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    if tile.accumulate {
+        let c = tile.c.as_ptr();
+        // SAFETY: `Tile::check` verified that `c` holds R rows of the tile's width.
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_loadu_ps(c.add(r * tile.c_stride + h * HALF));
+            }
+        }
+    }
+    acc
+}
+
+/// Writes a tile's accumulators to `c`.
+///
+/// # Safety
+/// The CPU has AVX2; `tile` passed [`Tile::check`] for R rows.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_accumulators<const R: usize>(acc: &[[__m256; 2]; R], tile: &mut Tile) {
+    let c = tile.c.as_mut_ptr();
+    // SAFETY: `Tile::check` verified that `c` holds R rows of the tile's width.
     for (r, acc) in acc.iter().enumerate() {
         for (h, &acc) in acc.iter().enumerate() {
             _mm256_storeu_ps(c.add(r * tile.c_stride + h * HALF), acc);

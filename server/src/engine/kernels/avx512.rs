@@ -64,7 +64,7 @@ macro_rules! column_pair {
                     ]
                 }
             }
-            _ => {
+            Format::Q8_0 => {
                 let qs = $p.add(2 * PANEL);
                 let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(PANEL * $k).cast()));
                 let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(PANEL * ($k + 1)).cast()));
@@ -132,22 +132,14 @@ unsafe fn fused_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
     };
     let pbb = format.panel_block_bytes();
     let x = tile.x.as_ptr();
-    let c = tile.c.as_mut_ptr();
     let mut blocks = [std::ptr::null::<u8>(); P];
     for (b, panel) in blocks.iter_mut().zip(&panel_blocks) {
         *b = panel.as_ptr();
     }
-    let mut acc = [[_mm512_setzero_ps(); P]; R];
     // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, each `blocks[p]` `kc / 32` panel blocks, and `c` R rows of `16 · P` at
     // `c_stride`.
-    if tile.accumulate {
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (p, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_loadu_ps(c.add(r * tile.c_stride + p * PANEL));
-            }
-        }
-    }
+    let mut acc = load_accumulators::<R, P>(tile);
     for b in 0..tile.kc / QK {
         let mut scales = [(_mm512_setzero_ps(), _mm512_setzero_ps()); P];
         for (s, &block) in scales.iter_mut().zip(&blocks) {
@@ -165,11 +157,7 @@ unsafe fn fused_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (p, &acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * tile.c_stride + p * PANEL), acc);
-        }
-    }
+    store_accumulators(&acc, tile);
 }
 
 /// # Safety
@@ -190,7 +178,6 @@ pub unsafe fn tile(tile: &mut Tile) {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn tile_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
     let x = tile.x.as_ptr();
-    let c = tile.c.as_mut_ptr();
     let mut w = [std::ptr::null::<f32>(); P];
     let Weights::F32(panels) = tile.weights else {
         unreachable!("Isa::tile sends quantized blocks to `fused`")
@@ -198,16 +185,9 @@ unsafe fn tile_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
     for (w, panel) in w.iter_mut().zip(&panels) {
         *w = panel.as_ptr();
     }
-    let mut acc = [[_mm512_setzero_ps(); P]; R];
     // SAFETY (all pointer offsets): `Tile::check` verified that `x` holds R rows of `kc` at
     // `x_stride`, each `w[p]` `kc × 16` floats, and `c` R rows of `16 · P` at `c_stride`.
-    if tile.accumulate {
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (p, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_loadu_ps(c.add(r * tile.c_stride + p * PANEL));
-            }
-        }
-    }
+    let mut acc = load_accumulators::<R, P>(tile);
     for k in 0..tile.kc {
         let mut wk = [_mm512_setzero_ps(); P];
         for (wk, &w) in wk.iter_mut().zip(&w) {
@@ -220,6 +200,42 @@ unsafe fn tile_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
             }
         }
     }
+    store_accumulators(&acc, tile);
+}
+
+/// A tile's accumulators: the values in `c` when the tile continues their chains, zeros
+/// otherwise.
+///
+/// # Safety
+/// The CPU has AVX-512F; `tile` passed [`Tile::check`] for R rows.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_accumulators<const R: usize, const P: usize>(tile: &Tile) -> [[__m512; P]; R] {
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    if tile.accumulate {
+        let c = tile.c.as_ptr();
+        // SAFETY: `Tile::check` verified that `c` holds R rows of the tile's width.
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (p, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_loadu_ps(c.add(r * tile.c_stride + p * PANEL));
+            }
+        }
+    }
+    acc
+}
+
+/// Writes a tile's accumulators to `c`.
+///
+/// # Safety
+/// The CPU has AVX-512F; `tile` passed [`Tile::check`] for R rows.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_accumulators<const R: usize, const P: usize>(
+    acc: &[[__m512; P]; R],
+    tile: &mut Tile,
+) {
+    let c = tile.c.as_mut_ptr();
+    // SAFETY: `Tile::check` verified that `c` holds R rows of the tile's width.
     for (r, acc) in acc.iter().enumerate() {
         for (p, &acc) in acc.iter().enumerate() {
             _mm512_storeu_ps(c.add(r * tile.c_stride + p * PANEL), acc);

@@ -65,7 +65,7 @@ impl Tile<'_> {
                 }
             }
             Weights::Blocks(format, blocks) => {
-                assert!(format != Format::F32 && self.kc.is_multiple_of(QK));
+                assert!(self.kc.is_multiple_of(QK));
                 for blocks in &blocks[..self.panels] {
                     assert!(blocks.len() >= self.kc / QK * format.panel_block_bytes());
                 }
@@ -86,22 +86,30 @@ impl Isa {
         }
     }
 
-    /// The CPU features this variant needs that this CPU lacks (empty: it can run).
-    pub fn missing_features(self) -> Vec<&'static str> {
-        let needed: &[&'static str] = match self {
+    /// The CPU features this variant's kernels are compiled for.
+    fn needed_features(self) -> &'static [&'static str] {
+        match self {
             Isa::Avx512 => &["avx512f", "avx2", "fma", "f16c"],
             Isa::Avx2 => &["avx2", "fma", "f16c"],
             Isa::Portable => &[],
-        };
-        needed
+        }
+    }
+
+    /// The CPU features this variant needs that this CPU lacks (empty: it can run).
+    pub fn missing_features(self) -> Vec<&'static str> {
+        self.needed_features()
             .iter()
             .copied()
             .filter(|&feature| !cpu_has(feature))
             .collect()
     }
 
+    /// Whether this CPU runs the variant. Checked before every SIMD call, so it allocates
+    /// nothing (the detections are cached by the standard library).
     pub fn supported(self) -> bool {
-        self.missing_features().is_empty()
+        self.needed_features()
+            .iter()
+            .all(|&feature| cpu_has(feature))
     }
 
     /// The guard before any SIMD call: the soundness of the `unsafe` calls rests on it.
@@ -122,7 +130,7 @@ impl Isa {
             if let Some(warning) = warning {
                 tracing::warn!("{warning}");
             }
-            if chosen == Isa::Portable && cfg!(target_arch = "x86_64") {
+            if chosen == Isa::Portable && cfg!(target_arch = "x86_64") && !Isa::Avx2.supported() {
                 tracing::warn!(
                     "matrix kernels: portable (this CPU lacks {}); products run many times \
                      slower than with AVX2",
@@ -193,7 +201,7 @@ impl Isa {
     /// `out[k·16 + t]` = column `k` of the panel's row `t`).
     pub fn dequantize(self, format: Format, blocks: &[u8], out: &mut [f32]) {
         let pbb = format.panel_block_bytes();
-        assert!(format != Format::F32 && blocks.len().is_multiple_of(pbb));
+        assert!(blocks.len().is_multiple_of(pbb));
         assert!(out.len() >= blocks.len() / pbb * QK * PANEL);
         self.assert_supported();
         match self {

@@ -25,23 +25,21 @@ pub const PANEL: usize = 16;
 /// Values per quantization block.
 pub const QK: usize = 32;
 
-/// The formats of a packed matrix.
+/// The quantized formats of a packed matrix (f32 panels are plain floats).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Q4_0,
     Q4_1,
     Q8_0,
-    F32,
 }
 
 impl Format {
-    /// Bytes per block of 32 columns of one panel (quantized formats).
+    /// Bytes per block of 32 columns of one panel.
     pub const fn panel_block_bytes(self) -> usize {
         match self {
             Format::Q4_0 => 2 * PANEL + QK * PANEL / 2,
             Format::Q4_1 => 4 * PANEL + QK * PANEL / 2,
             Format::Q8_0 => 2 * PANEL + QK * PANEL,
-            Format::F32 => 4 * PANEL * QK,
         }
     }
 
@@ -51,7 +49,6 @@ impl Format {
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
-            Format::F32 => 4 * QK,
         }
     }
 }
@@ -102,7 +99,6 @@ pub fn repack(format: Format, gguf: &[u8], out: usize, inp: usize) -> Vec<u8> {
                         dst[2 * PANEL + PANEL * k + t] = block[2 + k];
                     }
                 }
-                Format::F32 => unreachable!("F32 matrices are packed by pack_f32"),
             }
         }
     }
@@ -149,7 +145,6 @@ pub fn dequantize_block_row(format: Format, block: &[u8], t: usize, out: &mut [f
                 *o = f32::from(qs[PANEL * k + t] as i8) * d;
             }
         }
-        Format::F32 => unreachable!("F32 panels are not blocks"),
     }
 }
 

@@ -52,7 +52,6 @@ const TASKS_PER_THREAD: usize = 4;
 /// A weight matrix `[out, in]` in the panel layout.
 #[derive(Clone, Debug)]
 pub struct PackedMatrix {
-    format: Format,
     out: usize,
     inp: usize,
     storage: Storage,
@@ -61,7 +60,7 @@ pub struct PackedMatrix {
 /// The panels; shared so that clones are cheap.
 #[derive(Clone, Debug)]
 enum Storage {
-    Blocks(Arc<[u8]>),
+    Blocks { format: Format, bytes: Arc<[u8]> },
     F32(Arc<[f32]>),
 }
 
@@ -92,10 +91,12 @@ impl PackedMatrix {
         }
         let packed = layout::repack(format, &data, out, inp);
         Ok(Some(Self {
-            format,
             out,
             inp,
-            storage: Storage::Blocks(Arc::from(packed)),
+            storage: Storage::Blocks {
+                format,
+                bytes: Arc::from(packed),
+            },
         }))
     }
 
@@ -108,7 +109,6 @@ impl PackedMatrix {
             w.len()
         );
         Self {
-            format: Format::F32,
             out,
             inp,
             storage: Storage::F32(Arc::from(layout::pack_f32(w, out, inp))),
@@ -123,18 +123,20 @@ impl PackedMatrix {
     /// Bytes of the panels: what one full product streams from memory.
     pub fn size_bytes(&self) -> usize {
         match &self.storage {
-            Storage::Blocks(bytes) => bytes.len(),
+            Storage::Blocks { bytes, .. } => bytes.len(),
             Storage::F32(values) => values.len() * 4,
         }
     }
 
     /// The GGUF dtype of the weights.
     pub fn dtype(&self) -> GgmlDType {
-        match self.format {
-            Format::Q4_0 => GgmlDType::Q4_0,
-            Format::Q4_1 => GgmlDType::Q4_1,
-            Format::Q8_0 => GgmlDType::Q8_0,
-            Format::F32 => GgmlDType::F32,
+        match &self.storage {
+            Storage::Blocks { format, .. } => match format {
+                Format::Q4_0 => GgmlDType::Q4_0,
+                Format::Q4_1 => GgmlDType::Q4_1,
+                Format::Q8_0 => GgmlDType::Q8_0,
+            },
+            Storage::F32(_) => GgmlDType::F32,
         }
     }
 
@@ -142,9 +144,9 @@ impl PackedMatrix {
         self.out.div_ceil(PANEL)
     }
 
-    /// Bytes of one panel's blocks (quantized formats).
-    fn panel_bytes(&self) -> usize {
-        self.inp / QK * self.format.panel_block_bytes()
+    /// Bytes of one panel's blocks in `format`.
+    fn panel_bytes(&self, format: Format) -> usize {
+        self.inp / QK * format.panel_block_bytes()
     }
 
     fn check_io(&self, xs: &[f32], rows: usize, ys: &[f32]) {
@@ -246,7 +248,10 @@ impl PackedMatrix {
         let mut c = vec![0f32; MC.min(rows) * width];
         let (tile_rows, tile_panels) = isa.tile_shape();
         // A few rows of quantized weights: dequantize in registers, without the buffer.
-        let fused = matches!(self.storage, Storage::Blocks(_)) && rows <= isa.fused_rows();
+        let fused = match &self.storage {
+            Storage::Blocks { format, bytes } if rows <= isa.fused_rows() => Some((*format, bytes)),
+            _ => None,
+        };
         let mut buffers = [vec![0f32; KC * PANEL], vec![0f32; KC * PANEL]];
         // Rows in blocks of `MC`, then columns in chunks of `KC`: the activations of one block
         // and chunk stay in L2 while every panel of the task passes over them.
@@ -259,12 +264,15 @@ impl PackedMatrix {
                 for p in (panels.start..panels.end).step_by(tile_panels) {
                     let np = tile_panels.min(panels.end - p);
                     let c = &mut c[(p - panels.start) * PANEL..];
-                    let (weights, step) = if fused {
-                        let blocks = self.chunk_blocks(p, np, k0, kc);
-                        (Weights::Blocks(self.format, blocks), block_rows)
-                    } else {
-                        let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
-                        (Weights::F32(w), tile_rows)
+                    let (weights, step) = match fused {
+                        Some((format, bytes)) => {
+                            let blocks = self.chunk_blocks(format, bytes, p, np, k0, kc);
+                            (Weights::Blocks(format, blocks), block_rows)
+                        }
+                        None => {
+                            let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
+                            (Weights::F32(w), tile_rows)
+                        }
                     };
                     for r0 in (0..block_rows).step_by(step) {
                         isa.tile(&mut Tile {
@@ -288,14 +296,20 @@ impl PackedMatrix {
         }
     }
 
-    /// The quantized blocks of columns `k0..k0 + kc` of panels `p..p + np`.
-    fn chunk_blocks(&self, p: usize, np: usize, k0: usize, kc: usize) -> [&[u8]; 2] {
-        let Storage::Blocks(bytes) = &self.storage else {
-            unreachable!("only quantized panels have blocks")
-        };
-        let pbb = self.format.panel_block_bytes();
+    /// The quantized blocks (`bytes`, in `format`) of columns `k0..k0 + kc` of panels
+    /// `p..p + np`.
+    fn chunk_blocks<'a>(
+        &self,
+        format: Format,
+        bytes: &'a [u8],
+        p: usize,
+        np: usize,
+        k0: usize,
+        kc: usize,
+    ) -> [&'a [u8]; 2] {
+        let pbb = format.panel_block_bytes();
         let at = |q: usize| {
-            let start = (p + q) * self.panel_bytes() + k0 / QK * pbb;
+            let start = (p + q) * self.panel_bytes(format) + k0 / QK * pbb;
             &bytes[start..start + kc / QK * pbb]
         };
         [at(0), at(np - 1)]
@@ -320,10 +334,10 @@ impl PackedMatrix {
                 };
                 [at(0), at(np - 1)]
             }
-            Storage::Blocks(_) => {
-                let blocks = self.chunk_blocks(p, np, k0, kc);
+            Storage::Blocks { format, bytes } => {
+                let blocks = self.chunk_blocks(*format, bytes, p, np, k0, kc);
                 for (blocks, buffer) in blocks.iter().zip(buffers.iter_mut()).take(np) {
-                    isa.dequantize(self.format, blocks, buffer);
+                    isa.dequantize(*format, blocks, buffer);
                 }
                 let [a, b] = buffers;
                 [&a[..kc * PANEL], &b[..kc * PANEL]]
@@ -385,11 +399,12 @@ impl PackedMatrix {
                     *d = column[t];
                 }
             }
-            Storage::Blocks(bytes) => {
-                let panel = &bytes[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
-                let blocks = panel.chunks_exact(self.format.panel_block_bytes());
+            Storage::Blocks { format, bytes } => {
+                let panel_bytes = self.panel_bytes(*format);
+                let panel = &bytes[p * panel_bytes..(p + 1) * panel_bytes];
+                let blocks = panel.chunks_exact(format.panel_block_bytes());
                 for (block, d) in blocks.zip(dst.chunks_exact_mut(QK)) {
-                    layout::dequantize_block_row(self.format, block, t, d);
+                    layout::dequantize_block_row(*format, block, t, d);
                 }
             }
         }
@@ -568,15 +583,15 @@ mod tests {
         for dtype in FORMATS {
             let q = random_qtensor(48, 256, dtype);
             let m = packed(&q);
-            let Storage::Blocks(bytes) = &m.storage else {
+            let Storage::Blocks { format, bytes } = &m.storage else {
                 unreachable!("quantized storage")
             };
-            let values = bytes.len() / m.format.panel_block_bytes() * QK * PANEL;
+            let values = bytes.len() / format.panel_block_bytes() * QK * PANEL;
             let mut want = vec![0f32; values];
-            Isa::Portable.dequantize(m.format, bytes, &mut want);
+            Isa::Portable.dequantize(*format, bytes, &mut want);
             for isa in supported_variants() {
                 let mut got = vec![f32::NAN; values];
-                isa.dequantize(m.format, bytes, &mut got);
+                isa.dequantize(*format, bytes, &mut got);
                 assert!(same_bits(&got, &want), "{dtype:?} {}", isa.name());
             }
         }
