@@ -307,6 +307,63 @@ async fn publish_only_if_improved_keeps_a_worse_adapter_out() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_job_on_the_top_layers_reuses_the_frozen_ones_and_publishes_them_as_peft() {
+    let server = Server::start(ServerOptions::default());
+    let examples = review_examples();
+    let job = submit_job(
+        &server,
+        json!({
+            "adapter": "top-layers",
+            "objective": "classification",
+            "examples": examples[..8],
+            "eval_examples": examples[8..12],
+            "hyperparameters": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "epsilon": 1e-2},
+            // Any order, repeats allowed: a set of layers, as PEFT's layers_to_transform.
+            "lora": {"layers": [29, 26, 27, 28, 29]},
+        }),
+    )
+    .await;
+    let id = job["id"].as_str().expect("an id").to_string();
+    let done = wait_for_job(&server, &id, finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
+    assert_eq!(done["lora"]["layers"], json!([26, 27, 28, 29]), "{done}");
+
+    let config_path = server
+        .data_dir
+        .join("adapters/top-layers/v1/adapter_config.json");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("the published config"))
+            .expect("JSON");
+    assert_eq!(config["layers_to_transform"], json!([26, 27, 28, 29]));
+    assert_eq!(chat_version(&server, "top-layers").await, (200, json!(1)));
+
+    let metrics = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    // 4 steps of 4 examples under θ+εz and θ−εz, plus held-out evaluations: after the first
+    // pass over the 8 training examples, their bottom 26 layers are never computed again.
+    let reused = value("mezo_training_frozen_layer_tokens_total{source=\"reused\"}");
+    let computed = value("mezo_training_frozen_layer_tokens_total{source=\"computed\"}");
+    assert!(reused > computed, "reused {reused}, computed {computed}");
+    assert_eq!(
+        value("mezo_training_frozen_states_bytes"),
+        0.0,
+        "the job's states are given back when it ends"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_f1_job_answers_in_the_training_share_and_publishes() {
     let server = Server::start(ServerOptions::default());
     let qa = |question: &str, answer: &str| {
@@ -497,6 +554,18 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
             Some("eval_fraction"),
         ),
         (job(json!({"epochs": 3})), 400, Some("epochs")),
+        (
+            job(json!({"lora": {"layers": [29, 30]}})),
+            400,
+            Some("lora.layers"),
+        ),
+        (
+            job(json!({"lora": {"layers": []}})),
+            400,
+            Some("lora.layers"),
+        ),
+        (job(json!({"lora": {"layers": [-1]}})), 400, Some("lora")),
+        (job(json!({"lora": {"layer": [3]}})), 400, Some("lora")),
     ];
     for (body, status, param) in cases {
         let (got, _, err) = post_json(&server.url("/v1/finetune"), &body).await;

@@ -112,13 +112,21 @@ pub struct ModelDims {
     pub qk_rows: QkRowOrder,
 }
 
-/// LoRA hyperparameters, with the MeZO paper's defaults (r = 8, α = 16 on q and v).
+/// LoRA hyperparameters, with the MeZO paper's defaults (r = 8, α = 16 on q and v, every layer).
+/// Fields left out of a serialised config take these defaults; unknown fields are refused, so
+/// that a misspelt one is not silently ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f32,
     pub targets: Vec<TargetModule>,
     pub use_rslora: bool,
+    /// The transformer layers adapted, in increasing order (PEFT's `layers_to_transform`);
+    /// `None` adapts every layer. Leaving the bottom layers out lets training compute their
+    /// output once per example instead of twice per step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
 }
 
 impl Default for LoraConfig {
@@ -128,6 +136,7 @@ impl Default for LoraConfig {
             alpha: 16.0,
             targets: vec![TargetModule::Q, TargetModule::V],
             use_rslora: false,
+            layers: None,
         }
     }
 }
@@ -159,7 +168,63 @@ impl LoraConfig {
                 "target_modules must name at least one of q, k, v, o, gate, up, down".into(),
             ));
         }
-        Ok(())
+        self.validate_layers(usize::MAX)
+    }
+
+    /// [`Self::validate`], and every listed layer exists in a model with `n_layer` layers.
+    pub fn validate_for(&self, n_layer: usize) -> Result<()> {
+        self.validate()?;
+        self.validate_layers(n_layer)
+    }
+
+    /// The layer list alone: non-empty, increasing, and inside a model with `n_layer` layers.
+    pub fn validate_layers(&self, n_layer: usize) -> Result<()> {
+        let Some(layers) = &self.layers else {
+            return Ok(());
+        };
+        if layers.is_empty() {
+            return Err(AdapterError::InvalidConfig(
+                "layers must list at least one layer index (or be left out to adapt every layer)"
+                    .into(),
+            ));
+        }
+        if let Some(pair) = layers.windows(2).find(|pair| pair[0] >= pair[1]) {
+            return Err(AdapterError::InvalidConfig(format!(
+                "layers must be in increasing order without repeats (found {} before {})",
+                pair[0], pair[1]
+            )));
+        }
+        match layers.last() {
+            Some(&last) if last >= n_layer => Err(AdapterError::InvalidConfig(format!(
+                "layer {last} does not exist: the base model has {n_layer} layers, numbered 0 \
+                 to {}",
+                n_layer.saturating_sub(1)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `layer` is adapted.
+    pub fn adapts_layer(&self, layer: usize) -> bool {
+        self.layers
+            .as_ref()
+            .is_none_or(|layers| layers.binary_search(&layer).is_ok())
+    }
+
+    /// The lowest adapted layer: every layer below it computes exactly what the base model does.
+    pub fn first_adapted_layer(&self) -> usize {
+        self.layers
+            .as_deref()
+            .and_then(<[usize]>::first)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The canonical form of a layer list given in any order with repeats: sorted, unique.
+    pub fn normalized_layers(mut layers: Vec<usize>) -> Vec<usize> {
+        layers.sort_unstable();
+        layers.dedup();
+        layers
     }
 }
 
@@ -199,10 +264,10 @@ impl LoraAdapter {
     /// a = √5, PEFT's default), `B` zero, so it starts as the identity on the base model.
     /// The same seed gives the same adapter.
     pub fn new_initialized(config: LoraConfig, dims: ModelDims, seed: u64) -> Result<Self> {
-        config.validate()?;
+        config.validate_for(dims.n_layer)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut layers = BTreeMap::new();
-        for layer in 0..dims.n_layer {
+        for layer in (0..dims.n_layer).filter(|&l| config.adapts_layer(l)) {
             for &module in &config.targets {
                 let (in_dim, out_dim) = module.dims(&dims);
                 let mut lora = LoraLayer::zeros(in_dim, out_dim, config.rank);
@@ -267,6 +332,7 @@ mod tests {
             alpha: 8.0,
             targets: targets.to_vec(),
             use_rslora: false,
+            layers: None,
         }
     }
 
@@ -421,5 +487,54 @@ mod tests {
                 "{config:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_layer_subset_adapts_only_those_layers() {
+        let subset = LoraConfig {
+            layers: Some(vec![1, 2]),
+            ..config(&[TargetModule::Q, TargetModule::V])
+        };
+        let adapter = LoraAdapter::new_initialized(subset.clone(), DIMS, 7).unwrap();
+        let adapted: Vec<(usize, TargetModule)> = adapter.layers.keys().copied().collect();
+        assert_eq!(
+            adapted,
+            [
+                (1, TargetModule::Q),
+                (1, TargetModule::V),
+                (2, TargetModule::Q),
+                (2, TargetModule::V)
+            ]
+        );
+        assert_eq!(subset.first_adapted_layer(), 1);
+        assert!(!subset.adapts_layer(0) && subset.adapts_layer(1) && subset.adapts_layer(2));
+        let every = config(&[TargetModule::Q]);
+        assert_eq!(every.first_adapted_layer(), 0);
+        assert!((0..DIMS.n_layer).all(|l| every.adapts_layer(l)));
+    }
+
+    #[test]
+    fn layer_lists_must_be_increasing_and_inside_the_model() {
+        let with_layers = |layers: Vec<usize>| LoraConfig {
+            layers: Some(layers),
+            ..LoraConfig::default()
+        };
+        for (layers, expected) in [
+            (vec![], "at least one layer"),
+            (vec![2, 1], "found 2 before 1"),
+            (vec![1, 1], "found 1 before 1"),
+            (
+                vec![0, 3],
+                "layer 3 does not exist: the base model has 3 layers, numbered 0 to 2",
+            ),
+        ] {
+            match LoraAdapter::new_initialized(with_layers(layers.clone()), DIMS, 0) {
+                Err(AdapterError::InvalidConfig(message)) => {
+                    assert!(message.contains(expected), "{layers:?}: {message}")
+                }
+                other => panic!("{layers:?} gave {other:?}"),
+            }
+        }
+        assert_eq!(LoraConfig::normalized_layers(vec![5, 2, 5, 0]), [0, 2, 5]);
     }
 }

@@ -60,6 +60,8 @@ pub fn save(adapter: &LoraAdapter, dir: &Path, base_model_name_or_path: &str) ->
         fan_in_fan_out: false,
         inference_mode: true,
         init_lora_weights: true,
+        layers_pattern: None,
+        layers_to_transform: config.layers.as_deref(),
         lora_alpha: config.alpha,
         lora_dropout: 0.0,
         modules_to_save: None,
@@ -246,6 +248,12 @@ fn load_stored(
     let config_path = dir.join(CONFIG_FILE);
     let config_text = read_limited(&config_path, max_bytes)?;
     let config = parse_config(&config_path, &config_text)?;
+    config.validate_for(dims.n_layer).map_err(|e| {
+        invalid(
+            &config_path,
+            format!("{e}; the adapter was trained for another base model"),
+        )
+    })?;
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let weights = match read_limited(&weights_path, max_bytes) {
@@ -345,6 +353,9 @@ struct PeftConfigOut<'a> {
     fan_in_fan_out: bool,
     inference_mode: bool,
     init_lora_weights: bool,
+    /// PEFT finds llama's `model.layers.<i>` without a pattern.
+    layers_pattern: Option<&'static str>,
+    layers_to_transform: Option<&'a [usize]>,
     lora_alpha: f32,
     lora_dropout: f32,
     modules_to_save: Option<Vec<String>>,
@@ -498,17 +509,19 @@ fn parse_config(path: &Path, text: &[u8]) -> Result<LoraConfig> {
             return Err(unsupported(path, format!("{field} = {value}"), hint));
         }
     }
-    // Unlike the fields above, an empty list here is not "off": it would adapt no layer at all.
-    if let Some(value) = file
-        .other
-        .get("layers_to_transform")
-        .filter(|v| !v.is_null())
-    {
-        return Err(unsupported(
-            path,
-            format!("layers_to_transform = {value}"),
-            "this engine adapts every layer; retrain with layers_to_transform=None",
-        ));
+    let layers = parse_layers(path, file.other.get("layers_to_transform"))?;
+    match file.other.get("layers_pattern") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(p)) if p == "layers" => {}
+        Some(Value::Array(p)) if p.len() == 1 && p[0] == "layers" => {}
+        Some(pattern) => {
+            return Err(unsupported(
+                path,
+                format!("layers_pattern = {pattern}"),
+                "llama's layers are `model.layers.<i>`; retrain with layers_pattern=None (or \
+                 \"layers\")",
+            ))
+        }
     }
     match file.other.get("bias") {
         None | Some(Value::Null) => {}
@@ -544,11 +557,43 @@ fn parse_config(path: &Path, text: &[u8]) -> Result<LoraConfig> {
         alpha: file.lora_alpha,
         targets: parse_targets(path, &file.target_modules)?,
         use_rslora: file.use_rslora,
+        layers,
     };
     config
         .validate()
         .map_err(|e| invalid(path, format!("{e}")))?;
     Ok(config)
+}
+
+/// PEFT's `layers_to_transform`: absent or null for every layer, one index, or a list of
+/// indices (kept sorted and unique, which is how PEFT treats it: a membership test).
+fn parse_layers(path: &Path, value: Option<&Value>) -> Result<Option<Vec<usize>>> {
+    let index = |item: &Value| -> Result<usize> {
+        item.as_u64()
+            .and_then(|i| usize::try_from(i).ok())
+            .ok_or_else(|| {
+                invalid(
+                    path,
+                    format!(
+                        "layers_to_transform must be a layer index or a list of them, found \
+                         {item}"
+                    ),
+                )
+            })
+    };
+    let layers = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items.iter().map(index).collect::<Result<Vec<_>>>()?,
+        Some(item) => vec![index(item)?],
+    };
+    if layers.is_empty() {
+        return Err(invalid(
+            path,
+            "layers_to_transform is an empty list, so the adapter changes no layer; list the \
+             adapted layers, or set it to null to adapt every layer",
+        ));
+    }
+    Ok(Some(LoraConfig::normalized_layers(layers)))
 }
 
 /// PEFT's `target_modules`: a list of module names, or a string that PEFT treats as a regular
@@ -665,6 +710,7 @@ fn parse_tensors(
     };
 
     let expected: HashSet<String> = (0..dims.n_layer)
+        .filter(|&layer| config.adapts_layer(layer))
         .flat_map(|layer| {
             config.targets.iter().flat_map(move |&module| {
                 [Matrix::A, Matrix::B].map(|matrix| tensor_key(layer, module, matrix))
@@ -674,21 +720,27 @@ fn parse_tensors(
     let pattern = format!(
         "with target_modules [{}] the file must hold exactly \
          `{KEY_PREFIX}model.layers.<layer>.<self_attn|mlp>.<module>.lora_A.weight` and \
-         `….lora_B.weight` for each module and layers 0..{}",
+         `….lora_B.weight` for each module and {}",
         config
             .targets
             .iter()
             .map(|m| m.peft_name())
             .collect::<Vec<_>>()
             .join(", "),
-        dims.n_layer
+        match &config.layers {
+            None => format!("layers 0..{}", dims.n_layer),
+            Some(layers) => format!("the layers of layers_to_transform {layers:?}"),
+        }
     );
 
     // Sorted so that, of several unexpected tensors, the same one is reported every time.
     let mut names = file.names();
     names.sort_unstable();
     if let Some(name) = names.into_iter().find(|name| !expected.contains(*name)) {
-        return Err(invalid(path, unexpected_tensor(name, dims, &pattern)));
+        return Err(invalid(
+            path,
+            unexpected_tensor(name, config, dims, &pattern),
+        ));
     }
 
     let read_matrix = |key: String, want: [usize; 2]| -> Result<Vec<f32>> {
@@ -724,7 +776,7 @@ fn parse_tensors(
     };
 
     let mut layers = BTreeMap::new();
-    for layer in 0..dims.n_layer {
+    for layer in (0..dims.n_layer).filter(|&layer| config.adapts_layer(layer)) {
         for &module in &config.targets {
             let (in_dim, out_dim) = module.dims(dims);
             let b = read_matrix(tensor_key(layer, module, Matrix::B), [out_dim, config.rank])?;
@@ -742,7 +794,7 @@ fn parse_tensors(
 }
 
 /// Explains a tensor the config does not call for, naming the likeliest cause.
-fn unexpected_tensor(name: &str, dims: &ModelDims, pattern: &str) -> String {
+fn unexpected_tensor(name: &str, config: &LoraConfig, dims: &ModelDims, pattern: &str) -> String {
     let layer = name
         .strip_prefix(KEY_PREFIX)
         .and_then(|rest| rest.strip_prefix("model.layers."))
@@ -753,6 +805,11 @@ fn unexpected_tensor(name: &str, dims: &ModelDims, pattern: &str) -> String {
             "tensor `{name}` is for layer {layer}, but the base model has {} layers; the \
              adapter was trained for another base model",
             dims.n_layer
+        )
+    } else if let Some(layer) = layer.filter(|&l| !config.adapts_layer(l)) {
+        format!(
+            "tensor `{name}` is for layer {layer}, which layers_to_transform does not list; \
+             {pattern}: add the layer to layers_to_transform or remove its tensors"
         )
     } else if name.ends_with(".default.weight") {
         format!(
@@ -904,6 +961,7 @@ mod tests {
             alpha: 8.0,
             targets: targets.to_vec(),
             use_rslora,
+            layers: None,
         };
         let mut adapter = LoraAdapter::new_initialized(config, DIMS, 7).unwrap();
         for (i, b) in adapter
@@ -1173,6 +1231,8 @@ mod tests {
             "modules_to_save": null,
             "fan_in_fan_out": false,
             "init_lora_weights": true,
+            "layers_pattern": null,
+            "layers_to_transform": null,
             "base_model_name_or_path": "test/tiny-llama",
             "inference_mode": true,
         });
@@ -1230,16 +1290,7 @@ mod tests {
             ),
             ("bias", serde_json::json!("lora_only"), "bias"),
             ("fan_in_fan_out", serde_json::json!(true), "fan_in_fan_out"),
-            (
-                "layers_to_transform",
-                serde_json::json!([0, 1]),
-                "layers_to_transform",
-            ),
-            (
-                "layers_to_transform",
-                serde_json::json!(0),
-                "layers_to_transform",
-            ),
+            ("layers_pattern", serde_json::json!("h"), "layers_pattern"),
             (
                 "init_lora_weights",
                 serde_json::json!("pissa"),
@@ -1285,6 +1336,8 @@ mod tests {
             ("rank_pattern", serde_json::json!({})),
             ("alpha_pattern", serde_json::json!({})),
             ("layers_to_transform", Value::Null),
+            ("layers_to_transform", serde_json::json!([1, 0])),
+            ("layers_pattern", serde_json::json!("layers")),
             ("use_dora", serde_json::json!(false)),
             ("bias", serde_json::json!("none")),
             ("init_lora_weights", serde_json::json!("gaussian")),
@@ -1327,6 +1380,63 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(dir.path(), &DIMS).unwrap(), original);
+    }
+
+    /// A q/v adapter of layer 1 only (the tiny model has layers 0 and 1).
+    fn top_layer_adapter() -> LoraAdapter {
+        let mut adapter = adapter(&[TargetModule::Q, TargetModule::V], false);
+        adapter.config.layers = Some(vec![1]);
+        adapter.layers.retain(|&(layer, _), _| layer == 1);
+        adapter
+    }
+
+    #[test]
+    fn a_layer_subset_saves_as_layers_to_transform_and_loads_back() {
+        let original = top_layer_adapter();
+        let dir = saved(&original);
+        assert_eq!(
+            read_config(dir.path())["layers_to_transform"],
+            serde_json::json!([1])
+        );
+        assert_eq!(read_config(dir.path())["layers_pattern"], Value::Null);
+        let names: Vec<String> = tensors_of(&original).into_keys().collect();
+        assert!(names.iter().all(|n| n.contains("layers.1.")), "{names:?}");
+        assert_eq!(load(dir.path(), &DIMS).unwrap(), original);
+
+        // PEFT also accepts a single index for one layer.
+        let mut config = read_config(dir.path());
+        config.insert("layers_to_transform".into(), serde_json::json!(1));
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(load(dir.path(), &DIMS).unwrap(), original);
+    }
+
+    #[test]
+    fn tensors_of_layers_outside_layers_to_transform_are_refused() {
+        let subset = top_layer_adapter();
+        let every_layer = tensors_of(&adapter(&[TargetModule::Q, TargetModule::V], false));
+        let (_, reason) = invalid_file(load_with_tensors(&subset, Dtype::F32, &every_layer));
+        assert!(
+            reason.contains("layer 0, which layers_to_transform does not list"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn unusable_layer_lists_are_refused() {
+        for (value, needle) in [
+            (serde_json::json!([]), "empty list"),
+            (serde_json::json!([0, -1]), "found -1"),
+            (serde_json::json!("0"), "found \"0\""),
+            (serde_json::json!([2]), "layer 2 does not exist"),
+        ] {
+            let (_, reason) =
+                invalid_file(load_with_config_field("layers_to_transform", value.clone()));
+            assert!(reason.contains(needle), "{value}: {reason}");
+        }
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub struct TrainingConfig {
     pub max_steps: u64,
     pub remembered_completions: usize,
     pub max_file_bytes: usize,
+    pub frozen_states_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -34,6 +34,8 @@ pub const FINETUNE_JOBS: &str = "mezo_finetune_jobs";
 pub const ADAPTER_PUBLISHES_TOTAL: &str = "mezo_adapter_publishes_total";
 pub const ADAPTER_LIVE_VERSION: &str = "mezo_adapter_live_version";
 pub const FEEDBACK_TOTAL: &str = "mezo_feedback_total";
+pub const TRAINING_FROZEN_STATES_BYTES: &str = "mezo_training_frozen_states_bytes";
+pub const TRAINING_FROZEN_LAYER_TOKENS_TOTAL: &str = "mezo_training_frozen_layer_tokens_total";
 
 /// vLLM's bucket lists, which dashboards built for LLM servers already expect.
 const TTFT_BUCKETS: &[f64] = &[
@@ -181,6 +183,16 @@ fn describe() {
     describe_gauge!(
         ADAPTER_LIVE_VERSION,
         "The version each adapter name serves (0 once deleted)."
+    );
+    describe_gauge!(
+        TRAINING_FROZEN_STATES_BYTES,
+        Unit::Bytes,
+        "Memory held by fine-tuning jobs' kept hidden states (frozen-layer reuse)."
+    );
+    describe_counter!(
+        TRAINING_FROZEN_LAYER_TOKENS_TOTAL,
+        "Training tokens whose layers below the first adapted one were reused from kept hidden \
+         states or computed, by source (reused, computed)."
     );
     describe_counter!(
         FEEDBACK_TOTAL,

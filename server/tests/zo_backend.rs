@@ -8,8 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use adapters::{LoraAdapter, LoraConfig};
+use mezo_server::engine::frozen_layers::FrozenStatesBudget;
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
+use mezo_server::engine::zo_backend::ReusingEngine;
 use mezo_server::scheduler::{BatchLimits, Scheduler};
 use mezo_server::training::QueuedEngine;
 use plugin::{ScoreRequest, ZoEngine};
@@ -17,8 +19,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn perturbed_pair(model: &LoadedModel) -> (LoraAdapter, LoraAdapter) {
+    perturbed_pair_of(model, LoraConfig::default())
+}
+
+fn perturbed_pair_of(model: &LoadedModel, config: LoraConfig) -> (LoraAdapter, LoraAdapter) {
     let dims = model.llama.config.dims();
-    let base = LoraAdapter::new_initialized(LoraConfig::default(), dims, 5).expect("adapter");
+    let base = LoraAdapter::new_initialized(config, dims, 5).expect("adapter");
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut plus = base.clone();
     let mut minus = base;
@@ -94,7 +100,12 @@ fn background_work_on_the_engine_thread_gives_what_the_model_gives_directly() {
         training_slice_tokens: 16,
     };
     let scheduler = Scheduler::start(Arc::clone(&model), limits, 16);
-    let queued = QueuedEngine::new(Arc::clone(&model), scheduler.handle().clone());
+    let budget = FrozenStatesBudget::new(64 << 20);
+    let queued = QueuedEngine::new(
+        Arc::clone(&model),
+        scheduler.handle().clone(),
+        Arc::clone(&budget),
+    );
 
     let prompts: Vec<Vec<u32>> = [
         "The capital of France is",
@@ -139,6 +150,70 @@ fn background_work_on_the_engine_thread_gives_what_the_model_gives_directly() {
             assert!((q - d).abs() <= 1e-5, "{q} vs {d}");
         }
     }
+    scheduler.close();
+    scheduler.join();
+}
+
+fn assert_scores_close(got: &plugin::LogProbs, want: &plugin::LogProbs) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        assert_eq!(g.len(), w.len());
+        for (g, w) in g.iter().flatten().zip(w.iter().flatten()) {
+            assert!((g - w).abs() <= 1e-5, "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn adapters_of_the_top_layers_reuse_the_frozen_layers_on_both_paths() {
+    let model =
+        Arc::new(LoadedModel::load(&common::model_path(), WeightMode::Quantized).expect("load"));
+    let top_ten = LoraConfig {
+        layers: Some((20..30).collect()),
+        ..LoraConfig::default()
+    };
+    let (plus, minus) = perturbed_pair_of(&model, top_ten);
+    let adapters = [&plus, &minus];
+    let mut items = common::sentiment_items(
+        &model,
+        &[
+            "Review: a gorgeous, witty film.\nSentiment:",
+            "Review: a mess.\nSentiment:",
+        ],
+    );
+    items[1]
+        .continuations
+        .push(model.tokenize(" mixed feelings", false));
+    let full = model.score(&adapters, &items).expect("full forward");
+
+    let budget = FrozenStatesBudget::new(64 << 20);
+    let direct = ReusingEngine::new(&model, Arc::clone(&budget));
+    for _ in 0..2 {
+        assert_scores_close(&direct.score(&adapters, &items).expect("direct"), &full);
+    }
+    assert!(direct.held_bytes() > 0);
+    drop(direct);
+
+    let limits = BatchLimits {
+        max_batch_rows: 8,
+        max_prefill_tokens_per_step: 512,
+        prefix_cache_bytes: 0,
+        max_training_share: 0.5,
+        training_slice_tokens: 16,
+    };
+    let scheduler = Scheduler::start(Arc::clone(&model), limits, 16);
+    let queued = QueuedEngine::new(
+        Arc::clone(&model),
+        scheduler.handle().clone(),
+        Arc::clone(&budget),
+    );
+    for _ in 0..2 {
+        assert_scores_close(&queued.score(&adapters, &items).expect("queued"), &full);
+    }
+    assert!(queued.frozen_states_bytes() > 0);
+    assert_eq!(budget.used_bytes(), queued.frozen_states_bytes());
+    drop(queued);
+    assert_eq!(budget.used_bytes(), 0, "the job's states are given back");
     scheduler.close();
     scheduler.join();
 }

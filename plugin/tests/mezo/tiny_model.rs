@@ -39,6 +39,7 @@ pub fn lora_config() -> LoraConfig {
         alpha: 8.0,
         targets: vec![TargetModule::Q, TargetModule::V],
         use_rslora: false,
+        layers: None,
     }
 }
 

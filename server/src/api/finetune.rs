@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use adapters::LoraConfig;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -115,12 +116,20 @@ pub async fn create_job(
     };
     let lora = match request.get("lora") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
-            ApiError::invalid(
-                "lora",
-                format!("`lora` must be {{\"rank\", \"alpha\", \"targets\", \"use_rslora\"}}: {e}"),
-            )
-        })?),
+        Some(v) => {
+            let mut lora: LoraConfig = serde_json::from_value(v.clone()).map_err(|e| {
+                ApiError::invalid(
+                    "lora",
+                    format!(
+                        "`lora` takes `rank`, `alpha`, `targets`, `use_rslora` and `layers`, \
+                         each optional: {e}"
+                    ),
+                )
+            })?;
+            // A set of layers, as in PEFT: the order and repeats of the list do not matter.
+            lora.layers = lora.layers.map(LoraConfig::normalized_layers);
+            Some(lora)
+        }
     };
     let publish_every = match request.get("publish_every") {
         None | Some(Value::Null) => None,

@@ -225,6 +225,15 @@ struct Block {
     mlp: Mlp,
 }
 
+/// Where a forward pass starts.
+#[derive(Debug)]
+pub enum Start {
+    /// The rows' token embeddings, before layer 0.
+    Embeddings,
+    /// The packed rows' hidden states `[n_tokens, hidden]` entering `layer`.
+    Layer { layer: usize, hidden: Tensor },
+}
+
 /// Per-forward facts shared by every layer.
 struct ForwardContext<'a> {
     segments: Vec<AdapterSegment<'a>>,
@@ -341,21 +350,36 @@ impl Llama {
     /// positions (`None` when it asked for none). Rows with `RowCache::Append` have their keys
     /// and values appended to their cache.
     pub fn forward(&self, rows: &mut [BatchRow<'_>]) -> Result<Vec<Option<Tensor>>> {
+        self.forward_from(rows, Start::Embeddings)
+    }
+
+    /// [`Self::forward`] starting where `start` says. Starting at a layer with the hidden states
+    /// [`Self::hidden_states_entering`] computed gives exactly (bit for bit) the full forward,
+    /// provided no row's adapter changes a layer below it; caches then receive keys and values
+    /// of the layers run only.
+    pub fn forward_from(
+        &self,
+        rows: &mut [BatchRow<'_>],
+        start: Start,
+    ) -> Result<Vec<Option<Tensor>>> {
         let ctx = self.prepare(rows)?;
         let n_tokens = ctx.row_ranges.last().map_or(0, |r| r.end);
-        let tokens: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
-        let tokens = Tensor::from_vec(tokens, n_tokens, &Device::Cpu)?;
-        let mut xs = self.tok_embeddings.rows(&tokens)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let residual = &xs;
-            let h = block.attn_norm.forward(&xs)?;
-            let h = self.attention(layer, &block.attn, &h, rows, &ctx)?;
-            let xs_attn = (residual + h)?;
-            let residual = &xs_attn;
-            let h = block.ffn_norm.forward(&xs_attn)?;
-            let h = self.mlp(layer, &block.mlp, &h, &ctx)?;
-            xs = (residual + h)?;
-        }
+        let (first_layer, xs) = match start {
+            Start::Embeddings => (0, self.embed(rows, n_tokens)?),
+            Start::Layer { layer, hidden } => {
+                let expected = (n_tokens, self.config.hidden);
+                if layer > self.config.n_layer || hidden.dims2()? != expected {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "hidden states {:?} entering layer {layer} do not fit a batch of \
+                         {n_tokens} tokens in a {}-layer model",
+                        hidden.dims(),
+                        self.config.n_layer
+                    )));
+                }
+                (layer, hidden)
+            }
+        };
+        let xs = self.run_layers(xs, first_layer..self.config.n_layer, rows, &ctx)?;
         for row in rows.iter_mut() {
             if let RowCache::Append(cache) = &mut row.cache {
                 cache.advance(row.tokens.len());
@@ -363,6 +387,64 @@ impl Llama {
         }
         let xs = self.norm.forward(&xs)?;
         self.logits_at(&xs, rows, &ctx)
+    }
+
+    /// The hidden states `[n_tokens, hidden]` entering `layer` for a packed batch of rows with
+    /// no cache, computed by the base model (the rows' adapters are not applied): what every
+    /// adapter that leaves the layers below `layer` alone sees there.
+    pub fn hidden_states_entering(&self, rows: &[BatchRow<'_>], layer: usize) -> Result<Tensor> {
+        if layer > self.config.n_layer {
+            return Err(EngineError::InvalidRequest(format!(
+                "layer {layer} does not exist in a {}-layer model",
+                self.config.n_layer
+            )));
+        }
+        let mut base_rows: Vec<BatchRow<'_>> = Vec::with_capacity(rows.len());
+        for row in rows {
+            if !matches!(row.cache, RowCache::None) {
+                return Err(EngineError::InvalidRequest(
+                    "hidden states are computed for rows without a cache".into(),
+                ));
+            }
+            base_rows.push(BatchRow {
+                tokens: row.tokens,
+                cache: RowCache::None,
+                adapter: None,
+                logits: 0..0,
+            });
+        }
+        let ctx = self.prepare(&base_rows)?;
+        let n_tokens = ctx.row_ranges.last().map_or(0, |r| r.end);
+        let xs = self.embed(&base_rows, n_tokens)?;
+        self.run_layers(xs, 0..layer, &mut base_rows, &ctx)
+    }
+
+    fn embed(&self, rows: &[BatchRow<'_>], n_tokens: usize) -> Result<Tensor> {
+        let tokens: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
+        let tokens = Tensor::from_vec(tokens, n_tokens, &Device::Cpu)?;
+        self.tok_embeddings.rows(&tokens)
+    }
+
+    /// The transformer blocks `layers` over the packed batch's hidden states.
+    fn run_layers(
+        &self,
+        mut xs: Tensor,
+        layers: Range<usize>,
+        rows: &mut [BatchRow<'_>],
+        ctx: &ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        for layer in layers {
+            let block = &self.blocks[layer];
+            let residual = &xs;
+            let h = block.attn_norm.forward(&xs)?;
+            let h = self.attention(layer, &block.attn, &h, rows, ctx)?;
+            let xs_attn = (residual + h)?;
+            let residual = &xs_attn;
+            let h = block.ffn_norm.forward(&xs_attn)?;
+            let h = self.mlp(layer, &block.mlp, &h, ctx)?;
+            xs = (residual + h)?;
+        }
+        Ok(xs)
     }
 
     fn prepare<'a>(&self, rows: &[BatchRow<'a>]) -> Result<ForwardContext<'a>> {

@@ -88,6 +88,15 @@ impl AdapterView {
         self.size_bytes
     }
 
+    /// The lowest layer this view changes (the layer count when it changes none): below it, a
+    /// row under this view computes exactly what the base model does.
+    pub fn first_adapted_layer(&self) -> usize {
+        self.layers
+            .iter()
+            .position(|modules| modules.iter().any(Option::is_some))
+            .unwrap_or(self.layers.len())
+    }
+
     fn pair(&self, layer: usize, module: TargetModule) -> Option<&LoraPair> {
         self.layers.get(layer)?[module_index(module)].as_ref()
     }
@@ -186,6 +195,7 @@ mod tests {
             alpha: 8.0,
             targets: vec![TargetModule::Gate],
             use_rslora: false,
+            layers: None,
         };
         let mut adapter = LoraAdapter::new_initialized(config, dims, 11).expect("adapter");
         let mut rng = ChaCha8Rng::seed_from_u64(12);

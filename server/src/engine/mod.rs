@@ -6,6 +6,7 @@ pub mod attention;
 pub mod batch;
 pub mod chat_template;
 pub mod error;
+pub mod frozen_layers;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;

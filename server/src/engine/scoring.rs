@@ -8,12 +8,17 @@
 //! single-token continuations (" positive" / " negative") need no phase 2 at all. Logits are
 //! projected only at scored positions. [`score_continuations_reference`] is the plain twin that
 //! runs every (prompt + continuation) as its own full row; a test holds the two equal.
+//!
+//! Training scores the same examples step after step; [`score_continuations_reusing`] starts
+//! both phases at the lowest adapted layer, from hidden states kept per example
+//! ([`super::frozen_layers`]).
 
 use candle_core::Tensor;
 
 use super::batch::{BatchRow, RowCache};
+use super::frozen_layers::FrozenStates;
 use super::kv_cache::KvCache;
-use super::llama::{log_softmax, Llama};
+use super::llama::{log_softmax, Llama, Start};
 use super::lora::AdapterView;
 use super::{EngineError, Result};
 
@@ -57,7 +62,59 @@ fn gather_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
 
 /// Scores every continuation of every item, sharing each prompt's computation.
 pub fn score_continuations(model: &Llama, items: &[ScoreItem<'_>]) -> Result<ContinuationLogprobs> {
+    score(model, items, None)
+}
+
+/// [`score_continuations`], running only the layers from the lowest one any item's adapter
+/// changes, on hidden states taken from (or computed into) `frozen`.
+pub fn score_continuations_reusing(
+    model: &Llama,
+    items: &[ScoreItem<'_>],
+    frozen: &mut FrozenStates,
+) -> Result<ContinuationLogprobs> {
+    score(model, items, Some(frozen))
+}
+
+/// Where both phases start: at the lowest adapted layer when states are kept, else at the
+/// embeddings. A row without an adapter is the base model in every layer.
+fn start_layer(model: &Llama, items: &[ScoreItem<'_>], frozen: Option<&FrozenStates>) -> usize {
+    match frozen {
+        None => 0,
+        Some(_) => items
+            .iter()
+            .map(|item| {
+                item.adapter
+                    .map_or(model.config.n_layer, |view| view.first_adapted_layer())
+            })
+            .min()
+            .unwrap_or(0),
+    }
+}
+
+/// The start of a forward pass over `sequences` (`(tokens, skip)`: the rows' tokens are
+/// `tokens[skip..]`, after a cached prefix `tokens[..skip]`).
+fn start(
+    model: &Llama,
+    layer: usize,
+    frozen: &mut Option<&mut FrozenStates>,
+    sequences: &[(&[u32], usize)],
+) -> Result<Start> {
+    Ok(match frozen {
+        Some(frozen) if layer > 0 => Start::Layer {
+            layer,
+            hidden: frozen.entering(model, layer, sequences)?,
+        },
+        _ => Start::Embeddings,
+    })
+}
+
+fn score(
+    model: &Llama,
+    items: &[ScoreItem<'_>],
+    mut frozen: Option<&mut FrozenStates>,
+) -> Result<ContinuationLogprobs> {
     validate(items)?;
+    let layer = start_layer(model, items, frozen.as_deref());
     let c = &model.config;
     let needs_prefix: Vec<bool> = items
         .iter()
@@ -80,7 +137,9 @@ pub fn score_continuations(model: &Llama, items: &[ScoreItem<'_>]) -> Result<Con
             BatchRow::last_logits(item.prompt, cache, item.adapter)
         })
         .collect();
-    let last_logits = model.forward(&mut rows)?;
+    let prompts: Vec<(&[u32], usize)> = items.iter().map(|item| (item.prompt, 0)).collect();
+    let phase_1_start = start(model, layer, &mut frozen, &prompts)?;
+    let last_logits = model.forward_from(&mut rows, phase_1_start)?;
     drop(rows);
     let mut out: ContinuationLogprobs = Vec::with_capacity(items.len());
     for (item, logits) in items.iter().zip(&last_logits) {
@@ -99,6 +158,8 @@ pub fn score_continuations(model: &Llama, items: &[ScoreItem<'_>]) -> Result<Con
     // Phase 2: the rest of each longer continuation, reading its prompt's cache.
     let mut rows = Vec::new();
     let mut owners = Vec::new();
+    // With kept states, each row's hidden states come from its prompt and inputs run alone.
+    let mut sequences: Vec<Vec<u32>> = Vec::new();
     for (i, (item, cache)) in items.iter().zip(&caches).enumerate() {
         let Some(cache) = cache else { continue };
         for (j, cont) in item.continuations.iter().enumerate() {
@@ -110,13 +171,22 @@ pub fn score_continuations(model: &Llama, items: &[ScoreItem<'_>]) -> Result<Con
                     item.adapter,
                 ));
                 owners.push((i, j));
+                if frozen.is_some() {
+                    sequences.push(item.prompt.iter().chain(inputs).copied().collect());
+                }
             }
         }
     }
     if rows.is_empty() {
         return Ok(out);
     }
-    let logits = model.forward(&mut rows)?;
+    let sequences: Vec<(&[u32], usize)> = sequences
+        .iter()
+        .zip(&owners)
+        .map(|(tokens, &(i, _))| (tokens.as_slice(), items[i].prompt.len()))
+        .collect();
+    let phase_2_start = start(model, layer, &mut frozen, &sequences)?;
+    let logits = model.forward_from(&mut rows, phase_2_start)?;
     for ((i, j), logits) in owners.into_iter().zip(logits) {
         let cont = &items[i].continuations[j];
         let logits = logits.expect("phase-2 rows request logits");

@@ -4,18 +4,22 @@
 //! evaluation) as rows of the same packed batches, so the two perturbed passes of a MeZO step
 //! share every matrix product. Rows are processed in chunks of at most
 //! [`MAX_TOKENS_PER_FORWARD`] prompt tokens to bound activation memory on large evaluations.
+//! [`ReusingEngine`] is the same engine for one training run driven on the caller's thread
+//! (benchmarks, tests), keeping the run's hidden states below the adapted layers
+//! ([`super::frozen_layers`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use adapters::LoraAdapter;
-use plugin::{ScoreRequest, ZoEngine};
+use plugin::{LogProbs, ScoreRequest, ZoEngine};
 
 use super::batch::chunks_by_budget;
+use super::frozen_layers::{FrozenStates, FrozenStatesBudget};
 use super::generate::{generate, GenerationParams, Sequence, StopConditions};
 use super::loaded_model::LoadedModel;
 use super::lora::AdapterView;
 use super::sampler::SamplingParams;
-use super::scoring::{score_continuations, ScoreItem};
+use super::scoring::{score_continuations, score_continuations_reusing, ScoreItem};
 use super::{EngineError, Result};
 
 /// Upper bound on prompt tokens per packed forward pass.
@@ -54,6 +58,38 @@ pub(crate) fn per_adapter<T>(results: Vec<T>, adapters: usize, items: usize) -> 
         .collect()
 }
 
+/// Scores `items` under each adapter, with kept hidden states when `frozen` is given.
+fn score_under(
+    model: &LoadedModel,
+    adapters: &[&LoraAdapter],
+    items: &[ScoreRequest],
+    mut frozen: Option<&mut FrozenStates>,
+) -> Result<LogProbs> {
+    let views = model.views(adapters)?;
+    // Rows ordered adapter-major, so each adapter's rows form one contiguous LoRA segment.
+    let rows: Vec<ScoreItem<'_>> = views
+        .iter()
+        .flat_map(|view| {
+            items.iter().map(move |item| ScoreItem {
+                prompt: &item.prompt,
+                continuations: &item.continuations,
+                adapter: Some(view),
+            })
+        })
+        .collect();
+    let mut scores = Vec::with_capacity(rows.len());
+    let lens = rows
+        .iter()
+        .map(|r| r.prompt.len() + r.continuations.iter().map(Vec::len).sum::<usize>());
+    for chunk in chunks_by_budget(lens, MAX_TOKENS_PER_FORWARD) {
+        scores.extend(match frozen.as_deref_mut() {
+            Some(frozen) => score_continuations_reusing(&model.llama, &rows[chunk], frozen)?,
+            None => score_continuations(&model.llama, &rows[chunk])?,
+        });
+    }
+    Ok(per_adapter(scores, adapters.len(), items.len()))
+}
+
 impl ZoEngine for LoadedModel {
     type Error = EngineError;
 
@@ -61,31 +97,8 @@ impl ZoEngine for LoadedModel {
         self.tokenizer.encode(text, special)
     }
 
-    fn score(
-        &self,
-        adapters: &[&LoraAdapter],
-        items: &[ScoreRequest],
-    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
-        let views = self.views(adapters)?;
-        // Rows ordered adapter-major, so each adapter's rows form one contiguous LoRA segment.
-        let rows: Vec<ScoreItem<'_>> = views
-            .iter()
-            .flat_map(|view| {
-                items.iter().map(move |item| ScoreItem {
-                    prompt: &item.prompt,
-                    continuations: &item.continuations,
-                    adapter: Some(view),
-                })
-            })
-            .collect();
-        let mut scores = Vec::with_capacity(rows.len());
-        let lens = rows
-            .iter()
-            .map(|r| r.prompt.len() + r.continuations.iter().map(Vec::len).sum::<usize>());
-        for chunk in chunks_by_budget(lens, MAX_TOKENS_PER_FORWARD) {
-            scores.extend(score_continuations(&self.llama, &rows[chunk])?);
-        }
-        Ok(per_adapter(scores, adapters.len(), items.len()))
+    fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {
+        score_under(self, adapters, items, None)
     }
 
     fn generate_greedy(
@@ -111,5 +124,51 @@ impl ZoEngine for LoadedModel {
         generate(&self.llama, &self.tokenizer, &mut seqs, |_, _| {})?;
         let texts = seqs.iter().map(|s| s.text().to_string()).collect();
         Ok(per_adapter(texts, adapters.len(), prompts.len()))
+    }
+}
+
+/// One training run's engine on the caller's thread, with frozen-layer reuse: the hidden
+/// states it keeps live as long as it does.
+pub struct ReusingEngine<'m> {
+    model: &'m LoadedModel,
+    frozen: Mutex<FrozenStates>,
+}
+
+impl<'m> ReusingEngine<'m> {
+    pub fn new(model: &'m LoadedModel, budget: Arc<FrozenStatesBudget>) -> Self {
+        Self {
+            model,
+            frozen: Mutex::new(FrozenStates::new(budget)),
+        }
+    }
+
+    /// Bytes of hidden states this run keeps.
+    pub fn held_bytes(&self) -> usize {
+        self.frozen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held_bytes()
+    }
+}
+
+impl ZoEngine for ReusingEngine<'_> {
+    type Error = EngineError;
+
+    fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
+        ZoEngine::tokenize(self.model, text, special)
+    }
+
+    fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {
+        let mut frozen = self.frozen.lock().unwrap_or_else(PoisonError::into_inner);
+        score_under(self.model, adapters, items, Some(&mut frozen))
+    }
+
+    fn generate_greedy(
+        &self,
+        adapters: &[&LoraAdapter],
+        prompts: &[Vec<u32>],
+        max_tokens: usize,
+    ) -> Result<Vec<Vec<String>>> {
+        ZoEngine::generate_greedy(self.model, adapters, prompts, max_tokens)
     }
 }

@@ -9,12 +9,14 @@
 //! time like its scoring does.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use crate::engine::batch::chunks_by_budget;
 use crate::engine::generate::{step, Sequence};
 use crate::engine::loaded_model::LoadedModel;
-use crate::engine::scoring::{score_continuations, ContinuationLogprobs, ScoreItem};
+use crate::engine::scoring::{
+    score_continuations, score_continuations_reusing, ContinuationLogprobs, ScoreItem,
+};
 
 use super::work::{BackgroundGreedyWork, BackgroundScoreWork, BackgroundWork};
 
@@ -99,7 +101,14 @@ impl ScoreTask {
                 adapter: Some(&row.adapter),
             })
             .collect();
-        match score_continuations(&model.llama, &items) {
+        let scores = match &self.work.frozen {
+            Some(frozen) => {
+                let mut frozen = frozen.lock().unwrap_or_else(PoisonError::into_inner);
+                score_continuations_reusing(&model.llama, &items, &mut frozen)
+            }
+            None => score_continuations(&model.llama, &items),
+        };
+        match scores {
             Ok(scores) => {
                 self.scores.extend(scores);
                 (self.next_slice == self.slices.len()).then_some(Ok(()))

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::engine::frozen_layers::FrozenStates;
 use crate::engine::generate::{GenerationParams, TokenEvent};
 use crate::engine::lora::AdapterView;
 use crate::engine::sampler::TokenLogprob;
@@ -97,6 +98,8 @@ impl BackgroundWork {
 /// θ−εz of a MeZO step, or θ for a held-out evaluation).
 pub struct BackgroundScoreWork {
     pub rows: Vec<BackgroundRow>,
+    /// The job's kept hidden states, when its rows may start at their first adapted layer.
+    pub frozen: Option<Arc<std::sync::Mutex<FrozenStates>>>,
     /// `[row][continuation][token]` log-probs, or why they could not be computed.
     pub reply: std::sync::mpsc::SyncSender<Result<ContinuationLogprobs, String>>,
 }

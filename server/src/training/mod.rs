@@ -26,6 +26,7 @@ use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
 
 use crate::adapter_versions::{AdapterVersions, PublishError};
 use crate::config::TrainingConfig;
+use crate::engine::frozen_layers::FrozenStatesBudget;
 use crate::engine::loaded_model::LoadedModel;
 use crate::ids::{new_id, unix_now};
 use crate::metrics as m;
@@ -102,6 +103,8 @@ pub(crate) struct Shared {
     adapters: Arc<AdapterVersions>,
     scheduler: SchedulerHandle,
     base_model: String,
+    /// The memory every job's kept hidden states share (frozen-layer reuse).
+    frozen_states: Arc<FrozenStatesBudget>,
     running: Mutex<Option<RunningJob>>,
     shutdown: AtomicBool,
     /// Wakes the worker when a job is queued or the server stops.
@@ -152,9 +155,11 @@ impl Training {
                 tracing::warn!(adapter = %name, version, error = %err, "cannot restore the live version");
             }
         }
+        let frozen_states = FrozenStatesBudget::new(config.frozen_states_bytes);
         let training = Self {
             shared: Arc::new(Shared {
                 db,
+                frozen_states,
                 config,
                 model,
                 adapters,
@@ -255,6 +260,13 @@ impl Training {
                 param: "publish_every".into(),
                 message: "publish_every must be at least 1 step".into(),
             });
+        }
+        if let Some(lora) = &request.lora {
+            lora.validate_layers(self.shared.adapters.dims().n_layer)
+                .map_err(|e| TrainingError::Invalid {
+                    param: "lora.layers".into(),
+                    message: e.to_string(),
+                })?;
         }
         let base = self.shared.adapters.registry().versions(adapter);
         let (base_version, initial) = match base {

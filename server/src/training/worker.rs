@@ -31,7 +31,6 @@ enum JobEnd {
 }
 
 pub(super) fn run(shared: Arc<Shared>) {
-    let engine = QueuedEngine::new(Arc::clone(&shared.model), shared.scheduler.clone());
     while !shared.is_shutting_down() {
         let job = match shared.db.next_queued_job() {
             Ok(Some(job)) => job,
@@ -77,7 +76,16 @@ pub(super) fn run(shared: Arc<Shared>) {
         shared.update_job_gauges();
         let id = job.id.clone();
         let adapter = job.spec.adapter.clone();
+        // One engine per job: the hidden states it keeps for frozen-layer reuse are the job's.
+        let engine = QueuedEngine::new(
+            Arc::clone(&shared.model),
+            shared.scheduler.clone(),
+            Arc::clone(&shared.frozen_states),
+        );
         let outcome = JobRun::start(&shared, &engine, job, &cancelled).and_then(|run| run.run());
+        drop(engine);
+        metrics::gauge!(m::TRAINING_FROZEN_STATES_BYTES)
+            .set(shared.frozen_states.used_bytes() as f64);
         *shared
             .running
             .lock()
