@@ -415,7 +415,7 @@ impl Trainer {
                 return Ok(StopReason::Cancelled);
             }
             let done = self.steps_done();
-            if done % self.config.eval_every == 0 || done == self.config.max_steps {
+            if done.is_multiple_of(self.config.eval_every) || done == self.config.max_steps {
                 if let Some(report) = self.evaluate_held_out(engine)? {
                     if on_event(TrainerEvent::HeldOut(&report)).is_break() {
                         return Ok(StopReason::Cancelled);

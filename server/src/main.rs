@@ -118,6 +118,10 @@ enum BenchCommand {
         /// Print one mode's results as JSON (used internally to run modes in child processes).
         #[arg(long, hide = true)]
         json: bool,
+        /// A Python with llama-cpp-python: run llama.cpp's prefill and decode on the same GGUF
+        /// and tokens after ours and print both (see the README's peer benchmarks).
+        #[arg(long)]
+        peer: Option<PathBuf>,
     },
     /// MeZO on the movie-review sentiment task: accuracy, step time, memory, curves (PNG).
     Mezo(MezoBenchArgs),
@@ -172,6 +176,17 @@ struct MezoBenchArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Adapt only the top N layers (PEFT's layers_to_transform); the layers below are computed
+    /// once per example and reused at every step. Default: every layer.
+    #[arg(long)]
+    top_layers: Option<usize>,
+    /// A Python with torch, transformers, peft and gguf: run the MeZO paper's reference step on
+    /// the same batches after ours and print both (see the README's peer benchmarks).
+    #[arg(long)]
+    peer: Option<PathBuf>,
+    /// Steps of the reference to time.
+    #[arg(long, default_value_t = 10)]
+    peer_steps: usize,
     /// Where to write the PNG of the curves (default: <data-dir>/mezo_sentiment_curves.png).
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -229,7 +244,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::Generate(args) => run_generate(&config, args),
         Commands::Bench { which } => match which {
-            BenchCommand::Engine { mode, json } => run_bench_engine(&config, &data_dir, mode, json),
+            BenchCommand::Engine { mode, json, peer } => {
+                run_bench_engine(&config, &data_dir, mode, json, peer.as_deref())
+            }
             BenchCommand::Serve(args) => run_bench_serve(config, args),
             BenchCommand::Mezo(args) => bench::mezo::run(&bench::mezo::MezoBenchConfig {
                 model: model_path(&config)?,
@@ -253,6 +270,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 epsilon: args.epsilon,
                 batch_size: args.batch_size,
                 seed: args.seed,
+                top_layers: args.top_layers,
+                peer: args.peer,
+                peer_steps: args.peer_steps,
+                frozen_states_bytes: config.training.frozen_states_bytes,
             }),
         },
     }
@@ -455,6 +476,7 @@ fn run_bench_engine(
     data_dir: &Path,
     modes: BenchModes,
     json: bool,
+    peer: Option<&Path>,
 ) -> anyhow::Result<()> {
     let path = model_path(config)?;
     // Make sure the data is there before child processes race to fetch it.
@@ -480,6 +502,10 @@ fn run_bench_engine(
     println!("machine: {}", bench::engine::machine_description());
     println!("model: {}", path.display());
     print!("{}", bench::engine::render_table(&results));
+    if let Some(python) = peer {
+        let peer = bench::engine::run_llama_cpp(python, &path, data_dir)?;
+        print!("{}", bench::engine::render_peer_table(&results, &peer));
+    }
     Ok(())
 }
 

@@ -18,6 +18,8 @@ use crate::engine::weights::WeightMode;
 use crate::engine::Result;
 use crate::process_memory;
 
+use super::peers;
+
 /// Prompt length of the prefill measurement.
 pub const PREFILL_TOKENS: usize = 200;
 /// Examples in the scoring batch (DESIGN.md §4: 16 examples × 2 candidates).
@@ -160,6 +162,59 @@ fn scoring_seconds(model: &LoadedModel, reviews: &[Review], reps: usize) -> Resu
     Ok(median(times))
 }
 
+/// Steps of the batch-1 decode measurement, after a 32-token prompt.
+const DECODE_STEPS: usize = 64;
+const DECODE_PROMPT_TOKENS: usize = 32;
+/// Timed repetitions of the prefill measurement (after one untimed).
+const PREFILL_REPS: usize = 5;
+
+/// Runs llama.cpp's prefill and decode on the same GGUF and the same prompts' tokens.
+pub fn run_llama_cpp(
+    python: &Path,
+    model_path: &Path,
+    data_dir: &Path,
+) -> anyhow::Result<peers::LlamaCpp> {
+    let reviews = movie_reviews::load(data_dir, &mut std::io::stderr())?;
+    let (_, test) = movie_reviews::split(reviews, 0, 512, 1000);
+    let model = LoadedModel::load(model_path, WeightMode::Quantized)?;
+    let prompt = prefill_prompt(&model, &test);
+    let input = serde_json::json!({
+        "model": model_path,
+        "threads": peers::threads(),
+        "prefill_prompt": prompt,
+        "prefill_reps": PREFILL_REPS,
+        "decode_prompt": prompt[..DECODE_PROMPT_TOKENS],
+        "decode_steps": DECODE_STEPS,
+    });
+    drop(model);
+    peers::run(python, &peers::LLAMA_CPP, &input)
+}
+
+/// Each mode's prefill and decode against llama.cpp's, as speed-ups (above 1: we are faster).
+pub fn render_peer_table(results: &[EngineBenchResult], peer: &peers::LlamaCpp) -> String {
+    let mut out = format!(
+        "peer: llama.cpp through llama-cpp-python ({}), {} threads, same GGUF and tokens\n\
+         | weights | prefill tok/s: ours / llama.cpp | decode tok/s, batch 1: ours / llama.cpp | \
+         peak RSS (MB): ours / llama.cpp |\n|---|---|---|---|\n",
+        peer.versions, peer.threads
+    );
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {:.0} / {:.0} = {:.2}× | {:.1} / {:.1} = {:.2}× | {:.0} / {:.0} |\n",
+            r.mode,
+            r.prefill_tokens_per_s,
+            peer.prefill_tokens_per_s,
+            r.prefill_tokens_per_s / peer.prefill_tokens_per_s,
+            r.decode_b1_tokens_per_s,
+            peer.decode_tokens_per_s,
+            r.decode_b1_tokens_per_s / peer.decode_tokens_per_s,
+            r.peak_rss_bytes as f64 / 1e6,
+            peer.peak_rss_bytes as f64 / 1e6,
+        ));
+    }
+    out
+}
+
 /// Runs every measurement for one weight mode in this process.
 pub fn run_mode(
     model_path: &Path,
@@ -171,15 +226,15 @@ pub fn run_mode(
     let batch = &test[..SCORING_EXAMPLES];
     let model = LoadedModel::load(model_path, mode)?;
     let prompt = prefill_prompt(&model, &test);
-    let short_prompt = &prompt[..32];
+    let short_prompt = &prompt[..DECODE_PROMPT_TOKENS];
     // One untimed pass warms caches and the allocator.
     prefill_tokens_per_s(&model, &prompt, 1)?;
     Ok(EngineBenchResult {
         mode,
         load_seconds: model.load_time.as_secs_f64(),
         weights_bytes: model.llama.weights_size_bytes() as u64,
-        prefill_tokens_per_s: prefill_tokens_per_s(&model, &prompt, 5)?,
-        decode_b1_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 1, 64)?,
+        prefill_tokens_per_s: prefill_tokens_per_s(&model, &prompt, PREFILL_REPS)?,
+        decode_b1_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 1, DECODE_STEPS)?,
         decode_b8_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 8, 32)?,
         score_16x2_seconds: scoring_seconds(&model, batch, 5)?,
         peak_rss_bytes: process_memory::peak_resident_bytes().unwrap_or(0),

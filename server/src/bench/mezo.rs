@@ -1,7 +1,9 @@
 //! `mezo bench mezo`: MeZO on the SST-2-like movie-review task (DESIGN.md §3–§4). Prints
 //! zero-shot and trained held-out accuracy, time per step against time per forward of a batch
 //! of the same size, and peak memory while only serving against while training; writes a PNG of
-//! the train loss and held-out accuracy curves.
+//! the train loss and held-out accuracy curves. With `--top-layers N` the adapter covers the top
+//! N layers only and training reuses the frozen layers' hidden states
+//! ([`crate::engine::frozen_layers`]).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -13,10 +15,13 @@ use plugin::{
     ZoEngine,
 };
 
+use super::peers;
 use super::plot::{write_png, Panel, Series};
 use crate::datasets::movie_reviews::{self, Review, CANDIDATES};
+use crate::engine::frozen_layers::FrozenStatesBudget;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::weights::WeightMode;
+use crate::engine::zo_backend::ReusingEngine;
 use crate::process_memory;
 
 /// What the run is asked to do.
@@ -34,7 +39,27 @@ pub struct MezoBenchConfig {
     pub epsilon: f32,
     pub batch_size: usize,
     pub seed: u64,
+    /// Adapt only this many top layers; `None` adapts every layer.
+    pub top_layers: Option<usize>,
+    /// Memory for the hidden states kept below the adapted layers.
+    pub frozen_states_bytes: usize,
+    /// A Python with PyTorch, transformers and peft: the paper's reference step runs on the same
+    /// batches after ours, and both are printed.
+    pub peer: Option<PathBuf>,
+    /// Steps the reference runs (its median is printed).
+    pub peer_steps: usize,
     pub plot: PathBuf,
+}
+
+/// The adapted layers of a model with `n_layer` layers when only the top `top` are.
+fn top_layers(n_layer: usize, top: Option<usize>) -> anyhow::Result<Option<Vec<usize>>> {
+    match top {
+        None => Ok(None),
+        Some(top) if (1..=n_layer).contains(&top) => Ok(Some((n_layer - top..n_layer).collect())),
+        Some(top) => anyhow::bail!(
+            "--top-layers {top}: the model has {n_layer} layers; give a number from 1 to {n_layer}"
+        ),
+    }
 }
 
 fn to_example(review: &Review) -> TrainingExample {
@@ -53,30 +78,43 @@ fn mib(bytes: u64) -> f64 {
 /// so one batch alone can be a tenth shorter or longer than a typical one.
 const TIMED_BATCHES: usize = 5;
 
-/// Seconds for one forward of a batch under one adapter: the median over the first
-/// [`TIMED_BATCHES`] batches of the training set, each the faster of two runs.
+/// The first [`TIMED_BATCHES`] batches of the training set, tokenized as training sees them.
+fn timed_batches(
+    model: &LoadedModel,
+    train: &[Review],
+    batch_size: usize,
+) -> Vec<Vec<ScoreRequest>> {
+    train
+        .chunks(batch_size.max(1))
+        .take(TIMED_BATCHES)
+        .map(|batch| {
+            batch
+                .iter()
+                .map(|r| ScoreRequest {
+                    prompt: model.tokenize(&r.prompt(), true),
+                    continuations: CANDIDATES
+                        .iter()
+                        .map(|c| model.tokenize(c, false))
+                        .collect(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Seconds for one full forward of a batch under one adapter: the median over `batches`, each
+/// the faster of two runs.
 fn forward_seconds(
     model: &LoadedModel,
     adapter: &LoraAdapter,
-    train: &[Review],
-    batch_size: usize,
+    batches: &[Vec<ScoreRequest>],
 ) -> anyhow::Result<f64> {
     let mut times = Vec::new();
-    for batch in train.chunks(batch_size.max(1)).take(TIMED_BATCHES) {
-        let items: Vec<ScoreRequest> = batch
-            .iter()
-            .map(|r| ScoreRequest {
-                prompt: model.tokenize(&r.prompt(), true),
-                continuations: CANDIDATES
-                    .iter()
-                    .map(|c| model.tokenize(c, false))
-                    .collect(),
-            })
-            .collect();
+    for items in batches {
         let mut best = f64::INFINITY;
         for _ in 0..2 {
             let start = Instant::now();
-            model.score(&[adapter], &items)?;
+            model.score(&[adapter], items)?;
             best = best.min(start.elapsed().as_secs_f64());
         }
         times.push(best);
@@ -85,16 +123,54 @@ fn forward_seconds(
     Ok(times[times.len() / 2])
 }
 
+/// Runs the paper's reference step on the same batches (see [`peers`]).
+fn run_reference(
+    python: &Path,
+    config: &MezoBenchConfig,
+    batches: &[Vec<ScoreRequest>],
+    labels: &[Vec<usize>],
+) -> anyhow::Result<peers::MezoReference> {
+    let batches: Vec<Vec<serde_json::Value>> = batches
+        .iter()
+        .zip(labels)
+        .map(|(items, labels)| {
+            items
+                .iter()
+                .zip(labels)
+                .map(|(item, label)| {
+                    serde_json::json!({
+                        "prompt": item.prompt,
+                        "candidates": item.continuations,
+                        "label": label,
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let input = serde_json::json!({
+        "model": config.model,
+        "threads": peers::threads(),
+        "epsilon": config.epsilon,
+        "lr": config.lr,
+        "seed": config.seed,
+        "steps": config.peer_steps,
+        "batches": batches,
+    });
+    peers::run(python, &peers::MEZO_REFERENCE, &input)
+}
+
 pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     let reviews = movie_reviews::load(&config.data_dir, &mut std::io::stderr())?;
     let (train, test) =
         movie_reviews::split(reviews, config.seed, config.train_size, config.test_size);
     let model = LoadedModel::load(&config.model, config.weights)?;
-    let initial = LoraAdapter::new_initialized(
-        LoraConfig::default(),
-        model.llama.config.dims(),
-        config.seed,
-    )?;
+    let n_layer = model.llama.config.n_layer;
+    let lora = LoraConfig {
+        layers: top_layers(n_layer, config.top_layers)?,
+        ..LoraConfig::default()
+    };
+    let initial = LoraAdapter::new_initialized(lora, model.llama.config.dims(), config.seed)?;
+    let engine = ReusingEngine::new(&model, FrozenStatesBudget::new(config.frozen_states_bytes));
     let trainer_config = TrainerConfig {
         lr: config.lr,
         lr_schedule: config.lr_schedule,
@@ -117,7 +193,8 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         "timing one forward of {}-example batches …",
         config.batch_size
     );
-    let forward = forward_seconds(&model, &initial, &train, config.batch_size)?;
+    let batches = timed_batches(&model, &train, config.batch_size);
+    let forward = forward_seconds(&model, &initial, &batches)?;
     let mut losses = Vec::new();
     let mut accuracy = Vec::new();
     let mut step_seconds = Vec::new();
@@ -130,7 +207,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         test.len(),
         config.eval_every
     );
-    trainer.run(&model, |event| {
+    trainer.run(&engine, |event| {
         match event {
             TrainerEvent::Step(record) => {
                 step_seconds.push(last.elapsed().as_secs_f64());
@@ -165,6 +242,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     })?;
     let training_peak = process_memory::peak_resident_bytes().unwrap_or(0);
+    let kept_bytes = engine.held_bytes();
     let serving_peak = serving_peak.flatten().unwrap_or(0);
 
     write_png(
@@ -207,9 +285,19 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
             format!("linear to {final_fraction} of it at the last step")
         }
     };
+    let layers = match config.top_layers {
+        None => format!("all {n_layer} layers"),
+        Some(top) => format!("the top {top} of {n_layer} layers"),
+    };
     println!(
-        "MeZO: LoRA r=8 α=16 on q,v; lr {} ({schedule}) ε {} batch {} seed {}; weights {}",
-        config.lr, config.epsilon, config.batch_size, config.seed, config.weights
+        "MeZO: LoRA r=8 α=16 on q,v of {layers}; lr {} ({schedule}) ε {} batch {} seed {}; \
+         weights {}; kernels {}",
+        config.lr,
+        config.epsilon,
+        config.batch_size,
+        config.seed,
+        config.weights,
+        crate::engine::kernels::isa::Isa::selected().name()
     );
     println!("| measure | value |\n|---|---|");
     println!(
@@ -223,13 +311,17 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         (trained - zero_shot) * 100.0
     );
     println!("| time per MeZO step (median) | {step:.3} s |");
-    println!("| time per forward of a batch (median of {TIMED_BATCHES}) | {forward:.3} s |");
+    println!("| time per full forward of a batch (median of {TIMED_BATCHES}) | {forward:.3} s |");
     println!("| step / forward | {:.2} |", step / forward);
     println!(
         "| peak RSS, serving only (forward + zero-shot eval) | {:.0} MiB |",
         mib(serving_peak)
     );
     println!("| peak RSS, training | {:.0} MiB |", mib(training_peak));
+    println!(
+        "| hidden states kept below the adapted layers | {:.0} MiB |",
+        mib(kept_bytes as u64)
+    );
     println!(
         "| training / serving peak RSS | {:.3} |",
         training_peak as f64 / serving_peak.max(1) as f64
@@ -238,6 +330,39 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         "curves (top: train loss per step, bottom: held-out accuracy): {}",
         config.plot.display()
     );
+    if let Some(python) = &config.peer {
+        let labels: Vec<Vec<usize>> = train
+            .chunks(config.batch_size.max(1))
+            .take(batches.len())
+            .map(|batch| batch.iter().map(Review::label).collect())
+            .collect();
+        let reference = run_reference(python, config, &batches, &labels)?;
+        println!(
+            "reference: the MeZO paper's step in PyTorch + transformers + peft ({}), f32, {} \
+             threads, {} steps on the same batches",
+            reference.versions, reference.threads, config.peer_steps
+        );
+        println!(
+            "| measure | mezo-serve | reference | reference / mezo-serve |\n|---|---|---|---|"
+        );
+        println!(
+            "| time per MeZO step (median) | {step:.3} s | {:.3} s | {:.2}× |",
+            reference.step_seconds,
+            peers::speedup(step, reference.step_seconds)
+        );
+        println!(
+            "| time per full forward of a batch (median of {TIMED_BATCHES}) | {forward:.3} s | \
+             {:.3} s | {:.2}× |",
+            reference.forward_seconds,
+            peers::speedup(forward, reference.forward_seconds)
+        );
+        println!(
+            "| peak RSS, training | {:.0} MiB | {:.0} MiB | {:.2}× |",
+            mib(training_peak),
+            mib(reference.peak_rss_bytes),
+            reference.peak_rss_bytes as f64 / training_peak.max(1) as f64
+        );
+    }
     Ok(())
 }
 

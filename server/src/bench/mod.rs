@@ -2,5 +2,6 @@
 
 pub mod engine;
 pub mod mezo;
+pub mod peers;
 pub mod plot;
 pub mod serve;
