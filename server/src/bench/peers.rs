@@ -1,6 +1,6 @@
 //! Peers measured in the same run as our own figures (`--peer PYTHON`): the MeZO paper's
 //! reference step in PyTorch + transformers + peft (`peers/mezo_reference.py`) for
-//! `mezo bench mezo`, and llama.cpp through llama-cpp-python (`peers/llama_cpp.py`) for
+//! `mezo bench mezo`, and llama.cpp through llama-cpp-python (`peers/llama_cpp_engine.py`) for
 //! `mezo bench engine`. The scripts are built into the binary; the Rust side tokenizes and hands
 //! them token ids, so both sides compute on the same tokens of the same GGUF. The peers are
 //! large installs and never part of the tests; the README gives the install line.
@@ -22,8 +22,8 @@ pub const MEZO_REFERENCE: PeerScript = PeerScript {
 
 /// llama.cpp's prefill and decode script.
 pub const LLAMA_CPP: PeerScript = PeerScript {
-    file_name: "llama_cpp.py",
-    source: include_str!("peers/llama_cpp.py"),
+    file_name: "llama_cpp_engine.py",
+    source: include_str!("peers/llama_cpp_engine.py"),
     install: "python3 -m pip install llama-cpp-python numpy",
 };
 
