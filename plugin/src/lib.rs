@@ -8,12 +8,13 @@
 //! The path of a step, file by file: [`trainer`] picks the minibatch and the seeds,
 //! [`spsa`] builds θ ± εz ([`perturbation`]) and asks an [`Objective`] for L+ and L−, which
 //! tokenizes the [`TrainingExample`]s and calls the engine; the resulting [`StepRecord`] is applied
-//! to θ, and the list of records replays the run bit for bit ([`replay`](mod@replay)).
+//! to θ by the run's [`optimizer`], and the list of records replays the run bit for bit ([`replay`](mod@replay)).
 
 pub mod engine;
 mod error;
 mod example;
 pub mod objectives;
+pub mod optimizer;
 pub mod perturbation;
 pub mod replay;
 pub mod spsa;
@@ -23,6 +24,7 @@ pub use engine::{DynEngine, LogProbs, ScoreRequest, ZoEngine};
 pub use error::{Result, TrainError};
 pub use example::{ExampleKind, TrainingExample};
 pub use objectives::{Evaluation, Objective, ObjectiveKind};
+pub use optimizer::{Optimizer, OptimizerState, TrainedTensors};
 pub use replay::{replay, StepRecord};
 pub use spsa::{EvalMode, SpsaStep};
 pub use trainer::{

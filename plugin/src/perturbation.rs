@@ -1,4 +1,4 @@
-//! MeZO's random directions z, and the two things done with them: building θ ± εz and the update.
+//! MeZO's random directions z, and building θ ± εz from them (the update is [`crate::optimizer`]'s).
 //!
 //! z is never stored. For a step seed `s`, the values of z for the adapter's tensor number `t`
 //! (in [`LoraAdapter::params`] order) are the standard normal draws of a ChaCha20 generator keyed
@@ -15,6 +15,8 @@ use adapters::LoraAdapter;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::StandardNormal;
+
+use crate::optimizer::TrainedTensors;
 
 /// The direction z of one MeZO perturbation, identified by its seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +37,18 @@ impl Perturbation {
         std::iter::repeat_with(move || rng.sample(StandardNormal))
     }
 
-    /// `(θ + εz, θ − εz)` as two new adapters; `theta` is left untouched.
-    pub fn perturbed_pair(self, theta: &LoraAdapter, epsilon: f32) -> (LoraAdapter, LoraAdapter) {
+    /// `(θ + εz, θ − εz)` as two new adapters, z zero on the tensors not `trained`; `theta` is
+    /// left untouched.
+    pub fn perturbed_pair(
+        self,
+        theta: &LoraAdapter,
+        epsilon: f32,
+        trained: TrainedTensors,
+    ) -> (LoraAdapter, LoraAdapter) {
         let mut plus = theta.clone();
         let mut minus = theta.clone();
-        for (index, (p, m)) in plus.params_mut().zip(minus.params_mut()).enumerate() {
+        let pairs = plus.params_mut().zip(minus.params_mut()).enumerate();
+        for (index, (p, m)) in pairs.filter(|(index, _)| trained.includes(*index)) {
             for ((p, m), z) in p.iter_mut().zip(m.iter_mut()).zip(self.noise(index)) {
                 let step = epsilon * z;
                 *p += step;
@@ -47,39 +56,6 @@ impl Perturbation {
             }
         }
         (plus, minus)
-    }
-}
-
-/// The MeZO update `θ ← θ − lr·(d + wd·θ)`, with `d = Σᵢ (gᵢ/q)·zᵢ` over the q perturbations of the
-/// step (`d = g·z` for one), each z regenerated from its seed.
-///
-/// This is the only code that changes θ, in training and in replay alike; its f32 operations and
-/// their order define what "bit-exact replay" reproduces. Per element: the directions are summed
-/// in the order given, starting from the first term (not from 0, so a lone `g·z` is used as is,
-/// sign of zero included), then `θ − lr·(d + wd·θ)`.
-pub fn apply_update(
-    theta: &mut LoraAdapter,
-    directions: &[(Perturbation, f32)],
-    lr: f32,
-    weight_decay: f32,
-) {
-    if directions.is_empty() {
-        return;
-    }
-    let q = directions.len() as f32;
-    let scaled_grads: Vec<f32> = directions.iter().map(|&(_, g)| g / q).collect();
-    for (index, values) in theta.params_mut().enumerate() {
-        let zs: Vec<Vec<f32>> = directions
-            .iter()
-            .map(|(z, _)| z.noise(index).take(values.len()).collect())
-            .collect();
-        for (j, value) in values.iter_mut().enumerate() {
-            let mut direction = scaled_grads[0] * zs[0][j];
-            for (g, z) in scaled_grads.iter().zip(&zs).skip(1) {
-                direction += g * z[j];
-            }
-            *value -= lr * (direction + weight_decay * *value);
-        }
     }
 }
 
@@ -115,13 +91,6 @@ mod tests {
             *b = (i as f32 * 0.37).sin() * 0.1;
         }
         adapter
-    }
-
-    fn bits(adapter: &LoraAdapter) -> Vec<Vec<u32>> {
-        adapter
-            .params()
-            .map(|p| p.iter().map(|v| v.to_bits()).collect())
-            .collect()
     }
 
     #[test]
@@ -178,7 +147,8 @@ mod tests {
         let theta = adapter();
         let before = theta.clone();
         let epsilon = 1e-3;
-        let (plus, minus) = Perturbation::new(9).perturbed_pair(&theta, epsilon);
+        let (plus, minus) =
+            Perturbation::new(9).perturbed_pair(&theta, epsilon, TrainedTensors::All);
         assert_eq!(theta, before, "θ itself must not move");
         for (index, ((t, p), m)) in theta
             .params()
@@ -192,63 +162,5 @@ mod tests {
                 assert_eq!(m[j].to_bits(), (t[j] - epsilon * z[j]).to_bits());
             }
         }
-    }
-
-    #[test]
-    fn update_regenerates_the_perturbation_direction_bit_for_bit() {
-        let theta = adapter();
-        let (lr, g) = (1e-3f32, 0.75f32);
-        let mut updated = theta.clone();
-        apply_update(&mut updated, &[(Perturbation::new(11), g)], lr, 0.0);
-
-        // θ − lr·g·z with z drawn afresh from its own generator, independent of apply_update.
-        let mut expected = theta.clone();
-        for (index, values) in expected.params_mut().enumerate() {
-            let mut rng = ChaCha20Rng::seed_from_u64(11);
-            rng.set_stream(index as u64);
-            for v in values.iter_mut() {
-                let z: f32 = rng.sample(StandardNormal);
-                *v -= lr * (g * z);
-            }
-        }
-        assert_eq!(bits(&updated), bits(&expected));
-        assert_ne!(bits(&updated), bits(&theta));
-    }
-
-    #[test]
-    fn update_averages_over_perturbations_and_decays_weights() {
-        let theta = adapter();
-        let (lr, wd) = (1e-2f32, 0.1f32);
-        let directions = [
-            (Perturbation::new(1), 0.5f32),
-            (Perturbation::new(2), -2.0f32),
-        ];
-        let mut updated = theta.clone();
-        apply_update(&mut updated, &directions, lr, wd);
-
-        let mut expected = theta.clone();
-        for (index, values) in expected.params_mut().enumerate() {
-            let z1: Vec<f32> = Perturbation::new(1)
-                .noise(index)
-                .take(values.len())
-                .collect();
-            let z2: Vec<f32> = Perturbation::new(2)
-                .noise(index)
-                .take(values.len())
-                .collect();
-            for (j, v) in values.iter_mut().enumerate() {
-                let direction = (0.5 / 2.0) * z1[j] + (-2.0 / 2.0) * z2[j];
-                *v -= lr * (direction + wd * *v);
-            }
-        }
-        assert_eq!(bits(&updated), bits(&expected));
-    }
-
-    #[test]
-    fn update_without_perturbations_changes_nothing() {
-        let theta = adapter();
-        let mut updated = theta.clone();
-        apply_update(&mut updated, &[], 1.0, 0.5);
-        assert_eq!(bits(&updated), bits(&theta));
     }
 }

@@ -1,10 +1,12 @@
 //! The step log: a whole MeZO run in a few bytes per step, and its bit-exact replay.
 //!
-//! A step changes θ only through `θ ← θ − lr·(Σᵢ (gᵢ/q)·zᵢ + wd·θ)`, and each zᵢ is a function of
-//! its seed (see [`crate::perturbation`]). So the initial adapter plus, per step, the seeds, the
-//! projected gradients, the learning rate and the weight decay describe the trained adapter
-//! completely (MeZO paper §2.1). Training and replay apply a record through the same
-//! [`StepRecord::apply`], which makes replay bit-exact by construction.
+//! A step changes θ only through `θ ← θ − lr·(u + wd·θ)`, where `u` is the optimizer's function of
+//! `Σᵢ (gᵢ/q)·zᵢ` and of its state, and each zᵢ is a function of its seed (see
+//! [`crate::perturbation`], [`crate::optimizer`]). So the initial adapter plus, per step, the
+//! seeds, the projected gradients, the learning rate, the weight decay and the optimizer describe
+//! the trained adapter completely (MeZO paper §2.1); the optimizer's state is rebuilt on the way.
+//! Training and replay apply a record through the same [`StepRecord::apply`], which makes replay
+//! bit-exact by construction.
 //!
 //! The records hold the values the update used, after clipping and scheduling: replay needs no
 //! configuration, engine or data. The losses are kept for reporting only.
@@ -12,7 +14,8 @@
 use adapters::LoraAdapter;
 use serde::{Deserialize, Serialize};
 
-use crate::perturbation::{apply_update, Perturbation};
+use crate::optimizer::{Optimizer, OptimizerState, TrainedTensors};
+use crate::perturbation::Perturbation;
 use crate::{Result, TrainError};
 
 /// What one MeZO step did.
@@ -31,6 +34,12 @@ pub struct StepRecord {
     pub loss_plus: f32,
     /// L(θ−εz) on the step's minibatch, mean over the seeds.
     pub loss_minus: f32,
+    /// The run's optimizer (absent in the log: ZO-SGD).
+    #[serde(default, skip_serializing_if = "Optimizer::is_sgd")]
+    pub optimizer: Optimizer,
+    /// The tensors the run trains (absent in the log: all).
+    #[serde(default, skip_serializing_if = "TrainedTensors::is_all")]
+    pub trained_tensors: TrainedTensors,
 }
 
 impl StepRecord {
@@ -44,8 +53,13 @@ impl StepRecord {
         (self.loss_plus + self.loss_minus) / 2.0
     }
 
-    /// Applies this step's update to `theta`.
-    pub fn apply(&self, theta: &mut LoraAdapter) -> Result<()> {
+    /// Fresh optimizer state for a run whose first record this is.
+    pub fn initial_state(&self) -> OptimizerState {
+        OptimizerState::new(self.optimizer, self.trained_tensors)
+    }
+
+    /// Applies this step's update to `theta`, moving the optimizer's `state` on.
+    pub fn apply(&self, theta: &mut LoraAdapter, state: &mut OptimizerState) -> Result<()> {
         let invalid = |reason: String| TrainError::InvalidStepRecord {
             step: self.step,
             reason,
@@ -65,13 +79,26 @@ impl StepRecord {
                 "lr, weight_decay and projected_grads must be finite (given {bad})"
             )));
         }
+        self.optimizer
+            .validate()
+            .map_err(|e| invalid(format!("optimizer: {e}")))?;
+        if (state.optimizer(), state.trained()) != (self.optimizer, self.trained_tensors) {
+            return Err(invalid(format!(
+                "uses optimizer {:?} on {:?} tensors, but the run's state is of {:?} on {:?}; \
+                 a run keeps one optimizer",
+                self.optimizer,
+                self.trained_tensors,
+                state.optimizer(),
+                state.trained()
+            )));
+        }
         let directions: Vec<(Perturbation, f32)> = self
             .seeds
             .iter()
             .zip(&self.projected_grads)
             .map(|(&seed, &g)| (Perturbation::new(seed), g))
             .collect();
-        apply_update(theta, &directions, self.lr, self.weight_decay);
+        state.apply(theta, &directions, self.lr, self.weight_decay);
         Ok(())
     }
 }
@@ -79,8 +106,11 @@ impl StepRecord {
 /// The adapter that training produced from `initial` through the steps of `log`, bit for bit.
 pub fn replay(initial: &LoraAdapter, log: &[StepRecord]) -> Result<LoraAdapter> {
     let mut theta = initial.clone();
-    for record in log {
-        record.apply(&mut theta)?;
+    if let Some(first) = log.first() {
+        let mut state = first.initial_state();
+        for record in log {
+            record.apply(&mut theta, &mut state)?;
+        }
     }
     Ok(theta)
 }
@@ -101,6 +131,8 @@ mod tests {
             weight_decay: 0.1,
             loss_plus: 0.25,
             loss_minus: 0.5,
+            optimizer: Optimizer::Sgd,
+            trained_tensors: TrainedTensors::All,
         }
     }
 
@@ -126,7 +158,7 @@ mod tests {
             ..record()
         };
         assert_eq!(
-            mismatched.apply(&mut theta).unwrap_err().to_string(),
+            mismatched.apply(&mut theta, &mut record().initial_state()).unwrap_err().to_string(),
             "step record 4: needs one projected gradient per seed and at least one seed (given 2 seeds, 1 gradients)"
         );
         let nan = StepRecord {
@@ -134,7 +166,9 @@ mod tests {
             ..record()
         };
         assert_eq!(
-            nan.apply(&mut theta).unwrap_err().to_string(),
+            nan.apply(&mut theta, &mut record().initial_state())
+                .unwrap_err()
+                .to_string(),
             "step record 4: lr, weight_decay and projected_grads must be finite (given NaN)"
         );
         assert_eq!(theta, adapter, "a rejected record must not touch θ");
@@ -153,6 +187,10 @@ mod tests {
                 weight_decay: rng.gen::<f32>() * 1e-3,
                 loss_plus: random_finite_f32(&mut rng),
                 loss_minus: random_finite_f32(&mut rng),
+                optimizer: Optimizer::Momentum {
+                    beta: rng.gen::<f32>(),
+                },
+                trained_tensors: TrainedTensors::LoraB,
             })
             .collect();
         let json = serde_json::to_string(&log).unwrap();
@@ -178,6 +216,53 @@ mod tests {
         assert_eq!(
             json,
             r#"{"step":4,"seeds":[18446744073709551615,17],"projected_grads":[-0.001234568,27.5],"lr":0.001,"weight_decay":0.1,"loss_plus":0.25,"loss_minus":0.5}"#
+        );
+    }
+
+    #[test]
+    fn a_record_names_its_optimizer_and_tensors_unless_they_are_the_defaults() {
+        let momentum = StepRecord {
+            optimizer: Optimizer::Momentum { beta: 0.5 },
+            trained_tensors: TrainedTensors::LoraB,
+            ..record()
+        };
+        let json = serde_json::to_string(&momentum).unwrap();
+        assert!(
+            json.ends_with(
+                r#""optimizer":{"type":"momentum","beta":0.5},"trained_tensors":"lora_b"}"#
+            ),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<StepRecord>(&json).unwrap(), momentum);
+    }
+
+    #[test]
+    fn a_log_that_changes_optimizer_midway_does_not_replay() {
+        let initial = adapters::LoraAdapter::new_initialized(
+            adapters::LoraConfig::default(),
+            adapters::ModelDims {
+                n_layer: 1,
+                hidden: 8,
+                n_head: 2,
+                n_kv_head: 2,
+                head_dim: 4,
+                ffn: 8,
+                qk_rows: adapters::QkRowOrder::HuggingFace,
+            },
+            0,
+        )
+        .unwrap();
+        let second = StepRecord {
+            step: 5,
+            optimizer: Optimizer::Momentum { beta: 0.9 },
+            ..record()
+        };
+        let err = replay(&initial, &[record(), second])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("step record 5: uses optimizer Momentum { beta: 0.9 }"),
+            "{err}"
         );
     }
 

@@ -10,6 +10,7 @@
 use adapters::LoraAdapter;
 use serde::{Deserialize, Serialize};
 
+use crate::optimizer::{OptimizerState, TrainedTensors};
 use crate::perturbation::Perturbation;
 use crate::{DynEngine, Objective, Result, StepRecord, TrainError, TrainingExample};
 
@@ -38,6 +39,8 @@ pub struct SpsaStep {
     /// When set, each projected gradient is clipped to `[−max, max]` before the update.
     pub max_projected_grad: Option<f32>,
     pub eval_mode: EvalMode,
+    /// The tensors perturbed (the others keep z = 0).
+    pub trained_tensors: TrainedTensors,
 }
 
 impl SpsaStep {
@@ -63,7 +66,8 @@ impl SpsaStep {
         let mut projected_grads = Vec::with_capacity(self.seeds.len());
         let (mut sum_plus, mut sum_minus) = (0.0f64, 0.0f64);
         for &seed in &self.seeds {
-            let (plus, minus) = Perturbation::new(seed).perturbed_pair(theta, self.epsilon);
+            let (plus, minus) =
+                Perturbation::new(seed).perturbed_pair(theta, self.epsilon, self.trained_tensors);
             let (loss_plus, loss_minus) = self.losses(engine, objective, &plus, &minus, batch)?;
             if !(loss_plus.is_finite() && loss_minus.is_finite()) {
                 return Err(TrainError::NonFiniteLoss {
@@ -98,19 +102,23 @@ impl SpsaStep {
             weight_decay: self.weight_decay,
             loss_plus: (sum_plus / q) as f32,
             loss_minus: (sum_minus / q) as f32,
+            optimizer: Default::default(),
+            trained_tensors: self.trained_tensors,
         })
     }
 
-    /// [`Self::estimate`], then the update of `theta`.
+    /// [`Self::estimate`], then the update of `theta` by the optimizer of `state`.
     pub fn run(
         &self,
         engine: &dyn DynEngine,
         objective: &dyn Objective,
         theta: &mut LoraAdapter,
+        state: &mut OptimizerState,
         batch: &[&TrainingExample],
     ) -> Result<StepRecord> {
-        let record = self.estimate(engine, objective, theta, batch)?;
-        record.apply(theta)?;
+        let mut record = self.estimate(engine, objective, theta, batch)?;
+        record.optimizer = state.optimizer();
+        record.apply(theta, state)?;
         Ok(record)
     }
 
@@ -226,6 +234,7 @@ mod tests {
             weight_decay: 0.0,
             max_projected_grad,
             eval_mode: EvalMode::OneForward,
+            trained_tensors: TrainedTensors::All,
         }
     }
 
@@ -268,7 +277,13 @@ mod tests {
         let mut theta = theta();
         let before = theta.clone();
         let err = step(vec![1], None)
-            .run(&NoEngine, &Linear { slope: f64::NAN }, &mut theta, &[])
+            .run(
+                &NoEngine,
+                &Linear { slope: f64::NAN },
+                &mut theta,
+                &mut OptimizerState::new(Default::default(), TrainedTensors::All),
+                &[],
+            )
             .unwrap_err();
         assert!(
             matches!(err, TrainError::NonFiniteLoss { step: 0, .. }),

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::objectives::wrong_kind;
 use crate::{
-    replay, DynEngine, EvalMode, Evaluation, Objective, Result, SpsaStep, StepRecord, TrainError,
-    TrainingExample,
+    DynEngine, EvalMode, Evaluation, Objective, Optimizer, OptimizerState, Result, SpsaStep,
+    StepRecord, TrainError, TrainedTensors, TrainingExample,
 };
 
 /// Hyperparameters of a run. The defaults are the MeZO paper's LoRA setting with the learning
@@ -46,6 +46,10 @@ pub struct TrainerConfig {
     /// When set, each projected gradient is clipped to `[−max, max]`; > 0.
     pub max_projected_grad: Option<f32>,
     pub eval_mode: EvalMode,
+    /// How the estimate becomes an update ([`crate::optimizer`]).
+    pub optimizer: Optimizer,
+    /// The adapter tensors perturbed and updated.
+    pub trained_tensors: TrainedTensors,
     /// Length of the run, in steps; at least 1.
     pub max_steps: u64,
     /// Seed of the run: minibatches and perturbations follow from it.
@@ -68,6 +72,8 @@ impl Default for TrainerConfig {
             n_perturbations: 1,
             max_projected_grad: None,
             eval_mode: EvalMode::OneForward,
+            optimizer: Optimizer::Sgd,
+            trained_tensors: TrainedTensors::All,
             // The length of the reference MeZO-LoRA run on the sentiment task (DESIGN.md §4).
             max_steps: 400,
             seed: 0,
@@ -93,6 +99,7 @@ impl TrainerConfig {
         if let Some(max) = self.max_projected_grad {
             positive("max_projected_grad", max)?;
         }
+        self.optimizer.validate()?;
         let at_least_one = [
             ("batch_size", self.batch_size as u64),
             ("n_perturbations", self.n_perturbations as u64),
@@ -199,6 +206,8 @@ pub struct Trainer {
     train: Vec<TrainingExample>,
     held_out: Vec<TrainingExample>,
     theta: LoraAdapter,
+    /// The optimizer's moments: like θ, a function of the log.
+    state: OptimizerState,
     log: Vec<StepRecord>,
     best: Option<Checkpoint>,
     evaluations_without_improvement: u32,
@@ -237,6 +246,7 @@ impl Trainer {
         check_examples(objective.as_ref(), &held_out)
             .map_err(|e| TrainError::InHeldOutSet(Box::new(e)))?;
         Ok(Self {
+            state: OptimizerState::new(config.optimizer, config.trained_tensors),
             config,
             objective,
             train,
@@ -250,8 +260,8 @@ impl Trainer {
     }
 
     /// The run of [`Self::new`] after the steps of `log` (a previous, interrupted run with the same
-    /// configuration, data and initial adapter), θ replayed bit for bit. The held-out history is
-    /// not in the log: the next evaluation starts it afresh.
+    /// configuration, data and initial adapter), θ and the optimizer's state replayed bit for bit.
+    /// The held-out history is not in the log: the next evaluation starts it afresh.
     pub fn resume(
         config: TrainerConfig,
         objective: Box<dyn Objective>,
@@ -278,7 +288,9 @@ impl Trainer {
                 trainer.config.max_steps,
             ));
         }
-        trainer.theta = replay(&trainer.theta, &log)?;
+        for record in &log {
+            record.apply(&mut trainer.theta, &mut trainer.state)?;
+        }
         trainer.log = log;
         Ok(trainer)
     }
@@ -347,8 +359,15 @@ impl Trainer {
             weight_decay: self.config.weight_decay,
             max_projected_grad: self.config.max_projected_grad,
             eval_mode: self.config.eval_mode,
+            trained_tensors: self.config.trained_tensors,
         };
-        let record = spsa.run(engine, self.objective.as_ref(), &mut self.theta, &batch)?;
+        let record = spsa.run(
+            engine,
+            self.objective.as_ref(),
+            &mut self.theta,
+            &mut self.state,
+            &batch,
+        )?;
         tracing::debug!(
             step,
             train_loss = record.train_loss(),

@@ -19,7 +19,7 @@ use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
 use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
 use mezo_server::serve::{bind, serve, serve_on};
-use plugin::LrSchedule;
+use plugin::{LrSchedule, Optimizer, TrainedTensors};
 
 #[derive(Parser)]
 #[command(
@@ -176,6 +176,13 @@ struct MezoBenchArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The optimizer, by name (`sgd`, `momentum`, `adam`, with their default parameters) or as
+    /// the API's JSON, e.g. '{"type":"momentum","beta":0.8}'.
+    #[arg(long, default_value = "sgd", value_parser = parse_optimizer)]
+    optimizer: Optimizer,
+    /// The adapter tensors trained: `all`, or `lora-b` (A stays as initialised, LoRA-FA).
+    #[arg(long, default_value = "all", value_parser = parse_trained_tensors)]
+    trained_tensors: TrainedTensors,
     /// Adapt only the top N layers (PEFT's layers_to_transform); the layers below are computed
     /// once per example and reused at every step. Default: every layer.
     #[arg(long)]
@@ -190,6 +197,24 @@ struct MezoBenchArgs {
     /// Where to write the PNG of the curves (default: <data-dir>/mezo_sentiment_curves.png).
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+/// `--optimizer`: a name, or the JSON the API takes.
+fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
+    let json = if text.trim_start().starts_with('{') {
+        text.to_string()
+    } else {
+        serde_json::json!({ "type": text }).to_string()
+    };
+    let optimizer: Optimizer = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    optimizer.validate().map_err(|e| e.to_string())?;
+    Ok(optimizer)
+}
+
+/// `--trained-tensors`: `all` or `lora-b` (`lora_b` as in the API works too).
+fn parse_trained_tensors(text: &str) -> Result<TrainedTensors, String> {
+    serde_json::from_value(serde_json::Value::String(text.replace('-', "_")))
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -270,6 +295,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 epsilon: args.epsilon,
                 batch_size: args.batch_size,
                 seed: args.seed,
+                optimizer: args.optimizer,
+                trained_tensors: args.trained_tensors,
                 top_layers: args.top_layers,
                 peer: args.peer,
                 peer_steps: args.peer_steps,

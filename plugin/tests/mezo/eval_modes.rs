@@ -4,7 +4,7 @@
 //! the plugin (wrong order of adapters, different perturbations, a different batch).
 
 use plugin::objectives::{Classification, Completion, TokenF1};
-use plugin::{EvalMode, Objective, SpsaStep, StepRecord, TrainingExample};
+use plugin::{EvalMode, Objective, SpsaStep, StepRecord, TrainedTensors, TrainingExample};
 
 use crate::gradient::completion_examples;
 use crate::tiny_model::{adapter_with_nonzero_b, TinyModel};
@@ -24,6 +24,7 @@ fn estimate(
         weight_decay: 0.0,
         max_projected_grad: None,
         eval_mode,
+        trained_tensors: TrainedTensors::All,
     };
     let batch: Vec<_> = examples.iter().collect();
     step.estimate(model, objective, &adapter_with_nonzero_b(5), &batch)

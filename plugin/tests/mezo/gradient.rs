@@ -9,10 +9,20 @@
 //! √(2/(d−1)) ≈ 12%; the bound 0.95 allows it to be 1.7× its expectation (≈ 6 spreads), while
 //! an estimator whose update direction were not the perturbation's z (or whose g had the wrong
 //! sign) would give cos ≈ ±1/√d ≈ ±0.09 (or −0.97).
+//!
+//! The optimizers are held to the same bound: the sum of their N updates, fed the same N
+//! projected gradients at a fixed θ, must point along −∇L. Momentum's updates are exponential
+//! averages of the estimates, so their sum is the sum of the estimates up to the last few terms;
+//! Adam divides each element by √v̂ ≈ the spread of g·zⱼ, which is about |∇| for every element,
+//! so its sum too is the estimates' sum rescaled. With only the B tensors perturbed, the estimate
+//! must point along the B part of ∇L (d = 64, cos ≈ 0.985) and A must not move.
 
+use adapters::LoraAdapter;
 use plugin::objectives::Completion;
 use plugin::perturbation::Perturbation;
-use plugin::{EvalMode, Objective, SpsaStep, TrainingExample};
+use plugin::{
+    EvalMode, Objective, Optimizer, OptimizerState, SpsaStep, TrainedTensors, TrainingExample,
+};
 
 use crate::tiny_model::{adapter_with_nonzero_b, encode, LoraTensors, TinyModel};
 
@@ -60,15 +70,22 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
     dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt())
 }
 
-#[test]
-fn averaged_projected_gradients_point_along_the_true_gradient() {
+/// What N steps at a fixed θ measure: the true gradient, and per seed its projected gradient.
+struct Measured {
+    theta: LoraAdapter,
+    gradient: Vec<f64>,
+    projected: Vec<(u64, f32)>,
+}
+
+const N: u64 = 2000;
+
+fn measure(trained_tensors: TrainedTensors) -> Measured {
     let model = TinyModel::new(1);
     let theta = adapter_with_nonzero_b(2);
     let examples = completion_examples();
     let batch: Vec<_> = examples.iter().collect();
     let items = token_pairs(&examples);
-    let d = theta.num_params();
-    assert_eq!(d, 128);
+    assert_eq!(theta.num_params(), 128);
 
     // The autograd loss is the objective's loss: same function, same value.
     let autograd_loss = model
@@ -81,36 +98,65 @@ fn averaged_projected_gradients_point_along_the_true_gradient() {
         (f64::from(autograd_loss) - objective_loss).abs() < 1e-5,
         "{autograd_loss} vs {objective_loss}"
     );
-
     let gradient: Vec<f64> = model
         .completion_gradient(&items, &theta)
         .into_iter()
         .map(f64::from)
         .collect();
+    let projected = (0..N)
+        .map(|seed| {
+            let step = SpsaStep {
+                step: seed,
+                seeds: vec![seed],
+                epsilon: 1e-3,
+                lr: 1e-3,
+                weight_decay: 0.0,
+                max_projected_grad: None,
+                eval_mode: EvalMode::OneForward,
+                trained_tensors,
+            };
+            let record = step.estimate(&model, &Completion, &theta, &batch).unwrap();
+            (seed, record.projected_grads[0])
+        })
+        .collect();
+    Measured {
+        theta,
+        gradient,
+        projected,
+    }
+}
+
+/// The elements of `values` (flattened in `params()` order) in the tensors `trained` covers.
+fn trained_part(values: &[f64], lens: &[usize], trained: TrainedTensors) -> Vec<f64> {
+    let mut offset = 0;
+    let mut part = Vec::new();
+    for (index, &len) in lens.iter().enumerate() {
+        if trained.includes(index) {
+            part.extend_from_slice(&values[offset..offset + len]);
+        }
+        offset += len;
+    }
+    part
+}
+
+#[test]
+fn averaged_projected_gradients_point_along_the_true_gradient() {
+    let Measured {
+        theta,
+        gradient,
+        projected,
+    } = measure(TrainedTensors::All);
+    let d = theta.num_params();
     let lens: Vec<usize> = theta.params().map(<[f32]>::len).collect();
-    let n = 2000u64;
     let mut estimate = vec![0f64; d];
     let mut unrelated = vec![0f64; d];
-    for seed in 0..n {
-        let step = SpsaStep {
-            step: seed,
-            seeds: vec![seed],
-            epsilon: 1e-3,
-            lr: 1e-3,
-            weight_decay: 0.0,
-            max_projected_grad: None,
-            eval_mode: EvalMode::OneForward,
-        };
-        let g = f64::from(
-            step.estimate(&model, &Completion, &theta, &batch)
-                .unwrap()
-                .projected_grads[0],
-        );
+    for &(seed, g) in &projected {
+        let g = f64::from(g);
         let z = flat_direction(seed, &lens);
-        let other_z = flat_direction(seed + n, &lens);
+        let other_z = flat_direction(seed + N, &lens);
         for j in 0..d {
-            estimate[j] += g * z[j] / n as f64;
-            unrelated[j] += g * other_z[j] / n as f64;
+            estimate[j] += g * z[j] / N as f64;
+            unrelated[j] += g * other_z[j] / N as f64;
         }
     }
     let cos = cosine(&estimate, &gradient);
@@ -124,4 +170,67 @@ fn averaged_projected_gradients_point_along_the_true_gradient() {
     // The bound separates: g times a direction it was not measured along is noise.
     let unrelated_cos = cosine(&unrelated, &gradient);
     assert!(unrelated_cos.abs() < 0.3, "unrelated cos {unrelated_cos}");
+}
+
+/// −(the sum of the optimizer's N updates), fed the measured projected gradients in order: the
+/// displacement of an adapter that starts at zero with lr 1, flattened.
+fn summed_updates(measured: &Measured, optimizer: Optimizer, trained: TrainedTensors) -> Vec<f64> {
+    let mut moved = measured.theta.clone();
+    for values in moved.params_mut() {
+        values.fill(0.0);
+    }
+    let mut state = OptimizerState::new(optimizer, trained);
+    for &(seed, g) in &measured.projected {
+        state.apply(
+            &mut moved,
+            &[(Perturbation::new(seed), g)],
+            1.0 / N as f32,
+            0.0,
+        );
+    }
+    moved.params().flatten().map(|v| -f64::from(*v)).collect()
+}
+
+#[test]
+fn every_optimizer_moves_along_the_true_gradient() {
+    let measured = measure(TrainedTensors::All);
+    let optimizers = [
+        Optimizer::Sgd,
+        Optimizer::Momentum { beta: 0.9 },
+        Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+        },
+    ];
+    for optimizer in optimizers {
+        let direction = summed_updates(&measured, optimizer, TrainedTensors::All);
+        let cos = cosine(&direction, &measured.gradient);
+        assert!(cos > 0.9, "{optimizer:?}: cos(Σu, ∇L) = {cos}");
+    }
+}
+
+#[test]
+fn lora_b_estimates_point_along_the_gradient_of_b_and_leave_a_alone() {
+    let measured = measure(TrainedTensors::LoraB);
+    let lens: Vec<usize> = measured.theta.params().map(<[f32]>::len).collect();
+    let b_gradient = trained_part(&measured.gradient, &lens, TrainedTensors::LoraB);
+    assert_eq!(b_gradient.len(), 64);
+    for optimizer in [Optimizer::Sgd, Optimizer::Momentum { beta: 0.9 }] {
+        let direction = summed_updates(&measured, optimizer, TrainedTensors::LoraB);
+        let a_moved =
+            direction
+                .iter()
+                .zip(lens.iter().enumerate().flat_map(|(i, &len)| {
+                    std::iter::repeat_n(TrainedTensors::LoraB.includes(i), len)
+                }))
+                .any(|(v, trained)| !trained && *v != 0.0);
+        assert!(!a_moved, "{optimizer:?} moved A");
+        let b_direction = trained_part(&direction, &lens, TrainedTensors::LoraB);
+        let cos = cosine(&b_direction, &b_gradient);
+        assert!(
+            cos > 0.95,
+            "{optimizer:?}: cos(Σu_B, ∇_B L) = {cos}, expected ≈ √(N/(N+63)) = 0.985"
+        );
+    }
 }

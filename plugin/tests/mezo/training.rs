@@ -6,8 +6,8 @@ use std::ops::ControlFlow;
 use plugin::objectives::Accuracy;
 use plugin::objectives::Completion;
 use plugin::{
-    replay, LrSchedule, Objective, StepRecord, StopReason, Trainer, TrainerConfig, TrainerEvent,
-    TrainingExample,
+    replay, LrSchedule, Objective, Optimizer, StepRecord, StopReason, TrainedTensors, Trainer,
+    TrainerConfig, TrainerEvent, TrainingExample,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -118,28 +118,70 @@ fn busy_config(max_steps: u64) -> TrainerConfig {
     }
 }
 
+/// The optimizers a run can take, with the tensors they train: every test of replay and resume
+/// runs with each.
+fn optimizer_variants() -> [(Optimizer, TrainedTensors); 4] {
+    [
+        (Optimizer::Sgd, TrainedTensors::All),
+        (Optimizer::Sgd, TrainedTensors::LoraB),
+        (Optimizer::Momentum { beta: 0.9 }, TrainedTensors::LoraB),
+        (
+            Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.99,
+                epsilon: 1e-8,
+            },
+            TrainedTensors::All,
+        ),
+    ]
+}
+
+fn busy_config_with(max_steps: u64, variant: (Optimizer, TrainedTensors)) -> TrainerConfig {
+    let all = busy_config(max_steps);
+    TrainerConfig {
+        optimizer: variant.0,
+        trained_tensors: variant.1,
+        // The gradient of B alone is smaller: |g| ≈ 1.3 on average, 2 still clips some.
+        max_projected_grad: match variant.1 {
+            TrainedTensors::All => all.max_projected_grad,
+            TrainedTensors::LoraB => Some(2.0),
+        },
+        ..all
+    }
+}
+
 fn run_steps(trainer: &mut Trainer, model: &TinyModel, steps: usize) -> Vec<StepRecord> {
     (0..steps).map(|_| trainer.step(model).unwrap()).collect()
 }
 
 #[test]
 fn replay_reproduces_the_trained_adapter_bit_for_bit() {
+    for variant in optimizer_variants() {
+        replay_reproduces_the_run_of(variant);
+    }
+}
+
+fn replay_reproduces_the_run_of(variant: (Optimizer, TrainedTensors)) {
     let model = TinyModel::new(1);
-    let mut trainer = completion_trainer(busy_config(20), vec![]);
+    let mut trainer = completion_trainer(busy_config_with(20, variant), vec![]);
     let initial = trainer.adapter().clone();
     let log = run_steps(&mut trainer, &model, 20);
     assert_eq!(log, trainer.log());
 
     // The run exercised what it claims to.
     assert!(log.iter().all(|r| r.q() == 2));
+    assert!(log
+        .iter()
+        .all(|r| (r.optimizer, r.trained_tensors) == variant));
     assert!(log.windows(2).all(|w| w[1].lr < w[0].lr), "the LR decays");
     let grads: Vec<f32> = log.iter().flat_map(|r| r.projected_grads.clone()).collect();
+    let max = trainer.config().max_projected_grad.unwrap();
     assert!(
-        grads.iter().any(|g| g.abs() == 5.0),
+        grads.iter().any(|g| g.abs() == max),
         "some gradients clipped: {grads:?}"
     );
     assert!(
-        grads.iter().any(|g| g.abs() < 5.0),
+        grads.iter().any(|g| g.abs() < max),
         "some not clipped: {grads:?}"
     );
 
@@ -171,14 +213,20 @@ fn replay_reproduces_the_trained_adapter_bit_for_bit() {
 
 #[test]
 fn a_resumed_run_continues_bit_for_bit() {
+    for variant in optimizer_variants() {
+        a_resumed_run_of(variant);
+    }
+}
+
+fn a_resumed_run_of(variant: (Optimizer, TrainedTensors)) {
     let model = TinyModel::new(1);
-    let mut straight = completion_trainer(busy_config(10), vec![]);
+    let mut straight = completion_trainer(busy_config_with(10, variant), vec![]);
     run_steps(&mut straight, &model, 10);
 
-    let mut first_half = completion_trainer(busy_config(10), vec![]);
+    let mut first_half = completion_trainer(busy_config_with(10, variant), vec![]);
     run_steps(&mut first_half, &model, 4);
     let mut resumed = Trainer::resume(
-        busy_config(10),
+        busy_config_with(10, variant),
         Box::new(Completion),
         adapter_with_nonzero_b(2),
         completion_dataset(),
@@ -195,6 +243,29 @@ fn a_resumed_run_continues_bit_for_bit() {
     assert_eq!(
         err.to_string(),
         "the run has done all of its 10 steps; raise `max_steps` to train further"
+    );
+    // The log holds the optimizer: resuming it under another one is refused.
+    let other = if variant.0.is_sgd() {
+        Optimizer::Momentum { beta: 0.5 }
+    } else {
+        Optimizer::Sgd
+    };
+    let err = Trainer::resume(
+        TrainerConfig {
+            optimizer: other,
+            ..busy_config_with(10, variant)
+        },
+        Box::new(Completion),
+        adapter_with_nonzero_b(2),
+        completion_dataset(),
+        vec![],
+        first_half.log().to_vec(),
+    )
+    .err()
+    .expect("a resume under another optimizer");
+    assert!(
+        err.to_string().contains("a run keeps one optimizer"),
+        "{err}"
     );
 }
 

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use adapters::{LoraAdapter, LoraConfig};
 use plugin::{
-    LrSchedule, ObjectiveKind, ScoreRequest, Trainer, TrainerConfig, TrainerEvent, TrainingExample,
-    ZoEngine,
+    LrSchedule, ObjectiveKind, Optimizer, ScoreRequest, TrainedTensors, Trainer, TrainerConfig,
+    TrainerEvent, TrainingExample, ZoEngine,
 };
 
 use super::peers;
@@ -39,6 +39,8 @@ pub struct MezoBenchConfig {
     pub epsilon: f32,
     pub batch_size: usize,
     pub seed: u64,
+    pub optimizer: Optimizer,
+    pub trained_tensors: TrainedTensors,
     /// Adapt only this many top layers; `None` adapts every layer.
     pub top_layers: Option<usize>,
     /// Memory for the hidden states kept below the adapted layers.
@@ -179,6 +181,8 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         max_steps: config.steps,
         eval_every: config.eval_every,
         seed: config.seed,
+        optimizer: config.optimizer,
+        trained_tensors: config.trained_tensors,
         ..TrainerConfig::default()
     };
     let mut trainer = Trainer::new(
@@ -290,8 +294,13 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         Some(top) => format!("the top {top} of {n_layer} layers"),
     };
     println!(
-        "MeZO: LoRA r=8 α=16 on q,v of {layers}; lr {} ({schedule}) ε {} batch {} seed {}; \
-         weights {}; kernels {}",
+        "MeZO: LoRA r=8 α=16 on q,v of {layers}, {} trained; optimizer {}; lr {} ({schedule}) \
+         ε {} batch {} seed {}; weights {}; kernels {}",
+        match config.trained_tensors {
+            TrainedTensors::All => "A and B",
+            TrainedTensors::LoraB => "B only",
+        },
+        serde_json::to_string(&config.optimizer)?,
         config.lr,
         config.epsilon,
         config.batch_size,
