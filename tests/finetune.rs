@@ -546,6 +546,26 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
             400,
             Some("hyperparameters.learning_rate"),
         ),
+        (
+            job(json!({"hyperparameters": {"optimizer": {"type": "lion"}}})),
+            400,
+            Some("hyperparameters.optimizer"),
+        ),
+        (
+            job(json!({"hyperparameters": {"optimizer": {"type": "momentum", "beta": 1.0}}})),
+            400,
+            Some("hyperparameters.optimizer.beta"),
+        ),
+        (
+            job(json!({"hyperparameters": {"optimizer": "momentum"}})),
+            400,
+            Some("hyperparameters.optimizer"),
+        ),
+        (
+            job(json!({"hyperparameters": {"trained_tensors": "lora_a"}})),
+            400,
+            Some("hyperparameters.trained_tensors"),
+        ),
         (job(json!({"publish_every": 0})), 400, Some("publish_every")),
         (job(json!({"adapter": "no spaces"})), 400, Some("adapter")),
         (
@@ -572,6 +592,17 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
         assert_eq!(got, status, "{body}: {err}");
         assert_eq!(err["error"]["param"].as_str(), param, "{body}: {err}");
     }
+    // An unknown optimizer names the ones there are.
+    let (_, _, err) = post_json(
+        &server.url("/v1/finetune"),
+        &job(json!({"hyperparameters": {"optimizer": {"type": "lion"}}})),
+    )
+    .await;
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("unknown variant `lion`, expected one of `sgd`, `momentum`, `adam`"),
+        "{err}"
+    );
     let too_big = json!({"adapter": "x", "examples": [{"prompt": "x".repeat(5 << 20)}]});
     let (status, _, err) = post_json(&server.url("/v1/finetune"), &too_big).await;
     assert_eq!(status, 413, "{err}");
@@ -779,7 +810,11 @@ async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for
             "adapter": adapter,
             "objective": "classification",
             "examples": review_examples(),
-            "hyperparameters": {"max_steps": 16, "batch_size": 4, "lr": 1e-2, "epsilon": 1e-2, "seed": 11},
+            "hyperparameters": {
+                "max_steps": 16, "batch_size": 4, "lr": 1e-2, "epsilon": 1e-2, "seed": 11,
+                // An optimizer with state: the moments too must resume exactly.
+                "optimizer": {"type": "momentum", "beta": 0.9},
+            },
             "publish_every": 4,
         })
     };

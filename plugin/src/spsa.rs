@@ -2,7 +2,9 @@
 //!
 //! For each of the step's seeds: build θ+εz and θ−εz ([`Perturbation::perturbed_pair`]), evaluate
 //! the objective under both, and take the projected gradient `g = (L+ − L−)/(2ε)`. With several
-//! seeds (n-SPSA) the update averages the q directions, each with its own g. By default both
+//! seeds (n-SPSA) the update averages the q directions, each with its own g; each direction is
+//! evaluated on the whole batch, or, with `split_batch` (P-RGE, arXiv 2409.15520), on its own
+//! q-th of it: q directions for the forwards of one. By default both
 //! adapters go to the engine in one call ([`EvalMode::OneForward`]), which a batching engine turns
 //! into one forward pass; [`EvalMode::TwoForwards`] makes two calls, for engines that cannot mix
 //! adapters in a batch and as the reference the batched path is tested against.
@@ -41,6 +43,9 @@ pub struct SpsaStep {
     pub eval_mode: EvalMode,
     /// The tensors perturbed (the others keep z = 0).
     pub trained_tensors: TrainedTensors,
+    /// Each seed's direction is evaluated on its own share of the batch (consecutive, equal
+    /// shares) instead of on all of it.
+    pub split_batch: bool,
 }
 
 impl SpsaStep {
@@ -63,12 +68,34 @@ impl SpsaStep {
                 self.epsilon,
             ));
         }
+        let share = if self.split_batch {
+            let share = batch.len() / self.seeds.len();
+            if share == 0 || share * self.seeds.len() != batch.len() {
+                return Err(TrainError::config(
+                    "batch_size",
+                    format!(
+                        "a multiple of n_perturbations ({}) with split_batch",
+                        self.seeds.len()
+                    ),
+                    batch.len(),
+                ));
+            }
+            share
+        } else {
+            batch.len()
+        };
         let mut projected_grads = Vec::with_capacity(self.seeds.len());
         let (mut sum_plus, mut sum_minus) = (0.0f64, 0.0f64);
-        for &seed in &self.seeds {
+        for (index, &seed) in self.seeds.iter().enumerate() {
+            let examples = if self.split_batch {
+                &batch[index * share..(index + 1) * share]
+            } else {
+                batch
+            };
             let (plus, minus) =
                 Perturbation::new(seed).perturbed_pair(theta, self.epsilon, self.trained_tensors);
-            let (loss_plus, loss_minus) = self.losses(engine, objective, &plus, &minus, batch)?;
+            let (loss_plus, loss_minus) =
+                self.losses(engine, objective, &plus, &minus, examples)?;
             if !(loss_plus.is_finite() && loss_minus.is_finite()) {
                 return Err(TrainError::NonFiniteLoss {
                     step: self.step,
@@ -235,6 +262,7 @@ mod tests {
             max_projected_grad,
             eval_mode: EvalMode::OneForward,
             trained_tensors: TrainedTensors::All,
+            split_batch: false,
         }
     }
 
@@ -290,6 +318,79 @@ mod tests {
             "{err}"
         );
         assert_eq!(theta, before);
+    }
+
+    /// Records the prompts of every batch it is asked for; the loss is θ₀ as in [`Linear`].
+    #[derive(Default)]
+    struct BatchRecorder {
+        batches: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Objective for BatchRecorder {
+        fn name(&self) -> &'static str {
+            "batch_recorder"
+        }
+
+        fn example_kind(&self) -> ExampleKind {
+            ExampleKind::Completion
+        }
+
+        fn losses(
+            &self,
+            engine: &dyn DynEngine,
+            adapters: &[&LoraAdapter],
+            batch: &[&TrainingExample],
+        ) -> Result<Vec<f64>> {
+            let prompts = batch
+                .iter()
+                .map(|example| match example {
+                    TrainingExample::Completion { prompt, .. } => prompt.clone(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            self.batches.lock().unwrap().push(prompts);
+            Linear { slope: 1.0 }.losses(engine, adapters, batch)
+        }
+    }
+
+    #[test]
+    fn split_batch_gives_each_direction_its_own_share_of_the_batch() {
+        let theta = theta();
+        let examples: Vec<TrainingExample> = (0..6)
+            .map(|i| TrainingExample::Completion {
+                prompt: format!("p{i}"),
+                completion: "c".into(),
+            })
+            .collect();
+        let batch: Vec<&TrainingExample> = examples.iter().collect();
+        let recorder = BatchRecorder::default();
+        let split = SpsaStep {
+            split_batch: true,
+            ..step(vec![1, 2, 3], None)
+        };
+        let record = split.estimate(&NoEngine, &recorder, &theta, &batch).unwrap();
+        assert_eq!(record.projected_grads.len(), 3);
+        assert_eq!(
+            *recorder.batches.lock().unwrap(),
+            [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
+        );
+        // Shared: every direction sees the whole batch.
+        let recorder = BatchRecorder::default();
+        step(vec![1, 2], None)
+            .estimate(&NoEngine, &recorder, &theta, &batch)
+            .unwrap();
+        assert!(recorder.batches.lock().unwrap().iter().all(|b| b.len() == 6));
+        // A batch that does not split evenly is refused.
+        let err = SpsaStep {
+            split_batch: true,
+            ..step(vec![1, 2, 3, 4], None)
+        }
+        .estimate(&NoEngine, &BatchRecorder::default(), &theta, &batch)
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`batch_size` must be a multiple of n_perturbations (4) with split_batch (given 6)"
+        );
     }
 
     #[test]

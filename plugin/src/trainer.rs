@@ -41,8 +41,13 @@ pub struct TrainerConfig {
     pub batch_size: usize,
     /// Decoupled weight decay, ≥ 0, applied at each step as `lr·wd·θ`.
     pub weight_decay: f32,
-    /// Perturbations averaged per step (n-SPSA's q), at least 1; each costs two evaluations.
+    /// Perturbations averaged per step (n-SPSA's q), at least 1; each costs two evaluations of
+    /// the batch, or of its q-th with `split_batch`.
     pub n_perturbations: usize,
+    /// Each perturbation is evaluated on its own `batch_size / n_perturbations` examples of the
+    /// step's batch (P-RGE): q directions for the forwards of one. `batch_size` must then be a
+    /// multiple of `n_perturbations`.
+    pub split_batch: bool,
     /// When set, each projected gradient is clipped to `[−max, max]`; > 0.
     pub max_projected_grad: Option<f32>,
     pub eval_mode: EvalMode,
@@ -70,6 +75,7 @@ impl Default for TrainerConfig {
             batch_size: 16,
             weight_decay: 0.0,
             n_perturbations: 1,
+            split_batch: false,
             max_projected_grad: None,
             eval_mode: EvalMode::OneForward,
             optimizer: Optimizer::Sgd,
@@ -100,6 +106,16 @@ impl TrainerConfig {
             positive("max_projected_grad", max)?;
         }
         self.optimizer.validate()?;
+        if self.split_batch && self.batch_size % self.n_perturbations.max(1) != 0 {
+            return Err(TrainError::config(
+                "batch_size",
+                format!(
+                    "a multiple of n_perturbations ({}) with split_batch",
+                    self.n_perturbations
+                ),
+                self.batch_size,
+            ));
+        }
         let at_least_one = [
             ("batch_size", self.batch_size as u64),
             ("n_perturbations", self.n_perturbations as u64),
@@ -360,6 +376,7 @@ impl Trainer {
             max_projected_grad: self.config.max_projected_grad,
             eval_mode: self.config.eval_mode,
             trained_tensors: self.config.trained_tensors,
+            split_batch: self.config.split_batch,
         };
         let record = spsa.run(
             engine,

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use mezo_server::bench;
 use mezo_server::config::Config;
-use mezo_server::datasets::movie_reviews;
+use mezo_server::datasets::sentiment::{self, SentimentTask};
 use mezo_server::engine::chat_template::ChatMessage;
 use mezo_server::engine::generate::{generate, GenerationParams, Sequence, StopConditions};
 use mezo_server::engine::loaded_model::LoadedModel;
@@ -60,7 +60,7 @@ enum Commands {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Download the movie-review sentiment data set used by the benchmarks.
+    /// Download the sentiment data sets the benchmarks use (movie reviews, NYT editorials).
     FetchData,
     /// Generate text from a prompt (a quick check of the engine from the shell).
     Generate(GenerateArgs),
@@ -152,6 +152,9 @@ struct ServeBenchArgs {
 
 #[derive(Args)]
 struct MezoBenchArgs {
+    /// The sentiment task to train on.
+    #[arg(long, value_enum, default_value = "movie-reviews")]
+    task: SentimentTask,
     #[arg(long, default_value_t = 300)]
     steps: u64,
     /// Evaluate on the held-out set every this many steps.
@@ -180,6 +183,12 @@ struct MezoBenchArgs {
     /// the API's JSON, e.g. '{"type":"momentum","beta":0.8}'.
     #[arg(long, default_value = "sgd", value_parser = parse_optimizer)]
     optimizer: Optimizer,
+    /// Directions per step (n-SPSA's q).
+    #[arg(long, default_value_t = 1)]
+    n_perturbations: usize,
+    /// Each direction is evaluated on its own `batch-size / n-perturbations` examples (P-RGE).
+    #[arg(long)]
+    split_batch: bool,
     /// The adapter tensors trained: `all`, or `lora-b` (A stays as initialised, LoRA-FA).
     #[arg(long, default_value = "all", value_parser = parse_trained_tensors)]
     trained_tensors: TrainedTensors,
@@ -264,7 +273,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::FetchData => {
-            movie_reviews::fetch(&data_dir, &mut std::io::stderr())?;
+            for task in [SentimentTask::MovieReviews, SentimentTask::NytEditorials] {
+                sentiment::fetch(task, &data_dir, &mut std::io::stderr())?;
+            }
             Ok(())
         }
         Commands::Generate(args) => run_generate(&config, args),
@@ -274,6 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             BenchCommand::Serve(args) => run_bench_serve(config, args),
             BenchCommand::Mezo(args) => bench::mezo::run(&bench::mezo::MezoBenchConfig {
+                task: args.task,
                 model: model_path(&config)?,
                 weights: config.model.weights,
                 plot: args
@@ -297,6 +309,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: args.seed,
                 optimizer: args.optimizer,
                 trained_tensors: args.trained_tensors,
+                n_perturbations: args.n_perturbations,
+                split_batch: args.split_batch,
                 top_layers: args.top_layers,
                 peer: args.peer,
                 peer_steps: args.peer_steps,
@@ -364,8 +378,8 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
         .context("cannot start the async runtime")?;
     // The training job's examples: the movie reviews of `mezo bench mezo`.
     let reviews = if args.with_training {
-        let reviews = movie_reviews::load(&config.data.dir, &mut std::io::stderr())?;
-        movie_reviews::split(reviews, 0, 512, 0).0
+        let reviews = sentiment::load(SentimentTask::MovieReviews, &config.data.dir, &mut std::io::stderr())?;
+        sentiment::split(reviews, 0, 512, 0).0
     } else {
         Vec::new()
     };
@@ -507,7 +521,7 @@ fn run_bench_engine(
 ) -> anyhow::Result<()> {
     let path = model_path(config)?;
     // Make sure the data is there before child processes race to fetch it.
-    movie_reviews::fetch(data_dir, &mut std::io::stderr())?;
+    sentiment::fetch(SentimentTask::MovieReviews, data_dir, &mut std::io::stderr())?;
     let modes = match modes {
         BenchModes::F32 => vec![WeightMode::F32],
         BenchModes::Quantized => vec![WeightMode::Quantized],

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 
 use adapters::{LoraAdapter, LoraConfig};
-use mezo_server::datasets::movie_reviews;
+use mezo_server::datasets::sentiment::SentimentTask;
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
 use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
@@ -144,7 +144,7 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
         .enumerate()
         .map(|(i, (review, rating))| format!("{i}\t{rating}\t{review}\r\n"))
         .collect();
-    std::fs::write(data.path().join(movie_reviews::FILE_NAME), text).expect("write the data");
+    std::fs::write(data.path().join(SentimentTask::MovieReviews.file_name()), text).expect("write the data");
     let plot = data.path().join("curves.png");
     let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
         .arg("--model")

@@ -25,6 +25,7 @@ fn estimate(
         max_projected_grad: None,
         eval_mode,
         trained_tensors: TrainedTensors::All,
+        split_batch: false,
     };
     let batch: Vec<_> = examples.iter().collect();
     step.estimate(model, objective, &adapter_with_nonzero_b(5), &batch)

@@ -114,6 +114,7 @@ fn measure(trained_tensors: TrainedTensors) -> Measured {
                 max_projected_grad: None,
                 eval_mode: EvalMode::OneForward,
                 trained_tensors,
+                split_batch: false,
             };
             let record = step.estimate(&model, &Completion, &theta, &batch).unwrap();
             (seed, record.projected_grads[0])
@@ -233,4 +234,63 @@ fn lora_b_estimates_point_along_the_gradient_of_b_and_leave_a_alone() {
             "{optimizer:?}: cos(Σu_B, ∇_B L) = {cos}, expected ≈ √(N/(N+63)) = 0.985"
         );
     }
+}
+
+#[test]
+fn split_batch_directions_average_to_the_true_gradient() {
+    // P-RGE: 4 directions per step, each on one of the 4 examples; 500 steps give 2000
+    // directions. Each measures one example's gradient ∇Lᵦ, whose mean is ∇L; the noise grows
+    // with r = mean |∇Lᵦ|² / |∇L|², so cos ≈ √(N/(N + (d−1)·r)).
+    let model = TinyModel::new(1);
+    let theta = adapter_with_nonzero_b(2);
+    let examples = completion_examples();
+    let batch: Vec<_> = examples.iter().collect();
+    let gradient: Vec<f64> = model
+        .completion_gradient(&token_pairs(&examples), &theta)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let lens: Vec<usize> = theta.params().map(<[f32]>::len).collect();
+    let mut moved = theta.clone();
+    for values in moved.params_mut() {
+        values.fill(0.0);
+    }
+    let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
+    let steps = N / 4;
+    for step in 0..steps {
+        let spsa = SpsaStep {
+            step,
+            seeds: (0..4).map(|i| step * 4 + i).collect(),
+            epsilon: 1e-3,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            max_projected_grad: None,
+            eval_mode: EvalMode::OneForward,
+            trained_tensors: TrainedTensors::All,
+            split_batch: true,
+        };
+        let record = spsa.estimate(&model, &Completion, &theta, &batch).unwrap();
+        record.apply(&mut moved, &mut state).unwrap();
+    }
+    let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
+    let d = lens.iter().sum::<usize>();
+    assert_eq!(direction.len(), d);
+    let per_example_norms: f64 = (0..examples.len())
+        .map(|b| {
+            let g: Vec<f64> = model
+                .completion_gradient(&token_pairs(&examples[b..=b]), &theta)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            dot(&g, &g)
+        })
+        .sum::<f64>()
+        / examples.len() as f64;
+    let r = per_example_norms / dot(&gradient, &gradient);
+    let expected = (N as f64 / (N as f64 + (d as f64 - 1.0) * r)).sqrt();
+    let cos = cosine(&direction, &gradient);
+    assert!(
+        cos > expected - 0.04,
+        "cos(Σu, ∇L) = {cos}, expected ≈ {expected} (r = {r})"
+    );
 }

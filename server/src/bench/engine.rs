@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::datasets::movie_reviews::{self, Review, CANDIDATES};
+use crate::datasets::sentiment::{self, SentimentTask, Snippet, CANDIDATES};
 use crate::engine::batch::{BatchRow, RowCache};
 use crate::engine::generate::{step, GenerationParams, Sequence, StopConditions};
 use crate::engine::kernels::isa::Isa;
@@ -81,7 +81,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// A `PREFILL_TOKENS`-token prompt made of real text.
-fn prefill_prompt(model: &LoadedModel, reviews: &[Review]) -> Vec<u32> {
+fn prefill_prompt(model: &LoadedModel, reviews: &[Snippet]) -> Vec<u32> {
     let mut tokens = Vec::new();
     for review in reviews.iter().cycle() {
         tokens.extend(model.tokenizer.encode(&review.prompt(), false));
@@ -136,7 +136,7 @@ fn decode_tokens_per_s(
     Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
-fn scoring_seconds(model: &LoadedModel, reviews: &[Review], reps: usize) -> Result<f64> {
+fn scoring_seconds(model: &LoadedModel, reviews: &[Snippet], reps: usize) -> Result<f64> {
     let prompts: Vec<Vec<u32>> = reviews
         .iter()
         .map(|r| model.tokenizer.encode(&r.prompt(), false))
@@ -174,8 +174,8 @@ pub fn run_llama_cpp(
     model_path: &Path,
     data_dir: &Path,
 ) -> anyhow::Result<peers::LlamaCpp> {
-    let reviews = movie_reviews::load(data_dir, &mut std::io::stderr())?;
-    let (_, test) = movie_reviews::split(reviews, 0, 512, 1000);
+    let reviews = sentiment::load(SentimentTask::MovieReviews, data_dir, &mut std::io::stderr())?;
+    let (_, test) = sentiment::split(reviews, 0, 512, 1000);
     let model = LoadedModel::load(model_path, WeightMode::Quantized)?;
     let prompt = prefill_prompt(&model, &test);
     let input = serde_json::json!({
@@ -221,8 +221,8 @@ pub fn run_mode(
     mode: WeightMode,
     data_dir: &Path,
 ) -> anyhow::Result<EngineBenchResult> {
-    let reviews = movie_reviews::load(data_dir, &mut std::io::stderr())?;
-    let (_, test) = movie_reviews::split(reviews, 0, 512, 1000);
+    let reviews = sentiment::load(SentimentTask::MovieReviews, data_dir, &mut std::io::stderr())?;
+    let (_, test) = sentiment::split(reviews, 0, 512, 1000);
     let batch = &test[..SCORING_EXAMPLES];
     let model = LoadedModel::load(model_path, mode)?;
     let prompt = prefill_prompt(&model, &test);

@@ -1,4 +1,5 @@
-//! `mezo bench mezo`: MeZO on the SST-2-like movie-review task (DESIGN.md §3–§4). Prints
+//! `mezo bench mezo`: MeZO on a sentiment task, by default the SST-2-like movie reviews
+//! (DESIGN.md §3–§4; `--task nyt-editorials` for the second task). Prints
 //! zero-shot and trained held-out accuracy, time per step against time per forward of a batch
 //! of the same size, and peak memory while only serving against while training; writes a PNG of
 //! the train loss and held-out accuracy curves. With `--top-layers N` the adapter covers the top
@@ -17,7 +18,7 @@ use plugin::{
 
 use super::peers;
 use super::plot::{write_png, Panel, Series};
-use crate::datasets::movie_reviews::{self, Review, CANDIDATES};
+use crate::datasets::sentiment::{self, SentimentTask, Snippet, CANDIDATES};
 use crate::engine::frozen_layers::FrozenStatesBudget;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::weights::WeightMode;
@@ -27,6 +28,7 @@ use crate::process_memory;
 /// What the run is asked to do.
 #[derive(Debug, Clone)]
 pub struct MezoBenchConfig {
+    pub task: SentimentTask,
     pub model: PathBuf,
     pub weights: WeightMode,
     pub data_dir: PathBuf,
@@ -41,6 +43,8 @@ pub struct MezoBenchConfig {
     pub seed: u64,
     pub optimizer: Optimizer,
     pub trained_tensors: TrainedTensors,
+    pub n_perturbations: usize,
+    pub split_batch: bool,
     /// Adapt only this many top layers; `None` adapts every layer.
     pub top_layers: Option<usize>,
     /// Memory for the hidden states kept below the adapted layers.
@@ -64,7 +68,7 @@ fn top_layers(n_layer: usize, top: Option<usize>) -> anyhow::Result<Option<Vec<u
     }
 }
 
-fn to_example(review: &Review) -> TrainingExample {
+fn to_example(review: &Snippet) -> TrainingExample {
     TrainingExample::Classification {
         prompt: review.prompt(),
         candidates: CANDIDATES.iter().map(|c| c.to_string()).collect(),
@@ -83,7 +87,7 @@ const TIMED_BATCHES: usize = 5;
 /// The first [`TIMED_BATCHES`] batches of the training set, tokenized as training sees them.
 fn timed_batches(
     model: &LoadedModel,
-    train: &[Review],
+    train: &[Snippet],
     batch_size: usize,
 ) -> Vec<Vec<ScoreRequest>> {
     train
@@ -162,9 +166,9 @@ fn run_reference(
 }
 
 pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
-    let reviews = movie_reviews::load(&config.data_dir, &mut std::io::stderr())?;
+    let reviews = sentiment::load(config.task, &config.data_dir, &mut std::io::stderr())?;
     let (train, test) =
-        movie_reviews::split(reviews, config.seed, config.train_size, config.test_size);
+        sentiment::split(reviews, config.seed, config.train_size, config.test_size);
     let model = LoadedModel::load(&config.model, config.weights)?;
     let n_layer = model.llama.config.n_layer;
     let lora = LoraConfig {
@@ -183,6 +187,8 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         seed: config.seed,
         optimizer: config.optimizer,
         trained_tensors: config.trained_tensors,
+        n_perturbations: config.n_perturbations,
+        split_batch: config.split_batch,
         ..TrainerConfig::default()
     };
     let mut trainer = Trainer::new(
@@ -277,10 +283,11 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     let trained = accuracy.last().map_or(f64::NAN, |a| a.1);
     println!("machine: {}", super::engine::machine_description());
     println!(
-        "task: movie-review sentiment, {} train / {} held-out, prompt {:?}, candidates {:?}",
+        "task: {}, {} train / {} held-out, prompt {:?}, candidates {:?}",
+        config.task.description(),
         train.len(),
         test.len(),
-        movie_reviews::PROMPT_TEMPLATE,
+        config.task.prompt_template(),
         CANDIDATES
     );
     let schedule = match config.lr_schedule {
@@ -294,13 +301,19 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         Some(top) => format!("the top {top} of {n_layer} layers"),
     };
     println!(
-        "MeZO: LoRA r=8 α=16 on q,v of {layers}, {} trained; optimizer {}; lr {} ({schedule}) \
-         ε {} batch {} seed {}; weights {}; kernels {}",
+        "MeZO: LoRA r=8 α=16 on q,v of {layers}, {} trained; optimizer {}; {} direction(s) per \
+         step{}; lr {} ({schedule}) ε {} batch {} seed {}; weights {}; kernels {}",
         match config.trained_tensors {
             TrainedTensors::All => "A and B",
             TrainedTensors::LoraB => "B only",
         },
         serde_json::to_string(&config.optimizer)?,
+        config.n_perturbations,
+        if config.split_batch {
+            ", each on its share of the batch"
+        } else {
+            ""
+        },
         config.lr,
         config.epsilon,
         config.batch_size,
@@ -343,7 +356,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         let labels: Vec<Vec<usize>> = train
             .chunks(config.batch_size.max(1))
             .take(batches.len())
-            .map(|batch| batch.iter().map(Review::label).collect())
+            .map(|batch| batch.iter().map(Snippet::label).collect())
             .collect();
         let reference = run_reference(python, config, &batches, &labels)?;
         println!(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::datasets::movie_reviews::{Review, CANDIDATES};
+use crate::datasets::sentiment::{Snippet, CANDIDATES};
 
 /// Prompts that make the model write at length, so every request decodes its full budget or
 /// close to it.
@@ -183,7 +183,7 @@ pub struct WithTraining {
 /// A fine-tuning job that keeps the engine's background share busy for the whole benchmark:
 /// MeZO steps on batches of 16 of `reviews` (classification, as `mezo bench mezo`), more steps
 /// than the benchmark lasts; it is cancelled at the end.
-pub fn sentiment_job(reviews: &[Review]) -> Value {
+pub fn sentiment_job(reviews: &[Snippet]) -> Value {
     let examples: Vec<Value> = reviews
         .iter()
         .map(|r| json!({"prompt": r.prompt(), "candidates": CANDIDATES, "label": r.label()}))

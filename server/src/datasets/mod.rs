@@ -1,3 +1,3 @@
 //! Task data the benchmarks and demos use, fetched from package registries (never committed).
 
-pub mod movie_reviews;
+pub mod sentiment;
