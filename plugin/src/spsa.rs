@@ -368,7 +368,9 @@ mod tests {
             split_batch: true,
             ..step(vec![1, 2, 3], None)
         };
-        let record = split.estimate(&NoEngine, &recorder, &theta, &batch).unwrap();
+        let record = split
+            .estimate(&NoEngine, &recorder, &theta, &batch)
+            .unwrap();
         assert_eq!(record.projected_grads.len(), 3);
         assert_eq!(
             *recorder.batches.lock().unwrap(),
@@ -379,7 +381,12 @@ mod tests {
         step(vec![1, 2], None)
             .estimate(&NoEngine, &recorder, &theta, &batch)
             .unwrap();
-        assert!(recorder.batches.lock().unwrap().iter().all(|b| b.len() == 6));
+        assert!(recorder
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b.len() == 6));
         // A batch that does not split evenly is refused.
         let err = SpsaStep {
             split_batch: true,

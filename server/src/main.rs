@@ -19,7 +19,7 @@ use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
 use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
 use mezo_server::serve::{bind, serve, serve_on};
-use plugin::{LrSchedule, Optimizer, TrainedTensors};
+use plugin::{LrSchedule, Optimizer, TrainedTensors, TrainerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -155,8 +155,6 @@ struct MezoBenchArgs {
     /// The sentiment task to train on.
     #[arg(long, value_enum, default_value = "movie-reviews")]
     task: SentimentTask,
-    #[arg(long, default_value_t = 300)]
-    steps: u64,
     /// Evaluate on the held-out set every this many steps.
     #[arg(long, default_value_t = 100)]
     eval_every: u64,
@@ -164,34 +162,38 @@ struct MezoBenchArgs {
     train_size: usize,
     #[arg(long, default_value_t = 1000)]
     test_size: usize,
-    /// The learning rate at the first step. The defaults (3e-3 decaying to 0 over 300 steps)
-    /// are the best of the runs in the README: a constant 3e-3 diverges after ~100 steps, a
-    /// constant 2e-3 reaches +3.9 points and then oscillates between +1.6 and +3.9.
-    #[arg(long, default_value_t = 3e-3)]
+    /// Steps of the run. This and the options below default to the trainer's own defaults, the
+    /// run `POST /v1/finetune` makes without `hyperparameters` (the README's learning table says
+    /// how they were chosen).
+    #[arg(long, default_value_t = TrainerConfig::default().max_steps)]
+    steps: u64,
+    /// The learning rate at the first step.
+    #[arg(long, default_value_t = TrainerConfig::default().lr)]
     lr: f32,
     /// The learning rate decays linearly from `--lr` to this fraction of it at the last step;
     /// 1 keeps it constant.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = final_fraction(TrainerConfig::default().lr_schedule))]
     lr_final_fraction: f32,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = TrainerConfig::default().epsilon)]
     epsilon: f32,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = TrainerConfig::default().batch_size)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainerConfig::default().seed)]
     seed: u64,
     /// The optimizer, by name (`sgd`, `momentum`, `adam`, with their default parameters) or as
-    /// the API's JSON, e.g. '{"type":"momentum","beta":0.8}'.
-    #[arg(long, default_value = "sgd", value_parser = parse_optimizer)]
-    optimizer: Optimizer,
+    /// the API's JSON, e.g. '{"type":"momentum","beta":0.8}'. Default: the trainer's.
+    #[arg(long, value_parser = parse_optimizer)]
+    optimizer: Option<Optimizer>,
     /// Directions per step (n-SPSA's q).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainerConfig::default().n_perturbations)]
     n_perturbations: usize,
     /// Each direction is evaluated on its own `batch-size / n-perturbations` examples (P-RGE).
-    #[arg(long)]
+    #[arg(long, default_value_t = TrainerConfig::default().split_batch, action = clap::ArgAction::Set)]
     split_batch: bool,
     /// The adapter tensors trained: `all`, or `lora-b` (A stays as initialised, LoRA-FA).
-    #[arg(long, default_value = "all", value_parser = parse_trained_tensors)]
-    trained_tensors: TrainedTensors,
+    /// Default: the trainer's.
+    #[arg(long, value_parser = parse_trained_tensors)]
+    trained_tensors: Option<TrainedTensors>,
     /// Adapt only the top N layers (PEFT's layers_to_transform); the layers below are computed
     /// once per example and reused at every step. Default: every layer.
     #[arg(long)]
@@ -206,6 +208,14 @@ struct MezoBenchArgs {
     /// Where to write the PNG of the curves (default: <data-dir>/mezo_sentiment_curves.png).
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+/// The `--lr-final-fraction` of a schedule: 1 for a constant learning rate.
+fn final_fraction(schedule: LrSchedule) -> f32 {
+    match schedule {
+        LrSchedule::Constant => 1.0,
+        LrSchedule::Linear { final_fraction } => final_fraction,
+    }
 }
 
 /// `--optimizer`: a name, or the JSON the API takes.
@@ -294,23 +304,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 train_size: args.train_size,
                 test_size: args.test_size,
-                steps: args.steps,
-                eval_every: args.eval_every,
-                lr: args.lr,
-                lr_schedule: if args.lr_final_fraction == 1.0 {
-                    LrSchedule::Constant
-                } else {
-                    LrSchedule::Linear {
-                        final_fraction: args.lr_final_fraction,
-                    }
+                trainer: TrainerConfig {
+                    max_steps: args.steps,
+                    eval_every: args.eval_every,
+                    lr: args.lr,
+                    lr_schedule: if args.lr_final_fraction == 1.0 {
+                        LrSchedule::Constant
+                    } else {
+                        LrSchedule::Linear {
+                            final_fraction: args.lr_final_fraction,
+                        }
+                    },
+                    epsilon: args.epsilon,
+                    batch_size: args.batch_size,
+                    seed: args.seed,
+                    optimizer: args.optimizer.unwrap_or(TrainerConfig::default().optimizer),
+                    trained_tensors: args
+                        .trained_tensors
+                        .unwrap_or(TrainerConfig::default().trained_tensors),
+                    n_perturbations: args.n_perturbations,
+                    split_batch: args.split_batch,
+                    ..TrainerConfig::default()
                 },
-                epsilon: args.epsilon,
-                batch_size: args.batch_size,
-                seed: args.seed,
-                optimizer: args.optimizer,
-                trained_tensors: args.trained_tensors,
-                n_perturbations: args.n_perturbations,
-                split_batch: args.split_batch,
                 top_layers: args.top_layers,
                 peer: args.peer,
                 peer_steps: args.peer_steps,
@@ -378,7 +393,11 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
         .context("cannot start the async runtime")?;
     // The training job's examples: the movie reviews of `mezo bench mezo`.
     let reviews = if args.with_training {
-        let reviews = sentiment::load(SentimentTask::MovieReviews, &config.data.dir, &mut std::io::stderr())?;
+        let reviews = sentiment::load(
+            SentimentTask::MovieReviews,
+            &config.data.dir,
+            &mut std::io::stderr(),
+        )?;
         sentiment::split(reviews, 0, 512, 0).0
     } else {
         Vec::new()
@@ -521,7 +540,11 @@ fn run_bench_engine(
 ) -> anyhow::Result<()> {
     let path = model_path(config)?;
     // Make sure the data is there before child processes race to fetch it.
-    sentiment::fetch(SentimentTask::MovieReviews, data_dir, &mut std::io::stderr())?;
+    sentiment::fetch(
+        SentimentTask::MovieReviews,
+        data_dir,
+        &mut std::io::stderr(),
+    )?;
     let modes = match modes {
         BenchModes::F32 => vec![WeightMode::F32],
         BenchModes::Quantized => vec![WeightMode::Quantized],

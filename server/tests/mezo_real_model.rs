@@ -144,7 +144,11 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
         .enumerate()
         .map(|(i, (review, rating))| format!("{i}\t{rating}\t{review}\r\n"))
         .collect();
-    std::fs::write(data.path().join(SentimentTask::MovieReviews.file_name()), text).expect("write the data");
+    std::fs::write(
+        data.path().join(SentimentTask::MovieReviews.file_name()),
+        text,
+    )
+    .expect("write the data");
     let plot = data.path().join("curves.png");
     let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
         .arg("--model")

@@ -119,6 +119,25 @@ fn bad_hyperparameters_are_rejected() {
         ),
         (
             TrainerConfig {
+                optimizer: plugin::Optimizer::Adam {
+                    beta1: 0.9,
+                    beta2: -0.5,
+                    epsilon: 1e-8,
+                },
+                ..base.clone()
+            },
+            "`optimizer.beta2` must be in [0, 1) (given -0.5)",
+        ),
+        (
+            TrainerConfig {
+                n_perturbations: 3,
+                split_batch: true,
+                ..base.clone()
+            },
+            "`batch_size` must be a multiple of n_perturbations (3) with split_batch (given 16)",
+        ),
+        (
+            TrainerConfig {
                 eval_every: 0,
                 ..base.clone()
             },

@@ -174,7 +174,11 @@ pub fn run_llama_cpp(
     model_path: &Path,
     data_dir: &Path,
 ) -> anyhow::Result<peers::LlamaCpp> {
-    let reviews = sentiment::load(SentimentTask::MovieReviews, data_dir, &mut std::io::stderr())?;
+    let reviews = sentiment::load(
+        SentimentTask::MovieReviews,
+        data_dir,
+        &mut std::io::stderr(),
+    )?;
     let (_, test) = sentiment::split(reviews, 0, 512, 1000);
     let model = LoadedModel::load(model_path, WeightMode::Quantized)?;
     let prompt = prefill_prompt(&model, &test);
@@ -221,7 +225,11 @@ pub fn run_mode(
     mode: WeightMode,
     data_dir: &Path,
 ) -> anyhow::Result<EngineBenchResult> {
-    let reviews = sentiment::load(SentimentTask::MovieReviews, data_dir, &mut std::io::stderr())?;
+    let reviews = sentiment::load(
+        SentimentTask::MovieReviews,
+        data_dir,
+        &mut std::io::stderr(),
+    )?;
     let (_, test) = sentiment::split(reviews, 0, 512, 1000);
     let batch = &test[..SCORING_EXAMPLES];
     let model = LoadedModel::load(model_path, mode)?;

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use adapters::{LoraAdapter, LoraConfig};
 use plugin::{
-    LrSchedule, ObjectiveKind, Optimizer, ScoreRequest, TrainedTensors, Trainer, TrainerConfig,
-    TrainerEvent, TrainingExample, ZoEngine,
+    LrSchedule, ObjectiveKind, ScoreRequest, TrainedTensors, Trainer, TrainerConfig, TrainerEvent,
+    TrainingExample, ZoEngine,
 };
 
 use super::peers;
@@ -34,17 +34,9 @@ pub struct MezoBenchConfig {
     pub data_dir: PathBuf,
     pub train_size: usize,
     pub test_size: usize,
-    pub steps: u64,
-    pub eval_every: u64,
-    pub lr: f32,
-    pub lr_schedule: LrSchedule,
-    pub epsilon: f32,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub optimizer: Optimizer,
-    pub trained_tensors: TrainedTensors,
-    pub n_perturbations: usize,
-    pub split_batch: bool,
+    /// The run: its length, held-out cadence, seed (also of the split and the adapter's
+    /// initialisation), optimizer and the rest.
+    pub trainer: TrainerConfig,
     /// Adapt only this many top layers; `None` adapts every layer.
     pub top_layers: Option<usize>,
     /// Memory for the hidden states kept below the adapted layers.
@@ -156,9 +148,9 @@ fn run_reference(
     let input = serde_json::json!({
         "model": config.model,
         "threads": peers::threads(),
-        "epsilon": config.epsilon,
-        "lr": config.lr,
-        "seed": config.seed,
+        "epsilon": config.trainer.epsilon,
+        "lr": config.trainer.lr,
+        "seed": config.trainer.seed,
         "steps": config.peer_steps,
         "batches": batches,
     });
@@ -167,32 +159,23 @@ fn run_reference(
 
 pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     let reviews = sentiment::load(config.task, &config.data_dir, &mut std::io::stderr())?;
-    let (train, test) =
-        sentiment::split(reviews, config.seed, config.train_size, config.test_size);
+    let (train, test) = sentiment::split(
+        reviews,
+        config.trainer.seed,
+        config.train_size,
+        config.test_size,
+    );
     let model = LoadedModel::load(&config.model, config.weights)?;
     let n_layer = model.llama.config.n_layer;
     let lora = LoraConfig {
         layers: top_layers(n_layer, config.top_layers)?,
         ..LoraConfig::default()
     };
-    let initial = LoraAdapter::new_initialized(lora, model.llama.config.dims(), config.seed)?;
+    let initial =
+        LoraAdapter::new_initialized(lora, model.llama.config.dims(), config.trainer.seed)?;
     let engine = ReusingEngine::new(&model, FrozenStatesBudget::new(config.frozen_states_bytes));
-    let trainer_config = TrainerConfig {
-        lr: config.lr,
-        lr_schedule: config.lr_schedule,
-        epsilon: config.epsilon,
-        batch_size: config.batch_size,
-        max_steps: config.steps,
-        eval_every: config.eval_every,
-        seed: config.seed,
-        optimizer: config.optimizer,
-        trained_tensors: config.trained_tensors,
-        n_perturbations: config.n_perturbations,
-        split_batch: config.split_batch,
-        ..TrainerConfig::default()
-    };
     let mut trainer = Trainer::new(
-        trainer_config,
+        config.trainer.clone(),
         ObjectiveKind::Classification.build()?,
         initial.clone(),
         train.iter().map(to_example).collect(),
@@ -201,9 +184,9 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
 
     eprintln!(
         "timing one forward of {}-example batches …",
-        config.batch_size
+        config.trainer.batch_size
     );
-    let batches = timed_batches(&model, &train, config.batch_size);
+    let batches = timed_batches(&model, &train, config.trainer.batch_size);
     let forward = forward_seconds(&model, &initial, &batches)?;
     let mut losses = Vec::new();
     let mut accuracy = Vec::new();
@@ -212,10 +195,10 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     let mut last = Instant::now();
     eprintln!(
         "training {} steps of {} (held-out: {} examples every {} steps) …",
-        config.steps,
-        config.batch_size,
+        config.trainer.max_steps,
+        config.trainer.batch_size,
         test.len(),
-        config.eval_every
+        config.trainer.eval_every
     );
     trainer.run(&engine, |event| {
         match event {
@@ -290,7 +273,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         config.task.prompt_template(),
         CANDIDATES
     );
-    let schedule = match config.lr_schedule {
+    let schedule = match config.trainer.lr_schedule {
         LrSchedule::Constant => "constant".to_string(),
         LrSchedule::Linear { final_fraction } => {
             format!("linear to {final_fraction} of it at the last step")
@@ -303,21 +286,21 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     println!(
         "MeZO: LoRA r=8 α=16 on q,v of {layers}, {} trained; optimizer {}; {} direction(s) per \
          step{}; lr {} ({schedule}) ε {} batch {} seed {}; weights {}; kernels {}",
-        match config.trained_tensors {
+        match config.trainer.trained_tensors {
             TrainedTensors::All => "A and B",
             TrainedTensors::LoraB => "B only",
         },
-        serde_json::to_string(&config.optimizer)?,
-        config.n_perturbations,
-        if config.split_batch {
+        serde_json::to_string(&config.trainer.optimizer)?,
+        config.trainer.n_perturbations,
+        if config.trainer.split_batch {
             ", each on its share of the batch"
         } else {
             ""
         },
-        config.lr,
-        config.epsilon,
-        config.batch_size,
-        config.seed,
+        config.trainer.lr,
+        config.trainer.epsilon,
+        config.trainer.batch_size,
+        config.trainer.seed,
         config.weights,
         crate::engine::kernels::isa::Isa::selected().name()
     );
@@ -354,7 +337,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
     );
     if let Some(python) = &config.peer {
         let labels: Vec<Vec<usize>> = train
-            .chunks(config.batch_size.max(1))
+            .chunks(config.trainer.batch_size.max(1))
             .take(batches.len())
             .map(|batch| batch.iter().map(Snippet::label).collect())
             .collect();

@@ -249,7 +249,7 @@ impl<'a> JobRun<'a> {
         }
         let done = self.trainer.steps_done();
         if self.job.progress.last_published_step != Some(done) {
-            self.publish()?;
+            self.publish_final()?;
         }
         let moved = self
             .shared
@@ -380,9 +380,21 @@ impl<'a> JobRun<'a> {
             .map_err(|e| e.to_string())
     }
 
-    /// Publishes θ as the adapter's next version, unless the job publishes only improvements
-    /// and the held-out loss is worse than before the job.
+    /// The last publish of a job: θ, or, when held-out evaluations saw a better adapter earlier
+    /// in the run, that one (a run that overshoots still publishes its best).
+    fn publish_final(&mut self) -> Result<(), String> {
+        self.publish_adapter(true)
+    }
+
+    /// Publishes θ as the adapter's next version.
     fn publish(&mut self) -> Result<(), String> {
+        self.publish_adapter(false)
+    }
+
+    /// Publishes θ (or with `best_seen`, the best adapter the held-out evaluations saw) as the
+    /// adapter's next version, unless the job publishes only improvements and the held-out loss
+    /// is worse than before the job.
+    fn publish_adapter(&mut self, best_seen: bool) -> Result<(), String> {
         let done = self.trainer.steps_done();
         let held_out_now = if self.job.held_out_examples == 0 {
             None
@@ -398,16 +410,47 @@ impl<'a> JobRun<'a> {
             }
             self.job.progress.held_out.clone()
         };
+        let best = self.trainer.best().filter(|best| {
+            best_seen
+                && best.steps_done != done
+                && held_out_now
+                    .as_ref()
+                    .is_some_and(|now| best.evaluation.loss < now.evaluation.loss)
+        });
+        let (theta, step, held_out_now) = match best {
+            Some(best) => {
+                let point = HeldOutPoint {
+                    steps_done: best.steps_done,
+                    evaluation: best.evaluation.clone(),
+                };
+                self.shared.event(
+                    &self.job.id,
+                    EventLevel::Info,
+                    EventKind::Publish,
+                    &format!(
+                        "publishing the adapter of step {} (held-out loss {:.4}) instead of the last one (loss {:.4})",
+                        best.steps_done,
+                        best.evaluation.loss,
+                        held_out_now.as_ref().map_or(f64::NAN, |h| h.evaluation.loss)
+                    ),
+                    json!({ "best_step": best.steps_done, "steps_done": done }),
+                );
+                (best.adapter.clone(), best.steps_done, Some(point))
+            }
+            None => (self.trainer.adapter().clone(), done, held_out_now),
+        };
         if self.job.spec.publish_only_if_improved {
             if let (Some(now), Some(before)) = (&held_out_now, &self.job.progress.held_out_before) {
-                if now.evaluation.loss > before.evaluation.loss {
+                // The best seen being the adapter the job started from is no improvement either.
+                if now.evaluation.loss > before.evaluation.loss || now.steps_done == 0 {
+                    let last = self.job.progress.held_out.as_ref().unwrap_or(now);
                     self.shared.event(
                         &self.job.id,
                         EventLevel::Warn,
                         EventKind::Publish,
                         &format!(
                             "not published after {done} steps: held-out loss {:.4} is worse than {:.4} before the job",
-                            now.evaluation.loss, before.evaluation.loss
+                            last.evaluation.loss, before.evaluation.loss
                         ),
                         json!({ "published": false, "steps_done": done }),
                     );
@@ -433,13 +476,13 @@ impl<'a> JobRun<'a> {
         let published = self
             .shared
             .adapters
-            .publish(&adapter, self.trainer.adapter())
+            .publish(&adapter, &theta)
             .map_err(|e| e.to_string())?;
         let info = VersionInfo {
             version: published.version,
             created_at: published.created,
             job_id: Some(self.job.id.clone()),
-            step: Some(done),
+            step: Some(step),
             held_out: held_out_now,
         };
         self.shared
