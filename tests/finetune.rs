@@ -178,6 +178,17 @@ async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
     assert_eq!(versions[0]["step"], 3);
     assert_eq!(versions[1]["job_id"], json!(id));
     assert!(versions[1]["held_out"]["metrics"]["accuracy"].is_number());
+    // The last version is the best adapter the held-out evaluations saw, whichever step it was.
+    let (best_step, best_loss) = of_type("held_out")
+        .iter()
+        .map(|e| {
+            let data = &e["data"];
+            (data["steps_done"].as_u64(), data["loss"].as_f64())
+        })
+        .min_by(|a, b| a.1.partial_cmp(&b.1).expect("finite losses"))
+        .expect("held-out evaluations");
+    assert_eq!(versions[1]["held_out"]["loss"].as_f64(), best_loss);
+    assert_eq!(versions[1]["step"].as_u64(), best_step);
     assert!(versions.iter().all(|v| v["size_bytes"].as_u64() > Some(0)));
     // The version folders are PEFT adapters.
     for v in 1..=2 {
@@ -549,7 +560,7 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
         (
             job(json!({"hyperparameters": {"optimizer": {"type": "lion"}}})),
             400,
-            Some("hyperparameters.optimizer"),
+            Some("hyperparameters.optimizer.type"),
         ),
         (
             job(json!({"hyperparameters": {"optimizer": {"type": "momentum", "beta": 1.0}}})),

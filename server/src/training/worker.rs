@@ -417,24 +417,20 @@ impl<'a> JobRun<'a> {
                     .as_ref()
                     .is_some_and(|now| best.evaluation.loss < now.evaluation.loss)
         });
+        // When the best adapter is published instead of θ: its step, and why, for the event.
+        let mut chosen = None;
         let (theta, step, held_out_now) = match best {
             Some(best) => {
+                chosen = Some(format!(
+                    ": the adapter of step {}, the lowest held-out loss seen ({:.4}; {:.4} at the last step)",
+                    best.steps_done,
+                    best.evaluation.loss,
+                    held_out_now.as_ref().map_or(f64::NAN, |h| h.evaluation.loss)
+                ));
                 let point = HeldOutPoint {
                     steps_done: best.steps_done,
                     evaluation: best.evaluation.clone(),
                 };
-                self.shared.event(
-                    &self.job.id,
-                    EventLevel::Info,
-                    EventKind::Publish,
-                    &format!(
-                        "publishing the adapter of step {} (held-out loss {:.4}) instead of the last one (loss {:.4})",
-                        best.steps_done,
-                        best.evaluation.loss,
-                        held_out_now.as_ref().map_or(f64::NAN, |h| h.evaluation.loss)
-                    ),
-                    json!({ "best_step": best.steps_done, "steps_done": done }),
-                );
                 (best.adapter.clone(), best.steps_done, Some(point))
             }
             None => (self.trainer.adapter().clone(), done, held_out_now),
@@ -500,8 +496,18 @@ impl<'a> JobRun<'a> {
             &self.job.id,
             EventLevel::Info,
             EventKind::Publish,
-            &format!("published `{adapter}@{}` after {done} steps", info.version),
-            json!({ "published": true, "adapter": adapter, "version": info.version, "steps_done": done }),
+            &format!(
+                "published `{adapter}@{}` after {done} steps{}",
+                info.version,
+                chosen.as_deref().unwrap_or_default()
+            ),
+            json!({
+                "published": true,
+                "adapter": adapter,
+                "version": info.version,
+                "steps_done": done,
+                "adapter_step": step,
+            }),
         );
         Ok(())
     }
