@@ -136,9 +136,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_are_rejected_when_they_cannot_be_applied() {
-        let adapter = adapters::LoraAdapter::new_initialized(
+    /// A one-layer adapter of the default LoRA config.
+    fn tiny_adapter() -> adapters::LoraAdapter {
+        adapters::LoraAdapter::new_initialized(
             adapters::LoraConfig::default(),
             adapters::ModelDims {
                 n_layer: 1,
@@ -151,7 +151,12 @@ mod tests {
             },
             0,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn records_are_rejected_when_they_cannot_be_applied() {
+        let adapter = tiny_adapter();
         let mut theta = adapter.clone();
         let mismatched = StepRecord {
             projected_grads: vec![1.0],
@@ -238,20 +243,7 @@ mod tests {
 
     #[test]
     fn a_log_that_changes_optimizer_midway_does_not_replay() {
-        let initial = adapters::LoraAdapter::new_initialized(
-            adapters::LoraConfig::default(),
-            adapters::ModelDims {
-                n_layer: 1,
-                hidden: 8,
-                n_head: 2,
-                n_kv_head: 2,
-                head_dim: 4,
-                ffn: 8,
-                qk_rows: adapters::QkRowOrder::HuggingFace,
-            },
-            0,
-        )
-        .unwrap();
+        let initial = tiny_adapter();
         let second = StepRecord {
             step: 5,
             optimizer: Optimizer::Momentum { beta: 0.9 },

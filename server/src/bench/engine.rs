@@ -168,18 +168,23 @@ const DECODE_PROMPT_TOKENS: usize = 32;
 /// Timed repetitions of the prefill measurement (after one untimed).
 const PREFILL_REPS: usize = 5;
 
+/// The 1000 held-out movie reviews of `bench mezo`'s split: the prompts every measurement uses.
+fn held_out_reviews(data_dir: &Path) -> anyhow::Result<Vec<Snippet>> {
+    let reviews = sentiment::load(
+        SentimentTask::MovieReviews,
+        data_dir,
+        &mut std::io::stderr(),
+    )?;
+    Ok(sentiment::split(reviews, 0, 512, 1000).1)
+}
+
 /// Runs llama.cpp's prefill and decode on the same GGUF and the same prompts' tokens.
 pub fn run_llama_cpp(
     python: &Path,
     model_path: &Path,
     data_dir: &Path,
 ) -> anyhow::Result<peers::LlamaCpp> {
-    let reviews = sentiment::load(
-        SentimentTask::MovieReviews,
-        data_dir,
-        &mut std::io::stderr(),
-    )?;
-    let (_, test) = sentiment::split(reviews, 0, 512, 1000);
+    let test = held_out_reviews(data_dir)?;
     let model = LoadedModel::load(model_path, WeightMode::Quantized)?;
     let prompt = prefill_prompt(&model, &test);
     let input = serde_json::json!({
@@ -225,12 +230,7 @@ pub fn run_mode(
     mode: WeightMode,
     data_dir: &Path,
 ) -> anyhow::Result<EngineBenchResult> {
-    let reviews = sentiment::load(
-        SentimentTask::MovieReviews,
-        data_dir,
-        &mut std::io::stderr(),
-    )?;
-    let (_, test) = sentiment::split(reviews, 0, 512, 1000);
+    let test = held_out_reviews(data_dir)?;
     let batch = &test[..SCORING_EXAMPLES];
     let model = LoadedModel::load(model_path, mode)?;
     let prompt = prefill_prompt(&model, &test);
