@@ -110,7 +110,7 @@ impl TrainerConfig {
             positive("max_projected_grad", max)?;
         }
         self.optimizer.validate()?;
-        if self.split_batch && self.batch_size % self.n_perturbations.max(1) != 0 {
+        if self.split_batch && !self.batch_size.is_multiple_of(self.n_perturbations.max(1)) {
             return Err(TrainError::config(
                 "batch_size",
                 format!(
