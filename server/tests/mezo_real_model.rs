@@ -159,6 +159,9 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
         .args(["--train-size", "8", "--test-size", "4", "--batch-size", "4"])
         .args(["--lr", "2e-3", "--lr-final-fraction", "0", "--plot"])
         .arg(&plot)
+        .args(["--optimizer", r#"{"type":"momentum","beta":0.8}"#])
+        .args(["--trained-tensors", "lora-b"])
+        .args(["--n-perturbations", "2", "--split-batch", "true"])
         .output()
         .expect("run mezo bench mezo");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -167,6 +170,8 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
     for expected in [
         "8 train / 4 held-out",
         "lr 0.002 (linear to 0 of it at the last step)",
+        "B only trained; optimizer {\"type\":\"momentum\",\"beta\":0.8}",
+        "2 direction(s) per step, each on its share of the batch",
         "| zero-shot held-out accuracy |",
         "| held-out accuracy after 2 steps |",
         "| step / forward |",
