@@ -13,7 +13,7 @@
 //!   of its estimate, so Adam takes learning rates 10–100× smaller than ZO-SGD's.
 //!
 //! The state is a function of the step log (the seeds and projected gradients of every step so
-//! far), so [`crate::replay`] rebuilds it by applying the records in order through the same
+//! far), so [`crate::replay()`] rebuilds it by applying the records in order through the same
 //! [`OptimizerState::apply`]: training and replay stay bit-exact, and a run resumed after a crash
 //! continues with the very state it had. Every optimizer costs the step's two forwards and no
 //! more; momentum keeps one f32 per trained value, Adam two (0.5 M values each for the default

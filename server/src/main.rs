@@ -205,7 +205,7 @@ struct MezoBenchArgs {
     /// Steps of the reference to time.
     #[arg(long, default_value_t = 10)]
     peer_steps: usize,
-    /// Where to write the PNG of the curves (default: <data-dir>/mezo_sentiment_curves.png).
+    /// Where to write the PNG of the curves (default: `<data-dir>/mezo_sentiment_curves.png`).
     #[arg(long)]
     plot: Option<PathBuf>,
 }

@@ -6,7 +6,7 @@
 //! softmax), whose fixed overhead dominated decode at several rows per step. Here a row's
 //! attention is a few loops over the key/value cache in place, whose dot products and weighted
 //! sums run the SIMD kernels of [`super::kernels::isa`].
-//! [`attend_reference`] computes the same with candle's operations; the tests hold the two
+//! `attend_reference` (built for the tests) computes the same with candle's operations; the tests hold the two
 //! equal.
 
 use rayon::prelude::*;

@@ -10,7 +10,7 @@
 //!
 //! Training work (the forward passes of MeZO steps, greedy answers for its metrics) runs between
 //! serving steps, one slice of at most `training_slice_tokens` tokens at a time
-//! ([`BackgroundTask`]), within the share of engine time that [`EngineShare`] allows while
+//! (`BackgroundTask`), within the share of engine time that [`EngineShare`] allows while
 //! requests are being served.
 
 use std::sync::Arc;

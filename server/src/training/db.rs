@@ -5,7 +5,7 @@
 //! Everything a client was told is accepted (a job, its examples, a feedback item, a step) is
 //! committed before the reply or before the next step, with `synchronous = FULL`, so a
 //! `kill -9` loses nothing that was acknowledged. Adapter tensors are not here: each version is
-//! a PEFT folder on disk (see [`super::publish`]).
+//! a PEFT folder on disk (see `super::publish`).
 
 use std::collections::HashSet;
 use std::path::Path;

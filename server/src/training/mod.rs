@@ -3,7 +3,7 @@
 //!
 //! The path of a job: the HTTP layer validates a request into a [`NewJob`]; [`Training::submit`]
 //! checks it against the plugin's trainer and stores it with its examples ([`db`]) before
-//! answering 202; the one worker thread ([`worker`]) takes queued jobs in order (one per adapter
+//! answering 202; the one worker thread (`worker`) takes queued jobs in order (one per adapter
 //! at a time), runs the plugin's trainer through [`QueuedEngine`], which sends each forward pass
 //! to the scheduler as background work (training slices share the engine with serving, see
 //! [`crate::scheduler::share`]), records every step, and publishes versions through

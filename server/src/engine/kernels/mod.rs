@@ -4,13 +4,13 @@
 //!
 //! - [`layout`]: the matrix is repacked at load into panels of 16 output rows, interleaved
 //!   along `k`, keeping its quantization.
-//! - The product is a blocked GEMM: per panel (two on AVX-512) and chunk of [`KC`] columns,
+//! - The product is a blocked GEMM: per panel (two on AVX-512) and chunk of `KC` columns,
 //!   the weights are dequantized once into an f32 buffer that stays in L1 (f32 panels are read
 //!   in place), and a register-blocked outer-product tile kernel runs every block of input
 //!   rows over it ([`isa::Tile`]: 12×32 on AVX-512, 6×16 on AVX2, 4×16 portable). Panels are
 //!   shared out between the cores. One decode row is the same loop with a one-row tile.
-//! - [`isa`]: the variant is chosen at run time from the CPU's features ([`avx512`], [`avx2`],
-//!   [`portable`]); no build flag is needed.
+//! - [`isa`]: the variant is chosen at run time from the CPU's features (`avx512`, `avx2`,
+//!   `portable`); no build flag is needed.
 //!
 //! Numerics: activations stay f32 (no 8-bit rounding; MeZO's finite differences need it,
 //! DESIGN.md §4), every weight is dequantized exactly as candle's `dequantize`, and every
