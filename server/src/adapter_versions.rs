@@ -191,7 +191,8 @@ impl AdapterVersions {
             .set_live(name, version)
             .expect("the version was inserted just above");
         self.update_gauges();
-        metrics::counter!(m::ADAPTER_PUBLISHES_TOTAL, "adapter" => name.to_string()).increment(1);
+        metrics::counter!(m::ADAPTER_PUBLISHES_TOTAL, "adapter" => m::adapter_label(name))
+            .increment(1);
         tracing::info!(adapter = name, version, dir = %dir.display(), "adapter version published");
         Ok(self
             .registry
@@ -211,7 +212,7 @@ impl AdapterVersions {
     pub fn delete(&self, name: &str) -> Result<bool, PublishError> {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let existed = self.registry.remove(name);
-        metrics::gauge!(m::ADAPTER_LIVE_VERSION, "adapter" => name.to_string()).set(0.0);
+        metrics::gauge!(m::ADAPTER_LIVE_VERSION, "adapter" => m::adapter_label(name)).set(0.0);
         let dir = self.root.join(name);
         if existed && dir.exists() {
             // Renamed first so that a crash mid-delete never leaves a half folder that would
@@ -231,7 +232,7 @@ impl AdapterVersions {
     fn update_gauges(&self) {
         let mut bytes = 0;
         for summary in self.registry.list() {
-            metrics::gauge!(m::ADAPTER_LIVE_VERSION, "adapter" => summary.name.clone())
+            metrics::gauge!(m::ADAPTER_LIVE_VERSION, "adapter" => m::adapter_label(&summary.name))
                 .set(f64::from(summary.live));
             if let Some((versions, _)) = self.registry.versions(&summary.name) {
                 bytes += versions

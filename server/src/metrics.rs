@@ -1,11 +1,14 @@
 //! Prometheus metrics: every name the server exports, its help text and its buckets.
 //!
 //! Names follow Prometheus conventions (one `mezo_` namespace, base units in names, `_total` on
-//! counters); labels come from bounded sets only (route, served model name, status). Every
+//! counters); labels come from bounded sets only (route, served model name, status, and adapter
+//! names through [`adapter_label`], which gives the first [`MAX_ADAPTER_LABELS`] adapters their
+//! own value and the rest `other`). Every
 //! histogram gets explicit buckets, which makes the exporter write real histograms (aggregatable
 //! across replicas) rather than summaries. The README's metrics table lists the same names.
 
-use std::sync::OnceLock;
+use std::collections::BTreeSet;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -36,6 +39,49 @@ pub const ADAPTER_LIVE_VERSION: &str = "mezo_adapter_live_version";
 pub const FEEDBACK_TOTAL: &str = "mezo_feedback_total";
 pub const TRAINING_FROZEN_STATES_BYTES: &str = "mezo_training_frozen_states_bytes";
 pub const TRAINING_FROZEN_LAYER_TOKENS_TOTAL: &str = "mezo_training_frozen_layer_tokens_total";
+
+/// Adapters with their own `adapter` label value; later ones share [`OTHER_ADAPTERS`]. Adapter
+/// names are unbounded (one `ft:…` per OpenAI job), Prometheus series must not be.
+pub const MAX_ADAPTER_LABELS: usize = 64;
+/// The label value of the adapters past [`MAX_ADAPTER_LABELS`].
+pub const OTHER_ADAPTERS: &str = "other";
+
+/// The adapter names that have a label value of their own, in a bounded set.
+#[derive(Debug)]
+pub struct AdapterLabels {
+    capacity: usize,
+    named: Mutex<BTreeSet<String>>,
+}
+
+impl AdapterLabels {
+    pub const fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            named: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// `name` itself if it has a value already or there is room for one (first come, first
+    /// served: a series never changes its label later), [`OTHER_ADAPTERS`] otherwise.
+    pub fn label(&self, name: &str) -> String {
+        let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+        if named.contains(name) {
+            return name.to_string();
+        }
+        if named.len() < self.capacity {
+            named.insert(name.to_string());
+            return name.to_string();
+        }
+        OTHER_ADAPTERS.to_string()
+    }
+}
+
+static ADAPTER_LABELS: AdapterLabels = AdapterLabels::new(MAX_ADAPTER_LABELS);
+
+/// The `adapter` label value of every per-adapter series for `name` (see [`AdapterLabels`]).
+pub fn adapter_label(name: &str) -> String {
+    ADAPTER_LABELS.label(name)
+}
 
 /// vLLM's bucket lists, which dashboards built for LLM servers already expect.
 const TTFT_BUCKETS: &[f64] = &[
@@ -198,4 +244,21 @@ fn describe() {
         FEEDBACK_TOTAL,
         "Feedback items received, by adapter and kind (up, down, reward, correction)."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_labels_are_bounded_and_stable() {
+        let labels = AdapterLabels::new(2);
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("c"), OTHER_ADAPTERS);
+        // The first two keep their own values.
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("d"), OTHER_ADAPTERS);
+    }
 }

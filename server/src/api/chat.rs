@@ -40,7 +40,7 @@ pub async fn chat_completions(
     reject_unsupported(&request)?;
     let serving = state.serving()?;
     let model = serving.resolve_model(&request.model)?;
-    let label = ServedModelLabel(model.name.clone());
+    let label = ServedModelLabel(crate::metrics::adapter_label(&model.name));
 
     let messages = convert_messages(&request.messages, "")?;
     let llm = &serving.model;

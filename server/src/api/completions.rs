@@ -61,7 +61,7 @@ pub async fn completions(
     }
     let serving = state.serving()?;
     let model = serving.resolve_model(&request.model)?;
-    let label = ServedModelLabel(model.name.clone());
+    let label = ServedModelLabel(crate::metrics::adapter_label(&model.name));
     let llm = &serving.model;
 
     let echo = request.echo.unwrap_or(false);

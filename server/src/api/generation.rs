@@ -28,7 +28,7 @@ pub struct RequestMetrics {
 impl RequestMetrics {
     pub fn new(model: &str, arrived: Instant, prompt_tokens: usize) -> Self {
         Self {
-            model: model.to_string(),
+            model: m::adapter_label(model),
             arrived,
             first_token: None,
             prompt_tokens,

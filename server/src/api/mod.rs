@@ -32,7 +32,8 @@ use axum::Router;
 pub use error::ApiError;
 pub use state::{ApiConfig, AppState, ServedAdapter, Serving};
 
-/// The served model's name, attached to responses for the request counter's `model` label.
+/// The served model's name as a label value (bounded, see [`crate::metrics::adapter_label`]),
+/// attached to responses for the request counter's `model` label.
 #[derive(Debug, Clone)]
 pub struct ServedModelLabel(pub String);
 

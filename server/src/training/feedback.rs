@@ -83,10 +83,10 @@ impl Training {
             feedback.reward,
             feedback.corrected_answer.as_deref(),
         )?;
-        metrics::counter!(m::FEEDBACK_TOTAL, "adapter" => adapter.clone(), "kind" => feedback.kind)
+        metrics::counter!(m::FEEDBACK_TOTAL, "adapter" => m::adapter_label(&adapter), "kind" => feedback.kind)
             .increment(1);
         if feedback.corrected_answer.is_some() {
-            metrics::counter!(m::FEEDBACK_TOTAL, "adapter" => adapter.clone(), "kind" => "correction")
+            metrics::counter!(m::FEEDBACK_TOTAL, "adapter" => m::adapter_label(&adapter), "kind" => "correction")
                 .increment(1);
         }
         let job = match self.shared.db.continuous(&adapter)? {

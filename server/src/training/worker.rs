@@ -302,9 +302,11 @@ impl<'a> JobRun<'a> {
             .db
             .record_step(&self.job.id, record, progress)
             .map_err(|e| e.to_string())?;
-        metrics::counter!(m::TRAINING_STEPS_TOTAL, "adapter" => adapter.clone()).increment(1);
-        metrics::gauge!(m::TRAINING_LOSS, "adapter" => adapter.clone()).set(loss);
-        metrics::gauge!(m::TRAINING_PROJECTED_GRADIENT, "adapter" => adapter).set(grad);
+        metrics::counter!(m::TRAINING_STEPS_TOTAL, "adapter" => m::adapter_label(&adapter))
+            .increment(1);
+        metrics::gauge!(m::TRAINING_LOSS, "adapter" => m::adapter_label(&adapter)).set(loss);
+        metrics::gauge!(m::TRAINING_PROJECTED_GRADIENT, "adapter" => m::adapter_label(&adapter))
+            .set(grad);
         metrics::histogram!(m::TRAINING_STEP_SECONDS).record(took.as_secs_f64());
         let max = self.trainer.config().max_steps;
         self.shared.event(
@@ -345,10 +347,10 @@ impl<'a> JobRun<'a> {
             evaluation: report.evaluation.clone(),
         };
         let adapter = self.job.spec.adapter.clone();
-        metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => adapter.clone(), "metric" => "loss")
+        metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => m::adapter_label(&adapter), "metric" => "loss")
             .set(point.evaluation.loss);
         for (name, value) in &point.evaluation.metrics {
-            metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => adapter.clone(), "metric" => name.clone())
+            metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => m::adapter_label(&adapter), "metric" => name.clone())
                 .set(*value);
         }
         let metrics_text: Vec<String> = point
