@@ -10,8 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    get_event_stream, get_json, post_json, promtool_check, request_json, Server, ServerOptions,
-    BASE_MODEL,
+    get_event_stream, get_json, post_json, post_stream, promtool_check, request_json, Server,
+    ServerOptions, BASE_MODEL,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -757,24 +757,23 @@ async fn feedback_trains_an_adapter_continuously() {
     .into_iter()
     .enumerate()
     {
-        let (_, _, chat) = post_json(
-            &server.url("/v1/chat/completions"),
-            &json!({"model": BASE_MODEL, "messages": [{"role": "user", "content": format!("Hi {i}")}], "max_tokens": 4}),
-        )
-        .await;
-        let mut body = feedback;
-        body["completion_id"] = chat["id"].clone();
-        body["adapter"] = json!("helper");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let receipt = loop {
-            let (status, _, receipt) = post_json(&server.url("/v1/feedback"), &body).await;
-            // The completion is stored in the background, just after the answer.
-            if status != 404 || Instant::now() > deadline {
-                assert_eq!(status, 200, "{receipt}");
-                break receipt;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut request = json!({"model": BASE_MODEL, "messages": [{"role": "user", "content": format!("Hi {i}")}], "max_tokens": 4});
+        let url = server.url("/v1/chat/completions");
+        // The first answer as one JSON reply, the second as a stream.
+        let completion_id = if i == 0 {
+            post_json(&url, &request).await.2["id"].clone()
+        } else {
+            request["stream"] = json!(true);
+            let streamed = post_stream(&url, &request).await;
+            assert!(streamed.done, "{:?}", streamed.chunks);
+            streamed.chunks[0]["id"].clone()
         };
+        let mut body = feedback;
+        body["completion_id"] = completion_id;
+        body["adapter"] = json!("helper");
+        // The completion is stored before the answer leaves: no retry needed.
+        let (status, _, receipt) = post_json(&server.url("/v1/feedback"), &body).await;
+        assert_eq!(status, 200, "{receipt}");
         jobs.push(receipt["job"].clone());
     }
     assert!(
@@ -838,21 +837,16 @@ async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for
     )
     .await;
     let completion_id = chat["id"].as_str().expect("a completion id").to_string();
-    let mut remembered = false;
-    for _ in 0..50 {
-        let (status, _, _) = post_json(
-            &server.url("/v1/feedback"),
-            &json!({"completion_id": completion_id, "rating": "up", "adapter": "resume"}),
-        )
-        .await;
-        if status == 200 {
-            remembered = true;
-            break;
-        }
-        // The completion is stored in the background, just after the answer.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(remembered, "feedback on a fresh completion was refused");
+    // Stored before the answer left the server: feedback straight after it is taken.
+    let (status, _, receipt) = post_json(
+        &server.url("/v1/feedback"),
+        &json!({"completion_id": completion_id, "rating": "up", "adapter": "resume"}),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "feedback on a fresh completion was refused: {receipt}"
+    );
 
     let job = submit_job(&server, spec("resume")).await;
     let id = job["id"].as_str().expect("an id").to_string();

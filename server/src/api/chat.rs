@@ -122,6 +122,7 @@ pub async fn chat_completions(
             stop_token_ids,
             model: Arc::clone(llm),
             memory: Some(memory),
+            remembering: None,
         };
         sse_response(
             receivers,
@@ -154,7 +155,8 @@ pub async fn chat_completions(
             })
             .collect::<Vec<ChatChoice>>();
         if let Some(first) = choices.first() {
-            memory.remember(first.message.content.clone());
+            // Stored before the reply leaves: feedback sent right after it finds the completion.
+            let _ = memory.remember(first.message.content.clone()).await;
         }
         Json(ChatCompletion {
             meta,
@@ -306,6 +308,8 @@ struct ChatChunks {
     model: Arc<LoadedModel>,
     /// Collects the first choice's text, remembered for feedback once it finishes.
     memory: Option<CompletionMemory>,
+    /// The store of that text, which `[DONE]` waits for.
+    remembering: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What `POST /v1/feedback` needs of an answer: kept once the answer is complete.
@@ -319,8 +323,8 @@ struct CompletionMemory {
 }
 
 impl CompletionMemory {
-    /// Stores the completion off the async threads; serving does not wait for the disk.
-    fn remember(self, answer: String) {
+    /// Stores the completion off the async threads; the reply waits for the returned handle.
+    fn remember(self, answer: String) -> tokio::task::JoinHandle<()> {
         let completion = StoredCompletion {
             id: self.id,
             adapter: self.adapter,
@@ -328,7 +332,7 @@ impl CompletionMemory {
             completion: answer,
         };
         let training = self.training;
-        tokio::task::spawn_blocking(move || training.remember_completion(completion));
+        tokio::task::spawn_blocking(move || training.remember_completion(completion))
     }
 }
 
@@ -366,7 +370,7 @@ impl ChunkRenderer for ChatChunks {
             if event.finish.is_some() {
                 if let Some(mut memory) = self.memory.take() {
                     let answer = std::mem::take(&mut memory.answer);
-                    memory.remember(answer);
+                    self.remembering = Some(memory.remember(answer));
                 }
             }
         }
@@ -407,5 +411,9 @@ impl ChunkRenderer for ChatChunks {
 
     fn usage(&mut self, usage: Usage) -> String {
         self.chunk(Vec::new(), Some(usage))
+    }
+
+    fn before_done(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.remembering.take()
     }
 }

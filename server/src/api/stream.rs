@@ -29,6 +29,11 @@ pub trait ChunkRenderer: Send + 'static {
     fn token(&mut self, index: usize, event: &TokenEvent) -> Vec<String>;
     /// The final chunk with `choices: []` and the request's usage.
     fn usage(&mut self, usage: Usage) -> String;
+    /// Work the stream waits for before `[DONE]` (storing the answer for feedback, so that a
+    /// client that rates it straight after the stream finds it).
+    fn before_done(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        None
+    }
 }
 
 /// Chunks buffered between the forwarding task and the connection.
@@ -69,6 +74,9 @@ pub fn sse_response(
                 ok = send_all(&tx, vec![renderer.usage(usage)]).await;
             }
             if ok {
+                if let Some(pending) = renderer.before_done() {
+                    let _ = pending.await;
+                }
                 let _ = tx.send("[DONE]".into()).await;
             }
         }
