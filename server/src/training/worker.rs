@@ -132,6 +132,18 @@ struct JobRun<'a> {
     job: Job,
     trainer: Trainer,
     cancelled: &'a AtomicBool,
+    /// The adapter's name as a metrics label (bounded, see [`m::adapter_label`]).
+    metrics_label: String,
+}
+
+/// Which adapter a publish hands to the registry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// θ as it is now (a periodic publish).
+    Current,
+    /// The last publish of a job: θ, or, when held-out evaluations saw a better adapter earlier
+    /// in the run, that one (a run that overshoots still publishes its best).
+    BestSeen,
 }
 
 impl<'a> JobRun<'a> {
@@ -201,6 +213,7 @@ impl<'a> JobRun<'a> {
             json!({ "status": "running", "steps_done": resumed_at }),
         );
         Ok(Self {
+            metrics_label: m::adapter_label(&job.spec.adapter),
             shared,
             engine,
             job,
@@ -216,7 +229,7 @@ impl<'a> JobRun<'a> {
         // A crash between a step and its publish: publish what is due now.
         let done = self.trainer.steps_done();
         if self.publish_due(done) && self.job.progress.last_published_step != Some(done) {
-            self.publish()?;
+            self.publish(Publish::Current)?;
         }
         loop {
             if self.cancelled.load(Ordering::SeqCst) {
@@ -244,12 +257,12 @@ impl<'a> JobRun<'a> {
                 self.evaluate()?;
             }
             if self.publish_due(done) {
-                self.publish()?;
+                self.publish(Publish::Current)?;
             }
         }
         let done = self.trainer.steps_done();
         if self.job.progress.last_published_step != Some(done) {
-            self.publish_final()?;
+            self.publish(Publish::BestSeen)?;
         }
         let moved = self
             .shared
@@ -287,7 +300,6 @@ impl<'a> JobRun<'a> {
     }
 
     fn record_step(&mut self, record: &StepRecord, took: Duration) -> Result<(), String> {
-        let adapter = self.job.spec.adapter.clone();
         let loss = f64::from(record.train_loss());
         let grad = record
             .projected_grads
@@ -302,11 +314,10 @@ impl<'a> JobRun<'a> {
             .db
             .record_step(&self.job.id, record, progress)
             .map_err(|e| e.to_string())?;
-        metrics::counter!(m::TRAINING_STEPS_TOTAL, "adapter" => m::adapter_label(&adapter))
-            .increment(1);
-        metrics::gauge!(m::TRAINING_LOSS, "adapter" => m::adapter_label(&adapter)).set(loss);
-        metrics::gauge!(m::TRAINING_PROJECTED_GRADIENT, "adapter" => m::adapter_label(&adapter))
-            .set(grad);
+        let label = &self.metrics_label;
+        metrics::counter!(m::TRAINING_STEPS_TOTAL, "adapter" => label.clone()).increment(1);
+        metrics::gauge!(m::TRAINING_LOSS, "adapter" => label.clone()).set(loss);
+        metrics::gauge!(m::TRAINING_PROJECTED_GRADIENT, "adapter" => label.clone()).set(grad);
         metrics::histogram!(m::TRAINING_STEP_SECONDS).record(took.as_secs_f64());
         let max = self.trainer.config().max_steps;
         self.shared.event(
@@ -346,11 +357,11 @@ impl<'a> JobRun<'a> {
             steps_done: report.steps_done,
             evaluation: report.evaluation.clone(),
         };
-        let adapter = self.job.spec.adapter.clone();
-        metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => m::adapter_label(&adapter), "metric" => "loss")
+        let label = &self.metrics_label;
+        metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => label.clone(), "metric" => "loss")
             .set(point.evaluation.loss);
         for (name, value) in &point.evaluation.metrics {
-            metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => m::adapter_label(&adapter), "metric" => name.clone())
+            metrics::gauge!(m::TRAINING_HELD_OUT, "adapter" => label.clone(), "metric" => name.clone())
                 .set(*value);
         }
         let metrics_text: Vec<String> = point
@@ -382,21 +393,10 @@ impl<'a> JobRun<'a> {
             .map_err(|e| e.to_string())
     }
 
-    /// The last publish of a job: θ, or, when held-out evaluations saw a better adapter earlier
-    /// in the run, that one (a run that overshoots still publishes its best).
-    fn publish_final(&mut self) -> Result<(), String> {
-        self.publish_adapter(true)
-    }
-
-    /// Publishes θ as the adapter's next version.
-    fn publish(&mut self) -> Result<(), String> {
-        self.publish_adapter(false)
-    }
-
-    /// Publishes θ (or with `best_seen`, the best adapter the held-out evaluations saw) as the
-    /// adapter's next version, unless the job publishes only improvements and the held-out loss
-    /// is worse than before the job.
-    fn publish_adapter(&mut self, best_seen: bool) -> Result<(), String> {
+    /// Publishes θ (or, for [`Publish::BestSeen`], the best adapter the held-out evaluations saw)
+    /// as the adapter's next version, unless the job publishes only improvements and the held-out
+    /// loss is worse than before the job.
+    fn publish(&mut self, which: Publish) -> Result<(), String> {
         let done = self.trainer.steps_done();
         let held_out_now = if self.job.held_out_examples == 0 {
             None
@@ -413,7 +413,7 @@ impl<'a> JobRun<'a> {
             self.job.progress.held_out.clone()
         };
         let best = self.trainer.best().filter(|best| {
-            best_seen
+            which == Publish::BestSeen
                 && best.steps_done != done
                 && held_out_now
                     .as_ref()
@@ -433,9 +433,9 @@ impl<'a> JobRun<'a> {
                     steps_done: best.steps_done,
                     evaluation: best.evaluation.clone(),
                 };
-                (best.adapter.clone(), best.steps_done, Some(point))
+                (&best.adapter, best.steps_done, Some(point))
             }
-            None => (self.trainer.adapter().clone(), done, held_out_now),
+            None => (self.trainer.adapter(), done, held_out_now),
         };
         if self.job.spec.publish_only_if_improved {
             if let (Some(now), Some(before)) = (&held_out_now, &self.job.progress.held_out_before) {
@@ -474,7 +474,7 @@ impl<'a> JobRun<'a> {
         let published = self
             .shared
             .adapters
-            .publish(&adapter, &theta)
+            .publish(&adapter, theta)
             .map_err(|e| e.to_string())?;
         let info = VersionInfo {
             version: published.version,
