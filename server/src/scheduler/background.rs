@@ -59,7 +59,11 @@ impl BackgroundTask {
     pub(super) fn finish(self, outcome: Result<(), String>) {
         match self {
             BackgroundTask::Score(task) => {
-                let _ = task.work.reply.send(outcome.map(|()| task.scores));
+                let ScoreTask { work, scores, .. } = task;
+                // The job's kept hidden states are let go before it hears back, so that a job
+                // that drops its engine after the reply finds their budget returned.
+                drop(work.frozen);
+                let _ = work.reply.send(outcome.map(|()| scores));
             }
             BackgroundTask::Greedy(task) => {
                 let answers = task.answers.into_iter().map(Option::unwrap_or_default);
