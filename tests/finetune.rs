@@ -577,6 +577,18 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
             400,
             Some("hyperparameters.trained_tensors"),
         ),
+        (
+            job(json!({"hyperparameters": {"estimator": "forward"}})),
+            400,
+            Some("hyperparameters.estimator"),
+        ),
+        (
+            job(
+                json!({"hyperparameters": {"estimator": "fzoo", "n_perturbations": 2, "split_batch": true}}),
+            ),
+            400,
+            Some("hyperparameters.split_batch"),
+        ),
         (job(json!({"publish_every": 0})), 400, Some("publish_every")),
         (job(json!({"adapter": "no spaces"})), 400, Some("adapter")),
         (

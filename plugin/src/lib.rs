@@ -18,6 +18,8 @@ pub mod optimizer;
 pub mod perturbation;
 pub mod replay;
 pub mod spsa;
+#[cfg(test)]
+mod test_support;
 pub mod trainer;
 
 pub use engine::{DynEngine, LogProbs, ScoreRequest, ZoEngine};
@@ -26,7 +28,7 @@ pub use example::{ExampleKind, TrainingExample};
 pub use objectives::{Evaluation, Objective, ObjectiveKind};
 pub use optimizer::{Optimizer, OptimizerState, TrainedTensors};
 pub use replay::{replay, StepRecord};
-pub use spsa::{EvalMode, SpsaStep};
+pub use spsa::{Estimator, EvalMode, SpsaStep};
 pub use trainer::{
     Checkpoint, HeldOutReport, LrSchedule, StopReason, Trainer, TrainerConfig, TrainerEvent,
 };

@@ -270,34 +270,12 @@ impl OptimizerState {
 
 #[cfg(test)]
 mod tests {
-    use adapters::{LoraConfig, ModelDims};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha20Rng;
     use rand_distr::StandardNormal;
 
     use super::*;
-
-    fn adapter() -> LoraAdapter {
-        let dims = ModelDims {
-            n_layer: 1,
-            hidden: 8,
-            n_head: 2,
-            n_kv_head: 1,
-            head_dim: 4,
-            ffn: 16,
-            qk_rows: adapters::QkRowOrder::HuggingFace,
-        };
-        let mut adapter = LoraAdapter::new_initialized(LoraConfig::default(), dims, 3).unwrap();
-        for (i, b) in adapter
-            .layers
-            .values_mut()
-            .flat_map(|l| l.b.iter_mut())
-            .enumerate()
-        {
-            *b = (i as f32 * 0.61).cos() * 0.1;
-        }
-        adapter
-    }
+    use crate::test_support::adapter_with_nonzero_b;
 
     fn z(seed: u64, index: usize, len: usize) -> Vec<f32> {
         Perturbation::new(seed).noise(index).take(len).collect()
@@ -317,7 +295,7 @@ mod tests {
 
     #[test]
     fn update_regenerates_the_perturbation_direction_bit_for_bit() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(3);
         let (lr, g) = (1e-3f32, 0.75f32);
         let mut updated = theta.clone();
         sgd(&mut updated, &[(Perturbation::new(11), g)], lr, 0.0);
@@ -338,7 +316,7 @@ mod tests {
 
     #[test]
     fn update_averages_over_perturbations_and_decays_weights() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(3);
         let (lr, wd) = (1e-2f32, 0.1f32);
         let directions = [
             (Perturbation::new(1), 0.5f32),
@@ -367,7 +345,7 @@ mod tests {
 
     #[test]
     fn update_without_perturbations_changes_nothing() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(3);
         let mut updated = theta.clone();
         sgd(&mut updated, &[], 1.0, 0.5);
         assert_eq!(bits(&updated), bits(&theta));
@@ -375,7 +353,7 @@ mod tests {
 
     #[test]
     fn momentum_is_an_exponential_average_of_the_estimates() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(3);
         let (lr, beta) = (1e-2f32, 0.5f32);
         let mut updated = theta.clone();
         let mut state = OptimizerState::new(Optimizer::Momentum { beta }, TrainedTensors::All);
@@ -398,7 +376,7 @@ mod tests {
 
     #[test]
     fn adam_moves_each_value_by_about_lr_on_its_first_step() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(3);
         let lr = 1e-3f32;
         let mut updated = theta.clone();
         let optimizer = Optimizer::Adam {
@@ -421,7 +399,7 @@ mod tests {
 
     #[test]
     fn lora_b_only_leaves_a_untouched() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(3);
         let mut updated = theta.clone();
         let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::LoraB);
         state.apply(&mut updated, &[(Perturbation::new(5), 1.0)], 1e-2, 0.1);

@@ -37,61 +37,30 @@ impl Perturbation {
         std::iter::repeat_with(move || rng.sample(StandardNormal))
     }
 
-    /// `(θ + εz, θ − εz)` as two new adapters, z zero on the tensors not `trained`; `theta` is
-    /// left untouched.
-    pub fn perturbed_pair(
+    /// `θ + scale·z` as a new adapter (θ−εz is `scale` = −ε), z zero on the tensors not
+    /// `trained`; `theta` is left untouched.
+    pub fn perturbed(
         self,
         theta: &LoraAdapter,
-        epsilon: f32,
+        scale: f32,
         trained: TrainedTensors,
-    ) -> (LoraAdapter, LoraAdapter) {
-        let mut plus = theta.clone();
-        let mut minus = theta.clone();
-        let pairs = plus.params_mut().zip(minus.params_mut()).enumerate();
-        for (index, (p, m)) in pairs.filter(|(index, _)| trained.includes(*index)) {
-            for ((p, m), z) in p.iter_mut().zip(m.iter_mut()).zip(self.noise(index)) {
-                let step = epsilon * z;
-                *p += step;
-                *m -= step;
+    ) -> LoraAdapter {
+        let mut perturbed = theta.clone();
+        let tensors = perturbed.params_mut().enumerate();
+        for (index, values) in tensors.filter(|(index, _)| trained.includes(*index)) {
+            for (value, z) in values.iter_mut().zip(self.noise(index)) {
+                *value += scale * z;
             }
         }
-        (plus, minus)
+        perturbed
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use adapters::{LoraConfig, ModelDims};
 
     use super::*;
-
-    fn adapter() -> LoraAdapter {
-        let dims = ModelDims {
-            n_layer: 2,
-            hidden: 8,
-            n_head: 2,
-            n_kv_head: 1,
-            head_dim: 4,
-            ffn: 16,
-            qk_rows: adapters::QkRowOrder::HuggingFace,
-        };
-        let config = LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            ..LoraConfig::default()
-        };
-        let mut adapter = LoraAdapter::new_initialized(config, dims, 7).unwrap();
-        // Non-zero B, so that every tensor has values of both signs and weight decay shows.
-        for (i, b) in adapter
-            .layers
-            .values_mut()
-            .flat_map(|l| l.b.iter_mut())
-            .enumerate()
-        {
-            *b = (i as f32 * 0.37).sin() * 0.1;
-        }
-        adapter
-    }
+    use crate::test_support::adapter_with_nonzero_b;
 
     #[test]
     fn noise_is_a_function_of_seed_and_tensor_only() {
@@ -144,11 +113,12 @@ mod tests {
 
     #[test]
     fn perturbed_pair_is_theta_plus_and_minus_epsilon_z() {
-        let theta = adapter();
+        let theta = adapter_with_nonzero_b(7);
         let before = theta.clone();
         let epsilon = 1e-3;
-        let (plus, minus) =
-            Perturbation::new(9).perturbed_pair(&theta, epsilon, TrainedTensors::All);
+        let z = Perturbation::new(9);
+        let plus = z.perturbed(&theta, epsilon, TrainedTensors::All);
+        let minus = z.perturbed(&theta, -epsilon, TrainedTensors::All);
         assert_eq!(theta, before, "θ itself must not move");
         for (index, ((t, p), m)) in theta
             .params()

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::optimizer::{Optimizer, OptimizerState, TrainedTensors};
 use crate::perturbation::Perturbation;
+use crate::spsa::Estimator;
 use crate::{Result, TrainError};
 
 /// What one MeZO step did.
@@ -25,15 +26,19 @@ pub struct StepRecord {
     pub step: u64,
     /// One seed per perturbation (n-SPSA's q = `seeds.len()`).
     pub seeds: Vec<u64>,
-    /// `(L+ − L−)/(2ε)` per seed, clipped, as applied.
+    /// Per seed, clipped, as applied: `(L+ − L−)/(2ε)`, or FZOO's `(Lᵢ − L₀)/σ`.
     pub projected_grads: Vec<f32>,
     /// The learning rate of this step, after the schedule.
     pub lr: f32,
     pub weight_decay: f32,
     /// L(θ+εz) on the step's minibatch, mean over the seeds.
     pub loss_plus: f32,
-    /// L(θ−εz) on the step's minibatch, mean over the seeds.
+    /// L(θ−εz) on the step's minibatch, mean over the seeds; with FZOO, the baseline L(θ).
     pub loss_minus: f32,
+    /// How the projected gradients were estimated (absent in the log: central differences).
+    /// For reporting: the update depends only on the gradients as applied.
+    #[serde(default, skip_serializing_if = "Estimator::is_central")]
+    pub estimator: Estimator,
     /// The run's optimizer (absent in the log: ZO-SGD).
     #[serde(default, skip_serializing_if = "Optimizer::is_sgd")]
     pub optimizer: Optimizer,
@@ -131,6 +136,7 @@ mod tests {
             weight_decay: 0.1,
             loss_plus: 0.25,
             loss_minus: 0.5,
+            estimator: Estimator::Central,
             optimizer: Optimizer::Sgd,
             trained_tensors: TrainedTensors::All,
         }
@@ -192,6 +198,7 @@ mod tests {
                 weight_decay: rng.gen::<f32>() * 1e-3,
                 loss_plus: random_finite_f32(&mut rng),
                 loss_minus: random_finite_f32(&mut rng),
+                estimator: Estimator::Fzoo,
                 optimizer: Optimizer::Momentum {
                     beta: rng.gen::<f32>(),
                 },
@@ -225,8 +232,9 @@ mod tests {
     }
 
     #[test]
-    fn a_record_names_its_optimizer_and_tensors_unless_they_are_the_defaults() {
+    fn a_record_names_its_estimator_optimizer_and_tensors_unless_they_are_the_defaults() {
         let momentum = StepRecord {
+            estimator: Estimator::Fzoo,
             optimizer: Optimizer::Momentum { beta: 0.5 },
             trained_tensors: TrainedTensors::LoraB,
             ..record()
@@ -234,7 +242,7 @@ mod tests {
         let json = serde_json::to_string(&momentum).unwrap();
         assert!(
             json.ends_with(
-                r#""optimizer":{"type":"momentum","beta":0.5},"trained_tensors":"lora_b"}"#
+                r#""estimator":"fzoo","optimizer":{"type":"momentum","beta":0.5},"trained_tensors":"lora_b"}"#
             ),
             "{json}"
         );

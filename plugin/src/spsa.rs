@@ -1,30 +1,103 @@
-//! One MeZO step: the SPSA estimate of the gradient along seeded directions, and the update.
+//! One MeZO step: the zeroth-order estimate of the gradient along seeded directions.
 //!
-//! For each of the step's seeds: build θ+εz and θ−εz ([`Perturbation::perturbed_pair`]), evaluate
-//! the objective under both, and take the projected gradient `g = (L+ − L−)/(2ε)`. With several
-//! seeds (n-SPSA) the update averages the q directions, each with its own g; each direction is
-//! evaluated on the whole batch, or, with `split_batch` (P-RGE, arXiv 2409.15520), on its own
-//! q-th of it: q directions for the forwards of one. By default both
-//! adapters go to the engine in one call ([`EvalMode::OneForward`]), which a batching engine turns
-//! into one forward pass; [`EvalMode::TwoForwards`] makes two calls, for engines that cannot mix
-//! adapters in a batch and as the reference the batched path is tested against.
+//! Two estimators ([`Estimator`]), both ending in one projected gradient per direction z (seeded,
+//! [`crate::perturbation`]), which the run's optimizer turns into the update
+//! ([`crate::optimizer`], through [`StepRecord::apply`]):
+//! - **Central** (MeZO's SPSA): evaluate the objective under θ+εz and θ−εz and take
+//!   `g = (L+ − L−)/(2ε)`; two evaluations of the batch per direction. With q directions (n-SPSA)
+//!   each has its own g and the update averages them. Each direction is evaluated on the whole
+//!   batch, or, with `split_batch` (P-RGE, arXiv 2409.15520), on its own q-th of it: q directions
+//!   for the tokens of one.
+//! - **FZOO** (arXiv 2506.09034): one-sided differences against a shared baseline. Evaluate
+//!   L₀ = L(θ) and Lᵢ = L(θ+εzᵢ) for the N directions (N+1 evaluations of the batch) and take
+//!   `gᵢ = (Lᵢ − L₀)/σ`, σ the standard deviation of the N+1 losses. The spread of the losses is
+//!   ε times the size of the gradient, so dividing by it normalises the step (FZOO is ZO
+//!   normalised SGD): each gᵢ is of order 1 whatever the scale of the loss, the update is about
+//!   `lr·∇L/|∇L|`, larger than SGD's where the loss is flat and smaller where it is steep. The
+//!   spread is taken over the N+1 losses, baseline included, which bounds every |gᵢ| by 2√N even
+//!   when all directions change the loss alike. Equal losses (σ = 0, e.g. an accuracy no
+//!   direction changes) give g = 0: no update.
+//!
+//! By default every adapter of a step goes to the engine in one call ([`EvalMode::OneForward`]),
+//! which a batching engine turns into one forward pass: `2q` adapters × the batch for the central
+//! estimator (q × its q-th with `split_batch`: one call per direction), `N+1` for FZOO.
+//! [`EvalMode::TwoForwards`] makes one call per adapter, for engines that cannot mix adapters in a
+//! batch and as the reference the batched path is tested against.
 
 use adapters::LoraAdapter;
 use serde::{Deserialize, Serialize};
 
-use crate::optimizer::{OptimizerState, TrainedTensors};
+use crate::optimizer::{Optimizer, OptimizerState, TrainedTensors};
 use crate::perturbation::Perturbation;
 use crate::{DynEngine, Objective, Result, StepRecord, TrainError, TrainingExample};
 
-/// How L+ and L− are evaluated.
+/// How the adapters of a step are evaluated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EvalMode {
-    /// One engine call with both adapters, `[&plus, &minus]`.
+    /// One engine call with every adapter of the step (per share of the batch with
+    /// `split_batch`).
     #[default]
     OneForward,
-    /// One engine call per adapter, θ+εz first.
+    /// One engine call per adapter, in the order of the one-call path.
     TwoForwards,
+}
+
+/// How a step's losses become projected gradients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// `(L(θ+εz) − L(θ−εz))/(2ε)` per direction: two evaluations per direction.
+    #[default]
+    Central,
+    /// `(L(θ+εzᵢ) − L(θ))/σ`, σ the spread of the N+1 losses: N+1 evaluations for N directions.
+    Fzoo,
+}
+
+impl Estimator {
+    pub fn is_central(&self) -> bool {
+        *self == Estimator::Central
+    }
+
+    /// Evaluations of the batch (adapters × examples, in units of the batch) per step of `q`
+    /// directions.
+    pub fn evaluations(self, q: usize, split_batch: bool) -> f64 {
+        match (self, split_batch) {
+            (Estimator::Central, false) => 2.0 * q as f64,
+            (Estimator::Central, true) => 2.0,
+            (Estimator::Fzoo, _) => q as f64 + 1.0,
+        }
+    }
+}
+
+/// The number of examples each direction is evaluated on: the whole batch, or its
+/// `1/n_perturbations` with `split_batch` (which then needs a batch that splits evenly, and the
+/// central estimator: FZOO's directions share one baseline on one batch).
+pub fn examples_per_direction(
+    estimator: Estimator,
+    split_batch: bool,
+    batch_size: usize,
+    n_perturbations: usize,
+) -> Result<usize> {
+    if !split_batch {
+        return Ok(batch_size);
+    }
+    if estimator == Estimator::Fzoo {
+        return Err(TrainError::config(
+            "split_batch",
+            "false with the fzoo estimator (its directions share one baseline on one batch)",
+            true,
+        ));
+    }
+    let share = batch_size / n_perturbations.max(1);
+    if share == 0 || share * n_perturbations != batch_size {
+        return Err(TrainError::config(
+            "batch_size",
+            format!("a multiple of n_perturbations ({n_perturbations}) with split_batch"),
+            batch_size,
+        ));
+    }
+    Ok(share)
 }
 
 /// Everything one step needs besides the engine, the objective, θ and the minibatch.
@@ -41,11 +114,21 @@ pub struct SpsaStep {
     /// When set, each projected gradient is clipped to `[−max, max]` before the update.
     pub max_projected_grad: Option<f32>,
     pub eval_mode: EvalMode,
+    pub estimator: Estimator,
+    /// The run's optimizer, named in the record ([`Self::run`] applies it).
+    pub optimizer: Optimizer,
     /// The tensors perturbed (the others keep z = 0).
     pub trained_tensors: TrainedTensors,
     /// Each seed's direction is evaluated on its own share of the batch (consecutive, equal
     /// shares) instead of on all of it.
     pub split_batch: bool,
+}
+
+/// The projected gradients of a step and the losses to report.
+struct Estimate {
+    projected_grads: Vec<f32>,
+    loss_plus: f64,
+    loss_minus: f64,
 }
 
 impl SpsaStep {
@@ -68,46 +151,86 @@ impl SpsaStep {
                 self.epsilon,
             ));
         }
-        let share = if self.split_batch {
-            let share = batch.len() / self.seeds.len();
-            if share == 0 || share * self.seeds.len() != batch.len() {
-                return Err(TrainError::config(
-                    "batch_size",
-                    format!(
-                        "a multiple of n_perturbations ({}) with split_batch",
-                        self.seeds.len()
-                    ),
-                    batch.len(),
-                ));
+        let share = examples_per_direction(
+            self.estimator,
+            self.split_batch,
+            batch.len(),
+            self.seeds.len(),
+        )?;
+        let mut estimate = match self.estimator {
+            Estimator::Central => self.central(engine, objective, theta, batch, share)?,
+            Estimator::Fzoo => self.fzoo(engine, objective, theta, batch)?,
+        };
+        if let Some(max) = self.max_projected_grad {
+            for g in &mut estimate.projected_grads {
+                *g = g.clamp(-max, max);
             }
-            share
+        }
+        Ok(StepRecord {
+            step: self.step,
+            seeds: self.seeds.clone(),
+            projected_grads: estimate.projected_grads,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            loss_plus: estimate.loss_plus as f32,
+            loss_minus: estimate.loss_minus as f32,
+            estimator: self.estimator,
+            optimizer: self.optimizer,
+            trained_tensors: self.trained_tensors,
+        })
+    }
+
+    /// [`Self::estimate`], then the update of `theta` by the optimizer of `state` (which must be
+    /// this step's optimizer).
+    pub fn run(
+        &self,
+        engine: &dyn DynEngine,
+        objective: &dyn Objective,
+        theta: &mut LoraAdapter,
+        state: &mut OptimizerState,
+        batch: &[&TrainingExample],
+    ) -> Result<StepRecord> {
+        let record = self.estimate(engine, objective, theta, batch)?;
+        record.apply(theta, state)?;
+        Ok(record)
+    }
+
+    /// MeZO's central differences, each direction on `share` examples of the batch.
+    fn central(
+        &self,
+        engine: &dyn DynEngine,
+        objective: &dyn Objective,
+        theta: &LoraAdapter,
+        batch: &[&TrainingExample],
+        share: usize,
+    ) -> Result<Estimate> {
+        let pairs: Vec<[LoraAdapter; 2]> = self
+            .seeds
+            .iter()
+            .map(|&seed| {
+                let z = Perturbation::new(seed);
+                [
+                    z.perturbed(theta, self.epsilon, self.trained_tensors),
+                    z.perturbed(theta, -self.epsilon, self.trained_tensors),
+                ]
+            })
+            .collect();
+        let losses: Vec<f64> = if self.split_batch {
+            let mut losses = Vec::with_capacity(2 * pairs.len());
+            for (pair, examples) in pairs.iter().zip(batch.chunks(share)) {
+                losses.extend(self.losses(engine, objective, &pair.each_ref(), examples)?);
+            }
+            losses
         } else {
-            batch.len()
+            let adapters: Vec<&LoraAdapter> = pairs.iter().flatten().collect();
+            self.losses(engine, objective, &adapters, batch)?
         };
         let mut projected_grads = Vec::with_capacity(self.seeds.len());
         let (mut sum_plus, mut sum_minus) = (0.0f64, 0.0f64);
-        for (index, &seed) in self.seeds.iter().enumerate() {
-            let examples = if self.split_batch {
-                &batch[index * share..(index + 1) * share]
-            } else {
-                batch
-            };
-            let (plus, minus) =
-                Perturbation::new(seed).perturbed_pair(theta, self.epsilon, self.trained_tensors);
-            let (loss_plus, loss_minus) =
-                self.losses(engine, objective, &plus, &minus, examples)?;
-            if !(loss_plus.is_finite() && loss_minus.is_finite()) {
-                return Err(TrainError::NonFiniteLoss {
-                    step: self.step,
-                    loss_plus,
-                    loss_minus,
-                });
-            }
+        for (&seed, pair) in self.seeds.iter().zip(losses.chunks_exact(2)) {
+            let (loss_plus, loss_minus) = (pair[0], pair[1]);
+            self.check_finite(loss_plus, loss_minus)?;
             let g = ((loss_plus - loss_minus) / (2.0 * f64::from(self.epsilon))) as f32;
-            let g = match self.max_projected_grad {
-                Some(max) => g.clamp(-max, max),
-                None => g,
-            };
             tracing::debug!(
                 step = self.step,
                 seed,
@@ -121,62 +244,107 @@ impl SpsaStep {
             sum_minus += loss_minus;
         }
         let q = self.seeds.len() as f64;
-        Ok(StepRecord {
-            step: self.step,
-            seeds: self.seeds.clone(),
+        Ok(Estimate {
             projected_grads,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            loss_plus: (sum_plus / q) as f32,
-            loss_minus: (sum_minus / q) as f32,
-            optimizer: Default::default(),
-            trained_tensors: self.trained_tensors,
+            loss_plus: sum_plus / q,
+            loss_minus: sum_minus / q,
         })
     }
 
-    /// [`Self::estimate`], then the update of `theta` by the optimizer of `state`.
-    pub fn run(
+    /// FZOO's one-sided differences against L(θ), normalised by the spread of the losses.
+    fn fzoo(
         &self,
         engine: &dyn DynEngine,
         objective: &dyn Objective,
-        theta: &mut LoraAdapter,
-        state: &mut OptimizerState,
+        theta: &LoraAdapter,
         batch: &[&TrainingExample],
-    ) -> Result<StepRecord> {
-        let mut record = self.estimate(engine, objective, theta, batch)?;
-        record.optimizer = state.optimizer();
-        record.apply(theta, state)?;
-        Ok(record)
+    ) -> Result<Estimate> {
+        let perturbed: Vec<LoraAdapter> = self
+            .seeds
+            .iter()
+            .map(|&seed| {
+                Perturbation::new(seed).perturbed(theta, self.epsilon, self.trained_tensors)
+            })
+            .collect();
+        let adapters: Vec<&LoraAdapter> = std::iter::once(theta).chain(&perturbed).collect();
+        let losses = self.losses(engine, objective, &adapters, batch)?;
+        // `losses` has one loss per adapter: the baseline, then the N perturbed.
+        let (baseline, perturbed_losses) = (losses[0], &losses[1..]);
+        for &loss in perturbed_losses {
+            self.check_finite(loss, baseline)?;
+        }
+        let n = losses.len() as f64;
+        let mean = losses.iter().sum::<f64>() / n;
+        let spread = (losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let projected_grads = perturbed_losses
+            .iter()
+            .zip(&self.seeds)
+            .map(|(&loss, &seed)| {
+                let g = if spread > 0.0 {
+                    ((loss - baseline) / spread) as f32
+                } else {
+                    0.0
+                };
+                tracing::debug!(
+                    step = self.step,
+                    seed,
+                    loss,
+                    baseline,
+                    spread,
+                    g,
+                    "perturbation"
+                );
+                g
+            })
+            .collect();
+        Ok(Estimate {
+            projected_grads,
+            loss_plus: perturbed_losses.iter().sum::<f64>() / perturbed_losses.len() as f64,
+            loss_minus: baseline,
+        })
     }
 
-    /// `(L+, L−)` on the batch, in one call or two.
+    fn check_finite(&self, loss_plus: f64, loss_minus: f64) -> Result<()> {
+        if loss_plus.is_finite() && loss_minus.is_finite() {
+            Ok(())
+        } else {
+            Err(TrainError::NonFiniteLoss {
+                step: self.step,
+                loss_plus,
+                loss_minus,
+            })
+        }
+    }
+
+    /// One loss per adapter on `examples`, in one call or one per adapter.
     fn losses(
         &self,
         engine: &dyn DynEngine,
         objective: &dyn Objective,
-        plus: &LoraAdapter,
-        minus: &LoraAdapter,
-        batch: &[&TrainingExample],
-    ) -> Result<(f64, f64)> {
+        adapters: &[&LoraAdapter],
+        examples: &[&TrainingExample],
+    ) -> Result<Vec<f64>> {
         let losses = match self.eval_mode {
-            EvalMode::OneForward => objective.losses(engine, &[plus, minus], batch)?,
+            EvalMode::OneForward => objective.losses(engine, adapters, examples)?,
             EvalMode::TwoForwards => {
-                let mut losses = objective.losses(engine, &[plus], batch)?;
-                losses.extend(objective.losses(engine, &[minus], batch)?);
+                let mut losses = Vec::with_capacity(adapters.len());
+                for adapter in adapters {
+                    losses.extend(objective.losses(engine, &[adapter], examples)?);
+                }
                 losses
             }
         };
-        match losses[..] {
-            [loss_plus, loss_minus] => Ok((loss_plus, loss_minus)),
-            _ => Err(TrainError::EngineOutput {
-                expected: "2 losses (θ+εz, θ−εz)".into(),
+        if losses.len() != adapters.len() {
+            return Err(TrainError::EngineOutput {
+                expected: format!("{} losses, one per adapter", adapters.len()),
                 given: format!(
                     "{} losses from objective `{}`",
                     losses.len(),
                     objective.name()
                 ),
-            }),
+            });
         }
+        Ok(losses)
     }
 }
 
@@ -261,6 +429,8 @@ mod tests {
             weight_decay: 0.0,
             max_projected_grad,
             eval_mode: EvalMode::OneForward,
+            estimator: Estimator::Central,
+            optimizer: Optimizer::Sgd,
             trained_tensors: TrainedTensors::All,
             split_batch: false,
         }
@@ -298,6 +468,64 @@ mod tests {
             .unwrap();
         let expected: Vec<f32> = (1..=4).map(|s| 0.5 * first_z(s).signum()).collect();
         assert_eq!(record.projected_grads, expected);
+    }
+
+    fn fzoo(seeds: Vec<u64>) -> SpsaStep {
+        SpsaStep {
+            estimator: Estimator::Fzoo,
+            ..step(seeds, None)
+        }
+    }
+
+    #[test]
+    fn fzoo_divides_one_sided_differences_by_the_spread_of_the_losses() {
+        let theta = theta();
+        let seeds = vec![1, 2, 3, 4];
+        // L(θ+εz) − L(θ) = slope·ε·z₀, so gᵢ = z₀ᵢ / std{0, z₀₁, …, z₀₄} whatever the slope.
+        let zs: Vec<f64> = seeds.iter().map(|&s| f64::from(first_z(s))).collect();
+        let losses: Vec<f64> = std::iter::once(0.0).chain(zs.iter().copied()).collect();
+        let mean = losses.iter().sum::<f64>() / 5.0;
+        let spread = (losses.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 5.0).sqrt();
+        let theta0 = f64::from(theta.params().next().unwrap()[0]);
+        for slope in [3.0, 300.0] {
+            let record = fzoo(seeds.clone())
+                .estimate(&NoEngine, &Linear { slope }, &theta, &[])
+                .unwrap();
+            for (g, z) in record.projected_grads.iter().zip(&zs) {
+                let expected = z / spread;
+                assert!(
+                    (f64::from(*g) - expected).abs() < 1e-3 * expected.abs().max(1.0),
+                    "slope {slope}: {g} vs {expected}"
+                );
+                // |Lᵢ − L₀| ≤ 2√N·σ for any N+1 losses.
+                assert!(g.abs() <= 4.0, "{g}");
+            }
+            assert!(
+                (f64::from(record.loss_minus) - slope * theta0).abs() < 1e-4 * slope,
+                "the baseline is L(θ): {record:?}"
+            );
+            assert_eq!(record.estimator, Estimator::Fzoo);
+        }
+        // Losses that no direction changes: no update.
+        let record = fzoo(seeds)
+            .estimate(&NoEngine, &Linear { slope: 0.0 }, &theta, &[])
+            .unwrap();
+        assert_eq!(record.projected_grads, [0.0; 4]);
+    }
+
+    #[test]
+    fn fzoo_does_not_split_the_batch() {
+        let err = SpsaStep {
+            split_batch: true,
+            ..fzoo(vec![1, 2])
+        }
+        .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta(), &[])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`split_batch` must be false with the fzoo estimator (its directions share one \
+             baseline on one batch) (given true)"
+        );
     }
 
     #[test]

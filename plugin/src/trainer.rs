@@ -20,9 +20,10 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::objectives::wrong_kind;
+use crate::spsa::examples_per_direction;
 use crate::{
-    DynEngine, EvalMode, Evaluation, Objective, Optimizer, OptimizerState, Result, SpsaStep,
-    StepRecord, TrainError, TrainedTensors, TrainingExample,
+    DynEngine, Estimator, EvalMode, Evaluation, Objective, Optimizer, OptimizerState, Result,
+    SpsaStep, StepRecord, TrainError, TrainedTensors, TrainingExample,
 };
 
 /// Hyperparameters of a run. The defaults are the best configuration measured on the movie
@@ -43,8 +44,9 @@ pub struct TrainerConfig {
     pub batch_size: usize,
     /// Decoupled weight decay, ≥ 0, applied at each step as `lr·wd·θ`.
     pub weight_decay: f32,
-    /// Perturbations averaged per step (n-SPSA's q), at least 1; each costs two evaluations of
-    /// the batch, or of its q-th with `split_batch`.
+    /// Perturbations averaged per step (n-SPSA's q, FZOO's N), at least 1; each costs two
+    /// evaluations of the batch (of its q-th with `split_batch`), or one with FZOO (plus one for
+    /// the baseline).
     pub n_perturbations: usize,
     /// Each perturbation is evaluated on its own `batch_size / n_perturbations` examples of the
     /// step's batch (P-RGE): q directions for the forwards of one. `batch_size` must then be a
@@ -53,6 +55,9 @@ pub struct TrainerConfig {
     /// When set, each projected gradient is clipped to `[−max, max]`; > 0.
     pub max_projected_grad: Option<f32>,
     pub eval_mode: EvalMode,
+    /// How the losses become projected gradients ([`crate::spsa`]): central differences, or FZOO's
+    /// normalised one-sided differences.
+    pub estimator: Estimator,
     /// How the estimate becomes an update ([`crate::optimizer`]).
     pub optimizer: Optimizer,
     /// The adapter tensors perturbed and updated.
@@ -83,6 +88,7 @@ impl Default for TrainerConfig {
             split_batch: false,
             max_projected_grad: None,
             eval_mode: EvalMode::OneForward,
+            estimator: Estimator::Central,
             optimizer: Optimizer::Sgd,
             trained_tensors: TrainedTensors::All,
             max_steps: 300,
@@ -110,16 +116,6 @@ impl TrainerConfig {
             positive("max_projected_grad", max)?;
         }
         self.optimizer.validate()?;
-        if self.split_batch && !self.batch_size.is_multiple_of(self.n_perturbations.max(1)) {
-            return Err(TrainError::config(
-                "batch_size",
-                format!(
-                    "a multiple of n_perturbations ({}) with split_batch",
-                    self.n_perturbations
-                ),
-                self.batch_size,
-            ));
-        }
         let at_least_one = [
             ("batch_size", self.batch_size as u64),
             ("n_perturbations", self.n_perturbations as u64),
@@ -131,6 +127,12 @@ impl TrainerConfig {
                 return Err(TrainError::config(field, "at least 1", 0));
             }
         }
+        examples_per_direction(
+            self.estimator,
+            self.split_batch,
+            self.batch_size,
+            self.n_perturbations,
+        )?;
         if self.early_stopping_patience == Some(0) {
             return Err(TrainError::config(
                 "early_stopping_patience",
@@ -379,6 +381,8 @@ impl Trainer {
             weight_decay: self.config.weight_decay,
             max_projected_grad: self.config.max_projected_grad,
             eval_mode: self.config.eval_mode,
+            estimator: self.config.estimator,
+            optimizer: self.config.optimizer,
             trained_tensors: self.config.trained_tensors,
             split_batch: self.config.split_batch,
         };

@@ -19,7 +19,7 @@ use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
 use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
 use mezo_server::serve::{bind, serve, serve_on};
-use plugin::{LrSchedule, Optimizer, TrainedTensors, TrainerConfig};
+use plugin::{Estimator, LrSchedule, Optimizer, TrainedTensors, TrainerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -192,8 +192,13 @@ struct MezoBenchArgs {
     split_batch: bool,
     /// The adapter tensors trained: `all`, or `lora-b` (A stays as initialised, LoRA-FA).
     /// Default: the trainer's.
-    #[arg(long, value_parser = parse_trained_tensors)]
+    #[arg(long, value_parser = parse_api_name::<TrainedTensors>)]
     trained_tensors: Option<TrainedTensors>,
+    /// How a step's losses become projected gradients: `central` (MeZO's θ ± εz, two
+    /// evaluations per direction) or `fzoo` (θ + εz against L(θ), divided by the spread of the
+    /// losses: N + 1 evaluations for N directions). Default: the trainer's.
+    #[arg(long, value_parser = parse_api_name::<Estimator>)]
+    estimator: Option<Estimator>,
     /// Adapt only the top N layers (PEFT's layers_to_transform); the layers below are computed
     /// once per example and reused at every step. Default: every layer.
     #[arg(long)]
@@ -230,8 +235,8 @@ fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
     Ok(optimizer)
 }
 
-/// `--trained-tensors`: `all` or `lora-b` (`lora_b` as in the API works too).
-fn parse_trained_tensors(text: &str) -> Result<TrainedTensors, String> {
+/// An option whose values are the API's names, with `-` for `_` (`lora-b` or `lora_b`).
+fn parse_api_name<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     serde_json::from_value(serde_json::Value::String(text.replace('-', "_")))
         .map_err(|e| e.to_string())
 }
@@ -322,6 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     trained_tensors: args
                         .trained_tensors
                         .unwrap_or(TrainerConfig::default().trained_tensors),
+                    estimator: args.estimator.unwrap_or(TrainerConfig::default().estimator),
                     n_perturbations: args.n_perturbations,
                     split_batch: args.split_batch,
                     ..TrainerConfig::default()

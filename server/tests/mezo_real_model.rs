@@ -150,28 +150,47 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
     )
     .expect("write the data");
     let plot = data.path().join("curves.png");
-    let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
-        .arg("--model")
-        .arg(common::model_path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["bench", "mezo", "--steps", "2", "--eval-every", "1"])
-        .args(["--train-size", "8", "--test-size", "4", "--batch-size", "4"])
-        .args(["--lr", "2e-3", "--lr-final-fraction", "0", "--plot"])
-        .arg(&plot)
-        .args(["--optimizer", r#"{"type":"momentum","beta":0.8}"#])
-        .args(["--trained-tensors", "lora-b"])
-        .args(["--n-perturbations", "2", "--split-batch", "true"])
-        .output()
-        .expect("run mezo bench mezo");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let run = |options: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
+            .arg("--model")
+            .arg(common::model_path())
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["bench", "mezo", "--steps", "2", "--eval-every", "1"])
+            .args(["--train-size", "8", "--test-size", "4", "--batch-size", "4"])
+            .args(["--lr", "2e-3", "--lr-final-fraction", "0", "--plot"])
+            .arg(&plot)
+            .args(options)
+            .output()
+            .expect("run mezo bench mezo");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        (stdout, stderr)
+    };
+    let fzoo = run(&["--estimator", "fzoo", "--n-perturbations", "3"]);
+    let expected =
+        "FZOO estimator, optimizer {\"type\":\"sgd\"}; 3 direction(s) per step (4 evaluations";
+    assert!(
+        fzoo.0.contains(expected),
+        "missing {expected:?} in\n{}",
+        fzoo.0
+    );
+    let (stdout, stderr) = run(&[
+        "--optimizer",
+        r#"{"type":"momentum","beta":0.8}"#,
+        "--trained-tensors",
+        "lora-b",
+        "--n-perturbations",
+        "2",
+        "--split-batch",
+        "true",
+    ]);
     for expected in [
         "8 train / 4 held-out",
         "lr 0.002 (linear to 0 of it at the last step)",
-        "B only trained; optimizer {\"type\":\"momentum\",\"beta\":0.8}",
-        "2 direction(s) per step, each on its share of the batch",
+        "B only trained; central-difference estimator, optimizer {\"type\":\"momentum\",\"beta\":0.8}",
+        "2 direction(s) per step, each on its share of the batch (2 evaluations of the batch)",
         "| zero-shot held-out accuracy |",
         "| held-out accuracy after 2 steps |",
         "| step / forward |",

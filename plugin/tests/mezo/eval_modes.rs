@@ -1,10 +1,14 @@
-//! One engine call with both adapters against two calls: the same L+ and L−, bit for bit.
+//! One engine call with every adapter of a step against one call per adapter: the same losses,
+//! bit for bit.
 //!
 //! The tiny engine computes each adapter's rows on their own, so any difference would come from
 //! the plugin (wrong order of adapters, different perturbations, a different batch).
 
 use plugin::objectives::{Classification, Completion, TokenF1};
-use plugin::{EvalMode, Objective, SpsaStep, StepRecord, TrainedTensors, TrainingExample};
+use plugin::{
+    Estimator, EvalMode, Objective, Optimizer, SpsaStep, StepRecord, TrainedTensors,
+    TrainingExample,
+};
 
 use crate::gradient::completion_examples;
 use crate::tiny_model::{adapter_with_nonzero_b, TinyModel};
@@ -14,6 +18,7 @@ fn estimate(
     objective: &dyn Objective,
     examples: &[TrainingExample],
     eval_mode: EvalMode,
+    estimator: Estimator,
 ) -> StepRecord {
     let step = SpsaStep {
         step: 3,
@@ -24,6 +29,8 @@ fn estimate(
         weight_decay: 0.0,
         max_projected_grad: None,
         eval_mode,
+        estimator,
+        optimizer: Optimizer::Sgd,
         trained_tensors: TrainedTensors::All,
         split_batch: false,
     };
@@ -66,21 +73,43 @@ fn one_forward_and_two_forwards_give_the_same_losses() {
         (&TokenF1 { max_new_tokens: 3 }, generation),
     ];
     for (objective, examples) in cases {
-        let one = estimate(&model, objective, &examples, EvalMode::OneForward);
-        let two = estimate(&model, objective, &examples, EvalMode::TwoForwards);
-        assert_eq!(loss_bits(&one), loss_bits(&two), "{}", objective.name());
-        assert_eq!(one, two);
-        assert!(one.projected_grads.iter().all(|&g| g != 0.0), "{one:?}");
+        for estimator in [Estimator::Central, Estimator::Fzoo] {
+            let one = estimate(
+                &model,
+                objective,
+                &examples,
+                EvalMode::OneForward,
+                estimator,
+            );
+            let two = estimate(
+                &model,
+                objective,
+                &examples,
+                EvalMode::TwoForwards,
+                estimator,
+            );
+            let name = objective.name();
+            assert_eq!(loss_bits(&one), loss_bits(&two), "{name}, {estimator:?}");
+            assert_eq!(one, two);
+            if estimator == Estimator::Central {
+                assert!(one.projected_grads.iter().all(|&g| g != 0.0), "{one:?}");
+            }
+        }
     }
 }
 
 #[test]
-fn one_forward_sends_both_adapters_in_one_call_per_seed() {
+fn one_forward_sends_every_adapter_of_the_step_in_one_call() {
     let model = TinyModel::new(3);
     let examples = completion_examples();
-    estimate(&model, &Completion, &examples, EvalMode::OneForward);
-    assert_eq!(*model.score_calls.borrow(), [2, 2, 2]);
-    model.score_calls.borrow_mut().clear();
-    estimate(&model, &Completion, &examples, EvalMode::TwoForwards);
-    assert_eq!(*model.score_calls.borrow(), [1, 1, 1, 1, 1, 1]);
+    let calls = |eval_mode, estimator| {
+        model.score_calls.borrow_mut().clear();
+        estimate(&model, &Completion, &examples, eval_mode, estimator);
+        model.score_calls.borrow().clone()
+    };
+    // Three seeds: θ ± εz for each (central), or θ and θ + εz for each (FZOO).
+    assert_eq!(calls(EvalMode::OneForward, Estimator::Central), [6]);
+    assert_eq!(calls(EvalMode::TwoForwards, Estimator::Central), [1; 6]);
+    assert_eq!(calls(EvalMode::OneForward, Estimator::Fzoo), [4]);
+    assert_eq!(calls(EvalMode::TwoForwards, Estimator::Fzoo), [1; 4]);
 }

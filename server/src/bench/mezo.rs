@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use adapters::{LoraAdapter, LoraConfig};
 use plugin::{
-    LrSchedule, ObjectiveKind, ScoreRequest, TrainedTensors, Trainer, TrainerConfig, TrainerEvent,
-    TrainingExample, ZoEngine,
+    Estimator, LrSchedule, ObjectiveKind, ScoreRequest, TrainedTensors, Trainer, TrainerConfig,
+    TrainerEvent, TrainingExample, ZoEngine,
 };
 
 use super::peers;
@@ -284,11 +284,16 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         Some(top) => format!("the top {top} of {n_layer} layers"),
     };
     println!(
-        "MeZO: LoRA r=8 α=16 on q,v of {layers}, {} trained; optimizer {}; {} direction(s) per \
-         step{}; lr {} ({schedule}) ε {} batch {} seed {}; weights {}; kernels {}",
+        "MeZO: LoRA r=8 α=16 on q,v of {layers}, {} trained; {} estimator, optimizer {}; {} \
+         direction(s) per step{} ({} evaluations of the batch); lr {} ({schedule}) ε {} batch {} \
+         seed {}; weights {}; kernels {}",
         match config.trainer.trained_tensors {
             TrainedTensors::All => "A and B",
             TrainedTensors::LoraB => "B only",
+        },
+        match config.trainer.estimator {
+            Estimator::Central => "central-difference",
+            Estimator::Fzoo => "FZOO",
         },
         serde_json::to_string(&config.trainer.optimizer)?,
         config.trainer.n_perturbations,
@@ -297,6 +302,10 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         } else {
             ""
         },
+        config
+            .trainer
+            .estimator
+            .evaluations(config.trainer.n_perturbations, config.trainer.split_batch),
         config.trainer.lr,
         config.trainer.epsilon,
         config.trainer.batch_size,

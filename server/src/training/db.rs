@@ -919,6 +919,7 @@ mod tests {
             weight_decay: 0.0,
             loss_plus: 1.25,
             loss_minus: 1.5,
+            estimator: plugin::Estimator::Fzoo,
             optimizer: plugin::Optimizer::Momentum { beta: 0.9 },
             trained_tensors: plugin::TrainedTensors::LoraB,
         };
