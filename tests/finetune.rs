@@ -568,6 +568,11 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
             Some("hyperparameters.optimizer.beta"),
         ),
         (
+            job(json!({"hyperparameters": {"optimizer": {"type": "conmezo", "angle": 0}}})),
+            400,
+            Some("hyperparameters.optimizer.angle"),
+        ),
+        (
             job(json!({"hyperparameters": {"optimizer": "momentum"}})),
             400,
             Some("hyperparameters.optimizer"),

@@ -1,9 +1,9 @@
-//! How a step's projected gradients become an update of θ: plain ZO-SGD, momentum, or Adam's
-//! moments on the estimate, and the f32 state the last two keep.
+//! How a step's projected gradients become an update of θ: plain ZO-SGD, momentum, Adam's
+//! moments on the estimate, or ConMeZO's cone around the momentum, and the f32 state they keep.
 //!
 //! The estimate of a step is `d = Σᵢ (gᵢ/q)·zᵢ` over its q perturbations (each z regenerated from
-//! its seed, see [`crate::perturbation`]). The optimizers turn it into the update `u`, and θ moves
-//! by `θ ← θ − lr·(u + wd·θ)`:
+//! its seed and the state, see [`OptimizerState::direction`]). The optimizers turn it into the
+//! update `u`, and θ moves by `θ ← θ − lr·(u + wd·θ)`:
 //! - ZO-SGD: `u = d`, no state (the MeZO paper's update).
 //! - Momentum: `m ← β·m + (1−β)·d`, `u = m`. The exponential average keeps the scale of `d`, so
 //!   the learning rates of ZO-SGD carry over; directions that agree across steps add up, the
@@ -11,13 +11,23 @@
 //! - Adam: the same `m`, `v ← β₂·v + (1−β₂)·d²`, `u = m̂/(√v̂ + ε_adam)` with the bias corrections
 //!   `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`. Each element then moves by about `lr` whatever the scale
 //!   of its estimate, so Adam takes learning rates 10–100× smaller than ZO-SGD's.
+//! - ConMeZO (arXiv 2511.02757): `u = d` as ZO-SGD, but the directions are not isotropic: with
+//!   the momentum `m ← β·m + (1−β)·d` kept as above, each step's z is drawn in a cone around it,
+//!   `z = cos α·√n·m/|m| + sin α·ζ` with ζ ~ N(0, I) from the seed and n the number of trained
+//!   values (so |z| ≈ √n as for plain z). Directions where past estimates agreed are searched
+//!   more often: E[g·z] = (sin²α·I + cos²α·n·m̂m̂ᵀ)·∇L, the gradient stretched along m̂. Until m
+//!   is non-zero (the first step), z = ζ.
+//!
+//! The perturbed adapters θ ± εz are new copies ([`OptimizerState::perturbed`]); θ itself is
+//! never perturbed and restored (the paper's in-place +ε, −2ε, +ε round trip does not give θ back
+//! exactly), so serving can keep reading it.
 //!
 //! The state is a function of the step log (the seeds and projected gradients of every step so
 //! far), so [`crate::replay()`] rebuilds it by applying the records in order through the same
 //! [`OptimizerState::apply`]: training and replay stay bit-exact, and a run resumed after a crash
-//! continues with the very state it had. Every optimizer costs the step's two forwards and no
-//! more; momentum keeps one f32 per trained value, Adam two (0.5 M values each for the default
-//! LoRA on SmolLM2-135M: 2 and 4 MiB).
+//! continues with the very state it had. Every optimizer costs the step's forwards and no
+//! more; momentum and ConMeZO keep one f32 per trained value, Adam two (0.5 M values each for the
+//! default LoRA on SmolLM2-135M: 2 and 4 MiB).
 //!
 //! With [`TrainedTensors::LoraB`] only the B matrices of the adapter are perturbed and updated
 //! (LoRA-FA, arXiv 2308.03303): A keeps its random initialisation. At B = 0 the loss does not
@@ -53,6 +63,16 @@ pub enum Optimizer {
         #[serde(default = "default_adam_epsilon")]
         epsilon: f32,
     },
+    /// `u = d`, directions in a cone of half-angle `angle` around the momentum of the estimates.
+    #[serde(rename = "conmezo")]
+    ConMezo {
+        /// In [0, 1): the momentum's decay.
+        #[serde(default = "default_beta1")]
+        beta: f32,
+        /// The cone's half-angle in radians, in (0, π/2]; π/2 is ZO-SGD's isotropic z.
+        #[serde(default = "default_cone_angle")]
+        angle: f32,
+    },
 }
 
 fn default_beta1() -> f32 {
@@ -65,6 +85,11 @@ fn default_beta2() -> f32 {
 
 fn default_adam_epsilon() -> f32 {
     1e-8
+}
+
+/// cos α ≈ 0.27: about 7% of z's squared length along the momentum.
+fn default_cone_angle() -> f32 {
+    1.3
 }
 
 impl Optimizer {
@@ -84,6 +109,18 @@ impl Optimizer {
         match *self {
             Optimizer::Sgd => Ok(()),
             Optimizer::Momentum { beta } => unit("optimizer.beta", beta),
+            Optimizer::ConMezo { beta, angle } => {
+                unit("optimizer.beta", beta)?;
+                if angle > 0.0 && angle <= std::f32::consts::FRAC_PI_2 {
+                    Ok(())
+                } else {
+                    Err(TrainError::config(
+                        "optimizer.angle",
+                        "in (0, π/2] radians",
+                        angle,
+                    ))
+                }
+            }
             Optimizer::Adam {
                 beta1,
                 beta2,
@@ -108,7 +145,7 @@ impl Optimizer {
     pub fn state_per_value(&self) -> usize {
         match self {
             Optimizer::Sgd => 0,
-            Optimizer::Momentum { .. } => 1,
+            Optimizer::Momentum { .. } | Optimizer::ConMezo { .. } => 1,
             Optimizer::Adam { .. } => 2,
         }
     }
@@ -138,6 +175,14 @@ impl TrainedTensors {
             TrainedTensors::LoraB => index % 2 == 1,
         }
     }
+}
+
+/// One direction z of a step: its seed's noise ζ and, for ConMeZO, the cone around the momentum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Direction {
+    noise: Perturbation,
+    /// `(along, across)`: z = along·m + across·ζ. `None`: z = ζ.
+    cone: Option<(f32, f32)>,
 }
 
 /// An optimizer with its state: the moments of each trained tensor and the steps they hold.
@@ -177,7 +222,61 @@ impl OptimizerState {
         self.steps
     }
 
-    /// The update `θ ← θ − lr·(u + wd·θ)` of one step, `u` from `d = Σᵢ (gᵢ/q)·zᵢ` and the state.
+    /// The direction of `seed` at this point of the run: its noise ζ, or for ConMeZO (once the
+    /// momentum is non-zero) the cone's `cos α·√n·m/|m| + sin α·ζ`. A step's directions are taken
+    /// before its update, by the estimate and by [`Self::apply`] alike.
+    pub fn direction(&self, seed: u64) -> Direction {
+        let noise = Perturbation::new(seed);
+        let cone = match self.optimizer {
+            Optimizer::ConMezo { angle, .. } => {
+                let squared: f64 = self
+                    .first
+                    .iter()
+                    .flatten()
+                    .map(|&m| f64::from(m).powi(2))
+                    .sum();
+                let values: usize = self.first.iter().map(Vec::len).sum();
+                (squared > 0.0).then(|| {
+                    let angle = f64::from(angle);
+                    let along = angle.cos() * (values as f64).sqrt() / squared.sqrt();
+                    (along as f32, angle.sin() as f32)
+                })
+            }
+            _ => None,
+        };
+        Direction { noise, cone }
+    }
+
+    /// `θ + scale·z` for `direction` as a new adapter (θ−εz is `scale` = −ε), z zero on the
+    /// untrained tensors; `theta` is left untouched.
+    pub fn perturbed(&self, theta: &LoraAdapter, direction: Direction, scale: f32) -> LoraAdapter {
+        let mut perturbed = theta.clone();
+        let tensors = perturbed.params_mut().enumerate();
+        for (index, values) in tensors.filter(|(index, _)| self.trained.includes(*index)) {
+            let z = self.direction_values(direction, index, values.len());
+            for (value, z) in values.iter_mut().zip(z) {
+                *value += scale * z;
+            }
+        }
+        perturbed
+    }
+
+    /// The `len` values of z for tensor `index`: the same f32 operations for the perturbation
+    /// and for the update.
+    fn direction_values(&self, direction: Direction, index: usize, len: usize) -> Vec<f32> {
+        let noise = direction.noise.noise(index).take(len);
+        match direction.cone {
+            None => noise.collect(),
+            Some((along, across)) => self.first[index]
+                .iter()
+                .zip(noise)
+                .map(|(&m, zeta)| along * m + across * zeta)
+                .collect(),
+        }
+    }
+
+    /// The update `θ ← θ − lr·(u + wd·θ)` of one step, `u` from `d = Σᵢ (gᵢ/q)·zᵢ` (one
+    /// `(seed, g)` per direction) and the state.
     ///
     /// This is the only code that changes θ, in training and in replay alike; its f32 operations
     /// and their order define what "bit-exact replay" reproduces. Per element: the directions are
@@ -187,16 +286,20 @@ impl OptimizerState {
     pub fn apply(
         &mut self,
         theta: &mut LoraAdapter,
-        directions: &[(Perturbation, f32)],
+        projected: &[(u64, f32)],
         lr: f32,
         weight_decay: f32,
     ) {
-        if directions.is_empty() {
+        if projected.is_empty() {
             return;
         }
+        let directions: Vec<Direction> = projected
+            .iter()
+            .map(|&(seed, _)| self.direction(seed))
+            .collect();
         self.steps += 1;
-        let q = directions.len() as f32;
-        let scaled_grads: Vec<f32> = directions.iter().map(|&(_, g)| g / q).collect();
+        let q = projected.len() as f32;
+        let scaled_grads: Vec<f32> = projected.iter().map(|&(_, g)| g / q).collect();
         let moments = self.optimizer.state_per_value();
         if moments >= 1 && self.first.is_empty() {
             self.first = self.zeros_like(theta);
@@ -221,7 +324,7 @@ impl OptimizerState {
             }
             let zs: Vec<Vec<f32>> = directions
                 .iter()
-                .map(|(z, _)| z.noise(index).take(values.len()).collect())
+                .map(|&direction| self.direction_values(direction, index, values.len()))
                 .collect();
             for (j, value) in values.iter_mut().enumerate() {
                 let mut d = scaled_grads[0] * zs[0][j];
@@ -234,6 +337,11 @@ impl OptimizerState {
                         let m = &mut self.first[index][j];
                         *m = beta * *m + (1.0 - beta) * d;
                         *m
+                    }
+                    Optimizer::ConMezo { beta, .. } => {
+                        let m = &mut self.first[index][j];
+                        *m = beta * *m + (1.0 - beta) * d;
+                        d
                     }
                     Optimizer::Adam {
                         beta1,
@@ -289,7 +397,7 @@ mod tests {
     }
 
     /// One ZO-SGD update of all tensors.
-    fn sgd(theta: &mut LoraAdapter, directions: &[(Perturbation, f32)], lr: f32, wd: f32) {
+    fn sgd(theta: &mut LoraAdapter, directions: &[(u64, f32)], lr: f32, wd: f32) {
         OptimizerState::new(Optimizer::Sgd, TrainedTensors::All).apply(theta, directions, lr, wd);
     }
 
@@ -298,7 +406,7 @@ mod tests {
         let theta = adapter_with_nonzero_b(3);
         let (lr, g) = (1e-3f32, 0.75f32);
         let mut updated = theta.clone();
-        sgd(&mut updated, &[(Perturbation::new(11), g)], lr, 0.0);
+        sgd(&mut updated, &[(11, g)], lr, 0.0);
 
         // θ − lr·g·z with z drawn afresh from its own generator, independent of the optimizer.
         let mut expected = theta.clone();
@@ -315,13 +423,111 @@ mod tests {
     }
 
     #[test]
+    fn perturbed_is_theta_plus_scale_z_on_the_trained_tensors() {
+        let theta = adapter_with_nonzero_b(7);
+        let before = theta.clone();
+        let epsilon = 1e-3;
+        for trained in [TrainedTensors::All, TrainedTensors::LoraB] {
+            let state = OptimizerState::new(Optimizer::Sgd, trained);
+            let direction = state.direction(9);
+            let plus = state.perturbed(&theta, direction, epsilon);
+            let minus = state.perturbed(&theta, direction, -epsilon);
+            assert_eq!(theta, before, "θ itself must not move");
+            for (index, ((t, p), m)) in theta
+                .params()
+                .zip(plus.params())
+                .zip(minus.params())
+                .enumerate()
+            {
+                if !trained.includes(index) {
+                    assert_eq!((t, t), (p, m), "tensor {index} is not trained");
+                    continue;
+                }
+                let z = z(9, index, t.len());
+                for j in 0..t.len() {
+                    assert_eq!(p[j].to_bits(), (t[j] + epsilon * z[j]).to_bits());
+                    assert_eq!(m[j].to_bits(), (t[j] - epsilon * z[j]).to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conmezo_draws_its_directions_in_a_cone_around_the_momentum() {
+        let theta = adapter_with_nonzero_b(3);
+        let (beta, angle) = (0.5f32, 1.0f32);
+        let mut state =
+            OptimizerState::new(Optimizer::ConMezo { beta, angle }, TrainedTensors::All);
+        // Before any step the momentum is 0: z is the seed's noise, and the update is ZO-SGD's.
+        assert_eq!(
+            state.direction(1),
+            OptimizerState::new(Optimizer::Sgd, TrainedTensors::All).direction(1)
+        );
+        let mut updated = theta.clone();
+        let mut sgd = theta.clone();
+        state.apply(&mut updated, &[(1, 2.0)], 1e-2, 0.0);
+        OptimizerState::new(Optimizer::Sgd, TrainedTensors::All).apply(
+            &mut sgd,
+            &[(1, 2.0)],
+            1e-2,
+            0.0,
+        );
+        assert_eq!(bits(&updated), bits(&sgd));
+        // m = (1−β)·2·z₁, so the next direction is cos α·√n·z₁/|z₁| + sin α·ζ₂.
+        let lens: Vec<usize> = theta.params().map(<[f32]>::len).collect();
+        let z1: Vec<f64> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(index, &len)| z(1, index, len))
+            .map(f64::from)
+            .collect();
+        let zeta2: Vec<f64> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(index, &len)| z(2, index, len))
+            .map(f64::from)
+            .collect();
+        let n = z1.len() as f64;
+        let norm1 = z1.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let plus = state.perturbed(&theta, state.direction(2), 1.0);
+        let moved: Vec<f64> = plus
+            .params()
+            .zip(theta.params())
+            .flat_map(|(p, t)| p.iter().zip(t).map(|(p, t)| f64::from(p - t)))
+            .collect();
+        let angle = f64::from(angle);
+        for ((moved, z1), zeta2) in moved.iter().zip(&z1).zip(&zeta2) {
+            let expected = angle.cos() * n.sqrt() * z1 / norm1 + angle.sin() * zeta2;
+            assert!(
+                (moved - expected).abs() < 1e-5 * expected.abs().max(1.0),
+                "{moved} vs {expected}"
+            );
+        }
+        // The update regenerates that same z: θ − lr·g·z, and m moves on.
+        let mut again = updated.clone();
+        let mut replayed = state.clone();
+        replayed.apply(&mut again, &[(2, -1.0)], 1e-2, 0.0);
+        let z2: Vec<f32> = plus
+            .params()
+            .zip(theta.params())
+            .flat_map(|(p, t)| p.iter().zip(t).map(|(p, t)| p - t).collect::<Vec<_>>())
+            .collect();
+        let expected: Vec<f32> = updated
+            .params()
+            .flatten()
+            .zip(&z2)
+            .map(|(v, z)| v - 1e-2 * (-z))
+            .collect();
+        for (a, e) in again.params().flatten().zip(&expected) {
+            assert!((a - e).abs() < 1e-6, "{a} vs {e}");
+        }
+    }
+
+    #[test]
     fn update_averages_over_perturbations_and_decays_weights() {
         let theta = adapter_with_nonzero_b(3);
         let (lr, wd) = (1e-2f32, 0.1f32);
-        let directions = [
-            (Perturbation::new(1), 0.5f32),
-            (Perturbation::new(2), -2.0f32),
-        ];
+        let directions = [(1, 0.5f32), (2, -2.0f32)];
         let mut updated = theta.clone();
         sgd(&mut updated, &directions, lr, wd);
 
@@ -357,8 +563,8 @@ mod tests {
         let (lr, beta) = (1e-2f32, 0.5f32);
         let mut updated = theta.clone();
         let mut state = OptimizerState::new(Optimizer::Momentum { beta }, TrainedTensors::All);
-        state.apply(&mut updated, &[(Perturbation::new(1), 2.0)], lr, 0.0);
-        state.apply(&mut updated, &[(Perturbation::new(2), -1.0)], lr, 0.0);
+        state.apply(&mut updated, &[(1, 2.0)], lr, 0.0);
+        state.apply(&mut updated, &[(2, -1.0)], lr, 0.0);
         assert_eq!(state.steps(), 2);
 
         let mut expected = theta.clone();
@@ -385,7 +591,7 @@ mod tests {
             epsilon: 1e-8,
         };
         let mut state = OptimizerState::new(optimizer, TrainedTensors::All);
-        state.apply(&mut updated, &[(Perturbation::new(4), 0.3)], lr, 0.0);
+        state.apply(&mut updated, &[(4, 0.3)], lr, 0.0);
         // Bias-corrected, m̂ = d and v̂ = d², so u = d/(|d| + ε) = ±1 up to ε/|d|.
         for (index, (before, after)) in theta.params().zip(updated.params()).enumerate() {
             let z = z(4, index, before.len());
@@ -402,7 +608,7 @@ mod tests {
         let theta = adapter_with_nonzero_b(3);
         let mut updated = theta.clone();
         let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::LoraB);
-        state.apply(&mut updated, &[(Perturbation::new(5), 1.0)], 1e-2, 0.1);
+        state.apply(&mut updated, &[(5, 1.0)], 1e-2, 0.1);
         for (index, (before, after)) in theta.params().zip(updated.params()).enumerate() {
             if index % 2 == 0 {
                 assert_eq!(before, after, "A (tensor {index}) must not move");
@@ -431,6 +637,14 @@ mod tests {
             adam.validate().unwrap_err().to_string(),
             "`optimizer.epsilon` must be a finite number > 0 (given 0)"
         );
+        let flat = Optimizer::ConMezo {
+            beta: 0.9,
+            angle: 2.0,
+        };
+        assert_eq!(
+            flat.validate().unwrap_err().to_string(),
+            "`optimizer.angle` must be in (0, π/2] radians (given 2)"
+        );
     }
 
     #[test]
@@ -447,6 +661,13 @@ mod tests {
                 beta1: 0.8,
                 beta2: 0.999,
                 epsilon: 1e-8
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"conmezo"}"#).unwrap(),
+            Optimizer::ConMezo {
+                beta: 0.9,
+                angle: 1.3
             }
         );
         let unknown = parse(r#"{"type":"lion"}"#).unwrap_err().to_string();

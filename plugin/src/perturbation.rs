@@ -1,22 +1,17 @@
-//! MeZO's random directions z, and building θ ± εz from them (the update is [`crate::optimizer`]'s).
+//! MeZO's random directions: the seeded noise every direction z is made of (θ ± εz and the
+//! update are [`crate::optimizer`]'s, which also bends z towards the momentum for ConMeZO).
 //!
 //! z is never stored. For a step seed `s`, the values of z for the adapter's tensor number `t`
-//! (in [`LoraAdapter::params`] order) are the standard normal draws of a ChaCha20 generator keyed
+//! (in [`adapters::LoraAdapter::params`] order) are the standard normal draws of a ChaCha20 generator keyed
 //! by `s` and switched to stream `t`: a counter-based generator, so the same (seed, tensor) gives
 //! the same values bit for bit in any order of visiting the tensors, and the update regenerates
 //! exactly the z that the perturbation used. (Across platforms, only the ziggurat's rare tail draws
 //! go through `f64::ln`, whose last bit is the platform's.) Changing this generator breaks the
 //! replay of every stored step log, which is what `noise_values_are_pinned` guards.
-//!
-//! The perturbed adapters are new copies; θ itself is never perturbed and restored (the paper's
-//! in-place +ε, −2ε, +ε round trip does not give θ back exactly), so serving can keep reading it.
 
-use adapters::LoraAdapter;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::StandardNormal;
-
-use crate::optimizer::TrainedTensors;
 
 /// The direction z of one MeZO perturbation, identified by its seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,31 +31,11 @@ impl Perturbation {
         rng.set_stream(tensor_index as u64);
         std::iter::repeat_with(move || rng.sample(StandardNormal))
     }
-
-    /// `θ + scale·z` as a new adapter (θ−εz is `scale` = −ε), z zero on the tensors not
-    /// `trained`; `theta` is left untouched.
-    pub fn perturbed(
-        self,
-        theta: &LoraAdapter,
-        scale: f32,
-        trained: TrainedTensors,
-    ) -> LoraAdapter {
-        let mut perturbed = theta.clone();
-        let tensors = perturbed.params_mut().enumerate();
-        for (index, values) in tensors.filter(|(index, _)| trained.includes(*index)) {
-            for (value, z) in values.iter_mut().zip(self.noise(index)) {
-                *value += scale * z;
-            }
-        }
-        perturbed
-    }
 }
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
-    use crate::test_support::adapter_with_nonzero_b;
 
     #[test]
     fn noise_is_a_function_of_seed_and_tensor_only() {
@@ -109,28 +84,5 @@ mod tests {
         // Standard errors: 1/√n ≈ 0.007 for the mean, √(2/n) ≈ 0.01 for the variance.
         assert!(mean.abs() < 0.03, "mean {mean}");
         assert!((var - 1.0).abs() < 0.05, "variance {var}");
-    }
-
-    #[test]
-    fn perturbed_pair_is_theta_plus_and_minus_epsilon_z() {
-        let theta = adapter_with_nonzero_b(7);
-        let before = theta.clone();
-        let epsilon = 1e-3;
-        let z = Perturbation::new(9);
-        let plus = z.perturbed(&theta, epsilon, TrainedTensors::All);
-        let minus = z.perturbed(&theta, -epsilon, TrainedTensors::All);
-        assert_eq!(theta, before, "θ itself must not move");
-        for (index, ((t, p), m)) in theta
-            .params()
-            .zip(plus.params())
-            .zip(minus.params())
-            .enumerate()
-        {
-            let z: Vec<f32> = Perturbation::new(9).noise(index).take(t.len()).collect();
-            for j in 0..t.len() {
-                assert_eq!(p[j].to_bits(), (t[j] + epsilon * z[j]).to_bits());
-                assert_eq!(m[j].to_bits(), (t[j] - epsilon * z[j]).to_bits());
-            }
-        }
     }
 }

@@ -15,7 +15,6 @@ use adapters::LoraAdapter;
 use serde::{Deserialize, Serialize};
 
 use crate::optimizer::{Optimizer, OptimizerState, TrainedTensors};
-use crate::perturbation::Perturbation;
 use crate::spsa::Estimator;
 use crate::{Result, TrainError};
 
@@ -97,13 +96,13 @@ impl StepRecord {
                 state.trained()
             )));
         }
-        let directions: Vec<(Perturbation, f32)> = self
+        let projected: Vec<(u64, f32)> = self
             .seeds
             .iter()
-            .zip(&self.projected_grads)
-            .map(|(&seed, &g)| (Perturbation::new(seed), g))
+            .copied()
+            .zip(self.projected_grads.iter().copied())
             .collect();
-        state.apply(theta, &directions, self.lr, self.weight_decay);
+        state.apply(theta, &projected, self.lr, self.weight_decay);
         Ok(())
     }
 }

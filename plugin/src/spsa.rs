@@ -27,8 +27,7 @@
 use adapters::LoraAdapter;
 use serde::{Deserialize, Serialize};
 
-use crate::optimizer::{Optimizer, OptimizerState, TrainedTensors};
-use crate::perturbation::Perturbation;
+use crate::optimizer::OptimizerState;
 use crate::{DynEngine, Objective, Result, StepRecord, TrainError, TrainingExample};
 
 /// How the adapters of a step are evaluated.
@@ -115,10 +114,6 @@ pub struct SpsaStep {
     pub max_projected_grad: Option<f32>,
     pub eval_mode: EvalMode,
     pub estimator: Estimator,
-    /// The run's optimizer, named in the record ([`Self::run`] applies it).
-    pub optimizer: Optimizer,
-    /// The tensors perturbed (the others keep z = 0).
-    pub trained_tensors: TrainedTensors,
     /// Each seed's direction is evaluated on its own share of the batch (consecutive, equal
     /// shares) instead of on all of it.
     pub split_batch: bool,
@@ -132,13 +127,15 @@ struct Estimate {
 }
 
 impl SpsaStep {
-    /// Evaluates the perturbed losses and returns the step's record, leaving `theta` unchanged;
-    /// [`StepRecord::apply`] then performs the update.
+    /// Evaluates the perturbed losses and returns the step's record, leaving `theta` and the
+    /// run's optimizer `state` unchanged (the state gives the directions and the tensors they
+    /// perturb); [`StepRecord::apply`] then performs the update.
     pub fn estimate(
         &self,
         engine: &dyn DynEngine,
         objective: &dyn Objective,
         theta: &LoraAdapter,
+        state: &OptimizerState,
         batch: &[&TrainingExample],
     ) -> Result<StepRecord> {
         if self.seeds.is_empty() {
@@ -158,8 +155,8 @@ impl SpsaStep {
             self.seeds.len(),
         )?;
         let mut estimate = match self.estimator {
-            Estimator::Central => self.central(engine, objective, theta, batch, share)?,
-            Estimator::Fzoo => self.fzoo(engine, objective, theta, batch)?,
+            Estimator::Central => self.central(engine, objective, theta, state, batch, share)?,
+            Estimator::Fzoo => self.fzoo(engine, objective, theta, state, batch)?,
         };
         if let Some(max) = self.max_projected_grad {
             for g in &mut estimate.projected_grads {
@@ -175,13 +172,12 @@ impl SpsaStep {
             loss_plus: estimate.loss_plus as f32,
             loss_minus: estimate.loss_minus as f32,
             estimator: self.estimator,
-            optimizer: self.optimizer,
-            trained_tensors: self.trained_tensors,
+            optimizer: state.optimizer(),
+            trained_tensors: state.trained(),
         })
     }
 
-    /// [`Self::estimate`], then the update of `theta` by the optimizer of `state` (which must be
-    /// this step's optimizer).
+    /// [`Self::estimate`], then the update of `theta` by the optimizer of `state`.
     pub fn run(
         &self,
         engine: &dyn DynEngine,
@@ -190,7 +186,7 @@ impl SpsaStep {
         state: &mut OptimizerState,
         batch: &[&TrainingExample],
     ) -> Result<StepRecord> {
-        let record = self.estimate(engine, objective, theta, batch)?;
+        let record = self.estimate(engine, objective, theta, state, batch)?;
         record.apply(theta, state)?;
         Ok(record)
     }
@@ -201,6 +197,7 @@ impl SpsaStep {
         engine: &dyn DynEngine,
         objective: &dyn Objective,
         theta: &LoraAdapter,
+        state: &OptimizerState,
         batch: &[&TrainingExample],
         share: usize,
     ) -> Result<Estimate> {
@@ -208,10 +205,10 @@ impl SpsaStep {
             .seeds
             .iter()
             .map(|&seed| {
-                let z = Perturbation::new(seed);
+                let z = state.direction(seed);
                 [
-                    z.perturbed(theta, self.epsilon, self.trained_tensors),
-                    z.perturbed(theta, -self.epsilon, self.trained_tensors),
+                    state.perturbed(theta, z, self.epsilon),
+                    state.perturbed(theta, z, -self.epsilon),
                 ]
             })
             .collect();
@@ -257,14 +254,13 @@ impl SpsaStep {
         engine: &dyn DynEngine,
         objective: &dyn Objective,
         theta: &LoraAdapter,
+        state: &OptimizerState,
         batch: &[&TrainingExample],
     ) -> Result<Estimate> {
         let perturbed: Vec<LoraAdapter> = self
             .seeds
             .iter()
-            .map(|&seed| {
-                Perturbation::new(seed).perturbed(theta, self.epsilon, self.trained_tensors)
-            })
+            .map(|&seed| state.perturbed(theta, state.direction(seed), self.epsilon))
             .collect();
         let adapters: Vec<&LoraAdapter> = std::iter::once(theta).chain(&perturbed).collect();
         let losses = self.losses(engine, objective, &adapters, batch)?;
@@ -353,6 +349,7 @@ mod tests {
     use adapters::{LoraConfig, ModelDims};
 
     use super::*;
+    use crate::perturbation::Perturbation;
     use crate::{ExampleKind, LogProbs, ScoreRequest, ZoEngine};
 
     /// L(θ) = slope·θ₀ (θ₀: the adapter's first value), with no engine involved: the projected
@@ -430,10 +427,12 @@ mod tests {
             max_projected_grad,
             eval_mode: EvalMode::OneForward,
             estimator: Estimator::Central,
-            optimizer: Optimizer::Sgd,
-            trained_tensors: TrainedTensors::All,
             split_batch: false,
         }
+    }
+
+    fn sgd() -> OptimizerState {
+        OptimizerState::new(crate::Optimizer::Sgd, crate::TrainedTensors::All)
     }
 
     fn first_z(seed: u64) -> f32 {
@@ -444,7 +443,7 @@ mod tests {
     fn projected_gradient_is_the_central_difference_along_z() {
         let theta = theta();
         let record = step(vec![1, 2], None)
-            .estimate(&NoEngine, &Linear { slope: 3.0 }, &theta, &[])
+            .estimate(&NoEngine, &Linear { slope: 3.0 }, &theta, &sgd(), &[])
             .unwrap();
         for (g, seed) in record.projected_grads.iter().zip([1, 2]) {
             let expected = 3.0 * first_z(seed);
@@ -464,7 +463,7 @@ mod tests {
     fn clipping_bounds_the_projected_gradient_keeping_its_sign() {
         let theta = theta();
         let record = step(vec![1, 2, 3, 4], Some(0.5))
-            .estimate(&NoEngine, &Linear { slope: 1e3 }, &theta, &[])
+            .estimate(&NoEngine, &Linear { slope: 1e3 }, &theta, &sgd(), &[])
             .unwrap();
         let expected: Vec<f32> = (1..=4).map(|s| 0.5 * first_z(s).signum()).collect();
         assert_eq!(record.projected_grads, expected);
@@ -489,7 +488,7 @@ mod tests {
         let theta0 = f64::from(theta.params().next().unwrap()[0]);
         for slope in [3.0, 300.0] {
             let record = fzoo(seeds.clone())
-                .estimate(&NoEngine, &Linear { slope }, &theta, &[])
+                .estimate(&NoEngine, &Linear { slope }, &theta, &sgd(), &[])
                 .unwrap();
             for (g, z) in record.projected_grads.iter().zip(&zs) {
                 let expected = z / spread;
@@ -508,7 +507,7 @@ mod tests {
         }
         // Losses that no direction changes: no update.
         let record = fzoo(seeds)
-            .estimate(&NoEngine, &Linear { slope: 0.0 }, &theta, &[])
+            .estimate(&NoEngine, &Linear { slope: 0.0 }, &theta, &sgd(), &[])
             .unwrap();
         assert_eq!(record.projected_grads, [0.0; 4]);
     }
@@ -519,7 +518,7 @@ mod tests {
             split_batch: true,
             ..fzoo(vec![1, 2])
         }
-        .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta(), &[])
+        .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta(), &sgd(), &[])
         .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -537,7 +536,7 @@ mod tests {
                 &NoEngine,
                 &Linear { slope: f64::NAN },
                 &mut theta,
-                &mut OptimizerState::new(Default::default(), TrainedTensors::All),
+                &mut sgd(),
                 &[],
             )
             .unwrap_err();
@@ -597,7 +596,7 @@ mod tests {
             ..step(vec![1, 2, 3], None)
         };
         let record = split
-            .estimate(&NoEngine, &recorder, &theta, &batch)
+            .estimate(&NoEngine, &recorder, &theta, &sgd(), &batch)
             .unwrap();
         assert_eq!(record.projected_grads.len(), 3);
         assert_eq!(
@@ -607,7 +606,7 @@ mod tests {
         // Shared: every direction sees the whole batch.
         let recorder = BatchRecorder::default();
         step(vec![1, 2], None)
-            .estimate(&NoEngine, &recorder, &theta, &batch)
+            .estimate(&NoEngine, &recorder, &theta, &sgd(), &batch)
             .unwrap();
         assert!(recorder
             .batches
@@ -620,7 +619,7 @@ mod tests {
             split_batch: true,
             ..step(vec![1, 2, 3, 4], None)
         }
-        .estimate(&NoEngine, &BatchRecorder::default(), &theta, &batch)
+        .estimate(&NoEngine, &BatchRecorder::default(), &theta, &sgd(), &batch)
         .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -632,7 +631,7 @@ mod tests {
     fn a_step_needs_a_seed_and_a_positive_epsilon() {
         let theta = theta();
         let err = step(vec![], None)
-            .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta, &[])
+            .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta, &sgd(), &[])
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -642,7 +641,7 @@ mod tests {
             epsilon: -1.0,
             ..step(vec![1], None)
         }
-        .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta, &[])
+        .estimate(&NoEngine, &Linear { slope: 1.0 }, &theta, &sgd(), &[])
         .unwrap_err();
         assert_eq!(
             err.to_string(),

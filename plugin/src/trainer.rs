@@ -382,8 +382,6 @@ impl Trainer {
             max_projected_grad: self.config.max_projected_grad,
             eval_mode: self.config.eval_mode,
             estimator: self.config.estimator,
-            optimizer: self.config.optimizer,
-            trained_tensors: self.config.trained_tensors,
             split_batch: self.config.split_batch,
         };
         let record = spsa.run(

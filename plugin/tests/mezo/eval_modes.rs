@@ -6,8 +6,8 @@
 
 use plugin::objectives::{Classification, Completion, TokenF1};
 use plugin::{
-    Estimator, EvalMode, Objective, Optimizer, SpsaStep, StepRecord, TrainedTensors,
-    TrainingExample,
+    Estimator, EvalMode, Objective, Optimizer, OptimizerState, SpsaStep, StepRecord,
+    TrainedTensors, TrainingExample,
 };
 
 use crate::gradient::completion_examples;
@@ -30,12 +30,11 @@ fn estimate(
         max_projected_grad: None,
         eval_mode,
         estimator,
-        optimizer: Optimizer::Sgd,
-        trained_tensors: TrainedTensors::All,
         split_batch: false,
     };
     let batch: Vec<_> = examples.iter().collect();
-    step.estimate(model, objective, &adapter_with_nonzero_b(5), &batch)
+    let state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
+    step.estimate(model, objective, &adapter_with_nonzero_b(5), &state, &batch)
         .unwrap()
 }
 

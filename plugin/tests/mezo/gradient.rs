@@ -104,6 +104,7 @@ fn measure(trained_tensors: TrainedTensors) -> Measured {
         .into_iter()
         .map(f64::from)
         .collect();
+    let state = OptimizerState::new(Optimizer::Sgd, trained_tensors);
     let projected = (0..N)
         .map(|seed| {
             let step = SpsaStep {
@@ -115,11 +116,11 @@ fn measure(trained_tensors: TrainedTensors) -> Measured {
                 max_projected_grad: None,
                 eval_mode: EvalMode::OneForward,
                 estimator: Estimator::Central,
-                optimizer: Optimizer::Sgd,
-                trained_tensors,
                 split_batch: false,
             };
-            let record = step.estimate(&model, &Completion, &theta, &batch).unwrap();
+            let record = step
+                .estimate(&model, &Completion, &theta, &state, &batch)
+                .unwrap();
             (seed, record.projected_grads[0])
         })
         .collect();
@@ -185,12 +186,7 @@ fn summed_updates(measured: &Measured, optimizer: Optimizer, trained: TrainedTen
     }
     let mut state = OptimizerState::new(optimizer, trained);
     for &(seed, g) in &measured.projected {
-        state.apply(
-            &mut moved,
-            &[(Perturbation::new(seed), g)],
-            1.0 / N as f32,
-            0.0,
-        );
+        state.apply(&mut moved, &[(seed, g)], 1.0 / N as f32, 0.0);
     }
     moved.params().flatten().map(|v| -f64::from(*v)).collect()
 }
@@ -270,11 +266,11 @@ fn split_batch_directions_average_to_the_true_gradient() {
             max_projected_grad: None,
             eval_mode: EvalMode::OneForward,
             estimator: Estimator::Central,
-            optimizer: Optimizer::Sgd,
-            trained_tensors: TrainedTensors::All,
             split_batch: true,
         };
-        let record = spsa.estimate(&model, &Completion, &theta, &batch).unwrap();
+        let record = spsa
+            .estimate(&model, &Completion, &theta, &state, &batch)
+            .unwrap();
         record.apply(&mut moved, &mut state).unwrap();
     }
     let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
@@ -329,17 +325,111 @@ fn fzoo_steps_move_along_the_true_gradient() {
             max_projected_grad: None,
             eval_mode: EvalMode::OneForward,
             estimator: Estimator::Fzoo,
-            optimizer: Optimizer::Sgd,
-            trained_tensors: TrainedTensors::All,
             split_batch: false,
         };
-        let record = fzoo.estimate(&model, &Completion, &theta, &batch).unwrap();
+        let record = fzoo
+            .estimate(&model, &Completion, &theta, &state, &batch)
+            .unwrap();
         // Normalised: of order 1 whatever the loss's scale, and never beyond 2√N.
         assert!(
             record.projected_grads.iter().all(|g| g.abs() <= 4.0),
             "{record:?}"
         );
         record.apply(&mut moved, &mut state).unwrap();
+    }
+    let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
+    let cos = cosine(&direction, &gradient);
+    assert!(cos > 0.9, "cos(Σu, ∇L) = {cos}");
+}
+
+/// The adapter of `theta`'s shape with every value 0.
+fn zeros_like(theta: &LoraAdapter) -> LoraAdapter {
+    let mut zeros = theta.clone();
+    for values in zeros.params_mut() {
+        values.fill(0.0);
+    }
+    zeros
+}
+
+#[test]
+fn conmezo_estimates_follow_the_gradient_stretched_along_the_momentum() {
+    // With z = cos α·√n·m̂ + sin α·ζ, E[g·z] = E[z zᵀ]·∇L = (sin²α·I + cos²α·n·m̂m̂ᵀ)·∇L. At a
+    // fixed θ and a fixed state (m from 50 steps), 2000 seeds must average to that vector, and a
+    // run whose state moves on must still step along −∇L.
+    let model = TinyModel::new(1);
+    let theta = adapter_with_nonzero_b(2);
+    let examples = completion_examples();
+    let batch: Vec<_> = examples.iter().collect();
+    let gradient: Vec<f64> = model
+        .completion_gradient(&token_pairs(&examples), &theta)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let angle = 1.2f32;
+    let step = |index: u64| SpsaStep {
+        step: index,
+        seeds: vec![index],
+        epsilon: 1e-3,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        max_projected_grad: None,
+        eval_mode: EvalMode::OneForward,
+        estimator: Estimator::Central,
+        split_batch: false,
+    };
+    let mut state =
+        OptimizerState::new(Optimizer::ConMezo { beta: 0.9, angle }, TrainedTensors::All);
+    let mut moved = zeros_like(&theta);
+    for index in 0..N {
+        let record = step(index)
+            .estimate(&model, &Completion, &theta, &state, &batch)
+            .unwrap();
+        record.apply(&mut moved, &mut state).unwrap();
+        if index == 49 {
+            // The expectation at this state.
+            let zero = zeros_like(&theta);
+            let n = theta.num_params();
+            let mut mean = vec![0f64; n];
+            for seed in 0..N {
+                let seed = seed + 1_000_000;
+                let g = step(seed)
+                    .estimate(&model, &Completion, &theta, &state, &batch)
+                    .unwrap()
+                    .projected_grads[0];
+                let z = state.perturbed(&zero, state.direction(seed), 1.0);
+                for (m, z) in mean.iter_mut().zip(z.params().flatten()) {
+                    *m += f64::from(g) * f64::from(*z) / N as f64;
+                }
+            }
+            let axis = state.perturbed(&zero, state.direction(u64::MAX), 0.0);
+            assert_eq!(axis, zero, "scale 0 moves nothing");
+            // m̂ from two directions: z(seed) − sin α·ζ(seed) = cos α·√n·m̂.
+            let z = state.perturbed(&zero, state.direction(7), 1.0);
+            let plain = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
+            let zeta = plain.perturbed(&zero, plain.direction(7), 1.0);
+            let along: Vec<f64> = z
+                .params()
+                .flatten()
+                .zip(zeta.params().flatten())
+                .map(|(z, zeta)| f64::from(*z) - f64::from(angle.sin()) * f64::from(*zeta))
+                .collect();
+            let m_hat: Vec<f64> = along
+                .iter()
+                .map(|v| v / dot(&along, &along).sqrt())
+                .collect();
+            let (cos2, sin2) = (
+                f64::from(angle.cos()).powi(2),
+                f64::from(angle.sin()).powi(2),
+            );
+            let projection = dot(&m_hat, &gradient);
+            let expected: Vec<f64> = gradient
+                .iter()
+                .zip(&m_hat)
+                .map(|(g, m)| sin2 * g + cos2 * n as f64 * projection * m)
+                .collect();
+            let cos = cosine(&mean, &expected);
+            assert!(cos > 0.9, "cos(mean g·z, E[z zᵀ]·∇L) = {cos}");
+        }
     }
     let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
     let cos = cosine(&direction, &gradient);

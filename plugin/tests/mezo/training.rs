@@ -123,7 +123,7 @@ fn busy_config(max_steps: u64) -> TrainerConfig {
 
 /// The optimizers a run can take, with the tensors they train: every test of replay and resume
 /// runs with each.
-fn optimizer_variants() -> [(Optimizer, TrainedTensors); 4] {
+fn optimizer_variants() -> [(Optimizer, TrainedTensors); 5] {
     [
         (Optimizer::Sgd, TrainedTensors::All),
         (Optimizer::Sgd, TrainedTensors::LoraB),
@@ -133,6 +133,13 @@ fn optimizer_variants() -> [(Optimizer, TrainedTensors); 4] {
                 beta1: 0.9,
                 beta2: 0.99,
                 epsilon: 1e-8,
+            },
+            TrainedTensors::All,
+        ),
+        (
+            Optimizer::ConMezo {
+                beta: 0.9,
+                angle: 1.3,
             },
             TrainedTensors::All,
         ),
