@@ -16,6 +16,11 @@
 //! Adam divides each element by √v̂ ≈ the spread of g·zⱼ, which is about |∇| for every element,
 //! so its sum too is the estimates' sum rescaled. With only the B tensors perturbed, the estimate
 //! must point along the B part of ∇L (d = 64, cos ≈ 0.985) and A must not move.
+//!
+//! The estimators and optimizers that change the directions themselves are run as steps at the
+//! fixed θ, the state moving on: P-RGE's split batch, FZOO's normalised one-sided differences,
+//! and ConMeZO, whose mean g·z must be the gradient stretched along the momentum it samples
+//! around.
 
 use adapters::LoraAdapter;
 use plugin::objectives::Completion;
@@ -235,111 +240,71 @@ fn lora_b_estimates_point_along_the_gradient_of_b_and_leave_a_alone() {
     }
 }
 
-#[test]
-fn split_batch_directions_average_to_the_true_gradient() {
-    // P-RGE: 4 directions per step, each on one of the 4 examples; 500 steps give 2000
-    // directions. Each measures one example's gradient ∇Lᵦ, whose mean is ∇L; the noise grows
-    // with r = mean |∇Lᵦ|² / |∇L|², so cos ≈ √(N/(N + (d−1)·r)).
-    let model = TinyModel::new(1);
-    let theta = adapter_with_nonzero_b(2);
-    let examples = completion_examples();
-    let batch: Vec<_> = examples.iter().collect();
-    let gradient: Vec<f64> = model
-        .completion_gradient(&token_pairs(&examples), &theta)
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    let lens: Vec<usize> = theta.params().map(<[f32]>::len).collect();
-    let mut moved = theta.clone();
-    for values in moved.params_mut() {
-        values.fill(0.0);
+/// A step of the tiny model's tests: `seeds`, ε 1e-3, `estimator`, the batch split or not.
+fn spsa_step(step: u64, seeds: Vec<u64>, estimator: Estimator, split_batch: bool) -> SpsaStep {
+    SpsaStep {
+        step,
+        seeds,
+        epsilon: 1e-3,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        max_projected_grad: None,
+        eval_mode: EvalMode::OneForward,
+        estimator,
+        split_batch,
     }
-    let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
-    let steps = N / 4;
-    for step in 0..steps {
-        let spsa = SpsaStep {
-            step,
-            seeds: (0..4).map(|i| step * 4 + i).collect(),
-            epsilon: 1e-3,
-            lr: 1e-3,
-            weight_decay: 0.0,
-            max_projected_grad: None,
-            eval_mode: EvalMode::OneForward,
-            estimator: Estimator::Central,
-            split_batch: true,
-        };
-        let record = spsa
-            .estimate(&model, &Completion, &theta, &state, &batch)
-            .unwrap();
-        record.apply(&mut moved, &mut state).unwrap();
-    }
-    let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
-    let d = lens.iter().sum::<usize>();
-    assert_eq!(direction.len(), d);
-    let per_example_norms: f64 = (0..examples.len())
-        .map(|b| {
-            let g: Vec<f64> = model
-                .completion_gradient(&token_pairs(&examples[b..=b]), &theta)
-                .into_iter()
-                .map(f64::from)
-                .collect();
-            dot(&g, &g)
-        })
-        .sum::<f64>()
-        / examples.len() as f64;
-    let r = per_example_norms / dot(&gradient, &gradient);
-    let expected = (N as f64 / (N as f64 + (d as f64 - 1.0) * r)).sqrt();
-    let cos = cosine(&direction, &gradient);
-    assert!(
-        cos > expected - 0.04,
-        "cos(Σu, ∇L) = {cos}, expected ≈ {expected} (r = {r})"
-    );
 }
 
-#[test]
-fn fzoo_steps_move_along_the_true_gradient() {
-    // 500 steps of N = 4 one-sided directions against the baseline L(θ): 2000 directions, each
-    // gᵢ = (Lᵢ − L₀)/σ ≈ (zᵢ·∇)/|∇| up to the spread's own noise, so the summed updates point
-    // along ∇L about as well as 2000 central differences do (cos ≈ 0.97).
-    let model = TinyModel::new(1);
-    let theta = adapter_with_nonzero_b(2);
-    let examples = completion_examples();
-    let batch: Vec<_> = examples.iter().collect();
-    let gradient: Vec<f64> = model
-        .completion_gradient(&token_pairs(&examples), &theta)
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    let mut moved = theta.clone();
-    for values in moved.params_mut() {
-        values.fill(0.0);
+/// Steps estimated at one fixed θ of the tiny model, their updates collected by an adapter that
+/// starts at zero while the optimizer's state moves on as in a run.
+struct FixedTheta {
+    model: TinyModel,
+    theta: LoraAdapter,
+    examples: Vec<TrainingExample>,
+    /// ∇L at θ on all the examples, flattened.
+    gradient: Vec<f64>,
+}
+
+impl FixedTheta {
+    fn new() -> Self {
+        let model = TinyModel::new(1);
+        let theta = adapter_with_nonzero_b(2);
+        let examples = completion_examples();
+        let gradient = model
+            .completion_gradient(&token_pairs(&examples), &theta)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Self {
+            model,
+            theta,
+            examples,
+            gradient,
+        }
     }
-    let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
-    for step in 0..N / 4 {
-        let fzoo = SpsaStep {
-            step,
-            seeds: (0..4).map(|i| step * 4 + i).collect(),
-            epsilon: 1e-3,
-            lr: 1e-3,
-            weight_decay: 0.0,
-            max_projected_grad: None,
-            eval_mode: EvalMode::OneForward,
-            estimator: Estimator::Fzoo,
-            split_batch: false,
-        };
-        let record = fzoo
-            .estimate(&model, &Completion, &theta, &state, &batch)
-            .unwrap();
-        // Normalised: of order 1 whatever the loss's scale, and never beyond 2√N.
-        assert!(
-            record.projected_grads.iter().all(|g| g.abs() <= 4.0),
-            "{record:?}"
-        );
-        record.apply(&mut moved, &mut state).unwrap();
+
+    fn estimate(&self, step: &SpsaStep, state: &OptimizerState) -> plugin::StepRecord {
+        let batch: Vec<_> = self.examples.iter().collect();
+        step.estimate(&self.model, &Completion, &self.theta, state, &batch)
+            .unwrap()
     }
-    let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
-    let cos = cosine(&direction, &gradient);
-    assert!(cos > 0.9, "cos(Σu, ∇L) = {cos}");
+
+    /// −(the sum of the updates of `steps`), flattened; `inspect` sees each record and the state
+    /// after it.
+    fn summed_updates(
+        &self,
+        state: &mut OptimizerState,
+        steps: impl Iterator<Item = SpsaStep>,
+        mut inspect: impl FnMut(&plugin::StepRecord, &OptimizerState),
+    ) -> Vec<f64> {
+        let mut moved = zeros_like(&self.theta);
+        for step in steps {
+            let record = self.estimate(&step, state);
+            record.apply(&mut moved, state).unwrap();
+            inspect(&record, state);
+        }
+        moved.params().flatten().map(|v| -f64::from(*v)).collect()
+    }
 }
 
 /// The adapter of `theta`'s shape with every value 0.
@@ -352,86 +317,119 @@ fn zeros_like(theta: &LoraAdapter) -> LoraAdapter {
 }
 
 #[test]
+fn split_batch_directions_average_to_the_true_gradient() {
+    // P-RGE: 4 directions per step, each on one of the 4 examples; 500 steps give 2000
+    // directions. Each measures one example's gradient ∇Lᵦ, whose mean is ∇L; the noise grows
+    // with r = mean |∇Lᵦ|² / |∇L|², so cos ≈ √(N/(N + (d−1)·r)).
+    let fixed = FixedTheta::new();
+    let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
+    let steps = (0..N / 4).map(|step| {
+        let seeds = (0..4).map(|i| step * 4 + i).collect();
+        spsa_step(step, seeds, Estimator::Central, true)
+    });
+    let direction = fixed.summed_updates(&mut state, steps, |_, _| {});
+    let d = fixed.theta.num_params();
+    assert_eq!(direction.len(), d);
+    let per_example_norms: f64 = (0..fixed.examples.len())
+        .map(|b| {
+            let g: Vec<f64> = fixed
+                .model
+                .completion_gradient(&token_pairs(&fixed.examples[b..=b]), &fixed.theta)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            dot(&g, &g)
+        })
+        .sum::<f64>()
+        / fixed.examples.len() as f64;
+    let r = per_example_norms / dot(&fixed.gradient, &fixed.gradient);
+    let expected = (N as f64 / (N as f64 + (d as f64 - 1.0) * r)).sqrt();
+    let cos = cosine(&direction, &fixed.gradient);
+    assert!(
+        cos > expected - 0.04,
+        "cos(Σu, ∇L) = {cos}, expected ≈ {expected} (r = {r})"
+    );
+}
+
+#[test]
+fn fzoo_steps_move_along_the_true_gradient() {
+    // 500 steps of N = 4 one-sided directions against the baseline L(θ): 2000 directions, each
+    // gᵢ = (Lᵢ − L₀)/σ ≈ (zᵢ·∇)/|∇| up to the spread's own noise, so the summed updates point
+    // along ∇L about as well as 2000 central differences do (cos ≈ 0.97).
+    let fixed = FixedTheta::new();
+    let mut state = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
+    let steps = (0..N / 4).map(|step| {
+        let seeds = (0..4).map(|i| step * 4 + i).collect();
+        spsa_step(step, seeds, Estimator::Fzoo, false)
+    });
+    let direction = fixed.summed_updates(&mut state, steps, |record, _| {
+        // Normalised: of order 1 whatever the loss's scale, and never beyond 2√N.
+        assert!(
+            record.projected_grads.iter().all(|g| g.abs() <= 4.0),
+            "{record:?}"
+        );
+    });
+    let cos = cosine(&direction, &fixed.gradient);
+    assert!(cos > 0.9, "cos(Σu, ∇L) = {cos}");
+}
+
+#[test]
 fn conmezo_estimates_follow_the_gradient_stretched_along_the_momentum() {
     // With z = cos α·√n·m̂ + sin α·ζ, E[g·z] = E[z zᵀ]·∇L = (sin²α·I + cos²α·n·m̂m̂ᵀ)·∇L. At a
-    // fixed θ and a fixed state (m from 50 steps), 2000 seeds must average to that vector, and a
-    // run whose state moves on must still step along −∇L.
-    let model = TinyModel::new(1);
-    let theta = adapter_with_nonzero_b(2);
-    let examples = completion_examples();
-    let batch: Vec<_> = examples.iter().collect();
-    let gradient: Vec<f64> = model
-        .completion_gradient(&token_pairs(&examples), &theta)
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    // fixed θ and a fixed state (m from 50 steps), 2000 seeds must average to that vector (an
+    // isotropic z would give ∇L itself, cos ≈ 0.45 with it here), and a run whose state moves on
+    // must still step along −∇L.
+    let fixed = FixedTheta::new();
     let angle = 1.2f32;
-    let step = |index: u64| SpsaStep {
-        step: index,
-        seeds: vec![index],
-        epsilon: 1e-3,
-        lr: 1e-3,
-        weight_decay: 0.0,
-        max_projected_grad: None,
-        eval_mode: EvalMode::OneForward,
-        estimator: Estimator::Central,
-        split_batch: false,
-    };
     let mut state =
         OptimizerState::new(Optimizer::ConMezo { beta: 0.9, angle }, TrainedTensors::All);
-    let mut moved = zeros_like(&theta);
-    for index in 0..N {
-        let record = step(index)
-            .estimate(&model, &Completion, &theta, &state, &batch)
-            .unwrap();
-        record.apply(&mut moved, &mut state).unwrap();
-        if index == 49 {
-            // The expectation at this state.
-            let zero = zeros_like(&theta);
-            let n = theta.num_params();
-            let mut mean = vec![0f64; n];
-            for seed in 0..N {
-                let seed = seed + 1_000_000;
-                let g = step(seed)
-                    .estimate(&model, &Completion, &theta, &state, &batch)
-                    .unwrap()
-                    .projected_grads[0];
-                let z = state.perturbed(&zero, state.direction(seed), 1.0);
-                for (m, z) in mean.iter_mut().zip(z.params().flatten()) {
-                    *m += f64::from(g) * f64::from(*z) / N as f64;
-                }
-            }
-            let axis = state.perturbed(&zero, state.direction(u64::MAX), 0.0);
-            assert_eq!(axis, zero, "scale 0 moves nothing");
-            // m̂ from two directions: z(seed) − sin α·ζ(seed) = cos α·√n·m̂.
-            let z = state.perturbed(&zero, state.direction(7), 1.0);
-            let plain = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
-            let zeta = plain.perturbed(&zero, plain.direction(7), 1.0);
-            let along: Vec<f64> = z
-                .params()
-                .flatten()
-                .zip(zeta.params().flatten())
-                .map(|(z, zeta)| f64::from(*z) - f64::from(angle.sin()) * f64::from(*zeta))
-                .collect();
-            let m_hat: Vec<f64> = along
-                .iter()
-                .map(|v| v / dot(&along, &along).sqrt())
-                .collect();
-            let (cos2, sin2) = (
-                f64::from(angle.cos()).powi(2),
-                f64::from(angle.sin()).powi(2),
-            );
-            let projection = dot(&m_hat, &gradient);
-            let expected: Vec<f64> = gradient
-                .iter()
-                .zip(&m_hat)
-                .map(|(g, m)| sin2 * g + cos2 * n as f64 * projection * m)
-                .collect();
-            let cos = cosine(&mean, &expected);
-            assert!(cos > 0.9, "cos(mean g·z, E[z zᵀ]·∇L) = {cos}");
+    let zero = zeros_like(&fixed.theta);
+    let n = fixed.theta.num_params();
+    let mut checked = false;
+    let steps = (0..N).map(|step| spsa_step(step, vec![step], Estimator::Central, false));
+    let direction = fixed.summed_updates(&mut state, steps, |record, state| {
+        if record.step != 49 {
+            return;
         }
-    }
-    let direction: Vec<f64> = moved.params().flatten().map(|v| -f64::from(*v)).collect();
-    let cos = cosine(&direction, &gradient);
+        let mut mean = vec![0f64; n];
+        for seed in 1_000_000..1_000_000 + N {
+            let step = spsa_step(0, vec![seed], Estimator::Central, false);
+            let g = f64::from(fixed.estimate(&step, state).projected_grads[0]);
+            let z = state.perturbed(&zero, state.direction(seed), 1.0);
+            for (m, z) in mean.iter_mut().zip(z.params().flatten()) {
+                *m += g * f64::from(*z) / N as f64;
+            }
+        }
+        // m̂ from one direction: z(seed) − sin α·ζ(seed) = cos α·√n·m̂.
+        let z = state.perturbed(&zero, state.direction(7), 1.0);
+        let plain = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
+        let zeta = plain.perturbed(&zero, plain.direction(7), 1.0);
+        let along: Vec<f64> = z
+            .params()
+            .flatten()
+            .zip(zeta.params().flatten())
+            .map(|(z, zeta)| f64::from(*z) - f64::from(angle.sin()) * f64::from(*zeta))
+            .collect();
+        let m_hat: Vec<f64> = along
+            .iter()
+            .map(|v| v / dot(&along, &along).sqrt())
+            .collect();
+        let (cos2, sin2) = (
+            f64::from(angle.cos()).powi(2),
+            f64::from(angle.sin()).powi(2),
+        );
+        let projection = dot(&m_hat, &fixed.gradient);
+        let expected: Vec<f64> = fixed
+            .gradient
+            .iter()
+            .zip(&m_hat)
+            .map(|(g, m)| sin2 * g + cos2 * n as f64 * projection * m)
+            .collect();
+        let cos = cosine(&mean, &expected);
+        assert!(cos > 0.9, "cos(mean g·z, E[z zᵀ]·∇L) = {cos}");
+        checked = true;
+    });
+    assert!(checked);
+    let cos = cosine(&direction, &fixed.gradient);
     assert!(cos > 0.9, "cos(Σu, ∇L) = {cos}");
 }
