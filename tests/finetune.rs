@@ -16,7 +16,7 @@ use common::{
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// Short movie reviews, half positive: the sentiment task of DESIGN.md §3 in miniature.
+/// Short movie reviews, half positive: the sentiment task of `mezo bench mezo` in miniature.
 const REVIEWS: [(&str, usize); 16] = [
     ("A warm, funny and moving film.", 1),
     ("Dull, slow and far too long.", 0),

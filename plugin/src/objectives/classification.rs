@@ -1,4 +1,4 @@
-//! Classification by candidate completions, the MeZO paper's loss (DESIGN.md §2).
+//! Classification by candidate completions, the MeZO paper's loss for classification tasks.
 //!
 //! Each candidate (" positive", " negative") is scored by the mean log-prob of its tokens after the
 //! prompt; the loss is the cross-entropy of the label under the softmax of those scores, and the

@@ -1,4 +1,4 @@
-//! Teacher-forced cross-entropy of a completion given its prompt (DESIGN.md §2, generation loss).
+//! Teacher-forced cross-entropy of a completion given its prompt (the MeZO paper's loss for generation tasks).
 //!
 //! Only the completion's tokens count: per example the mean negative log-prob of its tokens, then
 //! the mean over examples, so long and short completions weigh the same.

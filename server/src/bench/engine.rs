@@ -22,7 +22,7 @@ use super::peers;
 
 /// Prompt length of the prefill measurement.
 pub const PREFILL_TOKENS: usize = 200;
-/// Examples in the scoring batch (DESIGN.md §4: 16 examples × 2 candidates).
+/// Examples in the scoring batch: a MeZO step's 16 examples, each with 2 candidates.
 pub const SCORING_EXAMPLES: usize = 16;
 
 /// One mode's results.

@@ -1,5 +1,5 @@
-//! `mezo bench mezo`: MeZO on a sentiment task, by default the SST-2-like movie reviews
-//! (DESIGN.md §3–§4; `--task nyt-editorials` for the second task). Prints
+//! `mezo bench mezo`: MeZO on a sentiment task of [`crate::datasets::sentiment`], by default
+//! the SST-2-like movie reviews (`--task nyt-editorials` for the second task). Prints
 //! zero-shot and trained held-out accuracy, time per step against time per forward of a batch
 //! of the same size, and peak memory while only serving against while training; writes a PNG of
 //! the train loss and held-out accuracy curves. With `--top-layers N` the adapter covers the top

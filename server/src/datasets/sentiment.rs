@@ -1,7 +1,7 @@
 //! The project's sentiment tasks: snippets with mean human ratings in [-4, 4], shipped inside the
 //! `vaderSentiment==3.3.2` sdist (Hutto & Gilbert, ICWSM 2014). Ratings ≥ 1 are positive, ≤ -1
 //! negative, the rest dropped. Two tasks:
-//! - the movie reviews (DESIGN.md §3): 10,605 snippets, 6,899 kept, SST-2-like; the task the
+//! - the movie reviews: 10,605 snippets, 6,899 kept, SST-2-like; the task the
 //!   defaults were measured on;
 //! - the New York Times editorial snippets: 5,190, of which 1,554 kept (558 positive), sentences
 //!   of opinion pieces, a second task the defaults are not tuned on.

@@ -1,8 +1,8 @@
 //! How the model's matrices are held in memory, and the matrix product that reads them.
 //!
 //! Two modes, chosen in config ([`WeightMode`]); both keep the loss surface smooth at MeZO's ε
-//! (DESIGN.md §4: candle's quantized kernels round activations to 8 bits, which makes finite
-//! differences meaningless, so no training product goes through them):
+//! (candle's quantized kernels round activations to 8 bits, which drowns the loss differences of
+//! about ε·|∇L| that MeZO measures, so no product goes through them):
 //! - `quantized` (the default): matrices keep the GGUF's quantization (Q4_0, Q4_1, Q8_0), four
 //!   to eight times smaller than f32, and every product dequantizes the panel it works on
 //!   into a cache-sized f32 buffer ([`super::kernels`]).

@@ -12,8 +12,9 @@
 //! - [`isa`]: the variant is chosen at run time from the CPU's features (`avx512`, `avx2`,
 //!   `portable`); no build flag is needed.
 //!
-//! Numerics: activations stay f32 (no 8-bit rounding; MeZO's finite differences need it,
-//! DESIGN.md §4), every weight is dequantized exactly as candle's `dequantize`, and every
+//! Numerics: activations stay f32 (no 8-bit rounding: MeZO measures loss differences of about
+//! ε·|∇L| between θ+εz and θ−εz, which rounding the activations to 8 bits would drown), every
+//! weight is dequantized exactly as candle's `dequantize`, and every
 //! output is one chain of FMAs along `k` from 0 to `in`. So a row's result is bit for bit the
 //! same alone or in any batch, on any thread count, with every variant, and in both weight
 //! modes; and it equals [`PackedMatrix::matmul_t_reference`], the plain scalar twin.
