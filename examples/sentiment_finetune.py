@@ -188,8 +188,9 @@ def main():
             "objective": "classification",
             "examples": examples(train),
             **({"eval_examples": examples(evals)} if evals else {}),
+            # The trainer's defaults otherwise (README, "MeZO").
             "hyperparameters": {"max_steps": args.steps, "batch_size": min(16, len(train)),
-                                "lr": 1e-3, "epsilon": 1e-3, "eval_every": 50},
+                                "eval_every": 50},
             "publish_every": 50,
         })
         print(f"job {job['id']} {job['status']}: training {job['adapter']} for {args.steps} steps")

@@ -2,7 +2,7 @@
 //! moments on the estimate, or ConMeZO's cone around the momentum, and the f32 state they keep.
 //!
 //! The estimate of a step is `d = Σᵢ (gᵢ/q)·zᵢ` over its q perturbations (each z regenerated from
-//! its seed and the state, see [`OptimizerState::direction`]). The optimizers turn it into the
+//! its seed and the state, see [`OptimizerState::directions`]). The optimizers turn it into the
 //! update `u`, and θ moves by `θ ← θ − lr·(u + wd·θ)`:
 //! - ZO-SGD: `u = d`, no state (the MeZO paper's update).
 //! - Momentum: `m ← β·m + (1−β)·d`, `u = m`. The exponential average keeps the scale of `d`, so
@@ -222,29 +222,38 @@ impl OptimizerState {
         self.steps
     }
 
-    /// The direction of `seed` at this point of the run: its noise ζ, or for ConMeZO (once the
-    /// momentum is non-zero) the cone's `cos α·√n·m/|m| + sin α·ζ`. A step's directions are taken
-    /// before its update, by the estimate and by [`Self::apply`] alike.
-    pub fn direction(&self, seed: u64) -> Direction {
-        let noise = Perturbation::new(seed);
-        let cone = match self.optimizer {
-            Optimizer::ConMezo { angle, .. } => {
-                let squared: f64 = self
-                    .first
-                    .iter()
-                    .flatten()
-                    .map(|&m| f64::from(m).powi(2))
-                    .sum();
-                let values: usize = self.first.iter().map(Vec::len).sum();
-                (squared > 0.0).then(|| {
-                    let angle = f64::from(angle);
-                    let along = angle.cos() * (values as f64).sqrt() / squared.sqrt();
-                    (along as f32, angle.sin() as f32)
-                })
-            }
-            _ => None,
+    /// The directions of `seeds` at this point of the run: each seed's noise ζ, or for ConMeZO
+    /// (once the momentum is non-zero) the cone's `cos α·√n·m/|m| + sin α·ζ`, its |m| computed
+    /// once for all of them. A step's directions are taken before its update, by the estimate
+    /// and by [`Self::apply`] alike.
+    pub fn directions(&self, seeds: &[u64]) -> Vec<Direction> {
+        let cone = self.cone();
+        seeds
+            .iter()
+            .map(|&seed| Direction {
+                noise: Perturbation::new(seed),
+                cone,
+            })
+            .collect()
+    }
+
+    /// ConMeZO's `(along, across)` for the current momentum; `None` for isotropic directions.
+    fn cone(&self) -> Option<(f32, f32)> {
+        let Optimizer::ConMezo { angle, .. } = self.optimizer else {
+            return None;
         };
-        Direction { noise, cone }
+        let squared: f64 = self
+            .first
+            .iter()
+            .flatten()
+            .map(|&m| f64::from(m).powi(2))
+            .sum();
+        let values: usize = self.first.iter().map(Vec::len).sum();
+        (squared > 0.0).then(|| {
+            let angle = f64::from(angle);
+            let along = angle.cos() * (values as f64).sqrt() / squared.sqrt();
+            (along as f32, angle.sin() as f32)
+        })
     }
 
     /// `θ + scale·z` for `direction` as a new adapter (θ−εz is `scale` = −ε), z zero on the
@@ -293,10 +302,8 @@ impl OptimizerState {
         if projected.is_empty() {
             return;
         }
-        let directions: Vec<Direction> = projected
-            .iter()
-            .map(|&(seed, _)| self.direction(seed))
-            .collect();
+        let seeds: Vec<u64> = projected.iter().map(|&(seed, _)| seed).collect();
+        let directions = self.directions(&seeds);
         self.steps += 1;
         let q = projected.len() as f32;
         let scaled_grads: Vec<f32> = projected.iter().map(|&(_, g)| g / q).collect();
@@ -429,7 +436,7 @@ mod tests {
         let epsilon = 1e-3;
         for trained in [TrainedTensors::All, TrainedTensors::LoraB] {
             let state = OptimizerState::new(Optimizer::Sgd, trained);
-            let direction = state.direction(9);
+            let direction = state.directions(&[9])[0];
             let plus = state.perturbed(&theta, direction, epsilon);
             let minus = state.perturbed(&theta, direction, -epsilon);
             assert_eq!(theta, before, "θ itself must not move");
@@ -460,8 +467,8 @@ mod tests {
             OptimizerState::new(Optimizer::ConMezo { beta, angle }, TrainedTensors::All);
         // Before any step the momentum is 0: z is the seed's noise, and the update is ZO-SGD's.
         assert_eq!(
-            state.direction(1),
-            OptimizerState::new(Optimizer::Sgd, TrainedTensors::All).direction(1)
+            state.directions(&[1])[0],
+            OptimizerState::new(Optimizer::Sgd, TrainedTensors::All).directions(&[1])[0]
         );
         let mut updated = theta.clone();
         let mut sgd = theta.clone();
@@ -489,7 +496,7 @@ mod tests {
             .collect();
         let n = z1.len() as f64;
         let norm1 = z1.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let plus = state.perturbed(&theta, state.direction(2), 1.0);
+        let plus = state.perturbed(&theta, state.directions(&[2])[0], 1.0);
         let moved: Vec<f64> = plus
             .params()
             .zip(theta.params())

@@ -84,7 +84,8 @@ pub fn examples_per_direction(
     if estimator == Estimator::Fzoo {
         return Err(TrainError::config(
             "split_batch",
-            "false with the fzoo estimator (its directions share one baseline on one batch)",
+            "false with the fzoo estimator, whose directions share one baseline on one batch \
+             (set estimator to \"central\" to split the batch between directions)",
             true,
         ));
     }
@@ -201,11 +202,10 @@ impl SpsaStep {
         batch: &[&TrainingExample],
         share: usize,
     ) -> Result<Estimate> {
-        let pairs: Vec<[LoraAdapter; 2]> = self
-            .seeds
-            .iter()
-            .map(|&seed| {
-                let z = state.direction(seed);
+        let pairs: Vec<[LoraAdapter; 2]> = state
+            .directions(&self.seeds)
+            .into_iter()
+            .map(|z| {
                 [
                     state.perturbed(theta, z, self.epsilon),
                     state.perturbed(theta, z, -self.epsilon),
@@ -257,10 +257,10 @@ impl SpsaStep {
         state: &OptimizerState,
         batch: &[&TrainingExample],
     ) -> Result<Estimate> {
-        let perturbed: Vec<LoraAdapter> = self
-            .seeds
-            .iter()
-            .map(|&seed| state.perturbed(theta, state.direction(seed), self.epsilon))
+        let perturbed: Vec<LoraAdapter> = state
+            .directions(&self.seeds)
+            .into_iter()
+            .map(|z| state.perturbed(theta, z, self.epsilon))
             .collect();
         let adapters: Vec<&LoraAdapter> = std::iter::once(theta).chain(&perturbed).collect();
         let losses = self.losses(engine, objective, &adapters, batch)?;
@@ -522,8 +522,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "`split_batch` must be false with the fzoo estimator (its directions share one \
-             baseline on one batch) (given true)"
+            "`split_batch` must be false with the fzoo estimator, whose directions share one \
+             baseline on one batch (set estimator to \"central\" to split the batch between \
+             directions) (given true)"
         );
     }
 

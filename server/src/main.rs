@@ -127,6 +127,47 @@ enum BenchCommand {
     Mezo(MezoBenchArgs),
     /// Concurrent streaming clients over HTTP: tokens/s, time to first token, latency.
     Serve(ServeBenchArgs),
+    /// Users who rate the answers: free-text sentiment answers over HTTP, rated up or down, an
+    /// adapter training continuously on the ratings; right answers per window of requests.
+    Feedback(FeedbackBenchArgs),
+}
+
+#[derive(Args)]
+struct FeedbackBenchArgs {
+    /// Movie reviews asked about and rated, one request each.
+    #[arg(long, default_value_t = 300)]
+    items: usize,
+    /// A continuous-training job starts each time this many ratings have arrived.
+    #[arg(long, default_value_t = 30)]
+    feedback_every: u32,
+    /// Steps of each job (default: the server's for continuous training).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// The share of wrong answers whose rating carries a `corrected_answer` (the label word);
+    /// 0: thumbs up/down only.
+    #[arg(long, default_value_t = 0.5)]
+    correction_rate: f64,
+    /// Requests per line of the report.
+    #[arg(long, default_value_t = 30)]
+    window: usize,
+    /// Reviews nobody rates, answered by the base model first and by the last version at the end.
+    #[arg(long, default_value_t = 100)]
+    probe: usize,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// Seed of which wrong answers get a correction.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep asking while a job trains (answers then come from whichever version is live);
+    /// by default each job finishes before the next request.
+    #[arg(long)]
+    no_wait: bool,
+    /// The adapter trained (it must not exist yet on a server given with `--url`).
+    #[arg(long, default_value = "feedback-bench")]
+    adapter: String,
+    /// Benchmark this running server instead of starting one in this process.
+    #[arg(long)]
+    url: Option<String>,
 }
 
 #[derive(Args)]
@@ -299,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 run_bench_engine(&config, &data_dir, mode, json, peer.as_deref())
             }
             BenchCommand::Serve(args) => run_bench_serve(config, args),
+            BenchCommand::Feedback(args) => run_bench_feedback(config, args),
             BenchCommand::Mezo(args) => bench::mezo::run(&bench::mezo::MezoBenchConfig {
                 task: args.task,
                 model: model_path(&config)?,
@@ -414,18 +456,10 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
         let base_url = match args.url {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => {
-                config.data.dir = scratch.path().to_path_buf();
-                config.server.host = "127.0.0.1".into();
-                config.server.port = 0;
                 // Every client's requests must fit the queue, or the benchmark measures 429s.
                 let most = args.concurrency.iter().max().copied().unwrap_or(1);
                 config.scheduler.max_waiting = config.scheduler.max_waiting.max(most);
-                let model = model_path(&config)?;
-                let listener = bind(&config).await?;
-                let url = format!("http://{}", listener.local_addr()?);
-                tokio::spawn(serve_on(listener, config, model));
-                wait_until_ready(&url).await?;
-                url
+                start_in_process(config, scratch.path()).await?
             }
         };
         let model = match args.model_id {
@@ -463,6 +497,94 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
             println!("{header}");
             print!("{}", bench::serve::render_table(&results));
         }
+        Ok(())
+    })
+}
+
+/// Starts the server in this process on a free local port, its data folder `scratch`; returns
+/// its URL once it is ready.
+async fn start_in_process(mut config: Config, scratch: &Path) -> anyhow::Result<String> {
+    config.data.dir = scratch.to_path_buf();
+    config.server.host = "127.0.0.1".into();
+    config.server.port = 0;
+    let model = model_path(&config)?;
+    let listener = bind(&config).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(serve_on(listener, config, model));
+    wait_until_ready(&url).await?;
+    Ok(url)
+}
+
+fn run_bench_feedback(config: Config, args: FeedbackBenchArgs) -> anyhow::Result<()> {
+    if args.items == 0 || args.window == 0 || args.feedback_every == 0 || args.max_tokens == 0 {
+        bail!("--items, --window, --feedback-every and --max-tokens must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.correction_rate) {
+        bail!(
+            "--correction-rate must be in [0, 1] (given {})",
+            args.correction_rate
+        );
+    }
+    let reviews = sentiment::load(
+        SentimentTask::MovieReviews,
+        &config.data.dir,
+        &mut std::io::stderr(),
+    )?;
+    if args.items + args.probe > reviews.len() {
+        bail!(
+            "--items and --probe together must be at most {} (the reviews there are)",
+            reviews.len()
+        );
+    }
+    let (rated, probe) = sentiment::split(reviews, 0, args.items, args.probe);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let scratch = tempfile::tempdir().context("cannot create a temporary data folder")?;
+    runtime.block_on(async move {
+        let base_url = match args.url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => start_in_process(config, scratch.path()).await?,
+        };
+        let bench_config = bench::feedback::FeedbackBenchConfig {
+            base_model: first_model_id(&base_url).await?,
+            base_url,
+            adapter: args.adapter,
+            rated,
+            probe,
+            feedback_every: args.feedback_every,
+            steps: args.steps,
+            correction_rate: args.correction_rate,
+            window: args.window,
+            max_tokens: args.max_tokens,
+            seed: args.seed,
+            wait_for_training: !args.no_wait,
+        };
+        println!(
+            "machine: {}\nserver: {}, base model {}; adapter {} trains on every {} ratings ({} steps each); {} rated requests, corrections on {}% of the wrong answers, max_tokens {}, greedy; {}",
+            bench::engine::machine_description(),
+            bench_config.base_url,
+            bench_config.base_model,
+            bench_config.adapter,
+            bench_config.feedback_every,
+            bench_config
+                .steps
+                .map_or_else(|| "the server's default".to_string(), |s| s.to_string()),
+            bench_config.rated.len(),
+            100.0 * bench_config.correction_rate,
+            bench_config.max_tokens,
+            if bench_config.wait_for_training {
+                "each job finishes before the next request"
+            } else {
+                "requests go on while jobs train"
+            }
+        );
+        println!("question: {:?}", bench::feedback::QUESTION);
+        let result = bench::feedback::run(&bench_config)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        print!("{}", bench::feedback::render(&bench_config, &result));
         Ok(())
     })
 }

@@ -1,7 +1,7 @@
 //! MeZO on the real model, end to end through the engine: a short `completion` run lowers the
 //! loss on its examples, the non-differentiable `f1` objective runs greedy decoding under θ±εz
-//! and sees a non-zero projected gradient at ε = 0.1, and `mezo bench mezo` runs on a tiny data
-//! file and prints its table and curves.
+//! and sees a non-zero projected gradient at ε = 0.1, and `mezo bench mezo` and `mezo bench
+//! feedback` run on a tiny data file and print their tables.
 
 mod common;
 
@@ -11,7 +11,7 @@ use adapters::{LoraAdapter, LoraConfig};
 use mezo_server::datasets::sentiment::SentimentTask;
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
-use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
+use plugin::{Estimator, ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
 
 fn model() -> LoadedModel {
     // The default weight mode: quantized storage, f32 numerics in every product.
@@ -38,10 +38,8 @@ fn thirty_completion_steps_lower_the_loss_on_their_examples() {
         completion: completion.to_string(),
     })
     .collect();
-    // Measured on this model: lr 1e-3 with ε 1e-3 lowers the NLL smoothly (1e-2 diverges).
+    // The defaults (FZOO, four directions, lr 5e-3 decaying to 0) on a batch of the four.
     let config = TrainerConfig {
-        lr: 1e-3,
-        epsilon: 1e-3,
         batch_size: 4,
         max_steps: 30,
         seed: 1,
@@ -72,7 +70,7 @@ fn thirty_completion_steps_lower_the_loss_on_their_examples() {
         .loss;
     assert!(
         after < before,
-        "30 MeZO steps should lower the completion loss: {before} -> {after}"
+        "30 steps of the defaults should lower the completion loss: {before} -> {after}"
     );
     // Replaying the step log reproduces the trained adapter bit for bit.
     let replayed = plugin::replay(&fresh_adapter(&model), trainer.log()).expect("replay");
@@ -94,7 +92,10 @@ fn f1_objective_decodes_under_both_perturbations_and_moves() {
         references: vec![answer.to_string()],
     })
     .collect();
+    // MeZO's step: one direction, decoded under θ+εz and θ−εz.
     let config = TrainerConfig {
+        estimator: Estimator::Central,
+        n_perturbations: 1,
         lr: 1e-3,
         epsilon: 1e-1,
         batch_size: 2,
@@ -122,8 +123,8 @@ fn f1_objective_decodes_under_both_perturbations_and_moves() {
     );
 }
 
-#[test]
-fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
+/// A data folder holding a movie-review file of 12 short reviews, 6 of each label.
+fn tiny_reviews() -> tempfile::TempDir {
     let data = tempfile::tempdir().expect("a data folder");
     let reviews = [
         ("A warm, funny and moving film.", 3.1),
@@ -149,6 +150,12 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
         text,
     )
     .expect("write the data");
+    data
+}
+
+#[test]
+fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
+    let data = tiny_reviews();
     let plot = data.path().join("curves.png");
     let run = |options: &[&str]| {
         let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
@@ -168,7 +175,7 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
         assert!(output.status.success(), "{stdout}\n{stderr}");
         (stdout, stderr)
     };
-    let fzoo = run(&["--estimator", "fzoo", "--n-perturbations", "3"]);
+    let fzoo = run(&["--n-perturbations", "3"]);
     let expected =
         "FZOO estimator, optimizer {\"type\":\"sgd\"}; 3 direction(s) per step (4 evaluations";
     assert!(
@@ -185,6 +192,8 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
         "2",
         "--split-batch",
         "true",
+        "--estimator",
+        "central",
     ]);
     for expected in [
         "8 train / 4 held-out",
@@ -204,4 +213,61 @@ fn the_mezo_benchmark_prints_its_table_and_writes_its_curves() {
     assert!(stderr.contains("held-out after     2 steps"), "{stderr}");
     let png = std::fs::read(&plot).expect("the curves PNG");
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+}
+
+#[test]
+fn the_feedback_benchmark_rates_answers_and_serves_each_new_version() {
+    let data = tiny_reviews();
+    let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
+        .arg("--model")
+        .arg(common::model_path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["bench", "feedback", "--items", "6", "--feedback-every", "3"])
+        .args([
+            "--steps",
+            "1",
+            "--window",
+            "3",
+            "--probe",
+            "2",
+            "--max-tokens",
+            "4",
+        ])
+        .args(["--correction-rate", "1"])
+        .output()
+        .expect("run mezo bench feedback");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "| requests | right answers | named a label | corrections sent | served by |",
+        "| 1–3 |",
+        // Each job finishes before the next request: the second window meets its version.
+        "| feedback-bench@1 |",
+        "2 jobs, 2 steps",
+        "reviews nobody rated (2): base model",
+        "feedback-bench@2",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_peer_comparison_asks_for_the_papers_step() {
+    let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
+        .arg("--model")
+        .arg(common::model_path())
+        .args(["bench", "mezo", "--peer", "/nonexistent/python"])
+        .output()
+        .expect("run mezo bench mezo");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("run the same step here with --estimator central --n-perturbations 1"),
+        "{stderr}"
+    );
 }

@@ -395,15 +395,15 @@ fn conmezo_estimates_follow_the_gradient_stretched_along_the_momentum() {
         for seed in 1_000_000..1_000_000 + N {
             let step = spsa_step(0, vec![seed], Estimator::Central, false);
             let g = f64::from(fixed.estimate(&step, state).projected_grads[0]);
-            let z = state.perturbed(&zero, state.direction(seed), 1.0);
+            let z = state.perturbed(&zero, state.directions(&[seed])[0], 1.0);
             for (m, z) in mean.iter_mut().zip(z.params().flatten()) {
                 *m += g * f64::from(*z) / N as f64;
             }
         }
         // m̂ from one direction: z(seed) − sin α·ζ(seed) = cos α·√n·m̂.
-        let z = state.perturbed(&zero, state.direction(7), 1.0);
+        let z = state.perturbed(&zero, state.directions(&[7])[0], 1.0);
         let plain = OptimizerState::new(Optimizer::Sgd, TrainedTensors::All);
-        let zeta = plain.perturbed(&zero, plain.direction(7), 1.0);
+        let zeta = plain.perturbed(&zero, plain.directions(&[7])[0], 1.0);
         let along: Vec<f64> = z
             .params()
             .flatten()

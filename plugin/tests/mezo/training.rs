@@ -6,8 +6,8 @@ use std::ops::ControlFlow;
 use plugin::objectives::Accuracy;
 use plugin::objectives::Completion;
 use plugin::{
-    replay, LrSchedule, Objective, Optimizer, StepRecord, StopReason, TrainedTensors, Trainer,
-    TrainerConfig, TrainerEvent, TrainingExample,
+    replay, Estimator, LrSchedule, Objective, Optimizer, StepRecord, StopReason, TrainedTensors,
+    Trainer, TrainerConfig, TrainerEvent, TrainingExample,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -61,9 +61,11 @@ fn completion_trainer(config: TrainerConfig, held_out: Vec<TrainingExample>) -> 
 fn thirty_completion_steps_lower_the_loss() {
     let model = TinyModel::new(1);
     let data = completion_dataset();
-    // A constant lr 1e-3 and ε 1e-3, on minibatches of 8; held-out = the training set, to watch
-    // the full-data loss every 10 steps.
+    // MeZO's step (one central direction) with a constant lr 1e-3 and ε 1e-3, on minibatches of
+    // 8; held-out = the training set, to watch the full-data loss every 10 steps.
     let config = TrainerConfig {
+        estimator: Estimator::Central,
+        n_perturbations: 1,
         lr: 1e-3,
         lr_schedule: LrSchedule::Constant,
         epsilon: 1e-3,
@@ -102,10 +104,11 @@ fn thirty_completion_steps_lower_the_loss() {
     assert_eq!(&best.adapter, trainer.adapter());
 }
 
-/// A run with everything that touches the update: decaying LR, weight decay, two perturbations
-/// per step and clipping.
+/// A run with everything that touches the update: decaying LR, weight decay, two central
+/// perturbations per step and clipping.
 fn busy_config(max_steps: u64) -> TrainerConfig {
     TrainerConfig {
+        estimator: Estimator::Central,
         lr: 1e-3,
         lr_schedule: LrSchedule::Linear {
             final_fraction: 0.1,
@@ -339,6 +342,23 @@ fn sentiment_examples() -> Vec<TrainingExample> {
 }
 
 #[test]
+fn the_default_configuration_lowers_the_loss() {
+    let model = TinyModel::new(1);
+    let data = completion_dataset();
+    let config = TrainerConfig {
+        batch_size: 8,
+        max_steps: 30,
+        ..TrainerConfig::default()
+    };
+    let mut trainer = completion_trainer(config, data.clone());
+    let before = dataset_loss(&model, &trainer, &data);
+    trainer.run(&model, |_| ControlFlow::Continue(())).unwrap();
+    let after = dataset_loss(&model, &trainer, &data);
+    // 4.366 → 4.163 when written; a run that did not learn would stay within 0.01.
+    assert!(after < before - 0.1, "{before} → {after}");
+}
+
+#[test]
 fn early_stopping_stops_after_patience_evaluations_without_improvement() {
     // Accuracy with a tiny ε: no prediction flips, g = 0, θ never moves, the held-out accuracy
     // never improves on the first evaluation. With patience 2 and an evaluation every 2 steps,
@@ -389,7 +409,8 @@ fn early_stopping_stops_after_patience_evaluations_without_improvement() {
             "held-out at 4 improved false",
         ]
     );
-    assert!(trainer.log().iter().all(|r| r.projected_grads == [0.0]));
+    let grads = trainer.log().iter().flat_map(|r| &r.projected_grads);
+    assert!(grads.into_iter().all(|&g| g == 0.0));
     let best = trainer.best().unwrap();
     assert_eq!(best.steps_done, 0);
     assert_eq!(best.adapter, initial);

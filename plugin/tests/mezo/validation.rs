@@ -130,6 +130,7 @@ fn bad_hyperparameters_are_rejected() {
         ),
         (
             TrainerConfig {
+                estimator: plugin::Estimator::Central,
                 n_perturbations: 3,
                 split_batch: true,
                 ..base.clone()

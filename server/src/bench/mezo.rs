@@ -158,6 +158,14 @@ fn run_reference(
 }
 
 pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
+    let mezo_step =
+        config.trainer.estimator == Estimator::Central && config.trainer.n_perturbations == 1;
+    if config.peer.is_some() && !mezo_step {
+        anyhow::bail!(
+            "--peer times the MeZO paper's step (one central direction) beside ours; run the \
+             same step here with --estimator central --n-perturbations 1"
+        );
+    }
     let reviews = sentiment::load(config.task, &config.data_dir, &mut std::io::stderr())?;
     let (train, test) = sentiment::split(
         reviews,

@@ -154,6 +154,13 @@ pub struct PendingFeedback {
     pub corrected_answer: Option<String>,
 }
 
+/// Jobs stored before the trainer's default estimator became FZOO have no `estimator` in their
+/// spec: they ran with central differences, and must resume with them.
+const SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL: &str = "
+UPDATE jobs SET spec = json_set(spec, '$.trainer.estimator', 'central')
+WHERE json_type(spec, '$.trainer.estimator') IS NULL;
+";
+
 pub struct Db {
     conn: Mutex<Connection>,
 }
@@ -187,6 +194,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -926,6 +934,26 @@ mod tests {
         db.record_step("ftjob-a", &record, &Progress::default())
             .unwrap();
         assert_eq!(db.step_log("ftjob-a").unwrap(), vec![record]);
+    }
+
+    #[test]
+    fn a_spec_stored_before_estimators_resumes_with_central_differences() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("jobs.db");
+        let db = Db::open(&path).unwrap();
+        db.insert_job(&job("ftjob-old", "x"), &[], &[]).unwrap();
+        db.conn()
+            .execute(
+                "UPDATE jobs SET spec = json_remove(spec, '$.trainer.estimator')",
+                [],
+            )
+            .unwrap();
+        drop(db);
+        let reopened = Db::open(&path).unwrap();
+        let spec = reopened.job("ftjob-old").unwrap().unwrap().spec;
+        assert_eq!(spec.trainer.estimator, plugin::Estimator::Central);
+        // Without the rewrite the spec would read the current default.
+        assert_eq!(TrainerConfig::default().estimator, plugin::Estimator::Fzoo);
     }
 
     #[test]
