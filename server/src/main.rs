@@ -143,10 +143,14 @@ struct FeedbackBenchArgs {
     /// Steps of each job (default: the server's for continuous training).
     #[arg(long)]
     steps: Option<u64>,
-    /// The share of wrong answers whose rating carries a `corrected_answer` (the label word);
-    /// 0: thumbs up/down only.
+    /// The share of wrong answers whose rating carries a `corrected_answer`; 0: thumbs up/down
+    /// only.
     #[arg(long, default_value_t = 0.5)]
     correction_rate: f64,
+    /// What a correction is: the answer edited (its wrong label word replaced by the right one)
+    /// or the right label word alone.
+    #[arg(long, value_enum, default_value = "edit")]
+    corrections: bench::feedback::CorrectionStyle,
     /// Requests per line of the report.
     #[arg(long, default_value_t = 30)]
     window: usize,
@@ -556,13 +560,14 @@ fn run_bench_feedback(config: Config, args: FeedbackBenchArgs) -> anyhow::Result
             feedback_every: args.feedback_every,
             steps: args.steps,
             correction_rate: args.correction_rate,
+            corrections: args.corrections,
             window: args.window,
             max_tokens: args.max_tokens,
             seed: args.seed,
             wait_for_training: !args.no_wait,
         };
         println!(
-            "machine: {}\nserver: {}, base model {}; adapter {} trains on every {} ratings ({} steps each); {} rated requests, corrections on {}% of the wrong answers, max_tokens {}, greedy; {}",
+            "machine: {}\nserver: {}, base model {}; adapter {} trains on every {} ratings ({} steps each); {} rated requests, corrections ({}) on {}% of the wrong answers, max_tokens {}, greedy; {}",
             bench::engine::machine_description(),
             bench_config.base_url,
             bench_config.base_model,
@@ -572,6 +577,7 @@ fn run_bench_feedback(config: Config, args: FeedbackBenchArgs) -> anyhow::Result
                 .steps
                 .map_or_else(|| "the server's default".to_string(), |s| s.to_string()),
             bench_config.rated.len(),
+            bench_config.corrections.describe(),
             100.0 * bench_config.correction_rate,
             bench_config.max_tokens,
             if bench_config.wait_for_training {

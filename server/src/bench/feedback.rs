@@ -1,7 +1,8 @@
 //! `mezo bench feedback`: users who rate the answers they get. Over HTTP, it asks the server
 //! (`/v1/chat/completions`, greedy) for the sentiment of movie reviews in free text, rates each
 //! answer up when it names the right label and down otherwise (`/v1/feedback`, with a
-//! `corrected_answer` on a seeded share of the wrong ones), while the adapter trains
+//! `corrected_answer` on a seeded share of the wrong ones: by default the answer as a user would
+//! edit it, the wrong label word replaced by the right one), while the adapter trains
 //! continuously on that feedback (`PUT /v1/adapters/{name}/continuous_training`) and its
 //! versions go live. It prints the share of right answers per window of requests and, on a
 //! separate set of reviews nobody rated, the base model's answers against the last version's.
@@ -33,8 +34,9 @@ pub struct FeedbackBenchConfig {
     pub feedback_every: u32,
     /// Steps of each job; `None`: the server's default.
     pub steps: Option<u64>,
-    /// The share of wrong answers that also get a `corrected_answer` (the right label word).
+    /// The share of wrong answers that also get a `corrected_answer`.
     pub correction_rate: f64,
+    pub corrections: CorrectionStyle,
     /// Requests per line of the report.
     pub window: usize,
     pub max_tokens: usize,
@@ -77,13 +79,73 @@ fn verdict(right: bool) -> Verdict {
     }
 }
 
-/// The label word a user types as the correction.
+/// What a user who corrects a wrong answer sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CorrectionStyle {
+    /// The answer edited: each wrong label word replaced by the right one, the rest kept (an
+    /// answer that names no label gets the right word alone).
+    Edit,
+    /// The right label word alone.
+    Label,
+}
+
+impl CorrectionStyle {
+    pub fn describe(self) -> &'static str {
+        match self {
+            CorrectionStyle::Edit => "the answer edited",
+            CorrectionStyle::Label => "the label word",
+        }
+    }
+}
+
 fn label_word(positive: bool) -> &'static str {
     if positive {
         "positive"
     } else {
         "negative"
     }
+}
+
+/// The correction of `answer` for a review whose label is `positive`.
+pub fn correction(style: CorrectionStyle, answer: &str, positive: bool) -> String {
+    let (right, wrong) = (label_word(positive), label_word(!positive));
+    let wrong_words = whole_words(answer, wrong);
+    if style == CorrectionStyle::Label || wrong_words.is_empty() {
+        return right.to_string();
+    }
+    let mut edited = String::with_capacity(answer.len());
+    let mut copied = 0;
+    for start in wrong_words {
+        let word = &answer[start..start + wrong.len()];
+        edited.push_str(&answer[copied..start]);
+        edited.push_str(&if word.chars().all(|c| c.is_ascii_uppercase()) {
+            right.to_ascii_uppercase()
+        } else if word.starts_with(|c: char| c.is_ascii_uppercase()) {
+            right[..1].to_ascii_uppercase() + &right[1..]
+        } else {
+            right.to_string()
+        });
+        copied = start + wrong.len();
+    }
+    edited.push_str(&answer[copied..]);
+    edited
+}
+
+/// Byte offsets of `word` (ASCII, any case) in `text` as a whole word. ASCII bytes never occur
+/// inside a multi-byte character, so every offset is a character boundary.
+fn whole_words(text: &str, word: &str) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let is_word_byte = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_alphanumeric);
+    bytes
+        .windows(word.len())
+        .enumerate()
+        .filter(|&(start, window)| {
+            window.eq_ignore_ascii_case(word.as_bytes())
+                && (start == 0 || !is_word_byte(start - 1))
+                && !is_word_byte(start + word.len())
+        })
+        .map(|(start, _)| start)
+        .collect()
 }
 
 /// One window of rated requests.
@@ -271,7 +333,8 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
             "adapter": config.adapter,
         });
         if correct {
-            feedback["corrected_answer"] = json!(label_word(review.positive));
+            feedback["corrected_answer"] =
+                json!(correction(config.corrections, &answer, review.positive));
         }
         let receipt = client.post("/v1/feedback", &feedback).await?;
         if (number - 1) % config.window == 0 {
@@ -440,5 +503,27 @@ mod tests {
         assert_eq!(judge("The review is about a film.", true), Verdict::NoLabel);
         // Whole words only: "positively" names no label.
         assert_eq!(judge("positively charming", true), Verdict::NoLabel);
+    }
+
+    #[test]
+    fn an_edited_correction_swaps_only_the_wrong_label_words() {
+        let edit = |answer| correction(CorrectionStyle::Edit, answer, false);
+        assert_eq!(
+            edit("The sentiment of this review is positive. Positive overall!"),
+            "The sentiment of this review is negative. Negative overall!"
+        );
+        assert_eq!(edit("POSITIVE, positively"), "NEGATIVE, positively");
+        // Both words: the wrong one goes, so the edit names only the right one.
+        assert_eq!(
+            edit("Positive, with a hint of negative"),
+            "Negative, with a hint of negative"
+        );
+        assert_eq!(edit("I cannot tell."), "negative");
+        assert_eq!(
+            correction(CorrectionStyle::Label, "It is positive.", false),
+            "negative"
+        );
+        // Multi-byte text before and after a word.
+        assert_eq!(edit("Überall positive — ja"), "Überall negative — ja");
     }
 }

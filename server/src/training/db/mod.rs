@@ -14,6 +14,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use plugin::{StepRecord, TrainingExample};
 use rusqlite::{params, Connection, OptionalExtension};
 
+mod migrations;
+
 use super::job::{
     EventKind, EventLevel, HeldOutPoint, Job, JobEvent, JobSpec, JobStatus, Progress, VersionInfo,
 };
@@ -26,89 +28,14 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the fine-tuning database holds a malformed {what}: {reason}")]
     Corrupt { what: &'static str, reason: String },
+    #[error(
+        "the fine-tuning database was written by a newer release (schema version {found}, this \
+         release knows up to {known}); run that release, or give this one another data folder"
+    )]
+    NewerSchema { found: u32, known: u32 },
 }
 
 pub type DbResult<T> = Result<T, DbError>;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL,
-    adapter TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    status TEXT NOT NULL,
-    started_at INTEGER,
-    finished_at INTEGER,
-    error TEXT,
-    progress TEXT NOT NULL,
-    train_examples INTEGER NOT NULL,
-    held_out_examples INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS examples (
-    job_id TEXT NOT NULL,
-    held_out INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (job_id, held_out, idx)
-);
-CREATE TABLE IF NOT EXISTS steps (
-    job_id TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (job_id, step)
-);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    level TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-);
-CREATE TABLE IF NOT EXISTS versions (
-    adapter TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    job_id TEXT,
-    step INTEGER,
-    held_out TEXT,
-    PRIMARY KEY (adapter, version)
-);
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    live_version INTEGER,
-    feedback_every INTEGER,
-    feedback_steps INTEGER
-);
-CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY,
-    created_at INTEGER NOT NULL,
-    filename TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    content BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS completions (
-    id TEXT PRIMARY KEY,
-    created_at INTEGER NOT NULL,
-    adapter TEXT,
-    prompt TEXT NOT NULL,
-    completion TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL,
-    completion_id TEXT NOT NULL,
-    adapter TEXT NOT NULL,
-    reward REAL NOT NULL,
-    corrected_answer TEXT,
-    job_id TEXT
-);
-";
 
 /// An uploaded file's metadata (`content` is read separately).
 #[derive(Debug, Clone, PartialEq)]
@@ -154,13 +81,6 @@ pub struct PendingFeedback {
     pub corrected_answer: Option<String>,
 }
 
-/// Jobs stored before the trainer's default estimator became FZOO have no `estimator` in their
-/// spec: they ran with central differences, and must resume with them.
-const SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL: &str = "
-UPDATE jobs SET spec = json_set(spec, '$.trainer.estimator', 'central')
-WHERE json_type(spec, '$.trainer.estimator') IS NULL;
-";
-
 pub struct Db {
     conn: Mutex<Connection>,
 }
@@ -189,12 +109,11 @@ impl Db {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> DbResult<Self> {
+    fn init(mut conn: Connection) -> DbResult<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL)?;
+        migrations::migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -937,23 +856,35 @@ mod tests {
     }
 
     #[test]
-    fn a_spec_stored_before_estimators_resumes_with_central_differences() {
+    fn a_database_of_the_previous_release_opens_and_its_jobs_resume_as_they_ran() {
         let folder = tempfile::tempdir().unwrap();
-        let path = folder.path().join("jobs.db");
+        let path = folder.path().join("mezo.sqlite");
+        // What the release before schema versions left: the same tables, user_version 0, and
+        // job specs without `estimator` (they all ran with central differences).
         let db = Db::open(&path).unwrap();
-        db.insert_job(&job("ftjob-old", "x"), &[], &[]).unwrap();
-        db.conn()
-            .execute(
+        db.insert_job(&job("ftjob-old", "x"), &[example("t")], &[])
+            .unwrap();
+        {
+            let conn = db.conn();
+            conn.execute(
                 "UPDATE jobs SET spec = json_remove(spec, '$.trainer.estimator')",
                 [],
             )
             .unwrap();
+            conn.pragma_update(None, "user_version", 0).unwrap();
+        }
         drop(db);
         let reopened = Db::open(&path).unwrap();
-        let spec = reopened.job("ftjob-old").unwrap().unwrap().spec;
-        assert_eq!(spec.trainer.estimator, plugin::Estimator::Central);
-        // Without the rewrite the spec would read the current default.
+        let old = reopened.job("ftjob-old").unwrap().unwrap();
+        assert_eq!(old.spec.trainer.estimator, plugin::Estimator::Central);
+        // Without the migration the spec would read the current default.
         assert_eq!(TrainerConfig::default().estimator, plugin::Estimator::Fzoo);
+        assert_eq!(reopened.examples("ftjob-old").unwrap().0, [example("t")]);
+        let version: u32 = reopened
+            .conn()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, migrations::CURRENT_VERSION);
     }
 
     #[test]
