@@ -91,7 +91,7 @@ pub async fn list_feedback(
         .cloned()
         .ok_or_else(|| ApiError::invalid("adapter", "give `?adapter=<name>`"))?;
     let items = state
-        .training(move |t| Ok(t.db().list_feedback(&adapter, MAX_PAGE)?))
+        .training(move |t| t.feedback_items(&adapter, MAX_PAGE))
         .await?;
     let data: Vec<Value> = items
         .iter()

@@ -12,7 +12,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::ids::{new_id, unix_now};
-use crate::training::{StoredFile, TrainingError};
+use crate::training::StoredFile;
 
 use super::error::ApiError;
 use super::state::AppState;
@@ -82,7 +82,7 @@ pub async fn upload_file(
     };
     let stored = file.clone();
     state
-        .training(move |t| Ok(t.db().insert_file(&stored, &content)?))
+        .training(move |t| t.store_file(&stored, &content))
         .await?;
     Ok(Json(file_json(&file)))
 }
@@ -128,7 +128,7 @@ fn check_chat_jsonl(content: &[u8]) -> Result<(), ApiError> {
 }
 
 pub async fn list_files(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let files = state.training(|t| Ok(t.db().list_files()?)).await?;
+    let files = state.training(|t| t.files()).await?;
     let data: Vec<Value> = files.iter().map(file_json).collect();
     Ok(Json(
         json!({ "object": "list", "data": data, "has_more": false }),
@@ -139,7 +139,7 @@ pub async fn get_file(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let file = state.training(move |t| find_file(t, &id)).await?;
+    let file = state.training(move |t| t.file(&id)).await?;
     Ok(Json(file_json(&file)))
 }
 
@@ -147,13 +147,7 @@ pub async fn file_content(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let content = state
-        .training(move |t| {
-            t.db()
-                .file_content(&id)?
-                .ok_or(TrainingError::NotFound { what: "file", id })
-        })
-        .await?;
+    let content = state.training(move |t| t.file_content(&id)).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         content,
@@ -166,31 +160,10 @@ pub async fn delete_file(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let deleted = id.clone();
-    state
-        .training(move |t| {
-            if t.db().delete_file(&id)? {
-                Ok(())
-            } else {
-                Err(TrainingError::NotFound { what: "file", id })
-            }
-        })
-        .await?;
+    state.training(move |t| t.delete_file(&id)).await?;
     Ok(Json(
         json!({ "id": deleted, "object": "file", "deleted": true }),
     ))
-}
-
-pub fn find_file(
-    training: &crate::training::Training,
-    id: &str,
-) -> Result<StoredFile, TrainingError> {
-    training
-        .db()
-        .file(id)?
-        .ok_or_else(|| TrainingError::NotFound {
-            what: "file",
-            id: id.to_string(),
-        })
 }
 
 fn file_json(file: &StoredFile) -> Value {

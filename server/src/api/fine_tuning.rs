@@ -23,7 +23,6 @@ use crate::training::{Job, JobEvent, JobOrigin, JobStatus, NewJob, TrainingError
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::files::find_file;
 use super::finetune::{number, page};
 use super::state::AppState;
 use super::training_data::parse_example;
@@ -185,7 +184,7 @@ fn read_examples(
     field: &str,
     template: &ChatTemplate,
 ) -> Result<Vec<TrainingExample>, TrainingError> {
-    find_file(training, id).map_err(|e| match e {
+    let content = training.file_content(id).map_err(|e| match e {
         TrainingError::NotFound { .. } => TrainingError::Invalid {
             param: field.into(),
             message: format!(
@@ -194,7 +193,6 @@ fn read_examples(
         },
         other => other,
     })?;
-    let content = training.db().file_content(id)?.unwrap_or_default();
     let text = String::from_utf8_lossy(&content);
     let mut examples = Vec::new();
     for (i, line) in text.lines().enumerate() {

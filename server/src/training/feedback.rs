@@ -9,7 +9,7 @@
 
 use plugin::{ObjectiveKind, TrainerConfig, TrainingExample};
 
-use super::db::{PendingFeedback, StoredCompletion};
+use super::db::{FeedbackItem, PendingFeedback, StoredCompletion};
 use super::{Job, JobOrigin, NewJob, Training, TrainingError};
 use crate::ids::{new_id, unix_now};
 use crate::metrics as m;
@@ -126,6 +126,15 @@ impl Training {
             }
         }
         Ok(self.shared.db.set_continuous(adapter, every)?)
+    }
+
+    /// The adapter's feedback items, newest first, at most `limit`.
+    pub fn feedback_items(
+        &self,
+        adapter: &str,
+        limit: usize,
+    ) -> Result<Vec<FeedbackItem>, TrainingError> {
+        Ok(self.shared.db.list_feedback(adapter, limit)?)
     }
 
     pub fn continuous(&self, adapter: &str) -> Result<Option<(u32, u64)>, TrainingError> {

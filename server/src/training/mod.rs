@@ -12,6 +12,7 @@
 
 pub mod db;
 pub mod feedback;
+mod files;
 pub mod job;
 pub mod queued_engine;
 mod worker;
@@ -182,10 +183,6 @@ impl Training {
 
     pub fn config(&self) -> &TrainingConfig {
         &self.shared.config
-    }
-
-    pub fn db(&self) -> &Db {
-        &self.shared.db
     }
 
     pub fn adapters(&self) -> &AdapterVersions {
