@@ -356,7 +356,7 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
             window.served_by.push(served_by);
         }
         if number % config.window == 0 {
-            eprintln!("{}", window_line(window));
+            eprintln!("{}", window_row(window));
         }
         if let Some(id) = receipt["job"]["id"].as_str() {
             running = Some((id.to_string(), number, Instant::now()));
@@ -428,9 +428,10 @@ fn percent(count: usize, of: usize) -> f64 {
     100.0 * count as f64 / of.max(1) as f64
 }
 
-fn window_line(window: &Window) -> String {
+/// A window as a row of the report's table.
+fn window_row(window: &Window) -> String {
     format!(
-        "requests {:>4}–{:<4} right {:>5.1}%  named a label {:>5.1}%  corrections {:>3}  served by {}",
+        "| {}–{} | {:.1}% | {:.1}% | {} | {} |",
         window.first,
         window.last,
         percent(window.right, window.requests()),
@@ -453,15 +454,8 @@ pub fn render(config: &FeedbackBenchConfig, result: &FeedbackBenchResult) -> Str
         "| requests | right answers | named a label | corrections sent | served by |\n|---|---|---|---|---|\n",
     );
     for window in &result.windows {
-        out.push_str(&format!(
-            "| {}–{} | {:.1}% | {:.1}% | {} | {} |\n",
-            window.first,
-            window.last,
-            percent(window.right, window.requests()),
-            percent(window.named_a_label, window.requests()),
-            window.corrections,
-            window.served_by.join(", ")
-        ));
+        out.push_str(&window_row(window));
+        out.push('\n');
     }
     let trained: u64 = result.jobs.iter().map(|j| j.steps).sum();
     let training_seconds: f64 = result.jobs.iter().map(|j| j.seconds).sum();
