@@ -5,21 +5,22 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{post_stream, Server, ServerOptions, BASE_MODEL};
+use common::{post_stream_telling_first_chunk, Server, ServerOptions, BASE_MODEL};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_short_streams_cancels_long_ones_and_exits_zero() {
     let mut server = Server::start(ServerOptions {
-        // Long enough for 16 tokens on a loaded 2-core machine, far shorter than 4000 tokens.
-        config: "[server]\nshutdown_grace_seconds = 5\n".into(),
+        // Long enough for 24 tokens on a loaded 2-core machine, far shorter than 4000 tokens.
+        config: "[server]\nshutdown_grace_seconds = 8\n".into(),
         ..ServerOptions::default()
     });
     let url = server.url("/v1/chat/completions");
     let stream = |max_tokens: u64| {
         let url = url.clone();
-        tokio::spawn(async move {
-            post_stream(
+        let (tell, started) = tokio::sync::oneshot::channel();
+        let stream = tokio::spawn(async move {
+            post_stream_telling_first_chunk(
                 &url,
                 &json!({
                     "model": BASE_MODEL,
@@ -28,14 +29,25 @@ async fn sigterm_finishes_short_streams_cancels_long_ones_and_exits_zero() {
                     "temperature": 0,
                     "stream": true,
                 }),
+                Some(tell),
             )
             .await
-        })
+        });
+        (stream, started)
     };
-    let short = stream(16);
-    let long = stream(4000);
-    // Let both start generating.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (short, short_started) = stream(24);
+    let (long, long_started) = stream(4000);
+    // Both are generating when the signal comes.
+    for started in [short_started, long_started] {
+        tokio::time::timeout(Duration::from_secs(60), started)
+            .await
+            .expect("a stream's first chunk within a minute")
+            .expect("the stream's first chunk");
+    }
+    assert!(
+        !short.is_finished(),
+        "the short stream ended before the signal: nothing left to finish in the grace period"
+    );
 
     let signalled = Instant::now();
     let code = tokio::task::spawn_blocking(move || {
@@ -49,8 +61,8 @@ async fn sigterm_finishes_short_streams_cancels_long_ones_and_exits_zero() {
 
     assert_eq!(code, Some(0), "exit code; log:\n{}", server.log());
     assert!(
-        elapsed < Duration::from_secs(14),
-        "shutdown took {elapsed:?} with a 5 s grace period"
+        elapsed < Duration::from_secs(16),
+        "shutdown took {elapsed:?} with an 8 s grace period"
     );
     assert!(short.done, "the short stream finished");
     let finish = short
@@ -59,8 +71,10 @@ async fn sigterm_finishes_short_streams_cancels_long_ones_and_exits_zero() {
         .find_map(|c| c["choices"][0]["finish_reason"].as_str());
     assert!(
         finish.is_some(),
-        "the short stream ended normally: {:?}",
-        short.chunks.last()
+        "the short stream ended normally: {:?} after {} chunks ({:.1} s to the first)",
+        short.chunks.last(),
+        short.chunks.len(),
+        short.seconds_to_first_chunk
     );
     assert!(long.done, "the long stream was closed properly");
     let error = long

@@ -309,6 +309,16 @@ impl StreamResult {
 
 /// POSTs a streaming request and reads every `data:` event until `[DONE]`.
 pub async fn post_stream(url: &str, body: &Value) -> StreamResult {
+    post_stream_telling_first_chunk(url, body, None).await
+}
+
+/// [`post_stream`], sending on `first_chunk` as soon as the first chunk has arrived (the
+/// request is then being generated, not waiting in the queue).
+pub async fn post_stream_telling_first_chunk(
+    url: &str,
+    body: &Value,
+    mut first_chunk: Option<tokio::sync::oneshot::Sender<()>>,
+) -> StreamResult {
     let started = Instant::now();
     let response = client().post(url).json(body).send().await.expect("POST");
     assert_eq!(response.status().as_u16(), 200, "stream refused");
@@ -340,6 +350,10 @@ pub async fn post_stream(url: &str, body: &Value) -> StreamResult {
                     result
                         .chunks
                         .push(serde_json::from_str(data).expect("chunks are JSON"));
+                    if let Some(tell) = first_chunk.take() {
+                        // The test may have stopped listening; the stream is read on regardless.
+                        let _ = tell.send(());
+                    }
                 }
             }
         }
