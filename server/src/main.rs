@@ -427,10 +427,7 @@ fn run_serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     );
     config.validate().map_err(anyhow::Error::msg)?;
     let model = model_path(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = async_runtime()?;
     runtime.block_on(serve(config, model))?;
     Ok(())
 }
@@ -439,10 +436,7 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
     if args.concurrency.contains(&0) || args.requests == 0 || args.max_tokens == 0 {
         bail!("--concurrency levels, --requests and --max-tokens must be at least 1");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = async_runtime()?;
     // The training job's examples: the movie reviews of `mezo bench mezo`.
     let reviews = if args.with_training {
         let reviews = sentiment::load(
@@ -457,15 +451,10 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
     // The in-process server's jobs, versions and database are the benchmark's own.
     let scratch = tempfile::tempdir().context("cannot create a temporary data folder")?;
     runtime.block_on(async move {
-        let base_url = match args.url {
-            Some(url) => url.trim_end_matches('/').to_string(),
-            None => {
-                // Every client's requests must fit the queue, or the benchmark measures 429s.
-                let most = args.concurrency.iter().max().copied().unwrap_or(1);
-                config.scheduler.max_waiting = config.scheduler.max_waiting.max(most);
-                start_in_process(config, scratch.path()).await?
-            }
-        };
+        // Every client's requests must fit the queue, or the benchmark measures 429s.
+        let most = args.concurrency.iter().max().copied().unwrap_or(1);
+        config.scheduler.max_waiting = config.scheduler.max_waiting.max(most);
+        let base_url = bench_server(args.url, config, scratch.path()).await?;
         let model = match args.model_id {
             Some(id) => id,
             None => first_model_id(&base_url).await?,
@@ -505,9 +494,23 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
     })
 }
 
-/// Starts the server in this process on a free local port, its data folder `scratch`; returns
-/// its URL once it is ready.
-async fn start_in_process(mut config: Config, scratch: &Path) -> anyhow::Result<String> {
+fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// The server a benchmark talks to: the one at `url`, or one started in this process on a free
+/// local port with `scratch` as its data folder; its URL once it is ready.
+async fn bench_server(
+    url: Option<String>,
+    mut config: Config,
+    scratch: &Path,
+) -> anyhow::Result<String> {
+    if let Some(url) = url {
+        return Ok(url.trim_end_matches('/').to_string());
+    }
     config.data.dir = scratch.to_path_buf();
     config.server.host = "127.0.0.1".into();
     config.server.port = 0;
@@ -541,16 +544,10 @@ fn run_bench_feedback(config: Config, args: FeedbackBenchArgs) -> anyhow::Result
         );
     }
     let (rated, probe) = sentiment::split(reviews, 0, args.items, args.probe);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = async_runtime()?;
     let scratch = tempfile::tempdir().context("cannot create a temporary data folder")?;
     runtime.block_on(async move {
-        let base_url = match args.url {
-            Some(url) => url.trim_end_matches('/').to_string(),
-            None => start_in_process(config, scratch.path()).await?,
-        };
+        let base_url = bench_server(args.url, config, scratch.path()).await?;
         let bench_config = bench::feedback::FeedbackBenchConfig {
             base_model: first_model_id(&base_url).await?,
             base_url,

@@ -258,12 +258,15 @@ impl Client {
         Ok(body["live_version"].as_u64())
     }
 
-    /// Polls a job until it is finished.
-    async fn wait_for_job(&self, id: &str) -> Result<Value, String> {
+    /// The job once it is finished: polled until then with `wait`, else `None` while it runs.
+    async fn finished_job(&self, id: &str, wait: bool) -> Result<Option<Value>, String> {
         loop {
             let job = self.get(&format!("/v1/finetune/{id}")).await?;
             if !matches!(job["status"].as_str(), Some("queued" | "running")) {
-                return Ok(job);
+                return Ok(Some(job));
+            }
+            if !wait {
+                return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -361,15 +364,11 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
         if let Some(id) = receipt["job"]["id"].as_str() {
             running = Some((id.to_string(), number, Instant::now()));
         }
+        let last = number == config.rated.len();
         if let Some((id, after_request, job_started)) = running.take() {
-            let job = if config.wait_for_training {
-                Some(client.wait_for_job(&id).await?)
-            } else {
-                let job = client.get(&format!("/v1/finetune/{id}")).await?;
-                let finished = !matches!(job["status"].as_str(), Some("queued" | "running"));
-                finished.then_some(job)
-            };
-            match job {
+            // The last request's feedback is always waited for: the probe needs its version.
+            let wait = config.wait_for_training || last;
+            match client.finished_job(&id, wait).await? {
                 Some(job) => {
                     let report = job_report(&job, id, after_request, job_started);
                     eprintln!("{}", job_line(&report));
@@ -379,13 +378,6 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
                 None => running = Some((id, after_request, job_started)),
             }
         }
-    }
-    if let Some((id, after_request, job_started)) = running {
-        let job = client.wait_for_job(&id).await?;
-        let report = job_report(&job, id, after_request, job_started);
-        eprintln!("{}", job_line(&report));
-        jobs.push(report);
-        live = client.live_version(&config.adapter).await?;
     }
     let probe_after = match live {
         Some(version) => {
