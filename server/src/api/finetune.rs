@@ -6,7 +6,6 @@
 //! with `[DONE]` when the job does).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use adapters::LoraConfig;
 use axum::extract::{Path, Query, State};
@@ -29,9 +28,6 @@ use super::training_data::{parse_examples, parse_hyperparameters, parse_objectiv
 /// Default and largest page of a listing.
 pub const DEFAULT_PAGE: usize = 20;
 pub const MAX_PAGE: usize = 1000;
-
-/// How often an event stream looks for new events.
-const EVENT_POLL: Duration = Duration::from_millis(500);
 
 const FIELDS: &[&str] = &[
     "adapter",
@@ -206,6 +202,8 @@ pub async fn job_events(
     let after = number(&query, "after")?.unwrap_or(0);
     let limit = number(&query, "limit")?.map_or(MAX_PAGE, |n| (n as usize).min(MAX_PAGE));
     let streaming = matches!(query.get("stream").map(String::as_str), Some("true" | "1"));
+    // Watching from before the first read, so that no event falls between a read and a wait.
+    let mut watch = state.serving()?.training.watch_events();
     let first = {
         let id = id.clone();
         state.training(move |t| t.events(&id, after, limit)).await?
@@ -246,7 +244,11 @@ pub async fn job_events(
                 return;
             }
             if batch.is_empty() {
-                tokio::time::sleep(EVENT_POLL).await;
+                tokio::select! {
+                    alive = watch.changed(&id) => if !alive { return },
+                    // The client left: no task lingers until the job's next event.
+                    () = tx.closed() => return,
+                }
             }
         }
     });

@@ -8,9 +8,11 @@
 //! to the scheduler as background work (training slices share the engine with serving, see
 //! [`crate::scheduler::share`]), records every step, and publishes versions through
 //! [`AdapterVersions`]. After a crash the worker replays a job's step log and goes on.
-//! [`feedback`] turns rated answers into `reward` jobs.
+//! [`feedback`] turns rated answers into `reward` jobs. Every job event is written to the
+//! database and announced to event streams, which wait on an [`EventWatch`] instead of polling.
 
 pub mod db;
+mod event_notices;
 pub mod feedback;
 mod files;
 pub mod job;
@@ -32,8 +34,10 @@ use crate::engine::loaded_model::LoadedModel;
 use crate::ids::{new_id, unix_now};
 use crate::metrics as m;
 use crate::scheduler::SchedulerHandle;
+use event_notices::EventNotices;
 
 pub use db::{Db, DbError, StoredFile};
+pub use event_notices::EventWatch;
 pub use job::{Job, JobEvent, JobOrigin, JobSpec, JobStatus, Progress, VersionInfo};
 pub use queued_engine::QueuedEngine;
 
@@ -110,6 +114,8 @@ pub(crate) struct Shared {
     shutdown: AtomicBool,
     /// Wakes the worker when a job is queued or the server stops.
     wake: (Mutex<u64>, Condvar),
+    /// Wakes event streams when a job has a new event.
+    event_notices: EventNotices,
     /// Held by a job while it publishes a version (folder and database row) and by an
     /// adapter's deletion, which cancels the adapter's jobs before taking it: a job that was
     /// about to publish either did so before the deletion (which then removes that version
@@ -169,6 +175,7 @@ impl Training {
                 running: Mutex::new(None),
                 shutdown: AtomicBool::new(false),
                 wake: (Mutex::new(0), Condvar::new()),
+                event_notices: EventNotices::default(),
                 publish_gate: Mutex::new(()),
             }),
         };
@@ -376,6 +383,11 @@ impl Training {
         Ok(self.shared.db.events(id, after, limit)?)
     }
 
+    /// A watch on new events: take it before reading [`Self::events`], then wait on it.
+    pub fn watch_events(&self) -> EventWatch {
+        self.shared.event_notices.watch()
+    }
+
     /// Events with `seq < before` (all when `None`), newest first: OpenAI's order.
     pub fn events_newest_first(
         &self,
@@ -524,6 +536,8 @@ impl Shared {
         {
             tracing::error!(job = job_id, error = %err, "cannot record a job event");
         }
+        // Even after a failed write: a stream that wakes re-reads the job's status too.
+        self.event_notices.notify(job_id);
     }
 
     fn update_job_gauges(&self) {
