@@ -3,7 +3,11 @@
 //! Each candidate (" positive", " negative") is scored by the mean log-prob of its tokens after the
 //! prompt; the loss is the cross-entropy of the label under the softmax of those scores, and the
 //! prediction is their argmax. All candidates of an example go in one [`ScoreRequest`], so an
-//! engine can share the prompt's work between them. [`super::Accuracy`] grades the same scores.
+//! engine can share the prompt's work between them.
+//!
+//! The same scores also give a non-differentiable loss, −accuracy of the argmax candidate: MeZO
+//! needs only loss values, so it can follow a metric that has no gradient. A small ε rarely flips
+//! a prediction, so most steps see L+ = L− and move nothing (the paper uses ε up to 1e-1 there).
 
 use std::collections::BTreeMap;
 
@@ -15,13 +19,38 @@ use super::{
 };
 use crate::{DynEngine, ExampleKind, Result, ScoreRequest, TrainingExample};
 
-/// Mean over examples of the cross-entropy over candidates scored by mean log-prob.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Classification;
+/// What a classification objective minimises, from the same candidate scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateLoss {
+    /// Mean over examples of the cross-entropy of the label under the softmax of the scores.
+    CrossEntropy,
+    /// −(fraction of examples whose highest-scoring candidate is the label).
+    Accuracy,
+}
+
+/// Classification by candidate completions, minimising `loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    pub loss: CandidateLoss,
+}
+
+impl Classification {
+    /// The MeZO paper's loss for classification tasks.
+    pub const CROSS_ENTROPY: Self = Self {
+        loss: CandidateLoss::CrossEntropy,
+    };
+    /// −accuracy: a non-differentiable objective.
+    pub const ACCURACY: Self = Self {
+        loss: CandidateLoss::Accuracy,
+    };
+}
 
 impl Objective for Classification {
     fn name(&self) -> &'static str {
-        "classification"
+        match self.loss {
+            CandidateLoss::CrossEntropy => "classification",
+            CandidateLoss::Accuracy => "accuracy",
+        }
     }
 
     fn example_kind(&self) -> ExampleKind {
@@ -38,7 +67,10 @@ impl Objective for Classification {
         Ok(scored
             .per_adapter
             .iter()
-            .map(|s| scored.cross_entropy(s))
+            .map(|scores| match self.loss {
+                CandidateLoss::CrossEntropy => scored.cross_entropy(scores),
+                CandidateLoss::Accuracy => -scored.accuracy(scores),
+            })
             .collect())
     }
 
@@ -48,9 +80,15 @@ impl Objective for Classification {
         adapter: &LoraAdapter,
         examples: &[&TrainingExample],
     ) -> Result<Evaluation> {
-        let (cross_entropy, accuracy) = evaluate_candidates(self, engine, adapter, examples)?;
+        let scored = CandidateScores::compute(self, engine, &[adapter], examples)?;
+        // One adapter in, so one set of scores out: `score` checked the engine's answer's shape.
+        let scores = &scored.per_adapter[0];
+        let (cross_entropy, accuracy) = (scored.cross_entropy(scores), scored.accuracy(scores));
         Ok(Evaluation {
-            loss: cross_entropy,
+            loss: match self.loss {
+                CandidateLoss::CrossEntropy => cross_entropy,
+                CandidateLoss::Accuracy => -accuracy,
+            },
             metrics: BTreeMap::from([
                 ("accuracy".to_string(), accuracy),
                 ("cross_entropy".to_string(), cross_entropy),
@@ -59,29 +97,16 @@ impl Objective for Classification {
     }
 }
 
-/// Cross-entropy and accuracy of one adapter on classification examples.
-pub(super) fn evaluate_candidates(
-    objective: &dyn Objective,
-    engine: &dyn DynEngine,
-    adapter: &LoraAdapter,
-    examples: &[&TrainingExample],
-) -> Result<(f64, f64)> {
-    let scored = CandidateScores::compute(objective, engine, &[adapter], examples)?;
-    // One adapter in, so one set of scores out: `score` checked the engine's answer's shape.
-    let scores = &scored.per_adapter[0];
-    Ok((scored.cross_entropy(scores), scored.accuracy(scores)))
-}
-
 /// Every candidate's score under every adapter, with the labels.
-pub(super) struct CandidateScores {
+struct CandidateScores {
     /// `per_adapter[a][example][candidate]`: mean log-prob of the candidate's tokens.
-    pub(super) per_adapter: Vec<Vec<Vec<f64>>>,
+    per_adapter: Vec<Vec<Vec<f64>>>,
     labels: Vec<usize>,
 }
 
 impl CandidateScores {
     /// Scores the candidates of `batch` under each adapter, in one engine call.
-    pub(super) fn compute(
+    fn compute(
         objective: &dyn Objective,
         engine: &dyn DynEngine,
         adapters: &[&LoraAdapter],
@@ -123,7 +148,7 @@ impl CandidateScores {
     }
 
     /// Mean over examples of `−log softmax(scores)[label]`.
-    pub(super) fn cross_entropy(&self, scores: &[Vec<f64>]) -> f64 {
+    fn cross_entropy(&self, scores: &[Vec<f64>]) -> f64 {
         mean(
             scores
                 .iter()
@@ -133,7 +158,7 @@ impl CandidateScores {
     }
 
     /// Fraction of examples whose highest-scoring candidate is the label.
-    pub(super) fn accuracy(&self, scores: &[Vec<f64>]) -> f64 {
+    fn accuracy(&self, scores: &[Vec<f64>]) -> f64 {
         mean(scores.iter().zip(&self.labels).map(|(candidates, &label)| {
             if argmax(candidates) == label {
                 1.0

@@ -4,28 +4,26 @@
 //! for all the adapters given (θ+εz and θ−εz in the same call, so an engine that batches rows
 //! under different adapters shares the forward). Losses are f64 means over the batch: L+ and L−
 //! differ by about ε·|∇L|, so they are accumulated in double precision before being subtracted.
-//! Adding an objective is adding one file here and one arm to [`ObjectiveKind`].
+//! Adding an objective is adding one file here and one arm to [`ObjectiveKind`]; objectives that
+//! differ by one function (the loss of candidate scores, the grade of an answer) are one type
+//! with a parameter.
 
-mod accuracy;
 mod classification;
 mod completion;
-mod exact_match;
+mod greedy_answer;
 mod reward;
 mod squad;
-mod token_f1;
 
 use std::collections::BTreeMap;
 
 use adapters::LoraAdapter;
 use serde::{Deserialize, Serialize};
 
-pub use accuracy::Accuracy;
-pub use classification::Classification;
+pub use classification::{CandidateLoss, Classification};
 pub use completion::Completion;
-pub use exact_match::ExactMatch;
+pub use greedy_answer::{AnswerMetric, GreedyAnswer};
 pub use reward::Reward;
 pub use squad::{exact_match, normalize_answer, token_f1};
-pub use token_f1::TokenF1;
 
 use crate::engine::LogProbs;
 use crate::{DynEngine, ExampleKind, Result, ScoreRequest, TrainError, TrainingExample};
@@ -77,17 +75,17 @@ pub struct Evaluation {
 pub enum ObjectiveKind {
     /// Cross-entropy of the completion tokens ([`Completion`]).
     Completion,
-    /// Cross-entropy over candidates scored by mean log-prob ([`Classification`]).
+    /// Cross-entropy over candidates scored by mean log-prob ([`Classification::CROSS_ENTROPY`]).
     Classification,
-    /// −accuracy of the argmax candidate ([`Accuracy`]).
+    /// −accuracy of the argmax candidate ([`Classification::ACCURACY`]).
     Accuracy,
-    /// −token F1 of greedy answers ([`TokenF1`]).
+    /// −token F1 of greedy answers ([`GreedyAnswer`]).
     #[serde(alias = "f1")]
     TokenF1 {
         #[serde(default = "default_max_new_tokens")]
         max_new_tokens: usize,
     },
-    /// −exact match of greedy answers ([`ExactMatch`]).
+    /// −exact match of greedy answers ([`GreedyAnswer`]).
     ExactMatch {
         #[serde(default = "default_max_new_tokens")]
         max_new_tokens: usize,
@@ -116,12 +114,14 @@ impl ObjectiveKind {
         };
         Ok(match *self {
             ObjectiveKind::Completion => Box::new(Completion),
-            ObjectiveKind::Classification => Box::new(Classification),
-            ObjectiveKind::Accuracy => Box::new(Accuracy),
-            ObjectiveKind::TokenF1 { max_new_tokens } => Box::new(TokenF1 {
+            ObjectiveKind::Classification => Box::new(Classification::CROSS_ENTROPY),
+            ObjectiveKind::Accuracy => Box::new(Classification::ACCURACY),
+            ObjectiveKind::TokenF1 { max_new_tokens } => Box::new(GreedyAnswer {
+                metric: AnswerMetric::TokenF1,
                 max_new_tokens: greedy_budget(max_new_tokens)?,
             }),
-            ObjectiveKind::ExactMatch { max_new_tokens } => Box::new(ExactMatch {
+            ObjectiveKind::ExactMatch { max_new_tokens } => Box::new(GreedyAnswer {
+                metric: AnswerMetric::ExactMatch,
                 max_new_tokens: greedy_budget(max_new_tokens)?,
             }),
             ObjectiveKind::Reward => Box::new(Reward),

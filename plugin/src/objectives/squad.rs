@@ -65,8 +65,8 @@ pub fn token_f1(answer: &str, reference: &str) -> f64 {
     2.0 * precision * recall / (precision + recall)
 }
 
-/// A metric of an answer against one reference.
-pub(super) type AnswerMetric = fn(&str, &str) -> f64;
+/// A grade of an answer against one reference.
+pub(super) type Grader = fn(&str, &str) -> f64;
 
 /// Greedy answers to `batch` under each adapter (one engine call), graded by `metric` against the
 /// best reference: `result[adapter][example]`.
@@ -76,7 +76,7 @@ pub(super) fn graded_answers(
     adapters: &[&LoraAdapter],
     batch: &[&TrainingExample],
     max_new_tokens: usize,
-    metrics: &[AnswerMetric],
+    metrics: &[Grader],
 ) -> Result<Vec<Vec<Vec<f64>>>> {
     let mut prompts = Vec::with_capacity(batch.len());
     let mut references = Vec::with_capacity(batch.len());
@@ -109,7 +109,7 @@ pub(super) fn graded_answers(
         .collect())
 }
 
-fn best_over_references(metric: AnswerMetric, answer: &str, references: &[String]) -> f64 {
+fn best_over_references(metric: Grader, answer: &str, references: &[String]) -> f64 {
     references
         .iter()
         .map(|reference| metric(answer, reference))
@@ -123,7 +123,7 @@ pub(super) fn answer_losses(
     adapters: &[&LoraAdapter],
     batch: &[&TrainingExample],
     max_new_tokens: usize,
-    metric: AnswerMetric,
+    metric: Grader,
 ) -> Result<Vec<f64>> {
     let graded = graded_answers(
         objective,

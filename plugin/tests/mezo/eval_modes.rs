@@ -4,7 +4,7 @@
 //! The tiny engine computes each adapter's rows on their own, so any difference would come from
 //! the plugin (wrong order of adapters, different perturbations, a different batch).
 
-use plugin::objectives::{Classification, Completion, TokenF1};
+use plugin::objectives::{AnswerMetric, Classification, Completion, GreedyAnswer};
 use plugin::{
     Estimator, EvalMode, Objective, Optimizer, OptimizerState, SpsaStep, StepRecord,
     TrainedTensors, TrainingExample,
@@ -68,8 +68,14 @@ fn one_forward_and_two_forwards_give_the_same_losses() {
         .collect();
     let cases: [(&dyn Objective, Vec<TrainingExample>); 3] = [
         (&Completion, completion_examples()),
-        (&Classification, classification),
-        (&TokenF1 { max_new_tokens: 3 }, generation),
+        (&Classification::CROSS_ENTROPY, classification),
+        (
+            &GreedyAnswer {
+                metric: AnswerMetric::TokenF1,
+                max_new_tokens: 3,
+            },
+            generation,
+        ),
     ];
     for (objective, examples) in cases {
         for estimator in [Estimator::Central, Estimator::Fzoo] {

@@ -3,7 +3,7 @@
 //! Fake log-probs: "a" −0.5, "b" −1.0, "c" −1.5, "d" −2.0, "e" −2.5, plus the adapter's shift.
 //! All of them are multiples of 2⁻⁴, so the expected means below are exact in f64.
 
-use plugin::objectives::{Accuracy, Classification, Completion, ExactMatch, Reward, TokenF1};
+use plugin::objectives::{AnswerMetric, Classification, Completion, GreedyAnswer, Reward};
 use plugin::{Objective, TrainError, TrainingExample};
 
 use crate::fake_engine::{shifted_adapter, FakeEngine};
@@ -87,7 +87,7 @@ fn classification_loss_is_cross_entropy_over_mean_log_prob_scores() {
     // label 0: −0.2985867… + 2.0 = 1.7014132779827524; label 1: 0.20141327798275244.
     let expected = (1.701_413_277_982_752_4 + 0.201_413_277_982_752_44) / 2.0;
     let loss = losses(
-        &Classification,
+        &Classification::CROSS_ENTROPY,
         &engine,
         &[0.0],
         &[
@@ -99,7 +99,7 @@ fn classification_loss_is_cross_entropy_over_mean_log_prob_scores() {
     // The mean (not the sum) of log-probs: "aaaa" scores −0.5 like "a", so both candidates tie
     // and the loss is ln 2 whatever the label.
     let tie = losses(
-        &Classification,
+        &Classification::CROSS_ENTROPY,
         &engine,
         &[0.0],
         &[classification(&["aaaa", "a"], 0)],
@@ -107,7 +107,7 @@ fn classification_loss_is_cross_entropy_over_mean_log_prob_scores() {
     assert!((tie[0] - std::f64::consts::LN_2).abs() < 1e-15, "{tie:?}");
     // A shift moves every candidate alike: softmax is unchanged.
     let shifted = losses(
-        &Classification,
+        &Classification::CROSS_ENTROPY,
         &engine,
         &[0.0, 1.0],
         &[classification(&["ce", "a"], 0)],
@@ -125,14 +125,21 @@ fn accuracy_loss_is_minus_the_fraction_of_argmax_hits() {
         classification(&["b", "ce", "a"], 2),
         classification(&["a", "b"], 0),
     ];
-    assert_eq!(losses(&Accuracy, &engine, &[0.0], &batch), [-0.75]);
+    assert_eq!(
+        losses(&Classification::ACCURACY, &engine, &[0.0], &batch),
+        [-0.75]
+    );
 
     let adapter = shifted_adapter(0.0);
     let batch: Vec<_> = batch.iter().collect();
-    let evaluation = Accuracy.evaluate(&engine, &adapter, &batch).unwrap();
+    let evaluation = Classification::ACCURACY
+        .evaluate(&engine, &adapter, &batch)
+        .unwrap();
     assert_eq!(evaluation.loss, -0.75);
     assert_eq!(evaluation.metrics["accuracy"], 0.75);
-    let classification = Classification.evaluate(&engine, &adapter, &batch).unwrap();
+    let classification = Classification::CROSS_ENTROPY
+        .evaluate(&engine, &adapter, &batch)
+        .unwrap();
     assert_eq!(classification.metrics["accuracy"], 0.75);
     assert_eq!(classification.loss, classification.metrics["cross_entropy"]);
 }
@@ -186,11 +193,22 @@ fn f1_and_exact_match_grade_greedy_answers_under_each_adapter() {
     // Shift 0: F1 0.8 (3 answer words, 2 shared with the 2 reference words) and 1.0 (the second
     // reference), mean 0.9; exact match 0 and 1, mean 0.5.
     // Shift 1: F1 1.0 and 0.0, mean 0.5; exact match 1 and 0, mean 0.5.
-    let f1 = losses(&TokenF1 { max_new_tokens: 8 }, &engine, &[0.0, 1.0], &batch);
+    let f1 = losses(
+        &GreedyAnswer {
+            metric: AnswerMetric::TokenF1,
+            max_new_tokens: 8,
+        },
+        &engine,
+        &[0.0, 1.0],
+        &batch,
+    );
     assert!((f1[0] + 0.9).abs() < 1e-12 && f1[1] == -0.5, "{f1:?}");
     assert_eq!(
         losses(
-            &ExactMatch { max_new_tokens: 8 },
+            &GreedyAnswer {
+                metric: AnswerMetric::ExactMatch,
+                max_new_tokens: 8
+            },
             &engine,
             &[0.0, 1.0],
             &batch
@@ -200,9 +218,12 @@ fn f1_and_exact_match_grade_greedy_answers_under_each_adapter() {
 
     let adapter = shifted_adapter(0.0);
     let batch: Vec<_> = batch.iter().collect();
-    let evaluation = ExactMatch { max_new_tokens: 8 }
-        .evaluate(&engine, &adapter, &batch)
-        .unwrap();
+    let evaluation = GreedyAnswer {
+        metric: AnswerMetric::ExactMatch,
+        max_new_tokens: 8,
+    }
+    .evaluate(&engine, &adapter, &batch)
+    .unwrap();
     assert_eq!(evaluation.loss, -0.5);
     assert!((evaluation.metrics["token_f1"] - 0.9).abs() < 1e-12);
 }
@@ -212,7 +233,7 @@ fn an_objective_rejects_examples_of_another_kind() {
     let engine = FakeEngine::default();
     let adapter = shifted_adapter(0.0);
     let example = completion("x", "a");
-    let err = Classification
+    let err = Classification::CROSS_ENTROPY
         .losses(&engine, &[&adapter], &[&example])
         .unwrap_err();
     assert_eq!(
@@ -227,7 +248,10 @@ fn engine_failures_and_malformed_answers_are_errors_not_panics() {
         answers: vec![(0.0, vec!["a".into()])],
         ..FakeEngine::default()
     };
-    let objective = TokenF1 { max_new_tokens: 4 };
+    let objective = GreedyAnswer {
+        metric: AnswerMetric::TokenF1,
+        max_new_tokens: 4,
+    };
     let (known, unknown) = (shifted_adapter(0.0), shifted_adapter(2.0));
     let one = generation("q", &["a"]);
     let err = objective

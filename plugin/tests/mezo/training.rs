@@ -3,7 +3,7 @@
 
 use std::ops::ControlFlow;
 
-use plugin::objectives::Accuracy;
+use plugin::objectives::Classification;
 use plugin::objectives::Completion;
 use plugin::{
     replay, Estimator, LrSchedule, Objective, Optimizer, StepRecord, StopReason, TrainedTensors,
@@ -360,7 +360,7 @@ fn the_default_configuration_lowers_the_loss() {
 
 #[test]
 fn early_stopping_stops_after_patience_evaluations_without_improvement() {
-    // Accuracy with a tiny ε: no prediction flips, g = 0, θ never moves, the held-out accuracy
+    // Classification::ACCURACY with a tiny ε: no prediction flips, g = 0, θ never moves, the held-out accuracy
     // never improves on the first evaluation. With patience 2 and an evaluation every 2 steps,
     // the run stops after step 4's evaluation.
     let model = TinyModel::new(1);
@@ -375,7 +375,7 @@ fn early_stopping_stops_after_patience_evaluations_without_improvement() {
     let initial = adapter_with_nonzero_b(2);
     let mut trainer = Trainer::new(
         config,
-        Box::new(Accuracy),
+        Box::new(Classification::ACCURACY),
         initial.clone(),
         sentiment_examples(),
         sentiment_examples(),

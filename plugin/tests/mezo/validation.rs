@@ -197,7 +197,12 @@ fn bad_examples_are_rejected_with_their_index() {
         label: 2,
     };
     assert_eq!(
-        error(config(), Box::new(Classification), bad_label, vec![]),
+        error(
+            config(),
+            Box::new(Classification::CROSS_ENTROPY),
+            bad_label,
+            vec![]
+        ),
         "example 2: `label` must be an index into `candidates`, < 2 (given 2)"
     );
 
@@ -208,7 +213,12 @@ fn bad_examples_are_rejected_with_their_index() {
         label: 0,
     };
     assert_eq!(
-        error(config(), Box::new(Classification), no_candidates, vec![]),
+        error(
+            config(),
+            Box::new(Classification::CROSS_ENTROPY),
+            no_candidates,
+            vec![]
+        ),
         "example 1: `candidates` must be a list of at least 2 completions (given 0 candidates)"
     );
 
@@ -239,7 +249,7 @@ fn bad_examples_are_rejected_with_their_index() {
     );
 
     assert_eq!(
-        error(config(), Box::new(Classification), completions(2), vec![]),
+        error(config(), Box::new(Classification::CROSS_ENTROPY), completions(2), vec![]),
         "example 0 is a completion example, but objective `classification` needs classification examples"
     );
     // Held-out examples are checked too, and say so.
@@ -252,7 +262,7 @@ fn bad_examples_are_rejected_with_their_index() {
     assert_eq!(
         error(
             config(),
-            Box::new(Classification),
+            Box::new(Classification::CROSS_ENTROPY),
             classifications(2),
             held_out
         ),
