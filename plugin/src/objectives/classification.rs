@@ -67,10 +67,7 @@ impl Objective for Classification {
         Ok(scored
             .per_adapter
             .iter()
-            .map(|scores| match self.loss {
-                CandidateLoss::CrossEntropy => scored.cross_entropy(scores),
-                CandidateLoss::Accuracy => -scored.accuracy(scores),
-            })
+            .map(|scores| scored.loss(self.loss, scores))
             .collect())
     }
 
@@ -83,15 +80,11 @@ impl Objective for Classification {
         let scored = CandidateScores::compute(self, engine, &[adapter], examples)?;
         // One adapter in, so one set of scores out: `score` checked the engine's answer's shape.
         let scores = &scored.per_adapter[0];
-        let (cross_entropy, accuracy) = (scored.cross_entropy(scores), scored.accuracy(scores));
         Ok(Evaluation {
-            loss: match self.loss {
-                CandidateLoss::CrossEntropy => cross_entropy,
-                CandidateLoss::Accuracy => -accuracy,
-            },
+            loss: scored.loss(self.loss, scores),
             metrics: BTreeMap::from([
-                ("accuracy".to_string(), accuracy),
-                ("cross_entropy".to_string(), cross_entropy),
+                ("accuracy".to_string(), scored.accuracy(scores)),
+                ("cross_entropy".to_string(), scored.cross_entropy(scores)),
             ]),
         })
     }
@@ -145,6 +138,14 @@ impl CandidateScores {
             per_adapter,
             labels,
         })
+    }
+
+    /// `loss` of one adapter's scores.
+    fn loss(&self, loss: CandidateLoss, scores: &[Vec<f64>]) -> f64 {
+        match loss {
+            CandidateLoss::CrossEntropy => self.cross_entropy(scores),
+            CandidateLoss::Accuracy => -self.accuracy(scores),
+        }
     }
 
     /// Mean over examples of `−log softmax(scores)[label]`.

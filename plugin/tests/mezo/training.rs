@@ -360,7 +360,7 @@ fn the_default_configuration_lowers_the_loss() {
 
 #[test]
 fn early_stopping_stops_after_patience_evaluations_without_improvement() {
-    // Classification::ACCURACY with a tiny ε: no prediction flips, g = 0, θ never moves, the held-out accuracy
+    // Accuracy with a tiny ε: no prediction flips, g = 0, θ never moves, the held-out accuracy
     // never improves on the first evaluation. With patience 2 and an evaluation every 2 steps,
     // the run stops after step 4's evaluation.
     let model = TinyModel::new(1);

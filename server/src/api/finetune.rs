@@ -202,19 +202,24 @@ pub async fn job_events(
     let after = number(&query, "after")?.unwrap_or(0);
     let limit = number(&query, "limit")?.map_or(MAX_PAGE, |n| (n as usize).min(MAX_PAGE));
     let streaming = matches!(query.get("stream").map(String::as_str), Some("true" | "1"));
-    // Watching from before the first read, so that no event falls between a read and a wait.
-    let mut watch = state.serving()?.training.watch_events();
+    // A stream watches from before the first read, so that no event falls between a read and
+    // a wait.
+    let watch = if streaming {
+        Some(state.serving()?.training.watch_events())
+    } else {
+        None
+    };
     let first = {
         let id = id.clone();
         state.training(move |t| t.events(&id, after, limit)).await?
     };
-    if !streaming {
+    let Some(mut watch) = watch else {
         let data: Vec<Value> = first.iter().map(event_json).collect();
         return Ok(Json(
             json!({ "object": "list", "data": data, "has_more": data.len() == limit }),
         )
         .into_response());
-    }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let mut after = after;
