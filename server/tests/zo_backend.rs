@@ -191,7 +191,7 @@ fn adapters_of_the_top_layers_reuse_the_frozen_layers_on_both_paths() {
     for _ in 0..2 {
         assert_scores_close(&direct.score(&adapters, &items).expect("direct"), &full);
     }
-    assert!(direct.held_bytes() > 0);
+    assert!(direct.frozen_states_bytes() > 0);
     drop(direct);
 
     let limits = BatchLimits {

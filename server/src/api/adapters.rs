@@ -10,35 +10,30 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::training::{Training, TrainingError};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::protocol::{ContinuousTrainingRequest, ListPage, RollbackRequest};
 use super::state::AppState;
 
 /// Steps of a continuous-training job when the request does not say.
 const DEFAULT_FEEDBACK_STEPS: u64 = 50;
 
-pub async fn list_adapters(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_adapters(
+    State(state): State<AppState>,
+) -> Result<Json<ListPage<Value>>, ApiError> {
     let data = state
         .training(|t| {
-            let names: Vec<String> = t
-                .adapters()
-                .registry()
-                .list()
-                .into_iter()
-                .map(|a| a.name)
-                .collect();
-            names
+            t.adapter_names()
                 .iter()
                 .map(|name| adapter_json(t, name))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
-    Ok(Json(json!({ "object": "list", "data": data })))
+    Ok(Json(ListPage::all(data)))
 }
 
 pub async fn get_adapter(
@@ -46,12 +41,6 @@ pub async fn get_adapter(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(state.training(move |t| adapter_json(t, &name)).await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RollbackRequest {
-    version: u32,
 }
 
 pub async fn rollback(
@@ -80,19 +69,12 @@ pub async fn delete_adapter(
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContinuousRequest {
-    feedback_every: Option<u32>,
-    steps: Option<u64>,
-}
-
 pub async fn set_continuous_training(
     State(state): State<AppState>,
     Path(name): Path<String>,
     body: ApiJson,
 ) -> Result<Json<Value>, ApiError> {
-    let request: ContinuousRequest = body.parse()?;
+    let request: ContinuousTrainingRequest = body.parse()?;
     let every = request
         .feedback_every
         .map(|every| (every, request.steps.unwrap_or(DEFAULT_FEEDBACK_STEPS)));
@@ -114,25 +96,18 @@ fn continuous_json(every: Option<(u32, u64)>) -> Value {
 
 /// An adapter with every version, its metrics and which one is live.
 fn adapter_json(training: &Training, name: &str) -> Result<Value, TrainingError> {
-    let (versions, live) = training
-        .adapters()
-        .registry()
-        .versions(name)
-        .ok_or_else(|| TrainingError::NotFound {
-            what: "adapter",
-            id: name.to_string(),
-        })?;
-    let history = training.versions(name)?;
-    let versions: Vec<Value> = versions
+    let adapter = training.adapter(name)?;
+    let versions: Vec<Value> = adapter
+        .versions
         .iter()
         .map(|v| {
-            let info = history.iter().find(|h| h.version == v.version);
+            let info = v.published.as_ref();
             json!({
                 "version": v.version,
                 "id": format!("{name}@{}", v.version),
-                "created_at": v.created,
-                "live": v.version == live,
-                "size_bytes": v.payload.view.size_bytes(),
+                "created_at": v.created_at,
+                "live": v.version == adapter.live,
+                "size_bytes": v.size_bytes,
                 "job_id": info.and_then(|i| i.job_id.clone()),
                 "step": info.and_then(|i| i.step),
                 "held_out": info.and_then(|i| i.held_out.clone()),
@@ -142,7 +117,7 @@ fn adapter_json(training: &Training, name: &str) -> Result<Value, TrainingError>
     Ok(json!({
         "id": name,
         "object": "adapter",
-        "live_version": live,
+        "live_version": adapter.live,
         "versions": versions,
         "continuous_training": continuous_json(training.continuous(name)?),
     }))

@@ -1,6 +1,6 @@
-//! `POST /v1/chat/completions`: messages rendered with the model's chat template, generated on
-//! the scheduler under the requested model (base or adapter version), answered whole or
-//! streamed.
+//! `POST /v1/chat/completions`: a [`ValidChat`] (the messages rendered with the model's chat
+//! template, every field checked) generated on the scheduler under the requested model (base or
+//! adapter version), answered whole or streamed, and its first choice remembered for feedback.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,22 +9,20 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::engine::chat_template::ChatMessage;
 use crate::engine::generate::TokenEvent;
 use crate::engine::loaded_model::LoadedModel;
 use crate::scheduler::SequenceRequest;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generation::{chat_logprob, collect, RequestMetrics};
 use super::protocol::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageIn, MessageContent, ResponseMeta,
-    SamplingFields, Usage,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+    ChatLogprobs, ResponseMeta, Usage,
 };
 use super::state::AppState;
 use super::stream::{sse_response, ChunkRenderer};
-use super::validate::{logprobs_count, plan, positive_max_tokens, reject_if_set, PlanInputs};
+use super::token_events::{chat_logprob, collect, RequestMetrics};
+use super::validate::chat::ValidChat;
 use super::ServedModelLabel;
 use crate::ids::{new_id, unix_now};
 use crate::training::db::StoredCompletion;
@@ -35,59 +33,18 @@ pub async fn chat_completions(
     body: ApiJson,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let request: ChatCompletionRequest = body.parse()?;
-    let sampling: SamplingFields = body.parse()?;
-    reject_unsupported(&request)?;
     let serving = state.serving()?;
-    let model = serving.resolve_model(&request.model)?;
+    let chat = ValidChat::new(&body, serving, state.config().max_choices)?;
+    let model = chat.model.clone();
     let label = ServedModelLabel(crate::metrics::adapter_label(&model.name));
-
-    let messages = convert_messages(&request.messages, "")?;
     let llm = &serving.model;
-    let text = llm
-        .chat_template
-        .render(&messages, true)
-        .map_err(|err| ApiError::invalid("messages", err.to_string()))?;
-    let prompt = llm.tokenizer.encode(&text, true);
-
-    let top_logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
-        (true, n) => Some(logprobs_count("top_logprobs", n.unwrap_or(0))?),
-        (false, Some(n)) if n > 0 => {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                "`top_logprobs` needs `logprobs: true`",
-            ))
-        }
-        (false, _) => None,
-    };
-    let context_length = llm.llama.config.context_length;
-    let (max_tokens, max_tokens_field) = match (request.max_completion_tokens, sampling.max_tokens)
-    {
-        (Some(v), _) => (
-            positive_max_tokens("max_completion_tokens", v)?,
-            "max_completion_tokens",
-        ),
-        (None, Some(v)) => (positive_max_tokens("max_tokens", v)?, "max_tokens"),
-        // OpenAI's default: until the model stops or the context is full.
-        (None, None) => (context_length.saturating_sub(prompt.len()), "max_tokens"),
-    };
-    let stop_token_ids = llm.tokenizer.eog_ids();
-    let plan = plan(
-        &sampling,
-        PlanInputs {
-            prompt_tokens: prompt.len(),
-            context_length,
-            max_tokens,
-            max_tokens_field,
-            top_logprobs,
-            stop_token_ids: stop_token_ids.clone(),
-            max_choices: state.config().max_choices,
-        },
-    )?;
+    let plan = &chat.plan;
+    let stop_token_ids = plan.params.stop.token_ids.clone();
+    let prompt_tokens = chat.prompt.len();
 
     let sequences = (0..plan.n)
         .map(|i| SequenceRequest {
-            prompt: prompt.clone(),
+            prompt: chat.prompt.clone(),
             adapter: model.view(),
             params: plan.choice(i),
         })
@@ -97,16 +54,16 @@ pub async fn chat_completions(
         id: new_id("chatcmpl"),
         object: "chat.completion",
         created: unix_now(),
-        model: request.model.clone(),
+        model: chat.model_name.clone(),
         system_fingerprint: model.fingerprint(&serving.model_id),
         adapter_version: model.version(),
     };
-    let mut metrics = RequestMetrics::new(&model.name, arrived, prompt.len());
+    let mut metrics = RequestMetrics::new(&model.name, arrived, prompt_tokens);
     let memory = CompletionMemory {
         training: serving.training.clone(),
         id: meta.id.clone(),
         adapter: model.adapter.as_ref().map(|a| a.name.clone()),
-        prompt: text,
+        prompt: chat.prompt_text.clone(),
         answer: String::new(),
     };
 
@@ -118,7 +75,7 @@ pub async fn chat_completions(
             },
             n: plan.n,
             include_usage: plan.include_usage,
-            logprobs: top_logprobs.is_some(),
+            logprobs: chat.logprobs(),
             stop_token_ids,
             model: Arc::clone(llm),
             memory: Some(memory),
@@ -127,7 +84,7 @@ pub async fn chat_completions(
         sse_response(
             receivers,
             metrics,
-            prompt.len(),
+            prompt_tokens,
             plan.include_usage,
             renderer,
         )
@@ -140,7 +97,7 @@ pub async fn chat_completions(
             .enumerate()
             .map(|(index, out)| ChatChoice {
                 index,
-                logprobs: top_logprobs.map(|_| ChatLogprobs {
+                logprobs: chat.logprobs().then(|| ChatLogprobs {
                     content: out
                         .tokens
                         .iter()
@@ -161,141 +118,12 @@ pub async fn chat_completions(
         Json(ChatCompletion {
             meta,
             choices,
-            usage: Usage::new(prompt.len(), completion_tokens),
+            usage: Usage::new(prompt_tokens, completion_tokens),
         })
         .into_response()
     };
     response.extensions_mut().insert(label);
     Ok(response)
-}
-
-fn reject_unsupported(request: &ChatCompletionRequest) -> Result<(), ApiError> {
-    const TOOLS: &str = "tool and function calling are not implemented";
-    reject_if_set("tools", &request.tools, TOOLS)?;
-    reject_if_set("tool_choice", &request.tool_choice, TOOLS)?;
-    reject_if_set("functions", &request.functions, TOOLS)?;
-    reject_if_set("function_call", &request.function_call, TOOLS)?;
-    reject_if_set("parallel_tool_calls", &request.parallel_tool_calls, TOOLS)?;
-    if let Some(format) = &request.response_format {
-        if format.get("type").and_then(|t| t.as_str()) != Some("text") && !format.is_null() {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "structured outputs and JSON mode are not implemented; only {\"type\": \"text\"}",
-            ));
-        }
-    }
-    reject_if_set("audio", &request.audio, "audio output is not implemented")?;
-    if let Some(modalities) = &request.modalities {
-        let text_only = modalities
-            .as_array()
-            .is_some_and(|m| m.iter().all(|x| x == "text"));
-        if !text_only && !modalities.is_null() {
-            return Err(ApiError::unsupported(
-                "modalities",
-                "only text output is implemented",
-            ));
-        }
-    }
-    reject_if_set(
-        "prediction",
-        &request.prediction,
-        "predicted outputs are not implemented",
-    )?;
-    reject_if_set(
-        "web_search_options",
-        &request.web_search_options,
-        "web search is not implemented",
-    )?;
-    reject_if_set(
-        "reasoning_effort",
-        &request.reasoning_effort,
-        "this model has no reasoning mode",
-    )?;
-    Ok(())
-}
-
-/// OpenAI messages → chat-template messages: text only; tools and images are refused by name.
-/// `prefix` is the path of the list's owner in error params (`examples[3].` for training data).
-pub(crate) fn convert_messages(
-    messages: &[ChatMessageIn],
-    prefix: &str,
-) -> Result<Vec<ChatMessage>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            format!("{prefix}messages"),
-            format!("`{prefix}messages` must hold at least one message"),
-        ));
-    }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, message)| {
-            let role = match message.role.as_str() {
-                // OpenAI's newer name for system instructions.
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                "tool" | "function" => {
-                    return Err(ApiError::unsupported(
-                        &format!("{prefix}messages[{i}].role"),
-                        "tool results need tool calling, which is not implemented",
-                    ))
-                }
-                other => {
-                    return Err(ApiError::invalid(
-                        format!("{prefix}messages[{i}].role"),
-                        format!("`{prefix}messages[{i}].role` is `{other}`; use system, developer, user or assistant"),
-                    ))
-                }
-            };
-            if message.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::unsupported(
-                    &format!("{prefix}messages[{i}].tool_calls"),
-                    "tool calling is not implemented",
-                ));
-            }
-            if message.function_call.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::unsupported(
-                    &format!("{prefix}messages[{i}].function_call"),
-                    "function calling is not implemented",
-                ));
-            }
-            let content = match &message.content {
-                Some(MessageContent::Text(text)) => text.clone(),
-                Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for (j, part) in parts.iter().enumerate() {
-                        match (part.kind.as_str(), &part.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            ("text", None) => {
-                                return Err(ApiError::invalid(
-                                    format!("{prefix}messages[{i}].content[{j}].text"),
-                                    format!("text part `{prefix}messages[{i}].content[{j}]` has no `text`"),
-                                ))
-                            }
-                            (other, _) => {
-                                return Err(ApiError::unsupported(
-                                    &format!("{prefix}messages[{i}].content[{j}].type"),
-                                    &format!("`{other}` content parts are not implemented; this model reads text only"),
-                                ))
-                            }
-                        }
-                    }
-                    text
-                }
-                None => {
-                    return Err(ApiError::invalid(
-                        format!("{prefix}messages[{i}].content"),
-                        format!("`{prefix}messages[{i}].content` is missing; give the message's text"),
-                    ))
-                }
-            };
-            Ok(ChatMessage {
-                role: role.to_string(),
-                content,
-            })
-        })
-        .collect()
 }
 
 /// Chat stream chunks: a role chunk per choice, content deltas, a finish chunk per choice.

@@ -18,19 +18,14 @@ use crate::scheduler::{PromptTokenLogprob, SequenceRequest};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generation::{collect, token_string, RequestMetrics};
-use super::protocol::{
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ResponseMeta,
-    SamplingFields, Usage,
-};
+use super::protocol::{Completion, CompletionChoice, CompletionLogprobs, ResponseMeta, Usage};
 use super::state::{AppState, ResolvedModel, Serving};
 use super::stream::{sse_response, ChunkRenderer};
-use super::validate::{logprobs_count, plan, reject_if_set, GenerationPlan, PlanInputs};
+use super::token_events::{collect, token_string, RequestMetrics};
+use super::validate::completion::ValidCompletion;
+use super::validate::GenerationPlan;
 use super::ServedModelLabel;
 use crate::ids::{new_id, unix_now};
-
-/// OpenAI's default `max_tokens` for this endpoint.
-const DEFAULT_MAX_TOKENS: u64 = 16;
 
 /// One prompt of the request, tokenized, with what `echo` needs.
 #[derive(Clone)]
@@ -46,65 +41,23 @@ pub async fn completions(
     body: ApiJson,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let request: CompletionRequest = body.parse()?;
-    let sampling: SamplingFields = body.parse()?;
-    reject_if_set(
-        "suffix",
-        &request.suffix,
-        "insertion (fill-in-the-middle) is not implemented",
-    )?;
-    if request.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::unsupported(
-            "best_of",
-            "server-side best-of sampling is not implemented; use `n`",
-        ));
-    }
     let serving = state.serving()?;
-    let model = serving.resolve_model(&request.model)?;
+    let request = ValidCompletion::new(&body, serving, state.config().max_choices)?;
+    let model = request.model.clone();
     let label = ServedModelLabel(crate::metrics::adapter_label(&model.name));
     let llm = &serving.model;
-
-    let echo = request.echo.unwrap_or(false);
-    let top_logprobs = request
-        .logprobs
-        .map(|n| logprobs_count("logprobs", n))
-        .transpose()?;
-    let max_tokens = sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    let stream = sampling.stream.unwrap_or(false);
-    if max_tokens == 0 && !echo {
-        return Err(ApiError::invalid(
-            "max_tokens",
-            "`max_tokens` must be at least 1, or 0 together with `echo: true` to score the prompt",
-        ));
-    }
-    if max_tokens == 0 && stream {
-        return Err(ApiError::invalid(
-            "max_tokens",
-            "`max_tokens: 0` (scoring the prompt) returns one response; set `stream: false`",
-        ));
-    }
-    let max_tokens = usize::try_from(max_tokens).unwrap_or(usize::MAX);
-
-    let mut prompts = parse_prompts(&request.prompt, llm)?;
-    let context_length = llm.llama.config.context_length;
-    let stop_token_ids = llm.tokenizer.eog_ids();
-    let mut plans = Vec::with_capacity(prompts.len());
-    for prompt in &prompts {
-        plans.push(plan(
-            &sampling,
-            PlanInputs {
-                prompt_tokens: prompt.tokens.len(),
-                context_length,
-                // Checked as if generating one token, so a scoring request meets the same
-                // context limit as any other.
-                max_tokens: max_tokens.max(1),
-                max_tokens_field: "max_tokens",
-                top_logprobs,
-                stop_token_ids: stop_token_ids.clone(),
-                max_choices: state.config().max_choices,
-            },
-        )?);
-    }
+    let (n, include_usage) = (request.n(), request.include_usage());
+    let (echo, top_logprobs, max_tokens) = (request.echo, request.top_logprobs, request.max_tokens);
+    let mut prompts: Vec<Prompt> = request
+        .prompts
+        .into_iter()
+        .map(|p| Prompt {
+            tokens: p.tokens,
+            text: p.text,
+            logprobs: None,
+        })
+        .collect();
+    let plans = request.plans;
     if echo {
         if let Some(top_n) = top_logprobs {
             for prompt in &mut prompts {
@@ -122,13 +75,11 @@ pub async fn completions(
         }
     }
     let prompt_tokens: usize = prompts.iter().map(|p| p.tokens.len()).sum();
-    let n = plans.first().map_or(1, |p| p.n);
-    let include_usage = plans.first().is_some_and(|p| p.include_usage);
     let meta = ResponseMeta {
         id: new_id("cmpl"),
         object: "text_completion",
         created: unix_now(),
-        model: request.model.clone(),
+        model: request.model_name,
         system_fingerprint: model.fingerprint(&serving.model_id),
         adapter_version: model.version(),
     };
@@ -136,7 +87,7 @@ pub async fn completions(
         model: Arc::clone(llm),
         echo,
         logprobs: top_logprobs.is_some(),
-        stop_token_ids,
+        stop_token_ids: llm.tokenizer.eog_ids(),
     });
     let mut metrics = RequestMetrics::new(&model.name, arrived, prompt_tokens);
 
@@ -165,7 +116,7 @@ pub async fn completions(
         .into_response()
     } else {
         let receivers = submit(serving, &model, &prompts, &plans)?;
-        if stream {
+        if request.stream {
             let renderer = CompletionChunks {
                 meta,
                 include_usage,
@@ -237,71 +188,6 @@ fn submit(
         })
         .collect();
     Ok(serving.scheduler.submit_sequences(sequences)?)
-}
-
-/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
-fn parse_prompts(prompt: &Value, model: &LoadedModel) -> Result<Vec<Prompt>, ApiError> {
-    let bad = || {
-        ApiError::invalid(
-            "prompt",
-            "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        )
-    };
-    let from_text = |text: &str| Prompt {
-        tokens: model.tokenizer.encode(text, true),
-        text: text.to_string(),
-        logprobs: None,
-    };
-    let from_ids = |ids: &[Value], param: String| -> Result<Prompt, ApiError> {
-        let vocab = model.tokenizer.vocab_size();
-        let tokens = ids
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .filter(|&id| (id as usize) < vocab)
-                    .map(|id| id as u32)
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            param.clone(),
-                            format!("`{param}` holds {v}, not a token id below the vocabulary size {vocab}"),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<u32>, ApiError>>()?;
-        Ok(Prompt {
-            text: model.tokenizer.decode(&tokens),
-            tokens,
-            logprobs: None,
-        })
-    };
-    let prompts = match prompt {
-        Value::String(text) => vec![from_text(text)],
-        Value::Array(items) if items.is_empty() => return Err(bad()),
-        Value::Array(items) if items.iter().all(Value::is_number) => {
-            vec![from_ids(items, "prompt".into())?]
-        }
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Value::String(text) => Ok(from_text(text)),
-                Value::Array(ids) => from_ids(ids, format!("prompt[{i}]")),
-                _ => Err(bad()),
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(bad()),
-    };
-    if let Some(i) = prompts.iter().position(|p| p.tokens.is_empty()) {
-        return Err(ApiError::invalid(
-            if prompts.len() == 1 {
-                "prompt".to_string()
-            } else {
-                format!("prompt[{i}]")
-            },
-            "the prompt is empty; give at least one token of text",
-        ));
-    }
-    Ok(prompts)
 }
 
 /// Builds completion text and legacy log-probs from tokens.

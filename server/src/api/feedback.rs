@@ -9,72 +9,27 @@ use std::collections::HashMap;
 
 use axum::extract::{Query, State};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
-
-use crate::training::feedback::Feedback;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::finetune::{job_json, shortest_floats, MAX_PAGE};
+use super::mezo_jobs::{job_json, shortest_floats};
+use super::protocol::ListPage;
 use super::state::AppState;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FeedbackRequest {
-    completion_id: String,
-    reward: Option<f32>,
-    rating: Option<String>,
-    corrected_answer: Option<String>,
-    adapter: Option<String>,
-}
+use super::validate::feedback::valid_feedback;
+use super::validate::listing::MAX_PAGE;
 
 pub async fn post_feedback(
     State(state): State<AppState>,
     body: ApiJson,
 ) -> Result<Json<Value>, ApiError> {
-    let request: FeedbackRequest = body.parse()?;
-    let (reward, kind) = match (request.reward, request.rating.as_deref()) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "rating",
-                "give `reward` or `rating`, not both",
-            ))
-        }
-        (Some(r), None) if r.is_finite() && (-1.0..=1.0).contains(&r) => (r, "reward"),
-        (Some(r), None) => {
-            return Err(ApiError::invalid(
-                "reward",
-                format!("`reward` must be in [-1, 1] (given {r})"),
-            ))
-        }
-        (None, Some("up")) => (1.0, "up"),
-        (None, Some("down")) => (-1.0, "down"),
-        (None, Some(other)) => {
-            return Err(ApiError::invalid(
-                "rating",
-                format!("`rating` must be \"up\" or \"down\" (given {other:?})"),
-            ))
-        }
-        (None, None) => {
-            return Err(ApiError::invalid(
-                "reward",
-                "give `reward` (a number in [-1, 1]) or `rating` (\"up\" or \"down\")",
-            ))
-        }
-    };
-    let feedback = Feedback {
-        completion_id: request.completion_id.clone(),
-        reward,
-        corrected_answer: request.corrected_answer,
-        adapter: request.adapter,
-        kind,
-    };
+    let feedback = valid_feedback(body.parse()?)?;
+    let (completion_id, reward) = (feedback.completion_id.clone(), feedback.reward);
     let receipt = state.training(move |t| t.feedback(feedback)).await?;
     Ok(Json(json!({
         "id": receipt.id,
         "object": "feedback",
-        "completion_id": request.completion_id,
+        "completion_id": completion_id,
         "adapter": receipt.adapter,
         "reward": shortest_floats(&reward),
         "pending_feedback": receipt.pending,
@@ -85,7 +40,7 @@ pub async fn post_feedback(
 pub async fn list_feedback(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListPage<Value>>, ApiError> {
     let adapter = query
         .get("adapter")
         .cloned()
@@ -93,7 +48,7 @@ pub async fn list_feedback(
     let items = state
         .training(move |t| t.feedback_items(&adapter, MAX_PAGE))
         .await?;
-    let data: Vec<Value> = items
+    let data = items
         .iter()
         .map(|f| {
             json!({
@@ -108,5 +63,5 @@ pub async fn list_feedback(
             })
         })
         .collect();
-    Ok(Json(json!({ "object": "list", "data": data })))
+    Ok(Json(ListPage::all(data)))
 }

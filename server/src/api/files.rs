@@ -11,14 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::ids::{new_id, unix_now};
 use crate::training::StoredFile;
 
 use super::error::ApiError;
+use super::protocol::ListPage;
 use super::state::AppState;
-
-/// The one purpose this server's files serve.
-const FINE_TUNE: &str = "fine-tune";
+use super::validate::file_upload::{new_file, UploadParts};
 
 pub async fn upload_file(
     State(state): State<AppState>,
@@ -52,34 +50,11 @@ pub async fn upload_file(
             _ => {}
         }
     }
-    let content = content.ok_or_else(|| {
-        ApiError::invalid(
-            "file",
-            "the multipart body has no `file` part; send the JSONL file as `file`",
-        )
-    })?;
-    let purpose = purpose.ok_or_else(|| {
-        ApiError::invalid(
-            "purpose",
-            "the multipart body has no `purpose`; use `fine-tune`",
-        )
-    })?;
-    if purpose != FINE_TUNE {
-        return Err(ApiError::invalid(
-            "purpose",
-            format!(
-                "`purpose` {purpose:?} is not supported; this server stores `fine-tune` files only"
-            ),
-        ));
-    }
-    check_chat_jsonl(&content)?;
-    let file = StoredFile {
-        id: new_id("file"),
-        created_at: unix_now(),
-        filename: filename.unwrap_or_default(),
+    let (file, content) = new_file(UploadParts {
+        content,
+        filename,
         purpose,
-        bytes: content.len() as u64,
-    };
+    })?;
     let stored = file.clone();
     state
         .training(move |t| t.store_file(&stored, &content))
@@ -98,41 +73,9 @@ fn multipart_error(status: StatusCode, text: &str, limit: usize) -> ApiError {
     }
 }
 
-/// Every non-empty line must be a JSON object with a `messages` list.
-fn check_chat_jsonl(content: &[u8]) -> Result<(), ApiError> {
-    let text = std::str::from_utf8(content)
-        .map_err(|e| ApiError::invalid("file", format!("the file is not UTF-8 text: {e}")))?;
-    let mut examples = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: Value = serde_json::from_str(line).map_err(|e| {
-            ApiError::invalid("file", format!("line {}: not a JSON object: {e}", i + 1))
-        })?;
-        if !value.get("messages").is_some_and(Value::is_array) {
-            return Err(ApiError::invalid(
-                "file",
-                format!(
-                    "line {}: expected {{\"messages\": [...]}} in OpenAI's chat format",
-                    i + 1
-                ),
-            ));
-        }
-        examples += 1;
-    }
-    if examples == 0 {
-        return Err(ApiError::invalid("file", "the file holds no examples"));
-    }
-    Ok(())
-}
-
-pub async fn list_files(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_files(State(state): State<AppState>) -> Result<Json<ListPage<Value>>, ApiError> {
     let files = state.training(|t| t.files()).await?;
-    let data: Vec<Value> = files.iter().map(file_json).collect();
-    Ok(Json(
-        json!({ "object": "list", "data": data, "has_more": false }),
-    ))
+    Ok(Json(ListPage::all(files.iter().map(file_json).collect())))
 }
 
 pub async fn get_file(
@@ -178,20 +121,4 @@ fn file_json(file: &StoredFile) -> Value {
         "status_details": null,
         "expires_at": null,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jsonl_lines_are_checked_one_by_one() {
-        check_chat_jsonl(b"{\"messages\": []}\n\n{\"messages\": [{\"role\": \"user\"}]}\n")
-            .unwrap();
-        let err = check_chat_jsonl(b"{\"messages\": []}\n{\"prompt\": 1}\n").unwrap_err();
-        assert!(err.message.starts_with("line 2:"), "{}", err.message);
-        let err = check_chat_jsonl(b"{\"messages\": []}\nnot json\n").unwrap_err();
-        assert!(err.message.starts_with("line 2:"), "{}", err.message);
-        assert!(check_chat_jsonl(b"\n").is_err());
-    }
 }

@@ -1,8 +1,9 @@
 //! The HTTP layer: OpenAI-compatible routes over the scheduler.
 //!
-//! A request goes HTTP → [`extract`] (body limit, JSON) → [`validate`] (fields, ranges,
-//! unsupported features) → the model resolved once ([`state`]) → the [`crate::scheduler`] →
-//! back as JSON or server-sent events ([`stream`]). [`app`] builds the whole router, so tests
+//! A request goes HTTP → [`extract`] (body limit, JSON) → its wire type ([`protocol`]) → its
+//! validated type ([`validate`]: fields, ranges, unsupported features, the model resolved once)
+//! → the [`crate::scheduler`] or the training service → back as JSON or server-sent events
+//! ([`stream`]). [`app`] builds the whole router, so tests
 //! can drive it without a socket.
 
 pub mod adapters;
@@ -12,16 +13,15 @@ pub mod error;
 pub mod extract;
 pub mod feedback;
 pub mod files;
-pub mod fine_tuning;
-pub mod finetune;
-pub mod generation;
 pub mod health;
+pub mod mezo_jobs;
 pub mod middleware;
 pub mod models;
+pub mod openai_jobs;
 pub mod protocol;
 pub mod state;
 pub mod stream;
-pub mod training_data;
+pub mod token_events;
 pub mod validate;
 
 use axum::extract::DefaultBodyLimit;
@@ -47,27 +47,27 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(models::get_model))
         .route(
             "/v1/finetune",
-            post(finetune::create_job).get(finetune::list_jobs),
+            post(mezo_jobs::create_job).get(mezo_jobs::list_jobs),
         )
-        .route("/v1/finetune/{id}", get(finetune::get_job))
-        .route("/v1/finetune/{id}/cancel", post(finetune::cancel_job))
-        .route("/v1/finetune/{id}/events", get(finetune::job_events))
+        .route("/v1/finetune/{id}", get(mezo_jobs::get_job))
+        .route("/v1/finetune/{id}/cancel", post(mezo_jobs::cancel_job))
+        .route("/v1/finetune/{id}/events", get(mezo_jobs::job_events))
         .route(
             "/v1/fine_tuning/jobs",
-            post(fine_tuning::create_job).get(fine_tuning::list_jobs),
+            post(openai_jobs::create_job).get(openai_jobs::list_jobs),
         )
-        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
+        .route("/v1/fine_tuning/jobs/{id}", get(openai_jobs::get_job))
         .route(
             "/v1/fine_tuning/jobs/{id}/cancel",
-            post(fine_tuning::cancel_job),
+            post(openai_jobs::cancel_job),
         )
         .route(
             "/v1/fine_tuning/jobs/{id}/events",
-            get(fine_tuning::job_events),
+            get(openai_jobs::job_events),
         )
         .route(
             "/v1/fine_tuning/jobs/{id}/checkpoints",
-            get(fine_tuning::job_checkpoints),
+            get(openai_jobs::job_checkpoints),
         )
         .route(
             "/v1/files",

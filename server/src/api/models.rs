@@ -5,17 +5,16 @@ use axum::extract::{Path, State};
 use axum::Json;
 
 use super::error::ApiError;
-use super::protocol::{ModelCard, ModelList};
+use super::protocol::{ListPage, ModelCard};
 use super::state::{AppState, Serving};
 
 const OWNER: &str = "mezo-serve";
 
-pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+pub async fn list_models(
+    State(state): State<AppState>,
+) -> Result<Json<ListPage<ModelCard>>, ApiError> {
     let serving = state.serving()?;
-    Ok(Json(ModelList {
-        object: "list",
-        data: model_cards(serving),
-    }))
+    Ok(Json(ListPage::all(model_cards(serving))))
 }
 
 pub async fn get_model(

@@ -1,6 +1,7 @@
-//! OpenAI's wire format: request bodies as sent by the `openai` clients, and response bodies and
-//! stream chunks with OpenAI's field names. Only shapes live here; checking values is
-//! `validate.rs`'s job.
+//! The wire format: request bodies as clients send them (OpenAI's, as sent by the `openai`
+//! clients, and this server's own `/v1/finetune`), and response bodies, list envelopes and
+//! stream chunks with OpenAI's field names. Only shapes live here; checking values and building
+//! what the engine and the training service run is [`super::validate`]'s job.
 //!
 //! Unknown request fields are ignored (newer SDKs send fields older servers never heard of);
 //! known OpenAI fields this server does not implement are captured as raw JSON so validation can
@@ -261,8 +262,115 @@ pub struct ModelCard {
     pub max_model_len: Option<usize>,
 }
 
+/// OpenAI's list envelope, `{"object": "list", "data": [...], "has_more": false}`, for every
+/// listing.
 #[derive(Debug, Clone, Serialize)]
-pub struct ModelList {
+pub struct ListPage<T> {
     pub object: &'static str,
-    pub data: Vec<ModelCard>,
+    pub data: Vec<T>,
+    /// More items follow the last one (ask again with `?after=<its id>`).
+    pub has_more: bool,
+}
+
+impl<T> ListPage<T> {
+    /// A whole listing: nothing more follows.
+    pub fn all(data: Vec<T>) -> Self {
+        Self::page(data, false)
+    }
+
+    pub fn page(data: Vec<T>, has_more: bool) -> Self {
+        Self {
+            object: "list",
+            data,
+            has_more,
+        }
+    }
+}
+
+/// `POST /v1/finetune`. The objective, the examples and `lora` stay JSON here: each has a
+/// reader of its own whose errors name the path inside (`examples[3].label`,
+/// `hyperparameters.lr`), see [`super::validate::mezo_job`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneRequest {
+    pub adapter: Option<String>,
+    pub objective: Option<Value>,
+    pub examples: Option<Value>,
+    pub eval_examples: Option<Value>,
+    pub eval_fraction: Option<f64>,
+    pub hyperparameters: Option<Value>,
+    pub lora: Option<Value>,
+    pub publish_every: Option<u64>,
+    pub publish_only_if_improved: Option<bool>,
+}
+
+/// `POST /v1/feedback`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    pub completion_id: String,
+    pub reward: Option<f32>,
+    pub rating: Option<String>,
+    pub corrected_answer: Option<String>,
+    pub adapter: Option<String>,
+}
+
+/// `POST /v1/adapters/{name}/rollback`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub version: u32,
+}
+
+/// `PUT /v1/adapters/{name}/continuous_training`; `feedback_every: null` stops it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContinuousTrainingRequest {
+    pub feedback_every: Option<u32>,
+    pub steps: Option<u64>,
+}
+
+/// `POST /v1/fine_tuning/jobs`, OpenAI's.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OpenAiJobRequest {
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub hyperparameters: OpenAiHyperparameters,
+    pub seed: Option<u64>,
+    pub method: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiHyperparameters {
+    pub n_epochs: Option<AutoOr<u64>>,
+    pub batch_size: Option<AutoOr<usize>>,
+    pub learning_rate_multiplier: Option<AutoOr<f32>>,
+}
+
+/// `"auto"` or a value.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(untagged)]
+pub enum AutoOr<T> {
+    Value(T),
+    Auto(Auto),
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+pub enum Auto {
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl<T: Copy> AutoOr<T> {
+    /// The value given, or `None` for `"auto"` and absent.
+    pub fn value(this: Option<Self>) -> Option<T> {
+        match this {
+            Some(AutoOr::Value(v)) => Some(v),
+            Some(AutoOr::Auto(Auto::Auto)) | None => None,
+        }
+    }
 }

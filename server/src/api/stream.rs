@@ -18,8 +18,8 @@ use crate::engine::generate::TokenEvent;
 use crate::scheduler::GenerationEvent;
 
 use super::error::ApiError;
-use super::generation::{merge_events, RequestMetrics};
 use super::protocol::Usage;
+use super::token_events::{merge_events, RequestMetrics};
 
 /// Turns a request's events into its endpoint's chunk objects (already serialized JSON).
 pub trait ChunkRenderer: Send + 'static {

@@ -243,7 +243,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     })?;
     let training_peak = process_memory::peak_resident_bytes().unwrap_or(0);
-    let kept_bytes = engine.held_bytes();
+    let kept_bytes = engine.frozen_states_bytes();
     let serving_peak = serving_peak.flatten().unwrap_or(0);
 
     write_png(

@@ -319,6 +319,13 @@ pub fn step(
     Ok(events)
 }
 
+/// A prompt to answer greedily under its own adapter (training's `f1` and `exact_match`
+/// objectives: θ+εz and θ−εz of a MeZO step, or θ for a held-out evaluation).
+pub struct GreedyPrompt {
+    pub prompt: Vec<u32>,
+    pub adapter: Arc<AdapterView>,
+}
+
 /// Runs sequences to the end, calling `on_event(index, event)` for every token as it comes.
 pub fn generate(
     model: &Llama,

@@ -13,6 +13,8 @@
 //! both phases at the lowest adapted layer, from hidden states kept per example
 //! ([`super::frozen_layers`]).
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use candle_core::Tensor;
 
 use super::batch::{BatchRow, RowCache};
@@ -32,6 +34,47 @@ pub struct ScoreItem<'a> {
 
 /// `[item][continuation][token]` log-probabilities.
 pub type ContinuationLogprobs = Vec<Vec<Vec<f32>>>;
+
+/// A training row that owns its tokens: a prompt and its continuations under one adapter (θ+εz
+/// or θ−εz of a MeZO step, or θ for a held-out evaluation), as a training run's forward passes
+/// carry them to wherever they run.
+pub struct ScoreRow {
+    pub prompt: Vec<u32>,
+    pub continuations: Vec<Vec<u32>>,
+    pub adapter: Arc<AdapterView>,
+}
+
+impl ScoreRow {
+    /// Tokens this row puts through the forward pass.
+    pub fn tokens(&self) -> usize {
+        self.prompt.len() + self.continuations.iter().map(Vec::len).sum::<usize>()
+    }
+
+    fn item(&self) -> ScoreItem<'_> {
+        ScoreItem {
+            prompt: &self.prompt,
+            continuations: &self.continuations,
+            adapter: Some(&self.adapter),
+        }
+    }
+}
+
+/// Scores `rows` in one packed forward, from the run's kept hidden states when `frozen` is given
+/// ([`score_continuations_reusing`]), else from the embeddings.
+pub fn score_rows(
+    model: &Llama,
+    rows: &[ScoreRow],
+    frozen: Option<&Mutex<FrozenStates>>,
+) -> Result<ContinuationLogprobs> {
+    let items: Vec<ScoreItem<'_>> = rows.iter().map(ScoreRow::item).collect();
+    match frozen {
+        Some(frozen) => {
+            let mut frozen = frozen.lock().unwrap_or_else(PoisonError::into_inner);
+            score_continuations_reusing(model, &items, &mut frozen)
+        }
+        None => score_continuations(model, &items),
+    }
+}
 
 fn validate(items: &[ScoreItem<'_>]) -> Result<()> {
     for (i, item) in items.iter().enumerate() {

@@ -1,12 +1,16 @@
 //! The engine as MeZO sees it: [`plugin::ZoEngine`] for a loaded model.
 //!
 //! Every call evaluates the same work under several adapters (θ+εz and θ−εz, or one θ for
-//! evaluation) as rows of the same packed batches, so the two perturbed passes of a MeZO step
-//! share every matrix product. Rows are processed in chunks of at most
-//! [`MAX_TOKENS_PER_FORWARD`] prompt tokens to bound activation memory on large evaluations.
-//! [`ReusingEngine`] is the same engine for one training run driven on the caller's thread
-//! (benchmarks, tests), keeping the run's hidden states below the adapted layers
-//! ([`super::frozen_layers`]).
+//! evaluation) as rows of the same packed batches, so the perturbed passes of a MeZO step share
+//! every matrix product. The rows are laid out adapter-major (all items under the first adapter,
+//! then the second, …), so each adapter's rows form one contiguous LoRA segment.
+//!
+//! A training run's engine is a [`TrainingEngine`]: that layout, the run's hidden states below
+//! the adapted layers ([`super::frozen_layers`]) and their metrics, over a [`ForwardRunner`] that
+//! says where the passes run. [`ReusingEngine`] runs them on the caller's thread (benchmarks,
+//! tests); the server's jobs run them on the engine thread between serving steps
+//! (`crate::training::QueuedEngine`). The model itself is a [`ZoEngine`] too, without kept
+//! states.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -14,15 +18,16 @@ use adapters::LoraAdapter;
 use plugin::{LogProbs, ScoreRequest, ZoEngine};
 
 use super::batch::chunks_by_budget;
-use super::frozen_layers::{FrozenStates, FrozenStatesBudget};
-use super::generate::{generate, GenerationParams, Sequence, StopConditions};
+use super::frozen_layers::{FrozenStates, FrozenStatesBudget, ReuseCounts};
+use super::generate::{generate, GenerationParams, GreedyPrompt, Sequence, StopConditions};
 use super::loaded_model::LoadedModel;
 use super::lora::AdapterView;
 use super::sampler::SamplingParams;
-use super::scoring::{score_continuations, score_continuations_reusing, ScoreItem};
+use super::scoring::{score_rows, ContinuationLogprobs, ScoreRow};
 use super::{EngineError, Result};
+use crate::metrics as m;
 
-/// Upper bound on prompt tokens per packed forward pass.
+/// Upper bound on prompt tokens per packed forward pass on the caller's thread.
 pub const MAX_TOKENS_PER_FORWARD: usize = 4096;
 
 impl LoadedModel {
@@ -49,45 +54,109 @@ impl LoadedModel {
     }
 }
 
-/// Results computed adapter-major (all items under the first adapter, then the second, …) as
-/// `[adapter][item]`.
-pub(crate) fn per_adapter<T>(results: Vec<T>, adapters: usize, items: usize) -> Vec<Vec<T>> {
+/// Where a training run's forward passes run.
+pub trait ForwardRunner {
+    /// The model the passes run on.
+    fn model(&self) -> &LoadedModel;
+
+    /// `[row][continuation][token]` log-probs of `rows`, in order; from the run's kept hidden
+    /// states (filled as they are computed) when `frozen` is given.
+    fn score(
+        &self,
+        rows: Vec<ScoreRow>,
+        frozen: Option<&Arc<Mutex<FrozenStates>>>,
+    ) -> Result<ContinuationLogprobs>;
+
+    /// The greedy answer to each prompt, in order.
+    fn greedy(&self, prompts: Vec<GreedyPrompt>, params: GenerationParams) -> Result<Vec<String>>;
+}
+
+/// Passes run on the caller's thread, in packed forwards of at most [`MAX_TOKENS_PER_FORWARD`]
+/// tokens (bounding activation memory on large evaluations).
+pub struct OnCallerThread<'m>(pub &'m LoadedModel);
+
+impl ForwardRunner for OnCallerThread<'_> {
+    fn model(&self) -> &LoadedModel {
+        self.0
+    }
+
+    fn score(
+        &self,
+        rows: Vec<ScoreRow>,
+        frozen: Option<&Arc<Mutex<FrozenStates>>>,
+    ) -> Result<ContinuationLogprobs> {
+        let mut scores = Vec::with_capacity(rows.len());
+        for chunk in chunks_by_budget(rows.iter().map(ScoreRow::tokens), MAX_TOKENS_PER_FORWARD) {
+            scores.extend(score_rows(
+                &self.0.llama,
+                &rows[chunk],
+                frozen.map(Arc::as_ref),
+            )?);
+        }
+        Ok(scores)
+    }
+
+    fn greedy(&self, prompts: Vec<GreedyPrompt>, params: GenerationParams) -> Result<Vec<String>> {
+        let model = self.0;
+        let mut seqs: Vec<Sequence> = prompts
+            .into_iter()
+            .map(|p| Sequence::new(&model.llama, p.prompt, Some(p.adapter), params.clone()))
+            .collect::<Result<_>>()?;
+        generate(&model.llama, &model.tokenizer, &mut seqs, |_, _| {})?;
+        Ok(seqs.iter().map(|s| s.text().to_string()).collect())
+    }
+}
+
+/// Results computed adapter-major as `[adapter][item]`.
+fn per_adapter<T>(results: Vec<T>, adapters: usize, items: usize) -> Vec<Vec<T>> {
     let mut results = results.into_iter();
     (0..adapters)
         .map(|_| results.by_ref().take(items).collect())
         .collect()
 }
 
-/// Scores `items` under each adapter, with kept hidden states when `frozen` is given.
+/// Scores `items` under each adapter, adapter-major, through `runner`.
 fn score_under(
-    model: &LoadedModel,
+    runner: &impl ForwardRunner,
     adapters: &[&LoraAdapter],
     items: &[ScoreRequest],
-    mut frozen: Option<&mut FrozenStates>,
+    frozen: Option<&Arc<Mutex<FrozenStates>>>,
 ) -> Result<LogProbs> {
-    let views = model.views(adapters)?;
-    // Rows ordered adapter-major, so each adapter's rows form one contiguous LoRA segment.
-    let rows: Vec<ScoreItem<'_>> = views
+    let views = runner.model().views(adapters)?;
+    let rows = views
         .iter()
         .flat_map(|view| {
-            items.iter().map(move |item| ScoreItem {
-                prompt: &item.prompt,
-                continuations: &item.continuations,
-                adapter: Some(view),
+            items.iter().map(move |item| ScoreRow {
+                prompt: item.prompt.clone(),
+                continuations: item.continuations.clone(),
+                adapter: Arc::clone(view),
             })
         })
         .collect();
-    let mut scores = Vec::with_capacity(rows.len());
-    let lens = rows
-        .iter()
-        .map(|r| r.prompt.len() + r.continuations.iter().map(Vec::len).sum::<usize>());
-    for chunk in chunks_by_budget(lens, MAX_TOKENS_PER_FORWARD) {
-        scores.extend(match frozen.as_deref_mut() {
-            Some(frozen) => score_continuations_reusing(&model.llama, &rows[chunk], frozen)?,
-            None => score_continuations(&model.llama, &rows[chunk])?,
-        });
-    }
+    let scores = runner.score(rows, frozen)?;
     Ok(per_adapter(scores, adapters.len(), items.len()))
+}
+
+/// Greedy answers to `prompts` under each adapter, adapter-major, through `runner`.
+fn greedy_under(
+    runner: &impl ForwardRunner,
+    adapters: &[&LoraAdapter],
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Result<Vec<Vec<String>>> {
+    let model = runner.model();
+    let views = model.views(adapters)?;
+    let greedy_prompts = views
+        .iter()
+        .flat_map(|view| {
+            prompts.iter().map(move |prompt| GreedyPrompt {
+                prompt: prompt.clone(),
+                adapter: Arc::clone(view),
+            })
+        })
+        .collect();
+    let answers = runner.greedy(greedy_prompts, model.greedy_params(max_tokens))?;
+    Ok(per_adapter(answers, adapters.len(), prompts.len()))
 }
 
 impl ZoEngine for LoadedModel {
@@ -98,7 +167,7 @@ impl ZoEngine for LoadedModel {
     }
 
     fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {
-        score_under(self, adapters, items, None)
+        score_under(&OnCallerThread(self), adapters, items, None)
     }
 
     fn generate_greedy(
@@ -107,60 +176,72 @@ impl ZoEngine for LoadedModel {
         prompts: &[Vec<u32>],
         max_tokens: usize,
     ) -> Result<Vec<Vec<String>>> {
-        let views = self.views(adapters)?;
-        let params = self.greedy_params(max_tokens);
-        let mut seqs: Vec<Sequence> = views
-            .iter()
-            .flat_map(|view| prompts.iter().map(move |p| (view, p)))
-            .map(|(view, prompt)| {
-                Sequence::new(
-                    &self.llama,
-                    prompt.clone(),
-                    Some(view.clone()),
-                    params.clone(),
-                )
-            })
-            .collect::<Result<_>>()?;
-        generate(&self.llama, &self.tokenizer, &mut seqs, |_, _| {})?;
-        let texts = seqs.iter().map(|s| s.text().to_string()).collect();
-        Ok(per_adapter(texts, adapters.len(), prompts.len()))
+        greedy_under(&OnCallerThread(self), adapters, prompts, max_tokens)
     }
 }
 
-/// One training run's engine on the caller's thread, with frozen-layer reuse: the hidden
-/// states it keeps live as long as it does.
-pub struct ReusingEngine<'m> {
-    model: &'m LoadedModel,
-    frozen: Mutex<FrozenStates>,
+/// One training run's engine: its passes go through `R`, and the hidden states it keeps for
+/// frozen-layer reuse are the run's, given back to the budget when it drops.
+pub struct TrainingEngine<R> {
+    runner: R,
+    frozen: Arc<Mutex<FrozenStates>>,
+    /// The reuse counts already reported to the metrics.
+    reported: Mutex<ReuseCounts>,
 }
+
+/// A training run on the caller's thread, with frozen-layer reuse.
+pub type ReusingEngine<'m> = TrainingEngine<OnCallerThread<'m>>;
 
 impl<'m> ReusingEngine<'m> {
     pub fn new(model: &'m LoadedModel, budget: Arc<FrozenStatesBudget>) -> Self {
+        Self::with_runner(OnCallerThread(model), budget)
+    }
+}
+
+impl<R: ForwardRunner> TrainingEngine<R> {
+    pub fn with_runner(runner: R, budget: Arc<FrozenStatesBudget>) -> Self {
         Self {
-            model,
-            frozen: Mutex::new(FrozenStates::new(budget)),
+            runner,
+            frozen: Arc::new(Mutex::new(FrozenStates::new(budget))),
+            reported: Mutex::new(ReuseCounts::default()),
         }
     }
 
     /// Bytes of hidden states this run keeps.
-    pub fn held_bytes(&self) -> usize {
+    pub fn frozen_states_bytes(&self) -> usize {
         self.frozen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .held_bytes()
     }
+
+    /// Reports the tokens reused and computed since the last report, and the budget in use.
+    fn report_reuse(&self) {
+        let (counts, used) = {
+            let frozen = self.frozen.lock().unwrap_or_else(PoisonError::into_inner);
+            (frozen.counts(), frozen.budget_used_bytes())
+        };
+        let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+        metrics::counter!(m::TRAINING_FROZEN_LAYER_TOKENS_TOTAL, "source" => "reused")
+            .increment(counts.reused_tokens - reported.reused_tokens);
+        metrics::counter!(m::TRAINING_FROZEN_LAYER_TOKENS_TOTAL, "source" => "computed")
+            .increment(counts.computed_tokens - reported.computed_tokens);
+        metrics::gauge!(m::TRAINING_FROZEN_STATES_BYTES).set(used as f64);
+        *reported = counts;
+    }
 }
 
-impl ZoEngine for ReusingEngine<'_> {
+impl<R: ForwardRunner> ZoEngine for TrainingEngine<R> {
     type Error = EngineError;
 
     fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
-        ZoEngine::tokenize(self.model, text, special)
+        self.runner.model().tokenizer.encode(text, special)
     }
 
     fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {
-        let mut frozen = self.frozen.lock().unwrap_or_else(PoisonError::into_inner);
-        score_under(self.model, adapters, items, Some(&mut frozen))
+        let scores = score_under(&self.runner, adapters, items, Some(&self.frozen))?;
+        self.report_reuse();
+        Ok(scores)
     }
 
     fn generate_greedy(
@@ -169,6 +250,6 @@ impl ZoEngine for ReusingEngine<'_> {
         prompts: &[Vec<u32>],
         max_tokens: usize,
     ) -> Result<Vec<Vec<String>>> {
-        ZoEngine::generate_greedy(self.model, adapters, prompts, max_tokens)
+        greedy_under(&self.runner, adapters, prompts, max_tokens)
     }
 }

@@ -9,14 +9,12 @@
 //! time like its scoring does.
 
 use std::ops::Range;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 
 use crate::engine::batch::chunks_by_budget;
 use crate::engine::generate::{step, Sequence};
 use crate::engine::loaded_model::LoadedModel;
-use crate::engine::scoring::{
-    score_continuations, score_continuations_reusing, ContinuationLogprobs, ScoreItem,
-};
+use crate::engine::scoring::{score_rows, ContinuationLogprobs};
 
 use super::work::{BackgroundGreedyWork, BackgroundScoreWork, BackgroundWork};
 
@@ -97,21 +95,11 @@ impl ScoreTask {
             return Some(Ok(()));
         };
         self.next_slice += 1;
-        let items: Vec<ScoreItem<'_>> = self.work.rows[range]
-            .iter()
-            .map(|row| ScoreItem {
-                prompt: &row.prompt,
-                continuations: &row.continuations,
-                adapter: Some(&row.adapter),
-            })
-            .collect();
-        let scores = match &self.work.frozen {
-            Some(frozen) => {
-                let mut frozen = frozen.lock().unwrap_or_else(PoisonError::into_inner);
-                score_continuations_reusing(&model.llama, &items, &mut frozen)
-            }
-            None => score_continuations(&model.llama, &items),
-        };
+        let scores = score_rows(
+            &model.llama,
+            &self.work.rows[range],
+            self.work.frozen.as_deref(),
+        );
         match scores {
             Ok(scores) => {
                 self.scores.extend(scores);

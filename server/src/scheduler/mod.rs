@@ -25,8 +25,8 @@ use crate::engine::lora::AdapterView;
 pub use engine_loop::BatchLimits;
 pub use queue::SubmitError;
 pub use work::{
-    BackgroundGreedyWork, BackgroundRow, BackgroundScoreWork, BackgroundWork, GenerationEvent,
-    GreedyPrompt, PromptTokenLogprob, Work,
+    BackgroundGreedyWork, BackgroundScoreWork, BackgroundWork, GenerationEvent, PromptTokenLogprob,
+    Work,
 };
 
 use queue::WorkQueue;

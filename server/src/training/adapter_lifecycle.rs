@@ -1,0 +1,146 @@
+//! An adapter's lifecycle with its database rows, in one place: a version is published (its
+//! folder written and swapped in by [`AdapterVersions`], then its row: the job, the step and the
+//! held-out metrics it was published with), an older version is made live again (the registry's
+//! pointer, and the database's so that it stays live across restarts), or the adapter is deleted
+//! (its jobs cancelled, its folder and rows removed).
+//!
+//! Publishing and deleting hold the publish gate: a deletion cancels the adapter's jobs before
+//! taking it, so a job that was about to publish either did so before the deletion (which then
+//! removes that version too) or finds itself cancelled, never recreating a deleted adapter.
+//!
+//! [`AdapterVersions`]: crate::adapter_versions::AdapterVersions
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::PoisonError;
+
+use adapters::registry::ResolveError;
+use adapters::LoraAdapter;
+
+use super::job::{HeldOutPoint, VersionInfo};
+use super::{Shared, Training, TrainingError};
+
+/// An adapter as it is served: each version, with what was recorded when it was published.
+pub struct AdapterRecord {
+    pub name: String,
+    pub live: u32,
+    pub versions: Vec<VersionRecord>,
+}
+
+pub struct VersionRecord {
+    pub version: u32,
+    pub created_at: u64,
+    /// The memory its LoRA tensors take.
+    pub size_bytes: usize,
+    /// Its job, step and held-out metrics; `None` for a folder put in the adapters root by hand.
+    pub published: Option<VersionInfo>,
+}
+
+impl Training {
+    /// The names of the adapters served.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let registry = self.shared.adapters.registry();
+        registry.list().into_iter().map(|a| a.name).collect()
+    }
+
+    /// Every version of adapter `name` that is served.
+    pub fn adapter(&self, name: &str) -> Result<AdapterRecord, TrainingError> {
+        let (versions, live) = self
+            .shared
+            .adapters
+            .registry()
+            .versions(name)
+            .ok_or_else(|| TrainingError::not_found("adapter", name))?;
+        let mut history = self.shared.db.versions(name)?;
+        let versions = versions
+            .iter()
+            .map(|v| VersionRecord {
+                version: v.version,
+                created_at: v.created,
+                size_bytes: v.payload.view.size_bytes(),
+                published: history
+                    .iter()
+                    .position(|h| h.version == v.version)
+                    .map(|i| history.swap_remove(i)),
+            })
+            .collect();
+        Ok(AdapterRecord {
+            name: name.to_string(),
+            live,
+            versions,
+        })
+    }
+}
+
+/// Who made a version: the job and the step of its adapter.
+pub(super) struct Provenance<'a> {
+    pub job_id: &'a str,
+    /// Steps done when the published adapter was taken.
+    pub step: u64,
+    /// Its held-out evaluation, when the job has held-out examples.
+    pub held_out: Option<HeldOutPoint>,
+}
+
+impl Shared {
+    /// Publishes `adapter` as the next version of `name` and records where it came from; `None`
+    /// when the job was cancelled first (its adapter may be being deleted).
+    pub(super) fn publish_version(
+        &self,
+        name: &str,
+        adapter: &LoraAdapter,
+        made_by: Provenance<'_>,
+        cancelled: &AtomicBool,
+    ) -> Result<Option<VersionInfo>, TrainingError> {
+        let _gate = self
+            .publish_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cancelled.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let published = self.adapters.publish(name, adapter)?;
+        let info = VersionInfo {
+            version: published.version,
+            created_at: published.created,
+            job_id: Some(made_by.job_id.to_string()),
+            step: Some(made_by.step),
+            held_out: made_by.held_out,
+        };
+        self.db.insert_version(name, &info)?;
+        Ok(Some(info))
+    }
+
+    /// Makes `version` of `name` live again, and remembers it across restarts.
+    pub(super) fn rollback(&self, name: &str, version: u32) -> Result<(), TrainingError> {
+        self.adapters.set_live(name, version).map_err(|e| match e {
+            ResolveError::UnknownAdapter(_) => TrainingError::not_found("adapter", name),
+            _ => TrainingError::NotFound {
+                what: "adapter version",
+                id: format!("{name}@{version}"),
+            },
+        })?;
+        self.db.set_live_version(name, version)?;
+        tracing::info!(adapter = name, version, "adapter rolled back");
+        Ok(())
+    }
+
+    /// Cancels the adapter's jobs, stops serving it, deletes its folder and history.
+    pub(super) fn delete_adapter(&self, name: &str) -> Result<(), TrainingError> {
+        let unfinished = self.db.unfinished_jobs_of(name)?;
+        // A new adapter exists from its first job on, before it has a version to serve.
+        if self.adapters.registry().versions(name).is_none() && unfinished.is_empty() {
+            return Err(TrainingError::not_found("adapter", name));
+        }
+        for job in &unfinished {
+            self.cancel_unfinished(job)?;
+        }
+        let _gate = self
+            .publish_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.adapters.delete(name)?;
+        self.db.delete_adapter(name)?;
+        self.update_job_gauges();
+        tracing::info!(adapter = name, "adapter deleted");
+        Ok(())
+    }
+}
