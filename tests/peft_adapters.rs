@@ -210,3 +210,104 @@ async fn a_version_published_by_an_earlier_release_is_converted_and_serves_as_be
     assert!(!server.log().contains("converted an adapter version"));
     assert_eq!(echoed_logprobs(&server, "legacy", &ids).await, current);
 }
+
+/// vLLM's runtime endpoints, as RL frameworks call them: a folder written by `peft` under the
+/// configured root is loaded as a new adapter and serves PEFT's numbers at once; loading it again
+/// needs `load_inplace` and makes a new version; paths outside the root are refused; unloading
+/// stops serving it (and leaves the folder it came from alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adapter_loaded_at_runtime_serves_peft_log_probs_and_unloads() {
+    let root = tempfile::tempdir().expect("a temporary folder");
+    let folder = root.path().join("round-1");
+    copy_peft_folder(&folder);
+    let server = Server::start(ServerOptions {
+        config: format!(
+            "[server]\nlora_load_root = {:?}\n",
+            root.path().display().to_string()
+        ),
+        ..ServerOptions::default()
+    });
+    let load = |name: &str, path: &Path, in_place: bool| json!({"lora_name": name, "lora_path": path.display().to_string(), "load_inplace": in_place});
+    let url = server.url("/v1/load_lora_adapter");
+
+    let (status, _, adapter) = post_json(&url, &load("policy", &folder, false)).await;
+    assert_eq!(status, 200, "{adapter}");
+    assert_eq!(adapter["live_version"], 1, "{adapter}");
+    let (_, models) = common::get_json(&server.url("/v1/models")).await;
+    assert!(
+        models["data"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .any(|m| m["id"] == "policy"),
+        "{models}"
+    );
+    for case in expected_cases() {
+        let adapted = echoed_logprobs(&server, "policy", &case["ids"]).await;
+        let error = max_difference(&adapted, &case["next_token_logprobs"]);
+        assert!(error <= 2e-3, "{error} off PEFT's log-probs");
+    }
+
+    // The same name again: only in place, as its next version.
+    let (status, _, err) = post_json(&url, &load("policy", &folder, false)).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("load_inplace"));
+    let (status, _, adapter) = post_json(&url, &load("policy", &folder, true)).await;
+    assert_eq!(status, 200, "{adapter}");
+    assert_eq!(adapter["live_version"], 2, "{adapter}");
+
+    // Outside the root, a file, or nothing there.
+    let elsewhere = tempfile::tempdir().expect("a temporary folder");
+    copy_peft_folder(&elsewhere.path().join("stray"));
+    for (path, status) in [
+        (elsewhere.path().join("stray"), 403),
+        (folder.join("../.."), 403),
+        (root.path().join("missing"), 400),
+        (folder.join("adapter_config.json"), 400),
+    ] {
+        let (got, _, err) = post_json(&url, &load("other", &path, false)).await;
+        assert_eq!(got, status, "{}: {err}", path.display());
+        assert_eq!(err["error"]["param"], "lora_path", "{err}");
+    }
+    // A folder under the root that is not a PEFT adapter.
+    std::fs::create_dir(root.path().join("empty")).expect("mkdir");
+    let (status, _, err) = post_json(&url, &load("other", &root.path().join("empty"), false)).await;
+    assert_eq!(status, 400, "{err}");
+
+    let unload = server.url("/v1/unload_lora_adapter");
+    let (status, _, body) = post_json(&unload, &json!({"lora_name": "policy"})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = post_json(
+        &server.url("/v1/completions"),
+        &json!({"model": "policy", "prompt": "Hi", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, _) = post_json(&unload, &json!({"lora_name": "policy"})).await;
+    assert_eq!(status, 404);
+    assert!(
+        folder.join("adapter_model.safetensors").exists(),
+        "the source folder stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loading_adapters_at_runtime_is_off_without_a_root() {
+    let server = Server::start(ServerOptions::default());
+    let (status, _, err) = post_json(
+        &server.url("/v1/load_lora_adapter"),
+        &json!({"lora_name": "policy", "lora_path": "/tmp"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lora_load_root"),
+        "{err}"
+    );
+}

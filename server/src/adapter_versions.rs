@@ -152,6 +152,12 @@ impl AdapterVersions {
         adapters::peft::load_limited(&served.payload.dir, &self.dims, MAX_ADAPTER_FILE_BYTES)
     }
 
+    /// Reads a PEFT adapter folder from elsewhere (one to load at runtime), checked against the
+    /// model.
+    pub fn read_peft(&self, dir: &Path) -> Result<LoraAdapter, AdapterError> {
+        adapters::peft::load_limited(dir, &self.dims, MAX_ADAPTER_FILE_BYTES)
+    }
+
     /// Writes `adapter` as the next version of `name` (creating the name) and makes it live.
     pub fn publish(
         &self,

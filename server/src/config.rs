@@ -45,6 +45,17 @@ pub struct ModelConfig {
     /// Empty: derived from the GGUF's `general.name`.
     #[serde(default)]
     pub name: String,
+    /// A Jinja chat template file replacing the GGUF's own (or giving a base model one); empty:
+    /// the GGUF's.
+    #[serde(default)]
+    pub chat_template: PathBuf,
+}
+
+impl ModelConfig {
+    /// The template file to use instead of the GGUF's, when one is configured.
+    pub fn chat_template_file(&self) -> Option<&Path> {
+        (!self.chat_template.as_os_str().is_empty()).then_some(self.chat_template.as_path())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -56,6 +67,10 @@ pub struct ServerConfig {
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     pub shutdown_grace_seconds: u64,
+    /// The folder under which `POST /v1/load_lora_adapter` may read adapters; empty: loading
+    /// adapters at runtime is off.
+    #[serde(default)]
+    pub lora_load_root: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

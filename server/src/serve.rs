@@ -68,6 +68,8 @@ pub async fn serve_on(
             max_body_bytes: config.server.max_body_bytes,
             max_file_bytes: config.training.max_file_bytes,
             max_choices: config.scheduler.max_choices,
+            lora_load_root: (!config.server.lora_load_root.as_os_str().is_empty())
+                .then(|| config.server.lora_load_root.clone()),
         },
         Some(metrics.clone()),
     );
@@ -166,7 +168,12 @@ async fn wait_for_signal() {
 
 /// Loads the model and the adapters folder and starts the engine thread.
 fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
-    let model = LoadedModel::load(model_path, config.model.weights).map_err(|e| e.to_string())?;
+    let model = LoadedModel::load_with_template(
+        model_path,
+        config.model.weights,
+        config.model.chat_template_file(),
+    )
+    .map_err(|e| e.to_string())?;
     metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.llama.weights_size_bytes() as f64);
     let model_id = model_id(config, &model);
     let db = Training::open_db(&config.data.dir).map_err(|e| e.to_string())?;

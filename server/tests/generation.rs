@@ -39,7 +39,11 @@ fn chat_prompt(user: &str) -> Vec<u32> {
         role: "user".into(),
         content: user.into(),
     }];
-    let text = m.chat_template.render(&messages, true).expect("render");
+    let text = m
+        .chat_template()
+        .expect("a chat model")
+        .render(&messages, true)
+        .expect("render");
     m.tokenizer.encode(&text, true)
 }
 
@@ -79,7 +83,11 @@ fn check_greedy_golden(m: &LoadedModel) {
         }
         let messages: Vec<ChatMessage> =
             serde_json::from_value(case["messages"].clone()).expect("messages");
-        let rendered = m.chat_template.render(&messages, true).expect("render");
+        let rendered = m
+            .chat_template()
+            .expect("a chat model")
+            .render(&messages, true)
+            .expect("render");
         let prompt = m.tokenizer.encode(&rendered, true);
         assert_eq!(prompt, common::ids_of(case, "ids"));
         let want = common::ids_of(case, "greedy_16");

@@ -41,6 +41,8 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
     /// Adapters written into the data folder before start: (name, version, seed).
     pub adapters: Vec<(&'static str, Option<u32>, u64)>,
+    /// The GGUF to serve (default: the default model).
+    pub model: Option<PathBuf>,
 }
 
 impl Server {
@@ -64,7 +66,7 @@ impl Server {
             .arg("--config")
             .arg(&config_path)
             .arg("--model")
-            .arg(model_path())
+            .arg(options.model.clone().unwrap_or_else(model_path))
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["serve", "--port", "0"])

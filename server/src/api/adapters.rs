@@ -6,7 +6,9 @@
 //! `DELETE /v1/adapters/{name}` cancels its jobs (an adapter exists from its first job on),
 //! stops serving it and deletes its folder;
 //! `PUT /v1/adapters/{name}/continuous_training {feedback_every, steps}` makes it train on its
-//! feedback (`feedback_every: null` stops it).
+//! feedback (`feedback_every: null` stops it). vLLM's `POST /v1/load_lora_adapter` and
+//! `/v1/unload_lora_adapter`, which RL frameworks call, load a PEFT folder trained elsewhere as a
+//! new version and stop serving one.
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -16,8 +18,9 @@ use crate::training::{Training, TrainingError};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::protocol::{ContinuousTrainingRequest, ListPage, RollbackRequest};
+use super::protocol::{ContinuousTrainingRequest, ListPage, RollbackRequest, UnloadLoraRequest};
 use super::state::AppState;
+use super::validate::runtime_lora::ValidLoraLoad;
 
 /// Steps of a continuous-training job when the request does not say.
 const DEFAULT_FEEDBACK_STEPS: u64 = 50;
@@ -56,6 +59,37 @@ pub async fn rollback(
         })
         .await?;
     Ok(Json(adapter))
+}
+
+/// vLLM's `POST /v1/load_lora_adapter`: serves a PEFT folder under the configured root as the
+/// next version of `lora_name`; answers with the adapter, as `GET /v1/adapters/{name}` does.
+pub async fn load_lora_adapter(
+    State(state): State<AppState>,
+    body: ApiJson,
+) -> Result<Json<Value>, ApiError> {
+    let load = ValidLoraLoad::new(body.parse()?, state.config().lora_load_root.as_deref())?;
+    let adapter = state
+        .training(move |t| {
+            t.load_adapter(&load.name, &load.dir, load.in_place)?;
+            adapter_json(t, &load.name)
+        })
+        .await?;
+    Ok(Json(adapter))
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter`: stops serving `lora_name` (as
+/// `DELETE /v1/adapters/{name}`; the folder it was loaded from is not touched).
+pub async fn unload_lora_adapter(
+    State(state): State<AppState>,
+    body: ApiJson,
+) -> Result<Json<Value>, ApiError> {
+    let request: UnloadLoraRequest = body.parse()?;
+    let name = request.lora_name;
+    let deleted = name.clone();
+    state.training(move |t| t.delete_adapter(&name)).await?;
+    Ok(Json(
+        json!({ "id": deleted, "object": "adapter", "deleted": true }),
+    ))
 }
 
 pub async fn delete_adapter(

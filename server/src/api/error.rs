@@ -156,6 +156,16 @@ impl ApiError {
         }
     }
 
+    /// 403: the request is understood but not allowed here (a path outside the folder it must
+    /// be under, a feature the configuration turned off).
+    pub fn forbidden(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            code: Some("forbidden"),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
     /// 404: a job, file, adapter or completion that does not exist.
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -29,7 +29,7 @@ pub async fn create_job(
     body: ApiJson,
 ) -> Result<Response, ApiError> {
     let serving = state.serving()?;
-    let new_job = new_job(body.parse()?, &serving.model.chat_template)?;
+    let new_job = new_job(body.parse()?, serving.model.chat_template().ok())?;
     let job = state.training(move |t| t.submit(new_job)).await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
 }

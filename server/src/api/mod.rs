@@ -94,6 +94,11 @@ pub fn app(state: AppState) -> Router {
             "/v1/adapters/{name}/continuous_training",
             put(adapters::set_continuous_training),
         )
+        .route("/v1/load_lora_adapter", post(adapters::load_lora_adapter))
+        .route(
+            "/v1/unload_lora_adapter",
+            post(adapters::unload_lora_adapter),
+        )
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))

@@ -31,9 +31,9 @@ pub async fn create_job(
 ) -> Result<Json<Value>, ApiError> {
     let serving = state.serving()?;
     let request = ValidOpenAiJob::new(body.parse()?, serving)?;
-    let template = serving.model.chat_template.clone();
+    let template = serving.model.chat_template().ok().cloned();
     let job = state
-        .training(move |t| t.submit(request.new_job(t, &template)?))
+        .training(move |t| t.submit(request.new_job(t, template.as_ref())?))
         .await
         .map_err(ValidOpenAiJob::openai_params)?;
     Ok(Json(openai_job(&job, &serving.model_id)))

@@ -330,6 +330,27 @@ pub struct ContinuousTrainingRequest {
     pub steps: Option<u64>,
 }
 
+/// `POST /v1/load_lora_adapter`, vLLM's: serve the PEFT folder `lora_path` as `lora_name`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadLoraRequest {
+    pub lora_name: String,
+    pub lora_path: String,
+    /// Replace an adapter already served under that name (as its next version).
+    #[serde(default)]
+    pub load_inplace: bool,
+}
+
+/// `POST /v1/unload_lora_adapter`, vLLM's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnloadLoraRequest {
+    pub lora_name: String,
+    /// vLLM's internal id, which some clients send; names identify adapters here.
+    #[serde(default)]
+    pub lora_int_id: Option<u64>,
+}
+
 /// `POST /v1/fine_tuning/jobs`, OpenAI's.
 #[derive(Debug, Clone, Deserialize)]
 pub struct OpenAiJobRequest {

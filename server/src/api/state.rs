@@ -27,6 +27,8 @@ pub struct ApiConfig {
     /// Largest upload to `POST /v1/files`.
     pub max_file_bytes: usize,
     pub max_choices: usize,
+    /// Where `POST /v1/load_lora_adapter` may read adapters from; `None`: it is off.
+    pub lora_load_root: Option<std::path::PathBuf>,
 }
 
 /// Everything serving needs once the model is loaded.

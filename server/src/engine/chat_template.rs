@@ -2,6 +2,8 @@
 //! template stored in its GGUF file (`tokenizer.chat_template`) with the environment Hugging
 //! Face transformers gives such templates, so prompts match what HF would build byte for byte.
 
+use std::path::Path;
+
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -15,12 +17,6 @@ const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
 
 /// The name the one template is registered under in its environment.
 const TEMPLATE_NAME: &str = "chat";
-
-/// ChatML, the format of most small open chat models, for files that carry no template.
-const CHATML_TEMPLATE: &str = "{% for message in messages %}\
-{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}\
-{% endfor %}\
-{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// One chat turn, as in the OpenAI and HF APIs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,18 +34,35 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The model's own template, or ChatML (with a warning) when the file has none.
-    pub fn from_gguf(meta: &Metadata) -> Result<ChatTemplate> {
-        let source = match meta.get(KEY_TEMPLATE) {
-            Some(_) => meta.string(KEY_TEMPLATE)?.to_string(),
-            None => {
-                tracing::warn!(
-                    "the model file has no `{KEY_TEMPLATE}`; formatting chats as ChatML, which \
-                     may not be what the model was trained on"
-                );
-                CHATML_TEMPLATE.to_string()
+    /// The model's own template; `None` when the file has none (a base model, which serves
+    /// text completions only unless a template is given, [`Self::from_file`]).
+    pub fn from_gguf(meta: &Metadata) -> Result<Option<ChatTemplate>> {
+        if meta.get(KEY_TEMPLATE).is_none() {
+            return Ok(None);
+        }
+        let source = meta.string(KEY_TEMPLATE)?.to_string();
+        Self::with_tokens_of(meta, source).map(Some)
+    }
+
+    /// The Jinja template in the file at `path` (`--chat-template`, `[model] chat_template`),
+    /// rendered with the model's BOS and EOS texts; it replaces the GGUF's own.
+    pub fn from_file(path: &Path, meta: &Metadata) -> Result<ChatTemplate> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            EngineError::ChatTemplate(format!(
+                "cannot read the chat template {}: {e}; --chat-template takes a Jinja file \
+                 such as a Hugging Face model's `chat_template` saved as text",
+                path.display()
+            ))
+        })?;
+        Self::with_tokens_of(meta, source).map_err(|e| match e {
+            EngineError::ChatTemplate(reason) => {
+                EngineError::ChatTemplate(format!("{}: {reason}", path.display()))
             }
-        };
+            other => other,
+        })
+    }
+
+    fn with_tokens_of(meta: &Metadata, source: String) -> Result<ChatTemplate> {
         let bos = token_text(meta, KEY_BOS)?;
         let eos = token_text(meta, KEY_EOS)?;
         Self::new(source, bos, eos)
@@ -154,7 +167,9 @@ mod tests {
 
     #[test]
     fn smollm_template_renders_fixture_chats_exactly() {
-        let chat = ChatTemplate::from_gguf(&model_gguf().metadata()).expect("load the template");
+        let chat = ChatTemplate::from_gguf(&model_gguf().metadata())
+            .expect("load the template")
+            .expect("SmolLM2 carries a template");
         let mut checked = 0;
         for case in golden_cases().iter().filter(|c| c["kind"] == "chat") {
             let rendered = chat.render(&messages_of(case), true).expect("render");
@@ -169,9 +184,55 @@ mod tests {
 
     #[test]
     fn smollm_template_sees_bos_and_eos() {
-        let chat = ChatTemplate::from_gguf(&model_gguf().metadata()).expect("load the template");
+        let chat = ChatTemplate::from_gguf(&model_gguf().metadata())
+            .expect("load the template")
+            .expect("SmolLM2 carries a template");
         assert_eq!(chat.bos, "<|im_start|>");
         assert_eq!(chat.eos, "<|im_end|>");
+    }
+
+    /// ChatML, the format of most small open chat models.
+    const CHATML_TEMPLATE: &str = "{% for message in messages %}\
+{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}\
+{% endfor %}\
+{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn a_template_file_replaces_the_models_and_errors_name_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta_source = model_gguf();
+        let meta = meta_source.metadata();
+        let path = dir.path().join("plain.jinja");
+        std::fs::write(
+            &path,
+            "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}",
+        )
+        .expect("write");
+        let chat = ChatTemplate::from_file(&path, &meta).expect("compiles");
+        assert_eq!(
+            chat.render(&[user("hi")], true).expect("render"),
+            "[user] hi\n"
+        );
+        // The model's BOS and EOS texts stay available to the template.
+        assert_eq!(chat.eos, "<|im_end|>");
+
+        let missing = dir.path().join("missing.jinja");
+        let err = ChatTemplate::from_file(&missing, &meta)
+            .expect_err("no file")
+            .to_string();
+        assert!(
+            err.contains("missing.jinja") && err.contains("--chat-template"),
+            "{err}"
+        );
+        let broken = dir.path().join("broken.jinja");
+        std::fs::write(&broken, "{% for m in messages %}").expect("write");
+        let err = ChatTemplate::from_file(&broken, &meta)
+            .expect_err("does not compile")
+            .to_string();
+        assert!(
+            err.contains("broken.jinja") && err.contains("does not compile"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -31,6 +31,14 @@ pub enum EngineError {
     #[error("chat template: {0}")]
     ChatTemplate(String),
 
+    /// A base model: its file has no `tokenizer.chat_template` and none was given.
+    #[error(
+        "this model ({path}) has no chat template, so it cannot format chat messages; send text \
+         to /v1/completions, or start the server with `--chat-template FILE` (or `chat_template` \
+         in the config's [model] section) naming a Jinja template for it"
+    )]
+    NoChatTemplate { path: PathBuf },
+
     #[error("the input is {tokens} tokens, and with {requested} more to generate that exceeds the model's context of {limit} tokens; shorten the prompt or lower max_tokens")]
     ContextOverflow {
         tokens: usize,

@@ -325,9 +325,10 @@ impl Llama {
         })
     }
 
-    /// Bytes held by the weights (a tied output matrix counted once).
-    pub fn weights_size_bytes(&self) -> usize {
-        let matrices = self.blocks.iter().flat_map(|b| {
+    /// Every weight matrix: the embeddings, each layer's seven, and the output unless it is
+    /// the embeddings.
+    fn matrices(&self) -> impl Iterator<Item = &Matrix> {
+        let layers = self.blocks.iter().flat_map(|b| {
             [
                 &b.attn.wq,
                 &b.attn.wk,
@@ -338,12 +339,25 @@ impl Llama {
                 &b.mlp.down,
             ]
         });
-        let output = if self.tied_output {
-            0
-        } else {
-            self.output.size_bytes()
-        };
-        matrices.map(Matrix::size_bytes).sum::<usize>() + self.tok_embeddings.size_bytes() + output
+        let output = (!self.tied_output).then_some(&self.output);
+        std::iter::once(&self.tok_embeddings)
+            .chain(layers)
+            .chain(output)
+    }
+
+    /// Bytes held by the weights (a tied output matrix counted once).
+    pub fn weights_size_bytes(&self) -> usize {
+        self.matrices().map(Matrix::size_bytes).sum()
+    }
+
+    /// How many weight matrices are kept in each type (`F32` for the f32 mode and for types no
+    /// kernel reads in place), for the start-up log and the tests.
+    pub fn matrix_types(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for matrix in self.matrices() {
+            *counts.entry(format!("{:?}", matrix.dtype())).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Runs a packed batch and returns, per row, the logits `[k, vocab]` at its requested

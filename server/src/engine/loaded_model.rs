@@ -17,16 +17,38 @@ pub struct LoadedModel {
     pub name: Option<String>,
     pub llama: Llama,
     pub tokenizer: Tokenizer,
-    pub chat_template: ChatTemplate,
+    /// `None` for a base model whose file has no template and that was given none.
+    chat_template: Option<ChatTemplate>,
     pub load_time: Duration,
 }
 
 impl LoadedModel {
+    /// The model in `path`, with the chat template its file carries.
     pub fn load(path: &Path, mode: WeightMode) -> Result<Self> {
+        Self::load_with_template(path, mode, None)
+    }
+
+    /// The model in `path`; `chat_template`, a Jinja file, replaces the template its file
+    /// carries (or gives one to a base model that has none).
+    pub fn load_with_template(
+        path: &Path,
+        mode: WeightMode,
+        chat_template: Option<&Path>,
+    ) -> Result<Self> {
         let start = Instant::now();
         let mut file = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&file.metadata())?;
-        let chat_template = ChatTemplate::from_gguf(&file.metadata())?;
+        let chat_template = match chat_template {
+            Some(template) => Some(ChatTemplate::from_file(template, &file.metadata())?),
+            None => ChatTemplate::from_gguf(&file.metadata())?,
+        };
+        if chat_template.is_none() {
+            tracing::info!(
+                path = %path.display(),
+                "the model has no chat template: /v1/completions only (--chat-template FILE \
+                 gives it one)"
+            );
+        }
         let name = file
             .metadata()
             .string("general.name")
@@ -47,6 +69,7 @@ impl LoadedModel {
             path = %path.display(),
             mode = %mode,
             weights_mib = llama.weights_size_bytes() / (1 << 20),
+            matrices = ?llama.matrix_types(),
             seconds = start.elapsed().as_secs_f32(),
             "model loaded"
         );
@@ -58,5 +81,15 @@ impl LoadedModel {
             chat_template,
             load_time: start.elapsed(),
         })
+    }
+
+    /// The chat template, or, for a base model without one, an error saying how to give it
+    /// one.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.chat_template
+            .as_ref()
+            .ok_or_else(|| EngineError::NoChatTemplate {
+                path: self.path.clone(),
+            })
     }
 }

@@ -3,19 +3,18 @@
 //! Two modes, chosen in config ([`WeightMode`]); both keep the loss surface smooth at MeZO's ε
 //! (candle's quantized kernels round activations to 8 bits, which drowns the loss differences of
 //! about ε·|∇L| that MeZO measures, so no product goes through them):
-//! - `quantized` (the default): matrices keep the GGUF's quantization (Q4_0, Q4_1, Q8_0), four
-//!   to eight times smaller than f32, and every product dequantizes the panel it works on
-//!   into a cache-sized f32 buffer ([`super::kernels`]).
+//! - `quantized` (the default): matrices keep the GGUF's type (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1,
+//!   Q4_K, Q5_K, Q6_K: what Q4_K_M, Q5_K_M, Q6_K and Q8_0 files hold; F16 and BF16), two to
+//!   eight times smaller than f32, and every product dequantizes the panel it works on into a
+//!   cache-sized f32 buffer ([`super::kernels`]).
 //! - `f32`: every matrix is dequantized once at load, and the products read it as it is.
 //!
 //! Both run the same kernels on the same weights, so they give the same bits: the mode trades
-//! memory for the per-product dequantization only. Other GGML types use candle's quantized
-//! product for few rows and a dequantized GEMM for many.
+//! memory for the per-product dequantization only. Matrices of other GGML types are
+//! dequantized at load in both modes.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::kernels::PackedMatrix;
@@ -40,10 +39,6 @@ impl std::fmt::Display for WeightMode {
     }
 }
 
-/// For GGML types without this engine's kernels: products with at most this many rows use
-/// candle's quantized product (8-bit activations), larger ones a dequantized GEMM.
-pub const CANDLE_QMATMUL_MAX_ROWS: usize = 8;
-
 /// Runs `f` on the values of an f32 CPU tensor in row-major order: in place when the tensor
 /// is contiguous (no copy of a batch's activations per product), from a copy otherwise.
 pub fn with_f32_values<T>(xs: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
@@ -58,91 +53,66 @@ pub fn with_f32_values<T>(xs: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T>
     Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
 }
 
-/// A weight matrix `W` of shape `[out, in]`, applied as `xs · Wᵀ`.
+/// A weight matrix `W` of shape `[out, in]`, applied as `xs · Wᵀ`, in this engine's panel
+/// layout: f32, or blocks of one of the formats the kernels dequantize (f32 activations).
 #[derive(Debug, Clone)]
-pub enum Matrix {
-    /// In this engine's panel layout: f32, or Q4_0 / Q4_1 / Q8_0 blocks (f32 activations).
-    Packed(PackedMatrix),
-    /// Other GGML block types, with candle's kernels (8-bit activations in few-row products).
-    CandleQuantized {
-        qmatmul: QMatMul,
-        qtensor: Arc<QTensor>,
-    },
-}
+pub struct Matrix(PackedMatrix);
 
 impl Matrix {
-    /// Takes a tensor as read from the GGUF and keeps it in the requested mode. Tensors that are
-    /// already f32/f16 in the file are always kept as f32.
+    /// Takes a tensor as read from the GGUF and keeps it in the requested mode. In the
+    /// quantized mode, tensors of a type the kernels do not read (Q2_K, Q3_K, …) are kept as
+    /// f32 like every tensor of the f32 mode: dequantized exactly, never multiplied with
+    /// activations rounded to 8 bits.
     pub fn from_qtensor(qtensor: QTensor, mode: WeightMode) -> Result<Self> {
-        let stored_as_float = matches!(
-            qtensor.dtype(),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        );
-        let packed = if mode == WeightMode::F32 || stored_as_float {
-            let w = qtensor.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let (out, inp) = w.dims2()?;
-            Some(PackedMatrix::from_f32(
-                &w.flatten_all()?.to_vec1()?,
-                out,
-                inp,
-            ))
-        } else {
-            PackedMatrix::from_qtensor(&qtensor)?
-        };
-        if let Some(packed) = packed {
-            return Ok(Matrix::Packed(packed));
+        let dtype = qtensor.dtype();
+        if mode == WeightMode::Quantized && dtype != GgmlDType::F32 {
+            if let Some(packed) = PackedMatrix::from_qtensor(&qtensor)? {
+                return Ok(Matrix(packed));
+            }
+            tracing::debug!(
+                ?dtype,
+                "no kernel reads this type in place; the matrix is kept as f32"
+            );
         }
-        let qtensor = Arc::new(qtensor);
-        let qmatmul = QMatMul::from_arc(qtensor.clone())?;
-        Ok(Matrix::CandleQuantized { qmatmul, qtensor })
+        let w = qtensor.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let (out, inp) = w.dims2()?;
+        Ok(Matrix(PackedMatrix::from_f32(
+            &w.flatten_all()?.to_vec1()?,
+            out,
+            inp,
+        )))
     }
 
     /// `(out, in)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(match self {
-            Matrix::Packed(kernel) => kernel.dims(),
-            Matrix::CandleQuantized { qtensor, .. } => qtensor.shape().dims2()?,
-        })
+        Ok(self.0.dims())
+    }
+
+    /// The type the weights are kept in (`F32` for the f32 mode).
+    pub fn dtype(&self) -> GgmlDType {
+        self.0.dtype()
     }
 
     /// `xs · Wᵀ` for `xs` of shape `[n, in]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let rows = xs.dim(0)?;
-        match self {
-            Matrix::Packed(kernel) => {
-                let (n_out, _) = kernel.dims();
-                let mut ys = vec![0f32; rows * n_out];
-                with_f32_values(xs, |xs| kernel.matmul_t(xs, rows, &mut ys))?;
-                Ok(Tensor::from_vec(ys, (rows, n_out), &Device::Cpu)?)
-            }
-            Matrix::CandleQuantized { qmatmul, .. } if rows <= CANDLE_QMATMUL_MAX_ROWS => {
-                Ok(qmatmul.forward(&xs.contiguous()?)?)
-            }
-            Matrix::CandleQuantized { qtensor, .. } => {
-                Ok(xs.matmul(&qtensor.dequantize(&Device::Cpu)?.t()?)?)
-            }
-        }
+        let (n_out, _) = self.0.dims();
+        let mut ys = vec![0f32; rows * n_out];
+        with_f32_values(xs, |xs| self.0.matmul_t(xs, rows, &mut ys))?;
+        Ok(Tensor::from_vec(ys, (rows, n_out), &Device::Cpu)?)
     }
 
     /// Rows of `W` selected by `ids` (the embedding lookup), as f32 `[ids.len(), in]`.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Matrix::Packed(kernel) => {
-                let ids: Vec<u32> = ids.to_vec1()?;
-                let (_, n_in) = kernel.dims();
-                let mut out = vec![0f32; ids.len() * n_in];
-                kernel.rows(&ids, &mut out);
-                Tensor::from_vec(out, (ids.len(), n_in), &Device::Cpu)?
-            }
-            Matrix::CandleQuantized { qtensor, .. } => qtensor.embedding(ids)?,
-        })
+        let ids: Vec<u32> = ids.to_vec1()?;
+        let (_, n_in) = self.0.dims();
+        let mut out = vec![0f32; ids.len() * n_in];
+        self.0.rows(&ids, &mut out);
+        Ok(Tensor::from_vec(out, (ids.len(), n_in), &Device::Cpu)?)
     }
 
     /// Bytes this matrix occupies in memory.
     pub fn size_bytes(&self) -> usize {
-        match self {
-            Matrix::Packed(kernel) => kernel.size_bytes(),
-            Matrix::CandleQuantized { qtensor, .. } => qtensor.storage_size_in_bytes(),
-        }
+        self.0.size_bytes()
     }
 }

@@ -1,8 +1,9 @@
 //! An adapter's lifecycle with its database rows, in one place: a version is published (its
 //! folder written and swapped in by [`AdapterVersions`], then its row: the job, the step and the
-//! held-out metrics it was published with), an older version is made live again (the registry's
-//! pointer, and the database's so that it stays live across restarts), or the adapter is deleted
-//! (its jobs cancelled, its folder and rows removed).
+//! held-out metrics it was published with) or loaded from a PEFT folder trained elsewhere, an
+//! older version is made live again (the registry's pointer, and the database's so that it stays
+//! live across restarts), or the adapter is deleted (its jobs cancelled, its folder and rows
+//! removed).
 //!
 //! Publishing and deleting hold the publish gate: a deletion cancels the adapter's jobs before
 //! taking it, so a job that was about to publish either did so before the deletion (which then
@@ -10,6 +11,7 @@
 //!
 //! [`AdapterVersions`]: crate::adapter_versions::AdapterVersions
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::PoisonError;
 
@@ -40,6 +42,50 @@ impl Training {
     pub fn adapter_names(&self) -> Vec<String> {
         let registry = self.shared.adapters.registry();
         registry.list().into_iter().map(|a| a.name).collect()
+    }
+
+    /// Serves the PEFT folder `dir` (trained elsewhere) as the next version of `name`, which it
+    /// creates; an adapter already served under `name` gets it as its next version only
+    /// `in_place` (vLLM's `load_inplace`), never as a stale copy. The folder is copied into the
+    /// adapters store like any version, so it can be fine-tuned further.
+    pub fn load_adapter(
+        &self,
+        name: &str,
+        dir: &Path,
+        in_place: bool,
+    ) -> Result<VersionInfo, TrainingError> {
+        let shared = &self.shared;
+        if !in_place && shared.adapters.registry().contains(name) {
+            return Err(TrainingError::Invalid {
+                param: "lora_name".into(),
+                message: format!(
+                    "an adapter named `{name}` is already served; set `load_inplace: true` to \
+                     serve this folder as its next version, or pick another name"
+                ),
+            });
+        }
+        let adapter = shared
+            .adapters
+            .read_peft(dir)
+            .map_err(|e| TrainingError::Invalid {
+                param: "lora_path".into(),
+                message: format!("cannot load the adapter: {e}"),
+            })?;
+        let _gate = shared
+            .publish_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let published = shared.adapters.publish(name, &adapter)?;
+        let info = VersionInfo {
+            version: published.version,
+            created_at: published.created,
+            job_id: None,
+            step: None,
+            held_out: None,
+        };
+        shared.db.insert_version(name, &info)?;
+        tracing::info!(adapter = name, version = info.version, from = %dir.display(), "adapter loaded");
+        Ok(info)
     }
 
     /// Every version of adapter `name` that is served.

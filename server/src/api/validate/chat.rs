@@ -32,8 +32,10 @@ impl ValidChat {
 
         let messages = convert_messages(&request.messages, "")?;
         let llm = &serving.model;
-        let prompt_text = llm
-            .chat_template
+        let template = llm
+            .chat_template()
+            .map_err(|err| ApiError::invalid("messages", err.to_string()))?;
+        let prompt_text = template
             .render(&messages, true)
             .map_err(|err| ApiError::invalid("messages", err.to_string()))?;
         let prompt = llm.tokenizer.encode(&prompt_text, true);

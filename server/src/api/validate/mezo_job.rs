@@ -15,8 +15,12 @@ use crate::training::{JobOrigin, NewJob};
 
 use super::training_data::{parse_examples, parse_hyperparameters, parse_objective};
 
-/// The job `request` asks for; chat examples are rendered with `template`.
-pub fn new_job(request: FinetuneRequest, template: &ChatTemplate) -> Result<NewJob, ApiError> {
+/// The job `request` asks for; chat examples are rendered with `template` (refused without
+/// one).
+pub fn new_job(
+    request: FinetuneRequest,
+    template: Option<&ChatTemplate>,
+) -> Result<NewJob, ApiError> {
     let Some(adapter) = request.adapter else {
         return Err(ApiError::invalid(
             "adapter",
@@ -113,7 +117,7 @@ mod tests {
 
     fn job(body: serde_json::Value) -> Result<NewJob, ApiError> {
         let request = ApiJson(body).parse()?;
-        new_job(request, &template())
+        new_job(request, Some(&template()))
     }
 
     fn examples(n: usize) -> serde_json::Value {

@@ -2,7 +2,7 @@
 //! engine or the training service runs. Every endpoint's request becomes its validated type in
 //! one place here ([`chat::ValidChat`], [`completion::ValidCompletion`], the training service's
 //! `NewJob` from [`mezo_job`] and [`openai_job`], its `Feedback` from [`feedback`], an uploaded
-//! file from [`file_upload`]); handlers
+//! file from [`file_upload`], an adapter folder to load from [`runtime_lora`]); handlers
 //! then only submit and render. Every check names the field and the allowed range, and every
 //! OpenAI feature the engine lacks is refused by name, so the engine only sees requests it can
 //! serve exactly as asked. This file holds what chat and text completions share: the sampling
@@ -15,6 +15,7 @@ pub mod file_upload;
 pub mod listing;
 pub mod mezo_job;
 pub mod openai_job;
+pub mod runtime_lora;
 pub mod training_data;
 
 use serde_json::Value;

@@ -84,7 +84,7 @@ impl ValidOpenAiJob {
     pub fn new_job(
         self,
         training: &Training,
-        template: &ChatTemplate,
+        template: Option<&ChatTemplate>,
     ) -> Result<NewJob, TrainingError> {
         let train = read_examples(training, &self.training_file, "training_file", template)?;
         let held_out = match &self.validation_file {
@@ -142,7 +142,7 @@ fn read_examples(
     training: &Training,
     id: &str,
     field: &str,
-    template: &ChatTemplate,
+    template: Option<&ChatTemplate>,
 ) -> Result<Vec<TrainingExample>, TrainingError> {
     let content = training.file_content(id).map_err(|e| match e {
         TrainingError::NotFound { .. } => TrainingError::Invalid {

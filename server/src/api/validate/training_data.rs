@@ -41,11 +41,12 @@ enum LabelIn {
 
 const FORMATS: &str = "`messages` (ending with the assistant's answer), `prompt` + `completion` (+ `reward`), `prompt` + `candidates` + `label`, or `prompt` + `references`";
 
-/// Reads one example; `param` is its path in the request (`examples[3]`).
+/// Reads one example; `param` is its path in the request (`examples[3]`). Chat examples are
+/// rendered with `template`; `None` (a base model without one) refuses them.
 pub fn parse_example(
     value: &Value,
     param: &str,
-    template: &ChatTemplate,
+    template: Option<&ChatTemplate>,
 ) -> Result<TrainingExample, ApiError> {
     let example: ExampleIn = serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
@@ -70,6 +71,12 @@ pub fn parse_example(
                     format!("`{param}` has both `messages` and `prompt`/`completion`; give one"),
                 ));
             }
+            let template = template.ok_or_else(|| {
+                ApiError::invalid(
+                    format!("{param}.messages"),
+                    format!("`{param}` is a chat example, but this model has no chat template to format it; give `prompt` + `completion` examples, or start the server with `--chat-template FILE`"),
+                )
+            })?;
             let mut converted = convert_messages(messages, &format!("{param}."))?;
             let render = |messages: &[ChatMessage]| {
                 template
@@ -146,7 +153,7 @@ pub fn parse_example(
 pub fn parse_examples(
     value: Option<&Value>,
     field: &str,
-    template: &ChatTemplate,
+    template: Option<&ChatTemplate>,
 ) -> Result<Vec<TrainingExample>, ApiError> {
     let Some(value) = value else {
         return Ok(Vec::new());
@@ -253,7 +260,7 @@ pub(super) mod tests {
         let t = template();
         let chat = json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]});
         assert_eq!(
-            parse_example(&chat, "examples[0]", &t).unwrap(),
+            parse_example(&chat, "examples[0]", Some(&t)).unwrap(),
             TrainingExample::Completion {
                 prompt: "<user>hi\n<assistant>".into(),
                 completion: "hello".into()
@@ -261,7 +268,7 @@ pub(super) mod tests {
         );
         let by_text = json!({"prompt": "p", "candidates": [" a", " b"], "label": " b"});
         assert_eq!(
-            parse_example(&by_text, "examples[0]", &t).unwrap(),
+            parse_example(&by_text, "examples[0]", Some(&t)).unwrap(),
             TrainingExample::Classification {
                 prompt: "p".into(),
                 candidates: vec![" a".into(), " b".into()],
@@ -270,7 +277,7 @@ pub(super) mod tests {
         );
         let graded_chat = json!({"messages": [{"role": "user", "content": "mood?"}], "candidates": ["sad", "glad"], "label": 1});
         assert_eq!(
-            parse_example(&graded_chat, "examples[0]", &t).unwrap(),
+            parse_example(&graded_chat, "examples[0]", Some(&t)).unwrap(),
             TrainingExample::Classification {
                 prompt: "<user>mood?\n<assistant>".into(),
                 candidates: vec!["sad".into(), "glad".into()],
@@ -279,12 +286,12 @@ pub(super) mod tests {
         );
         let refs = json!({"prompt": "p", "references": ["x"]});
         assert!(matches!(
-            parse_example(&refs, "e", &t).unwrap(),
+            parse_example(&refs, "e", Some(&t)).unwrap(),
             TrainingExample::Generation { .. }
         ));
         let rated = json!({"prompt": "p", "completion": "c", "reward": -0.5});
         assert!(matches!(
-            parse_example(&rated, "e", &t).unwrap(),
+            parse_example(&rated, "e", Some(&t)).unwrap(),
             TrainingExample::Reward { reward, .. } if reward == -0.5
         ));
     }
@@ -321,7 +328,7 @@ pub(super) mod tests {
             ),
         ];
         for (example, param) in cases {
-            let err = parse_example(&example, "examples[2]", &t).unwrap_err();
+            let err = parse_example(&example, "examples[2]", Some(&t)).unwrap_err();
             assert_eq!(
                 err.param.as_deref(),
                 Some(param),

@@ -33,6 +33,10 @@ pub struct GlobalArgs {
     /// How weights are held in memory.
     #[arg(long, global = true, env = "MEZO_WEIGHTS")]
     pub weights: Option<WeightMode>,
+    /// A Jinja chat template file, replacing the model's own (a base model has none, and
+    /// serves /v1/completions only without one).
+    #[arg(long, global = true, env = "MEZO_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
     /// Folder for what the server keeps (adapters/) and data sets used by benchmarks.
     #[arg(long, global = true, env = "MEZO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

@@ -77,6 +77,9 @@ fn build_config(global: &GlobalArgs) -> anyhow::Result<Config> {
     if let Some(weights) = global.weights {
         config.model.weights = weights;
     }
+    if let Some(template) = &global.chat_template {
+        config.model.chat_template = template.clone();
+    }
     if let Some(dir) = &global.data_dir {
         config.data.dir = dir.clone();
     }
@@ -121,13 +124,17 @@ fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
-    let model = LoadedModel::load(&model_path(config)?, config.model.weights)?;
+    let model = LoadedModel::load_with_template(
+        &model_path(config)?,
+        config.model.weights,
+        config.model.chat_template_file(),
+    )?;
     let text = if args.chat {
         let messages = [ChatMessage {
             role: "user".into(),
             content: args.prompt.clone(),
         }];
-        model.chat_template.render(&messages, true)?
+        model.chat_template()?.render(&messages, true)?
     } else {
         args.prompt.clone()
     };

@@ -26,6 +26,7 @@ mod avx512;
 pub mod isa;
 pub mod layout;
 mod portable;
+pub mod row_blocks;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -33,6 +34,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 
 use isa::{Isa, Tile, Weights};
 use layout::{Format, PANEL, QK};
+use row_blocks::RowFormat;
 
 /// Columns per chunk: one panel's dequantized chunk is `KC × 16` floats (16 KiB), so the two
 /// an AVX-512 tile reads stay in L1 with the input rows' slices. A multiple of [`QK`].
@@ -61,28 +63,59 @@ pub struct PackedMatrix {
 /// The panels; shared so that clones are cheap.
 #[derive(Clone, Debug)]
 enum Storage {
-    Blocks { format: Format, bytes: Arc<[u8]> },
+    /// Interleaved along `k` ([`layout`]), dequantized by each instruction set's kernels.
+    Blocks {
+        format: Format,
+        bytes: Arc<[u8]>,
+    },
+    /// Whole GGUF blocks per row ([`row_blocks`]), dequantized by portable code.
+    RowBlocks {
+        format: RowFormat,
+        bytes: Arc<[u8]>,
+    },
     F32(Arc<[f32]>),
 }
 
 impl PackedMatrix {
-    /// From a candle QTensor in `Q4_0`, `Q4_1` or `Q8_0`; any other dtype gives `None`, so that
-    /// the caller falls back to another path. The QTensor can be dropped afterwards.
+    /// From a candle QTensor in `Q4_0`, `Q4_1`, `Q8_0`, `Q5_0`, `Q5_1`, `Q4_K`, `Q5_K`, `Q6_K`,
+    /// `F16` or `BF16`, kept in that format; any other dtype (and a half-precision matrix whose
+    /// rows are not whole groups of 32) gives `None`, so that the caller falls back to another
+    /// path. The QTensor can be dropped afterwards.
     pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Self>> {
-        let format = match q.dtype() {
-            GgmlDType::Q4_0 => Format::Q4_0,
-            GgmlDType::Q4_1 => Format::Q4_1,
-            GgmlDType::Q8_0 => Format::Q8_0,
+        enum Kept {
+            Interleaved(Format),
+            Rows(RowFormat),
+        }
+        let kept = match q.dtype() {
+            GgmlDType::Q4_0 => Kept::Interleaved(Format::Q4_0),
+            GgmlDType::Q4_1 => Kept::Interleaved(Format::Q4_1),
+            GgmlDType::Q8_0 => Kept::Interleaved(Format::Q8_0),
+            GgmlDType::Q5_0 => Kept::Rows(RowFormat::Q5_0),
+            GgmlDType::Q5_1 => Kept::Rows(RowFormat::Q5_1),
+            GgmlDType::Q4K => Kept::Rows(RowFormat::Q4K),
+            GgmlDType::Q5K => Kept::Rows(RowFormat::Q5K),
+            GgmlDType::Q6K => Kept::Rows(RowFormat::Q6K),
+            GgmlDType::F16 => Kept::Rows(RowFormat::F16),
+            GgmlDType::BF16 => Kept::Rows(RowFormat::BF16),
             _ => return Ok(None),
         };
+        let (block_values, block_bytes) = match kept {
+            Kept::Interleaved(format) => (QK, format.gguf_block_bytes()),
+            Kept::Rows(format) => (format.block_values(), format.block_bytes()),
+        };
         let (out, inp) = q.shape().dims2()?;
-        if inp % QK != 0 {
+        let half_precision = matches!(q.dtype(), GgmlDType::F16 | GgmlDType::BF16);
+        if half_precision && inp % block_values != 0 {
+            return Ok(None);
+        }
+        if inp % block_values != 0 {
             candle_core::bail!(
-                "quantized matrix {out}x{inp}: columns are not whole blocks of {QK}"
+                "quantized matrix {out}x{inp} {:?}: columns are not whole blocks of {block_values}",
+                q.dtype()
             );
         }
         let data = q.data()?;
-        let expected = out * (inp / QK) * format.gguf_block_bytes();
+        let expected = out * (inp / block_values) * block_bytes;
         if data.len() != expected {
             candle_core::bail!(
                 "quantized matrix {out}x{inp} {:?}: {} bytes of blocks, expected {expected}",
@@ -90,15 +123,17 @@ impl PackedMatrix {
                 data.len()
             );
         }
-        let packed = layout::repack(format, &data, out, inp);
-        Ok(Some(Self {
-            out,
-            inp,
-            storage: Storage::Blocks {
+        let storage = match kept {
+            Kept::Interleaved(format) => Storage::Blocks {
                 format,
-                bytes: Arc::from(packed),
+                bytes: Arc::from(layout::repack(format, &data, out, inp)),
             },
-        }))
+            Kept::Rows(format) => Storage::RowBlocks {
+                format,
+                bytes: Arc::from(row_blocks::repack(format, &data, out, inp)),
+            },
+        };
+        Ok(Some(Self { out, inp, storage }))
     }
 
     /// From a row-major f32 matrix `[out, inp]`. Panics if `w` does not hold `out × inp`.
@@ -124,7 +159,7 @@ impl PackedMatrix {
     /// Bytes of the panels: what one full product streams from memory.
     pub fn size_bytes(&self) -> usize {
         match &self.storage {
-            Storage::Blocks { bytes, .. } => bytes.len(),
+            Storage::Blocks { bytes, .. } | Storage::RowBlocks { bytes, .. } => bytes.len(),
             Storage::F32(values) => values.len() * 4,
         }
     }
@@ -137,6 +172,15 @@ impl PackedMatrix {
                 Format::Q4_1 => GgmlDType::Q4_1,
                 Format::Q8_0 => GgmlDType::Q8_0,
             },
+            Storage::RowBlocks { format, .. } => match format {
+                RowFormat::Q5_0 => GgmlDType::Q5_0,
+                RowFormat::Q5_1 => GgmlDType::Q5_1,
+                RowFormat::Q4K => GgmlDType::Q4K,
+                RowFormat::Q5K => GgmlDType::Q5K,
+                RowFormat::Q6K => GgmlDType::Q6K,
+                RowFormat::F16 => GgmlDType::F16,
+                RowFormat::BF16 => GgmlDType::BF16,
+            },
             Storage::F32(_) => GgmlDType::F32,
         }
     }
@@ -148,6 +192,11 @@ impl PackedMatrix {
     /// Bytes of one panel's blocks in `format`.
     fn panel_bytes(&self, format: Format) -> usize {
         self.inp / QK * format.panel_block_bytes()
+    }
+
+    /// Bytes of one panel's blocks in row format `format`.
+    fn row_panel_bytes(&self, format: RowFormat) -> usize {
+        self.inp / format.block_values() * PANEL * format.block_bytes()
     }
 
     fn check_io(&self, xs: &[f32], rows: usize, ys: &[f32]) {
@@ -343,6 +392,19 @@ impl PackedMatrix {
                 let [a, b] = buffers;
                 [&a[..kc * PANEL], &b[..kc * PANEL]]
             }
+            Storage::RowBlocks { format, bytes } => {
+                // `k0` and `kc` are whole blocks: `KC` is a multiple of every block size.
+                let group = PANEL * format.block_bytes();
+                let first = k0 / format.block_values();
+                let count = kc.div_ceil(format.block_values());
+                for (q, buffer) in buffers.iter_mut().enumerate().take(np) {
+                    let start = (p + q) * self.row_panel_bytes(*format) + first * group;
+                    let blocks = &bytes[start..start + count * group];
+                    row_blocks::dequantize_chunk(*format, blocks, kc, buffer);
+                }
+                let [a, b] = buffers;
+                [&a[..kc * PANEL], &b[..kc * PANEL]]
+            }
         }
     }
 
@@ -408,6 +470,11 @@ impl PackedMatrix {
                     layout::dequantize_block_row(*format, block, t, d);
                 }
             }
+            Storage::RowBlocks { format, bytes } => {
+                let panel_bytes = self.row_panel_bytes(*format);
+                let panel = &bytes[p * panel_bytes..(p + 1) * panel_bytes];
+                row_blocks::dequantize_row(*format, panel, t, dst);
+            }
         }
     }
 }
@@ -417,7 +484,24 @@ mod tests {
     use super::*;
     use candle_core::{Device, Module, Tensor};
 
-    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    /// Every format kept as stored: interleaved along `k`, then kept block by block per row.
+    const FORMATS: [GgmlDType; 10] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::BF16,
+    ];
+
+    /// Whether a matrix of `inp` columns can be stored in `dtype` (whole blocks per row).
+    fn fits(dtype: GgmlDType, inp: usize) -> bool {
+        inp.is_multiple_of(dtype.block_size().max(32))
+    }
 
     fn random_qtensor(out: usize, inp: usize, dtype: GgmlDType) -> QTensor {
         let w = Tensor::randn(0f32, 1f32, (out, inp), &Device::Cpu).expect("randn");
@@ -504,7 +588,15 @@ mod tests {
     fn every_variant_matches_the_reference_bit_for_bit() {
         assert!(supported_variants().contains(&Isa::Portable));
         for dtype in FORMATS {
-            for (out, inp) in [(192, 576), (100, 64), (40, 1536), (17, 288)] {
+            let shapes = [
+                (192, 576),
+                (100, 64),
+                (40, 1536),
+                (17, 288),
+                (33, 512),
+                (20, 768),
+            ];
+            for (out, inp) in shapes.into_iter().filter(|&(_, inp)| fits(dtype, inp)) {
                 let q = random_qtensor(out, inp, dtype);
                 check_matmul(&packed(&q), &dequantized(&q), &[1, 3, 8, 13, 30]);
             }
@@ -524,7 +616,7 @@ mod tests {
     #[test]
     fn quantized_and_dequantized_matrices_agree_exactly() {
         for dtype in FORMATS {
-            let (out, inp, rows) = (80, 320, 9);
+            let (out, inp, rows) = (80, 512, 9);
             let q = random_qtensor(out, inp, dtype);
             let dense = PackedMatrix::from_f32(&dequantized(&q), out, inp);
             let xs = random_xs(rows, inp);
@@ -559,7 +651,7 @@ mod tests {
     #[test]
     fn rows_equal_dequantized_rows_exactly() {
         for dtype in FORMATS {
-            let (out, inp) = (100, 128);
+            let (out, inp) = (100, 256);
             let q = random_qtensor(out, inp, dtype);
             let w = dequantized(&q);
             let ids = [0u32, 99, 7, 7, 42, 16, 15];
@@ -581,7 +673,7 @@ mod tests {
     /// Each variant's dequantization of whole panels is the portable one, bit for bit.
     #[test]
     fn dequantization_of_every_variant_is_the_same() {
-        for dtype in FORMATS {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = random_qtensor(48, 256, dtype);
             let m = packed(&q);
             let Storage::Blocks { format, bytes } = &m.storage else {
@@ -601,7 +693,12 @@ mod tests {
     #[test]
     fn unsupported_dtypes_fall_back() {
         let w = Tensor::randn(0f32, 1f32, (64, 256), &Device::Cpu).expect("randn");
-        for dtype in [GgmlDType::F32, GgmlDType::Q4K, GgmlDType::Q8_1] {
+        for dtype in [
+            GgmlDType::F32,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q8_1,
+        ] {
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             assert!(PackedMatrix::from_qtensor(&q)
                 .expect("from_qtensor")
@@ -638,6 +735,12 @@ mod tests {
             (200, 1536, 576, GgmlDType::Q4_1),
             (1600, 1536, 576, GgmlDType::Q4_1),
             (1600, 576, 1536, GgmlDType::Q4_1),
+            (1, 576, 1536, GgmlDType::Q4K),
+            (1, 576, 1536, GgmlDType::Q6K),
+            (1, 1536, 576, GgmlDType::Q5_0),
+            (1600, 576, 1536, GgmlDType::Q4K),
+            (1600, 576, 1536, GgmlDType::Q6K),
+            (1600, 1536, 576, GgmlDType::Q5_0),
         ];
         println!(
             "threads: {}",

@@ -1,0 +1,119 @@
+//! A base model (its GGUF carries no `tokenizer.chat_template`) serves text completions; chat
+//! requests and chat training examples are refused with a 400 that says how to give it a
+//! template, and `--chat-template FILE` (here through `MEZO_CHAT_TEMPLATE`) gives it one.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+use common::{get_json, post_json, Server, ServerOptions};
+use serde_json::json;
+
+/// The default model written without its chat template: what a base model's file looks like.
+fn write_without_template(path: &Path) {
+    let mut reader = std::fs::File::open(common::model_path()).expect("open the model");
+    let content = gguf_file::Content::read(&mut reader).expect("read the model's header");
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .filter(|(key, _)| key.as_str() != "tokenizer.chat_template")
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let tensor = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .expect("read a tensor");
+            (name.clone(), tensor)
+        })
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = std::fs::File::create(path).expect("create the base model");
+    gguf_file::write(&mut out, &metadata, &tensors).expect("write the base model");
+}
+
+async fn base_model_id(server: &Server) -> String {
+    let (status, models) = get_json(&server.url("/v1/models")).await;
+    assert_eq!(status, 200, "{models}");
+    models["data"][0]["id"]
+        .as_str()
+        .expect("the base model's id")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_model_serves_completions_and_explains_how_to_chat() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("smollm2-base.gguf");
+    write_without_template(&model);
+
+    let server = Server::start(ServerOptions {
+        model: Some(model.clone()),
+        ..ServerOptions::default()
+    });
+    let id = base_model_id(&server).await;
+    let (status, _, completion) = post_json(
+        &server.url("/v1/completions"),
+        &json!({"model": id, "prompt": "The capital of France is", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{completion}");
+    assert!(!completion["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty());
+
+    let chat = json!({"model": id, "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, _, err) = post_json(&server.url("/v1/chat/completions"), &chat).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "messages", "{err}");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no chat template") && message.contains("--chat-template FILE"),
+        "{err}"
+    );
+
+    // Chat training examples need the template too; plain prompt/completion ones do not.
+    let job = json!({
+        "adapter": "base-chat",
+        "objective": "completion",
+        "examples": [{"messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}
+        ]}],
+    });
+    let (status, _, err) = post_json(&server.url("/v1/finetune"), &job).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "examples[0].messages", "{err}");
+    drop(server);
+
+    // Given a template, the same file chats.
+    let template = dir.path().join("chatml.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .expect("write the template");
+    let server = Server::start(ServerOptions {
+        model: Some(model),
+        env: vec![("MEZO_CHAT_TEMPLATE", template.display().to_string())],
+        ..ServerOptions::default()
+    });
+    let chat = json!({
+        "model": base_model_id(&server).await,
+        "messages": [{"role": "user", "content": "What is 2+2?"}],
+        "max_tokens": 8,
+    });
+    let (status, _, reply) = post_json(&server.url("/v1/chat/completions"), &chat).await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["choices"][0]["message"]["content"].is_string(),
+        "{reply}"
+    );
+}
