@@ -80,17 +80,23 @@ fn a_k_quant_model_serves_and_scores_as_its_dequantized_weights() {
     let dense = LoadedModel::load(&path, WeightMode::F32).expect("load, dequantized");
 
     // Every projection is kept in its own format: no 8-bit activations, no silent f32 copy.
+    // Q5_0 is kept as the Q8_0 blocks of the same values, which the fast Q8_0 kernels read.
     let types = kept.llama.matrix_types();
     let n_layer = kept.llama.config.n_layer;
     for (dtype, expected) in [
         ("Q4K", n_layer.div_ceil(3)),
         ("Q5K", (n_layer + 1) / 3),
         ("Q6K", n_layer / 3),
-        ("Q5_0", 6 * n_layer.div_ceil(2)),
         ("Q5_1", 6 * (n_layer / 2)),
     ] {
         assert_eq!(types.get(dtype), Some(&expected), "{types:?}");
     }
+    assert!(
+        !types.contains_key("Q5_0") && !types.contains_key("F32"),
+        "{types:?}"
+    );
+    let q8 = types.get("Q8_0").copied().unwrap_or(0);
+    assert!(q8 >= 6 * n_layer.div_ceil(2), "{types:?}");
     assert!(
         kept.llama.weights_size_bytes() * 3 < dense.llama.weights_size_bytes(),
         "the kept formats take {} bytes, the f32 weights {}",

@@ -105,6 +105,25 @@ pub fn repack(format: Format, gguf: &[u8], out: usize, inp: usize) -> Vec<u8> {
     packed
 }
 
+/// GGUF `Q5_0` blocks rewritten as `Q8_0` blocks of the same values: ggml computes a `Q5_0`
+/// value as `(q − 16)·d` with `q` 5 bits and `d` an f16, and a `Q8_0` value as `q·d` with `q` a
+/// signed byte, so storing `q − 16` as that byte and keeping `d` gives every value bit for bit,
+/// and `Q5_0` matrices run on the fast `Q8_0` kernels (in 34 bytes per 32 values instead of 22).
+pub fn q5_0_as_q8_0(gguf: &[u8]) -> Vec<u8> {
+    const Q5_0_BYTES: usize = 22;
+    let mut q8 = Vec::with_capacity(gguf.len() / Q5_0_BYTES * Format::Q8_0.gguf_block_bytes());
+    for block in gguf.chunks_exact(Q5_0_BYTES) {
+        q8.extend_from_slice(&block[0..2]);
+        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        let qs = &block[6..22];
+        let fifth = |j: usize| ((qh >> j) & 1) as u8;
+        let low = (0..16).map(|j| (qs[j] & 0x0F) | (fifth(j) << 4));
+        let high = (0..16).map(|j| (qs[j] >> 4) | (fifth(j + 16) << 4));
+        q8.extend(low.chain(high).map(|q| (q as i8 - 16) as u8));
+    }
+    q8
+}
+
 /// Packs a row-major f32 matrix `[out, inp]` into panels of `inp × 16` floats.
 pub fn pack_f32(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
     let panels = out.div_ceil(PANEL);

@@ -77,20 +77,23 @@ enum Storage {
 }
 
 impl PackedMatrix {
-    /// From a candle QTensor in `Q4_0`, `Q4_1`, `Q8_0`, `Q5_0`, `Q5_1`, `Q4_K`, `Q5_K`, `Q6_K`,
-    /// `F16` or `BF16`, kept in that format; any other dtype (and a half-precision matrix whose
+    /// From a candle QTensor in `Q4_0`, `Q4_1`, `Q8_0`, `Q5_0` (kept as the `Q8_0` blocks of the
+    /// same values), `Q5_1`, `Q4_K`, `Q5_K`, `Q6_K`, `F16` or `BF16`, kept in that format; any
+    /// other dtype (and a half-precision matrix whose
     /// rows are not whole groups of 32) gives `None`, so that the caller falls back to another
     /// path. The QTensor can be dropped afterwards.
     pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Self>> {
         enum Kept {
             Interleaved(Format),
+            /// `Q5_0`, kept as the `Q8_0` blocks of the same values.
+            Q5_0AsQ8_0,
             Rows(RowFormat),
         }
         let kept = match q.dtype() {
             GgmlDType::Q4_0 => Kept::Interleaved(Format::Q4_0),
             GgmlDType::Q4_1 => Kept::Interleaved(Format::Q4_1),
             GgmlDType::Q8_0 => Kept::Interleaved(Format::Q8_0),
-            GgmlDType::Q5_0 => Kept::Rows(RowFormat::Q5_0),
+            GgmlDType::Q5_0 => Kept::Q5_0AsQ8_0,
             GgmlDType::Q5_1 => Kept::Rows(RowFormat::Q5_1),
             GgmlDType::Q4K => Kept::Rows(RowFormat::Q4K),
             GgmlDType::Q5K => Kept::Rows(RowFormat::Q5K),
@@ -101,6 +104,7 @@ impl PackedMatrix {
         };
         let (block_values, block_bytes) = match kept {
             Kept::Interleaved(format) => (QK, format.gguf_block_bytes()),
+            Kept::Q5_0AsQ8_0 => (QK, q.dtype().type_size()),
             Kept::Rows(format) => (format.block_values(), format.block_bytes()),
         };
         let (out, inp) = q.shape().dims2()?;
@@ -123,11 +127,13 @@ impl PackedMatrix {
                 data.len()
             );
         }
+        let interleaved = |format: Format, data: &[u8]| Storage::Blocks {
+            format,
+            bytes: Arc::from(layout::repack(format, data, out, inp)),
+        };
         let storage = match kept {
-            Kept::Interleaved(format) => Storage::Blocks {
-                format,
-                bytes: Arc::from(layout::repack(format, &data, out, inp)),
-            },
+            Kept::Interleaved(format) => interleaved(format, &data),
+            Kept::Q5_0AsQ8_0 => interleaved(Format::Q8_0, &layout::q5_0_as_q8_0(&data)),
             Kept::Rows(format) => Storage::RowBlocks {
                 format,
                 bytes: Arc::from(row_blocks::repack(format, &data, out, inp)),
@@ -173,7 +179,6 @@ impl PackedMatrix {
                 Format::Q8_0 => GgmlDType::Q8_0,
             },
             Storage::RowBlocks { format, .. } => match format {
-                RowFormat::Q5_0 => GgmlDType::Q5_0,
                 RowFormat::Q5_1 => GgmlDType::Q5_1,
                 RowFormat::Q4K => GgmlDType::Q4K,
                 RowFormat::Q5K => GgmlDType::Q5K,

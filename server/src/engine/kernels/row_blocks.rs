@@ -1,5 +1,4 @@
-//! The GGUF formats that products dequantize block by block: `Q5_0`, `Q5_1` (blocks of 32
-//! values) and the K-quants `Q4_K`, `Q5_K`, `Q6_K` (super-blocks of 256 values with 6- or 8-bit
+//! The GGUF formats that products dequantize block by block: `Q5_1` (blocks of 32 values) and the K-quants `Q4_K`, `Q5_K`, `Q6_K` (super-blocks of 256 values with 6- or 8-bit
 //! sub-block scales), which is what the Q4_K_M, Q5_K_M and Q6_K files people download hold;
 //! and half-precision matrices (`F16`, `BF16`, taken 32 values at a time), kept at half the
 //! memory of f32 and widened exactly.
@@ -20,7 +19,6 @@ use super::layout::PANEL;
 /// A block-by-block format and the size of its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowFormat {
-    Q5_0,
     Q5_1,
     Q4K,
     Q5K,
@@ -36,7 +34,7 @@ impl RowFormat {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            RowFormat::Q5_0 | RowFormat::Q5_1 | RowFormat::F16 | RowFormat::BF16 => 32,
+            RowFormat::Q5_1 | RowFormat::F16 | RowFormat::BF16 => 32,
             RowFormat::Q4K | RowFormat::Q5K | RowFormat::Q6K => QK_K,
         }
     }
@@ -44,9 +42,7 @@ impl RowFormat {
     /// Bytes per block, as in the GGUF file.
     pub const fn block_bytes(self) -> usize {
         match self {
-            // d, qh (32 high bits), 16 bytes of nibbles.
-            RowFormat::Q5_0 => 2 + 4 + 16,
-            // d, m, qh, nibbles.
+            // d, m, qh (32 fifth bits), 16 bytes of nibbles.
             RowFormat::Q5_1 => 2 + 2 + 4 + 16,
             // d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
             RowFormat::Q4K => 2 + 2 + 12 + QK_K / 2,
@@ -62,7 +58,6 @@ impl RowFormat {
     /// One block's values, into `out[..block_values]`: what ggml computes.
     pub fn dequantize(self, block: &[u8], out: &mut [f32]) {
         match self {
-            RowFormat::Q5_0 => q5_0(block, out),
             RowFormat::Q5_1 => q5_1(block, out),
             RowFormat::Q4K => q4_k(block, out),
             RowFormat::Q5K => q5_k(block, out),
@@ -96,17 +91,6 @@ fn five_bit_pair(qs: &[u8], qh: u32, j: usize) -> (u8, u8) {
     let high_0 = (((qh >> j) << 4) & 0x10) as u8;
     let high_1 = ((qh >> (j + 12)) & 0x10) as u8;
     ((qs[j] & 0x0F) | high_0, (qs[j] >> 4) | high_1)
-}
-
-fn q5_0(block: &[u8], out: &mut [f32]) {
-    let d = f16_at(block, 0);
-    let qh = u32_at(block, 2);
-    let qs = &block[6..22];
-    for j in 0..16 {
-        let (x0, x1) = five_bit_pair(qs, qh, j);
-        out[j] = (i32::from(x0) - 16) as f32 * d;
-        out[j + 16] = (i32::from(x1) - 16) as f32 * d;
-    }
 }
 
 fn q5_1(block: &[u8], out: &mut [f32]) {
@@ -220,20 +204,25 @@ pub fn repack(format: RowFormat, gguf: &[u8], out: usize, inp: usize) -> Vec<u8>
 }
 
 /// One panel's blocks covering `kc` columns (whole blocks), dequantized into `out` in the
-/// layout the tiles read: `out[k * 16 + t]` = value `k` of row `t`.
+/// layout the tiles read: `out[k * 16 + t]` = value `k` of row `t`. Each block is dequantized
+/// into a row of its own first (contiguous, so the arithmetic vectorizes), then the 16 rows
+/// are interleaved.
 pub fn dequantize_chunk(format: RowFormat, blocks: &[u8], kc: usize, out: &mut [f32]) {
     let values = format.block_values();
     let bytes = format.block_bytes();
-    let mut row = [0f32; QK_K];
+    let mut rows = [[0f32; QK_K]; PANEL];
     for (b, group) in blocks
         .chunks_exact(PANEL * bytes)
         .take(kc / values)
         .enumerate()
     {
-        for (t, block) in group.chunks_exact(bytes).enumerate() {
+        for (row, block) in rows.iter_mut().zip(group.chunks_exact(bytes)) {
             format.dequantize(block, &mut row[..values]);
-            for (k, &v) in row[..values].iter().enumerate() {
-                out[(b * values + k) * PANEL + t] = v;
+        }
+        let out = &mut out[b * values * PANEL..(b + 1) * values * PANEL];
+        for (k, column) in out.chunks_exact_mut(PANEL).enumerate() {
+            for (o, row) in column.iter_mut().zip(&rows) {
+                *o = row[k];
             }
         }
     }
