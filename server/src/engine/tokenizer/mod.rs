@@ -8,19 +8,20 @@
 mod bpe;
 mod decode_stream;
 mod pre_tokenizer;
+mod sentencepiece;
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 
 use candle_core::quantized::gguf_file::Value;
-use fancy_regex::Regex;
 
 use super::gguf::Metadata;
 use super::{EngineError, Result};
-use bpe::{byte_to_unicode, read_merges, Merge};
+use bpe::{byte_to_unicode, read_merges, Bpe};
 pub use decode_stream::DecodeStream;
 use pre_tokenizer::pre_tokenizer_regexes;
+use sentencepiece::SentencePiece;
 
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
@@ -29,6 +30,7 @@ const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 const KEY_MERGES: &str = "tokenizer.ggml.merges";
 const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
 const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 
 /// Marks a byte whose symbol is missing from the vocabulary. SmolLM2's vocabulary lacks 21
 /// bytes (0xC0, 0xC1, 0xF5..0xFF never occur in UTF-8; a few control characters and the lead
@@ -49,7 +51,9 @@ enum TokenKind {
     /// Type 4: added tokens that llama.cpp (like HF) matches in text even without
     /// `parse_special`.
     UserDefined,
-    /// Types 5 (unused) and 6 (byte): plain vocabulary entries decoded as their literal text.
+    /// Type 6: SentencePiece's `<0xXX>`, the byte it names.
+    Byte,
+    /// Type 5 (unused): plain vocabulary entries decoded as their literal text.
     Other,
 }
 
@@ -59,9 +63,19 @@ impl TokenKind {
             1 => Self::Normal,
             2 | 3 => Self::Control,
             4 => Self::UserDefined,
+            6 => Self::Byte,
             _ => Self::Other,
         }
     }
+}
+
+/// How text between special tokens becomes tokens.
+#[derive(Clone)]
+enum Model {
+    /// `gpt2`: byte-level BPE after regex pre-tokenization (GPT-2, SmolLM, Llama 3, Qwen).
+    Bpe(Bpe),
+    /// `llama`: SentencePiece (Llama 2, Gemma).
+    SentencePiece(SentencePiece),
 }
 
 /// A token that is cut out of the text verbatim before pre-tokenization.
@@ -77,7 +91,7 @@ enum Fragment<'t> {
     Token(u32),
 }
 
-/// A byte-level BPE tokenizer for one model's vocabulary.
+/// A tokenizer for one model's vocabulary: byte-level BPE or SentencePiece.
 #[derive(Clone)]
 pub struct Tokenizer {
     tokens: Vec<String>,
@@ -86,25 +100,25 @@ pub struct Tokenizer {
     bytes: Vec<u8>,
     offsets: Vec<usize>,
     ids: HashMap<String, u32>,
-    merges: HashMap<(u32, u32), Merge>,
-    /// The token of each single byte, the starting symbols of BPE, or [`NO_TOKEN`].
-    byte_tokens: [u32; 256],
+    model: Model,
     /// Tokens matched verbatim in text, longest first as llama.cpp does.
     literals: Vec<Literal>,
-    pre_name: String,
-    /// Applied in order, each splitting the pieces the previous one produced.
-    pre_regexes: Vec<Regex>,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Whether the model expects BOS in front of its input (`tokenizer.ggml.add_bos_token`).
+    add_bos: bool,
 }
 
 impl fmt::Debug for Tokenizer {
     // The vocabulary and merges are tens of thousands of entries; show what identifies it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let model = match &self.model {
+            Model::Bpe(bpe) => format!("bpe ({} merges, pre {})", bpe.merges.len(), bpe.pre_name),
+            Model::SentencePiece(_) => "sentencepiece".to_string(),
+        };
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.tokens.len())
-            .field("merges", &self.merges.len())
-            .field("pre", &self.pre_name)
+            .field("model", &model)
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .finish_non_exhaustive()
@@ -112,27 +126,17 @@ impl fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Builds the tokenizer from GGUF metadata; only `tokenizer.ggml.model = "gpt2"` (byte-level
-    /// BPE) is supported.
+    /// Builds the tokenizer from GGUF metadata: `tokenizer.ggml.model` `gpt2` (byte-level BPE)
+    /// or `llama` (SentencePiece).
     pub fn from_gguf(meta: &Metadata) -> Result<Tokenizer> {
-        let model = meta.string(KEY_MODEL)?;
-        if model != "gpt2" {
+        let model_name = meta.string(KEY_MODEL)?.to_string();
+        if model_name != "gpt2" && model_name != "llama" {
             return Err(EngineError::Tokenizer(format!(
-                "`{KEY_MODEL}` is `{model}`, but this engine only implements the byte-level BPE \
-                 tokenizer `gpt2` (GPT-2, StarCoder and SmolLM families)"
+                "`{KEY_MODEL}` is `{model_name}`, but this engine implements the byte-level BPE \
+                 tokenizer `gpt2` (GPT-2, SmolLM, Llama 3, Qwen families) and SentencePiece \
+                 `llama` (Llama 2, Gemma) only"
             )));
         }
-        let pre_name = match meta.get(KEY_PRE) {
-            Some(_) => meta.string(KEY_PRE)?.to_string(),
-            None => {
-                // Older converters did not record the pre-tokenizer; GPT-2's is what the model
-                // name `gpt2` implies.
-                tracing::warn!("`{KEY_PRE}` is missing; pre-tokenizing with the GPT-2 regex");
-                "gpt-2".to_string()
-            }
-        };
-        let pre_regexes = pre_tokenizer_regexes(&pre_name)?;
-
         let tokens = meta
             .array(KEY_TOKENS)?
             .iter()
@@ -153,50 +157,48 @@ impl Tokenizer {
         }
         let kinds = read_kinds(meta, tokens.len())?;
 
-        let byte_to_char = byte_to_unicode();
-        let mut char_to_byte = HashMap::with_capacity(256);
-        for (b, c) in byte_to_char.iter().enumerate() {
-            char_to_byte.insert(*c, u8::try_from(b).expect("256 entries index bytes"));
-        }
-        let mut bytes = Vec::new();
-        let mut offsets = Vec::with_capacity(tokens.len() + 1);
-        offsets.push(0);
-        for (text, kind) in tokens.iter().zip(&kinds) {
-            if *kind == TokenKind::Normal {
-                // A character outside the byte-level alphabet cannot come from the GPT-2
-                // mapping; keeping its UTF-8 bytes is the only faithful rendering.
-                for c in text.chars() {
-                    match char_to_byte.get(&c) {
-                        Some(b) => bytes.push(*b),
-                        None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-                    }
-                }
-            } else {
-                bytes.extend_from_slice(text.as_bytes());
-            }
-            offsets.push(bytes.len());
-        }
-
         let mut ids = HashMap::with_capacity(tokens.len());
         for (i, text) in tokens.iter().enumerate() {
             // Duplicate texts resolve to the last id, as in llama.cpp.
             ids.insert(text.clone(), to_id(i));
         }
+        let model = if model_name == "gpt2" {
+            Model::Bpe(bpe_model(meta, &ids)?)
+        } else {
+            Model::SentencePiece(SentencePiece::from_gguf(meta, &tokens, &kinds)?)
+        };
 
-        let mut byte_tokens = [NO_TOKEN; 256];
-        for (slot, c) in byte_tokens.iter_mut().zip(&byte_to_char) {
-            if let Some(&id) = ids.get(c.to_string().as_str()) {
-                *slot = id;
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(tokens.len() + 1);
+        offsets.push(0);
+        let char_to_byte: HashMap<char, u8> = byte_to_unicode()
+            .iter()
+            .enumerate()
+            .map(|(b, c)| (*c, u8::try_from(b).expect("256 entries index bytes")))
+            .collect();
+        for (text, kind) in tokens.iter().zip(&kinds) {
+            match (&model, kind) {
+                (Model::Bpe(_), TokenKind::Normal) => {
+                    // A character outside the byte-level alphabet cannot come from the GPT-2
+                    // mapping; keeping its UTF-8 bytes is the only faithful rendering.
+                    for c in text.chars() {
+                        match char_to_byte.get(&c) {
+                            Some(b) => bytes.push(*b),
+                            None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        }
+                    }
+                }
+                (Model::SentencePiece(_), TokenKind::Normal) => {
+                    bytes.extend(text.replace(sentencepiece::SPACE, " ").bytes());
+                }
+                (Model::SentencePiece(_), TokenKind::Byte) => match sentencepiece::byte_of(text) {
+                    Some(byte) => bytes.push(byte),
+                    None => bytes.extend_from_slice(text.as_bytes()),
+                },
+                _ => bytes.extend_from_slice(text.as_bytes()),
             }
+            offsets.push(bytes.len());
         }
-        let missing = byte_tokens.iter().filter(|&&t| t == NO_TOKEN).count();
-        if missing > 0 {
-            tracing::debug!(
-                "{missing} of 256 bytes have no token; text bytes among them are dropped"
-            );
-        }
-
-        let merges = read_merges(meta, &ids)?;
 
         let mut literals: Vec<Literal> = kinds
             .iter()
@@ -211,7 +213,7 @@ impl Tokenizer {
                     id: to_id(i),
                     needs_parse_special: false,
                 }),
-                TokenKind::Normal | TokenKind::Other => None,
+                TokenKind::Normal | TokenKind::Byte | TokenKind::Other => None,
             })
             .collect();
         // Longest first, so that a special token containing another one wins.
@@ -219,6 +221,11 @@ impl Tokenizer {
 
         let bos = optional_id(meta, KEY_BOS, tokens.len())?;
         let eos = optional_id(meta, KEY_EOS, tokens.len())?;
+        let add_bos = match meta.get(KEY_ADD_BOS) {
+            Some(Value::Bool(add)) => *add && bos.is_some(),
+            // llama.cpp's default: SentencePiece vocabularies start with BOS, BPE ones do not.
+            _ => matches!(model, Model::SentencePiece(_)) && bos.is_some(),
+        };
 
         Ok(Tokenizer {
             tokens,
@@ -226,27 +233,43 @@ impl Tokenizer {
             bytes,
             offsets,
             ids,
-            merges,
-            byte_tokens,
+            model,
             literals,
-            pre_name,
-            pre_regexes,
             bos,
             eos,
+            add_bos,
         })
+    }
+
+    /// Whether the model expects BOS in front of its input (`tokenizer.ggml.add_bos_token`).
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
     }
 
     /// Tokenizes `text`; no BOS is added. With `parse_special`, control tokens written in the
     /// text (`<|im_start|>`) become their single id; without it they are tokenized as text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        // SentencePiece puts its space prefix at the start and after each special token.
+        let mut after_special = true;
         for fragment in self.partition(text, parse_special) {
             match fragment {
-                Fragment::Token(id) => out.push(id),
+                Fragment::Token(id) => {
+                    out.push(id);
+                    after_special = true;
+                }
                 Fragment::Text(s) => {
-                    for word in self.pre_tokenize(s) {
-                        self.bpe(word.as_bytes(), &mut out);
+                    match &self.model {
+                        Model::Bpe(bpe) => {
+                            for word in bpe.pre_tokenize(s) {
+                                bpe.encode_word(word.as_bytes(), &mut out);
+                            }
+                        }
+                        Model::SentencePiece(spm) => {
+                            spm.encode(&self.ids, s, after_special, &mut out)
+                        }
                     }
+                    after_special = false;
                 }
             }
         }
@@ -355,6 +378,36 @@ impl Tokenizer {
     }
 }
 
+/// The BPE model of a `gpt2` vocabulary: its pre-tokenizer, merges and byte tokens.
+fn bpe_model(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<Bpe> {
+    let pre_name = match meta.get(KEY_PRE) {
+        Some(_) => meta.string(KEY_PRE)?.to_string(),
+        None => {
+            // Older converters did not record the pre-tokenizer; GPT-2's is what the model
+            // name `gpt2` implies.
+            tracing::warn!("`{KEY_PRE}` is missing; pre-tokenizing with the GPT-2 regex");
+            "gpt-2".to_string()
+        }
+    };
+    let pre_regexes = pre_tokenizer_regexes(&pre_name)?;
+    let mut byte_tokens = [NO_TOKEN; 256];
+    for (slot, c) in byte_tokens.iter_mut().zip(&byte_to_unicode()) {
+        if let Some(&id) = ids.get(c.to_string().as_str()) {
+            *slot = id;
+        }
+    }
+    let missing = byte_tokens.iter().filter(|&&t| t == NO_TOKEN).count();
+    if missing > 0 {
+        tracing::debug!("{missing} of 256 bytes have no token; text bytes among them are dropped");
+    }
+    Ok(Bpe {
+        merges: read_merges(meta, ids)?,
+        byte_tokens,
+        pre_name,
+        pre_regexes,
+    })
+}
+
 fn to_id(index: usize) -> u32 {
     u32::try_from(index).expect("the vocabulary size was checked to fit u32")
 }
@@ -460,6 +513,14 @@ pub(crate) mod tests {
             .iter()
             .map(|v| u32::try_from(v.as_u64().expect("token id")).expect("id fits u32"))
             .collect()
+    }
+
+    /// The BPE token of byte `b` (or `NO_TOKEN`).
+    fn byte_token(tok: &Tokenizer, b: usize) -> u32 {
+        match &tok.model {
+            Model::Bpe(bpe) => bpe.byte_tokens[b],
+            Model::SentencePiece(_) => panic!("a BPE vocabulary was expected"),
+        }
     }
 
     fn smollm() -> &'static Tokenizer {
@@ -583,13 +644,13 @@ pub(crate) mod tests {
     fn decode_stream_flushes_an_incomplete_character_lossily() {
         let tok = smollm();
         let mut stream = DecodeStream::new();
-        let first_byte = tok.byte_tokens[0xF0];
+        let first_byte = byte_token(tok, 0xF0);
         assert_ne!(first_byte, NO_TOKEN);
         assert_eq!(stream.push(tok, first_byte), None);
         // An ASCII byte cannot continue the sequence: the lead byte becomes U+FFFD.
         assert_eq!(
             stream
-                .push(tok, tok.byte_tokens[usize::from(b'a')])
+                .push(tok, byte_token(tok, usize::from(b'a')))
                 .as_deref(),
             Some("\u{FFFD}a")
         );
@@ -607,7 +668,7 @@ pub(crate) mod tests {
         assert_eq!(tok.token_text(1), "<|im_start|>");
         assert_eq!(tok.token_id("<|im_end|>"), Some(2));
         assert!(tok.is_special(1));
-        assert!(!tok.is_special(tok.byte_tokens[usize::from(b'a')]));
+        assert!(!tok.is_special(byte_token(tok, usize::from(b'a'))));
         // <|endoftext|> (0) and <|im_end|> (2, also EOS).
         assert_eq!(tok.eog_ids(), vec![0, 2]);
         // "Ġthe" is stored in the byte-level alphabet but stands for " the".
@@ -648,7 +709,7 @@ pub(crate) mod tests {
     #[test]
     fn bytes_without_a_token_are_dropped() {
         let tok = smollm();
-        assert_eq!(tok.byte_tokens[0x04], NO_TOKEN);
+        assert_eq!(byte_token(tok, 0x04), NO_TOKEN);
         let a = tok.token_id("a").expect("a");
         let b = tok.token_id("b").expect("b");
         assert_eq!(tok.encode("a\u{4}b", false), vec![a, b]);
@@ -661,11 +722,89 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_tokenizer_model_is_rejected() {
-        let err =
-            synthetic("llama", "default", &[], &[]).expect_err("SentencePiece is not supported");
+        let err = synthetic("bert", "default", &[], &[]).expect_err("WordPiece is not supported");
         let message = err.to_string();
-        assert!(message.contains("`llama`"), "{message}");
+        assert!(
+            message.contains("`bert`") && message.contains("`gpt2`") && message.contains("`llama`"),
+            "{message}"
+        );
         assert!(matches!(err, EngineError::Tokenizer(_)));
+    }
+
+    /// A SentencePiece vocabulary: `(text, score, type)` after `<unk>`, `<s>`, `</s>` and the
+    /// 256 byte tokens.
+    fn sentencepiece(pieces: &[(&str, f32, i32)], add_space_prefix: bool) -> Tokenizer {
+        let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2, 3, 3];
+        let mut scores = vec![0f32; 3];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.0);
+        }
+        for (text, score, t) in pieces {
+            tokens.push(text.to_string());
+            types.push(*t);
+            scores.push(*score);
+        }
+        let mut metadata = HashMap::new();
+        metadata.insert(KEY_MODEL.to_string(), Value::String("llama".into()));
+        metadata.insert(
+            KEY_TOKENS.to_string(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        );
+        metadata.insert(
+            KEY_TOKEN_TYPE.to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        );
+        metadata.insert(
+            "tokenizer.ggml.scores".to_string(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        );
+        metadata.insert(KEY_BOS.to_string(), Value::U32(1));
+        metadata.insert(
+            "tokenizer.ggml.add_space_prefix".to_string(),
+            Value::Bool(add_space_prefix),
+        );
+        let content = Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        Tokenizer::from_gguf(&Metadata::new(&content)).expect("a SentencePiece vocabulary")
+    }
+
+    #[test]
+    fn sentencepiece_merges_the_best_scoring_pair_first_and_falls_back_to_bytes() {
+        // Ids: 259 = "a", 260 = "b", 261 = "▁", 262 = "ab", 263 = "▁a", 264 = "▁ab", 265 = "<sep>".
+        let tok = sentencepiece(
+            &[
+                ("a", -1.0, 1),
+                ("b", -1.0, 1),
+                ("\u{2581}", -1.0, 1),
+                ("ab", -3.0, 1),
+                ("\u{2581}a", -2.0, 1),
+                ("\u{2581}ab", -5.0, 1),
+                ("<sep>", 0.0, 4),
+            ],
+            true,
+        );
+        assert!(
+            tok.adds_bos(),
+            "SentencePiece starts with BOS unless told otherwise"
+        );
+        // "▁a" outscores "ab", then "▁a" + "b" is a token too: "▁ab".
+        assert_eq!(tok.encode("ab", false), [264]);
+        // A special token (here user-defined, matched even without `parse_special`) is followed
+        // by the space prefix too.
+        assert_eq!(tok.encode("<sep>ab", false), [265, 264]);
+        assert_eq!(tok.encode("b a", false), [261, 260, 263]);
+        // Without the prefix, "ab" is the best pair; "é" is not a token: its two byte tokens.
+        let tok = sentencepiece(&[("a", -1.0, 1), ("b", -1.0, 1), ("ab", -3.0, 1)], false);
+        assert_eq!(tok.encode("abé", false), [261, 3 + 0xC3, 3 + 0xA9]);
+        assert_eq!(tok.decode(&tok.encode("abé", false)), "abé");
+        assert_eq!(tok.decode(&[3 + u32::from(b' ')]), " ");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use fancy_regex::Regex;
 
-use super::{Tokenizer, KEY_PRE};
+use super::bpe::Bpe;
+use super::KEY_PRE;
 use crate::engine::{EngineError, Result};
 
 /// GPT-2's word-splitting regex. llama.cpp writes it without the final `|\s+` and instead
@@ -47,7 +48,7 @@ pub(super) fn pre_tokenizer_regexes(pre_name: &str) -> Result<Vec<Regex>> {
         .collect())
 }
 
-impl Tokenizer {
+impl Bpe {
     /// Splits text into the words BPE runs on: each regex splits the previous pieces further,
     /// and text between matches stays a word of its own (llama.cpp's `unicode_regex_split`).
     pub(super) fn pre_tokenize<'t>(&self, text: &'t str) -> Vec<&'t str> {

@@ -1,0 +1,38 @@
+//! SentencePiece tokenization on a real vocabulary: Gemma 3's (262,144 tokens, byte fallback,
+//! no space prefix), against the token ids of `tests/fixtures/gemma3_270m_golden.json`, which HF
+//! transformers produced and llama.cpp's own tokenizer reproduces.
+
+mod common;
+
+use mezo_server::engine::gguf::GgufFile;
+use mezo_server::engine::tokenizer::Tokenizer;
+
+fn gemma_tokenizer() -> Tokenizer {
+    let path = common::gemma_model_path();
+    let file = GgufFile::open(&path).expect("open Gemma 3");
+    Tokenizer::from_gguf(&file.metadata()).expect("Gemma 3's tokenizer")
+}
+
+fn gemma_golden() -> serde_json::Value {
+    let path = common::workspace_root().join("tests/fixtures/gemma3_270m_golden.json");
+    let text = std::fs::read_to_string(&path).expect("the Gemma 3 fixture");
+    serde_json::from_str(&text).expect("the fixture is JSON")
+}
+
+#[test]
+fn gemma_token_ids_match_the_reference_exactly() {
+    let tokenizer = gemma_tokenizer();
+    assert!(tokenizer.adds_bos());
+    let bos = tokenizer.bos_id().expect("Gemma has BOS");
+    let golden = gemma_golden();
+    let cases = golden["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let mut ids = vec![bos];
+        ids.extend(tokenizer.encode(text, false));
+        let want = common::ids_of(case, "ids");
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(tokenizer.decode(&ids[1..]), text, "decoding {text:?}");
+    }
+}
