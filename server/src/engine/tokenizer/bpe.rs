@@ -39,13 +39,26 @@ pub(super) struct Bpe {
     pub(super) pre_name: String,
     /// Applied in order, each splitting the pieces the previous one produced.
     pub(super) pre_regexes: Vec<Regex>,
+    /// A word that is a token as a whole is that token (Llama 3), not what merges make of it.
+    pub(super) ignore_merges: bool,
+    /// Whether the model expects BOS when the file does not say (llama.cpp's default for the
+    /// pre-tokenizer).
+    pub(super) add_bos: bool,
 }
 
 impl Bpe {
     /// Byte-level BPE of one word: start from one symbol per byte and repeatedly apply the
     /// lowest-ranked merge, leftmost first on ties. A heap of candidate pairs keeps long words
     /// at O(n log n); a candidate is stale once either of its symbols has changed.
-    pub(super) fn encode_word(&self, word: &[u8], out: &mut Vec<u32>) {
+    pub(super) fn encode_word(&self, ids: &HashMap<String, u32>, word: &[u8], out: &mut Vec<u32>) {
+        if self.ignore_merges {
+            let alphabet = byte_to_unicode();
+            let as_stored: String = word.iter().map(|b| alphabet[usize::from(*b)]).collect();
+            if let Some(&id) = ids.get(&as_stored) {
+                out.push(id);
+                return;
+            }
+        }
         const NONE: usize = usize::MAX;
         let n = word.len();
         let mut symbols: Vec<u32> = word

@@ -20,7 +20,7 @@ use super::gguf::Metadata;
 use super::{EngineError, Result};
 use bpe::{byte_to_unicode, read_merges, Bpe};
 pub use decode_stream::DecodeStream;
-use pre_tokenizer::pre_tokenizer_regexes;
+use pre_tokenizer::pre_tokenization;
 use sentencepiece::SentencePiece;
 
 const KEY_MODEL: &str = "tokenizer.ggml.model";
@@ -223,8 +223,15 @@ impl Tokenizer {
         let eos = optional_id(meta, KEY_EOS, tokens.len())?;
         let add_bos = match meta.get(KEY_ADD_BOS) {
             Some(Value::Bool(add)) => *add && bos.is_some(),
-            // llama.cpp's default: SentencePiece vocabularies start with BOS, BPE ones do not.
-            _ => matches!(model, Model::SentencePiece(_)) && bos.is_some(),
+            // llama.cpp's defaults: SentencePiece vocabularies start with BOS, BPE ones as their
+            // pre-tokenizer says (Llama 3's do).
+            _ => {
+                let default = match &model {
+                    Model::SentencePiece(_) => true,
+                    Model::Bpe(bpe) => bpe.add_bos,
+                };
+                default && bos.is_some()
+            }
         };
 
         Ok(Tokenizer {
@@ -262,7 +269,7 @@ impl Tokenizer {
                     match &self.model {
                         Model::Bpe(bpe) => {
                             for word in bpe.pre_tokenize(s) {
-                                bpe.encode_word(word.as_bytes(), &mut out);
+                                bpe.encode_word(&self.ids, word.as_bytes(), &mut out);
                             }
                         }
                         Model::SentencePiece(spm) => {
@@ -389,7 +396,7 @@ fn bpe_model(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<Bpe> {
             "gpt-2".to_string()
         }
     };
-    let pre_regexes = pre_tokenizer_regexes(&pre_name)?;
+    let pre = pre_tokenization(&pre_name)?;
     let mut byte_tokens = [NO_TOKEN; 256];
     for (slot, c) in byte_tokens.iter_mut().zip(&byte_to_unicode()) {
         if let Some(&id) = ids.get(c.to_string().as_str()) {
@@ -404,7 +411,9 @@ fn bpe_model(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<Bpe> {
         merges: read_merges(meta, ids)?,
         byte_tokens,
         pre_name,
-        pre_regexes,
+        pre_regexes: pre.regexes,
+        ignore_merges: pre.ignore_merges,
+        add_bos: pre.add_bos,
     })
 }
 
@@ -837,6 +846,44 @@ pub(crate) mod tests {
         assert_eq!(gpt2.encode("12", false), vec![twelve]);
         let smollm = synthetic("gpt2", "smollm", &extra, &merges).expect("smollm tokenizer");
         assert_eq!(smollm.encode("12", false).len(), 2);
+    }
+
+    /// The words a BPE tokenizer with pre-tokenizer `pre` splits `text` into.
+    fn words(pre: &str, text: &str) -> Vec<String> {
+        let tok = synthetic("gpt2", pre, &[], &[]).expect("a tokenizer");
+        let Model::Bpe(bpe) = &tok.model else {
+            panic!("a BPE vocabulary was expected")
+        };
+        bpe.pre_tokenize(text)
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn llama3_and_qwen2_split_words_as_llama_cpp_does() {
+        let text = "I'LL pay 12345 dollars!!\n\n  ok";
+        let llama3 = [
+            "I", "'LL", " pay", " ", "123", "45", " dollars", "!!\n\n", " ", " ok",
+        ];
+        for pre in ["llama-bpe", "llama3", "falcon3"] {
+            assert_eq!(words(pre, text), llama3, "{pre}");
+        }
+        let qwen2 = [
+            "I", "'LL", " pay", " ", "1", "2", "3", "4", "5", " dollars", "!!\n\n", " ", " ok",
+        ];
+        assert_eq!(words("qwen2", text), qwen2);
+    }
+
+    #[test]
+    fn llama3_takes_a_whole_word_token_without_merging() {
+        // No merge leads to "hello", but the vocabulary has it: Llama 3 uses it as it is.
+        let extra = [("hello", 1)];
+        let llama3 = synthetic("gpt2", "llama-bpe", &extra, &[]).expect("llama-bpe tokenizer");
+        let hello = llama3.token_id("hello").expect("hello");
+        assert_eq!(llama3.encode("hello", false), vec![hello]);
+        let smollm = synthetic("gpt2", "smollm", &extra, &[]).expect("smollm tokenizer");
+        assert_eq!(smollm.encode("hello", false).len(), 5);
     }
 
     #[test]
