@@ -457,13 +457,13 @@ impl Shared {
     }
 
     fn cancel_unfinished(&self, job: &Job) -> Result<(), TrainingError> {
-        let now = unix_now();
-        let moved = self.db.transition(
+        self.finish(
             &job.id,
             &[JobStatus::Queued, JobStatus::Running],
             JobStatus::Cancelled,
-            now,
             None,
+            "job cancelled",
+            serde_json::json!({ "status": "cancelled" }),
         )?;
         if let Some(running) = self
             .running
@@ -474,16 +474,34 @@ impl Shared {
         {
             running.cancelled.store(true, Ordering::SeqCst);
         }
-        if moved {
-            self.event(
-                &job.id,
-                job::EventLevel::Info,
-                job::EventKind::Status,
-                "job cancelled",
-                serde_json::json!({ "status": "cancelled" }),
-            );
-        }
         Ok(())
+    }
+
+    /// Ends job `id` (from one of `from`, to the finished status `to`) together with its status
+    /// event, in one transaction, so that an event stream that sees the job finished also finds
+    /// the event; whether the job moved (someone else may have ended it first).
+    fn finish(
+        &self,
+        id: &str,
+        from: &[JobStatus],
+        to: JobStatus,
+        error: Option<&str>,
+        message: &str,
+        data: serde_json::Value,
+    ) -> Result<bool, DbError> {
+        let level = if to == JobStatus::Failed {
+            job::EventLevel::Error
+        } else {
+            job::EventLevel::Info
+        };
+        let moved = self.db.transition_with_event(
+            id,
+            (from, to, error),
+            unix_now(),
+            (level, job::EventKind::Status, message, &data),
+        );
+        self.event_notices.notify(id);
+        moved
     }
 
     /// Appends an event; a database failure here is logged, not fatal to the job.

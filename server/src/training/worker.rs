@@ -104,23 +104,17 @@ pub(super) fn run(shared: Arc<Shared>) {
             }
             Err(message) => {
                 tracing::error!(job = %id, %adapter, error = %message, "job failed");
-                let failed = shared.db.transition(
+                let failed = shared.finish(
                     &id,
                     &[JobStatus::Running],
                     JobStatus::Failed,
-                    unix_now(),
                     Some(&message),
+                    &format!("job failed: {message}"),
+                    json!({ "status": "failed", "error": message }),
                 );
                 if let Err(err) = failed {
                     tracing::error!(job = %id, error = %err, "cannot record the failure");
                 }
-                shared.event(
-                    &id,
-                    EventLevel::Error,
-                    EventKind::Status,
-                    &format!("job failed: {message}"),
-                    json!({ "status": "failed", "error": message }),
-                );
             }
         }
         shared.update_job_gauges();
@@ -272,29 +266,22 @@ impl<'a> JobRun<'a> {
             self.publish(Publish::BestSeen)?;
         }
         let report = &self.report;
+        let versions = &report.job.progress.published_versions;
         let moved = report
             .shared
-            .db
-            .transition(
+            .finish(
                 &report.job.id,
                 &[JobStatus::Running],
                 JobStatus::Succeeded,
-                unix_now(),
                 None,
+                &format!("job succeeded after {done} steps; published versions {versions:?}"),
+                json!({ "status": "succeeded", "steps_done": done, "published_versions": versions }),
             )
             .map_err(|e| e.to_string())?;
         if !moved {
             // Cancelled after its last step.
             return Ok(JobEnd::Cancelled);
         }
-        let versions = &report.job.progress.published_versions;
-        report.shared.event(
-            &report.job.id,
-            EventLevel::Info,
-            EventKind::Status,
-            &format!("job succeeded after {done} steps; published versions {versions:?}"),
-            json!({ "status": "succeeded", "steps_done": done, "published_versions": versions }),
-        );
         Ok(JobEnd::Succeeded)
     }
 

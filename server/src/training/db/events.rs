@@ -1,7 +1,7 @@
 //! Job events: what a job reported, numbered per job so that clients page through them and
 //! event streams resume where they stopped.
 
-use rusqlite::params;
+use rusqlite::{params, Connection};
 
 use super::{corrupt, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, JobEvent};
@@ -16,26 +16,7 @@ impl Db {
         message: &str,
         data: &serde_json::Value,
     ) -> DbResult<u64> {
-        let conn = self.conn();
-        let seq: u64 = conn.query_row(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1",
-            params![job_id],
-            |r| r.get(0),
-        )?;
-        conn.execute(
-            "INSERT INTO events (job_id, seq, created_at, level, kind, message, data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                job_id,
-                seq,
-                now,
-                level.as_str(),
-                kind.as_str(),
-                message,
-                data.to_string()
-            ],
-        )?;
-        Ok(seq)
+        insert_event(&self.conn(), job_id, now, level, kind, message, data)
     }
 
     /// Events with `seq > after`, oldest first, at most `limit`.
@@ -97,4 +78,35 @@ impl Db {
         events.reverse();
         Ok(events)
     }
+}
+
+/// Appends an event to job `job_id`'s list; its sequence number.
+pub(super) fn insert_event(
+    conn: &Connection,
+    job_id: &str,
+    now: u64,
+    level: EventLevel,
+    kind: EventKind,
+    message: &str,
+    data: &serde_json::Value,
+) -> DbResult<u64> {
+    let seq: u64 = conn.query_row(
+        "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1",
+        params![job_id],
+        |r| r.get(0),
+    )?;
+    conn.execute(
+        "INSERT INTO events (job_id, seq, created_at, level, kind, message, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            job_id,
+            seq,
+            now,
+            level.as_str(),
+            kind.as_str(),
+            message,
+            data.to_string()
+        ],
+    )?;
+    Ok(seq)
 }

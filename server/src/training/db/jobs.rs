@@ -2,10 +2,11 @@
 //! resumes and replays a job bit for bit).
 
 use plugin::{StepRecord, TrainingExample};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
+use super::events::insert_event;
 use super::{corrupt, json, Db, DbError, DbResult};
-use crate::training::job::{Job, JobSpec, JobStatus, Progress};
+use crate::training::job::{EventKind, EventLevel, Job, JobSpec, JobStatus, Progress};
 
 impl Db {
     /// Stores a new job and its examples in one transaction.
@@ -104,23 +105,28 @@ impl Db {
         now: u64,
         error: Option<&str>,
     ) -> DbResult<bool> {
-        let conn = self.conn();
-        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let placeholders = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>();
-        let started = (to == JobStatus::Running).then_some(now);
-        let finished = to.is_finished().then_some(now);
-        let changed = conn.execute(
-            &format!(
-                "UPDATE jobs SET status = ?2,
-                   started_at = COALESCE(started_at, ?3),
-                   finished_at = ?4,
-                   error = ?5
-                 WHERE id = ?1 AND status IN ({})",
-                placeholders.join(", ")
-            ),
-            params![id, to.as_str(), started, finished, error],
-        )?;
-        Ok(changed == 1)
+        transition_on(&self.conn(), id, from, to, now, error)
+    }
+
+    /// [`Self::transition`] and, when the job moved, its event, in one transaction: whoever sees
+    /// the new status also finds the event (a job's event stream ends on a finished status).
+    pub fn transition_with_event(
+        &self,
+        id: &str,
+        change: (&[JobStatus], JobStatus, Option<&str>),
+        now: u64,
+        event: (EventLevel, EventKind, &str, &serde_json::Value),
+    ) -> DbResult<bool> {
+        let (from, to, error) = change;
+        let (level, kind, message, data) = event;
+        let mut conn = self.conn();
+        let transaction = conn.transaction()?;
+        let moved = transition_on(&transaction, id, from, to, now, error)?;
+        if moved {
+            insert_event(&transaction, id, now, level, kind, message, data)?;
+        }
+        transaction.commit()?;
+        Ok(moved)
     }
 
     /// At start-up: jobs that were running when the server stopped go back to the queue (they
@@ -259,4 +265,31 @@ impl JobRow {
             held_out_examples: self.held_out_examples,
         })
     }
+}
+
+/// Moves job `id` from one of the statuses `from` to `to`; whether it moved.
+fn transition_on(
+    conn: &Connection,
+    id: &str,
+    from: &[JobStatus],
+    to: JobStatus,
+    now: u64,
+    error: Option<&str>,
+) -> DbResult<bool> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let placeholders = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>();
+    let started = (to == JobStatus::Running).then_some(now);
+    let finished = to.is_finished().then_some(now);
+    let changed = conn.execute(
+        &format!(
+            "UPDATE jobs SET status = ?2,
+               started_at = COALESCE(started_at, ?3),
+               finished_at = ?4,
+               error = ?5
+             WHERE id = ?1 AND status IN ({})",
+            placeholders.join(", ")
+        ),
+        params![id, to.as_str(), started, finished, error],
+    )?;
+    Ok(changed == 1)
 }

@@ -188,6 +188,28 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_status_and_its_event_are_written_together() {
+        use crate::training::job::{EventKind, EventLevel};
+        let db = Db::in_memory().unwrap();
+        db.insert_job(&job("j1", "x"), &[], &[]).unwrap();
+        let event = (
+            EventLevel::Info,
+            EventKind::Status,
+            "job cancelled",
+            &serde_json::json!({ "status": "cancelled" }),
+        );
+        let cancel = (&[JobStatus::Queued][..], JobStatus::Cancelled, None);
+        assert!(db.transition_with_event("j1", cancel, 7, event).unwrap());
+        assert_eq!(db.job("j1").unwrap().unwrap().status, JobStatus::Cancelled);
+        let events = db.events("j1", 0, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].message, "job cancelled");
+        // A job that is not in `from` does not move, and gets no event.
+        assert!(!db.transition_with_event("j1", cancel, 8, event).unwrap());
+        assert_eq!(db.events("j1", 0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
     fn the_queue_runs_one_job_per_adapter_in_order() {
         let db = Db::in_memory().unwrap();
         for (id, adapter) in [("j1", "x"), ("j2", "x"), ("j3", "y")] {
