@@ -6,35 +6,17 @@ mod common;
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
-use candle_core::quantized::QTensor;
-use candle_core::Device;
 use common::{get_json, post_json, Server, ServerOptions};
 use serde_json::json;
 
 /// The default model written without its chat template: what a base model's file looks like.
 fn write_without_template(path: &Path) {
-    let mut reader = std::fs::File::open(common::model_path()).expect("open the model");
-    let content = gguf_file::Content::read(&mut reader).expect("read the model's header");
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .filter(|(key, _)| key.as_str() != "tokenizer.chat_template")
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let tensors: Vec<(String, QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|name| {
-            let tensor = content
-                .tensor(&mut reader, name, &Device::Cpu)
-                .expect("read a tensor");
-            (name.clone(), tensor)
-        })
-        .collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut out = std::fs::File::create(path).expect("create the base model");
-    gguf_file::write(&mut out, &metadata, &tensors).expect("write the base model");
+    common::write_model_variant(
+        path,
+        |metadata| metadata.retain(|(key, _)| key != "tokenizer.chat_template"),
+        |_, tensor| Some(tensor),
+        Vec::new(),
+    );
 }
 
 async fn base_model_id(server: &Server) -> String {

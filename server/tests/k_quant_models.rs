@@ -7,7 +7,6 @@ mod common;
 use std::path::Path;
 
 use adapters::{LoraAdapter, LoraConfig};
-use candle_core::quantized::gguf_file;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use mezo_server::engine::loaded_model::LoadedModel;
@@ -37,38 +36,25 @@ fn requantized_type(name: &str, layer: usize) -> Option<GgmlDType> {
 
 /// Writes the default model with its projections requantized to `path`.
 fn write_requantized(path: &Path) {
-    let source = common::model_path();
-    let mut reader = std::fs::File::open(&source).expect("open the model");
-    let content = gguf_file::Content::read(&mut reader).expect("read the model's header");
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for name in names {
-        let tensor = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .expect("read a tensor");
-        let layer = name
-            .split('.')
-            .nth(1)
-            .and_then(|i| i.parse::<usize>().ok())
-            .unwrap_or(0);
-        let tensor = match requantized_type(name, layer) {
-            Some(dtype) => {
-                let dense = tensor.dequantize(&Device::Cpu).expect("dequantize");
-                QTensor::quantize(&dense, dtype).expect("requantize")
-            }
-            None => tensor,
-        };
-        tensors.push((name.clone(), tensor));
-    }
-    let metadata: Vec<(&str, &gguf_file::Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut out = std::fs::File::create(path).expect("create the requantized model");
-    gguf_file::write(&mut out, &metadata, &tensors).expect("write the requantized model");
+    common::write_model_variant(
+        path,
+        |_| {},
+        |name, tensor| {
+            let layer = name
+                .split('.')
+                .nth(1)
+                .and_then(|i| i.parse::<usize>().ok())
+                .unwrap_or(0);
+            Some(match requantized_type(name, layer) {
+                Some(dtype) => {
+                    let dense = tensor.dequantize(&Device::Cpu).expect("dequantize");
+                    QTensor::quantize(&dense, dtype).expect("requantize")
+                }
+                None => tensor,
+            })
+        },
+        Vec::new(),
+    );
 }
 
 #[test]

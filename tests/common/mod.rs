@@ -21,7 +21,7 @@ pub const BASE_MODEL: &str = "smollm2-135m-instruct";
 #[path = "../../server/tests/common/mod.rs"]
 mod engine_common;
 #[allow(unused_imports)] // each test binary uses a different subset
-pub use engine_common::{model_path, workspace_root};
+pub use engine_common::{model_path, workspace_root, write_model_variant};
 
 /// A running `mezo serve`; killed when dropped.
 pub struct Server {

@@ -10,6 +10,10 @@
 //! - The output projection is tied to `token_embd.weight` when `output.weight` is absent; both
 //!   uses share one tensor in memory.
 //! - Grouped-query attention: query head `h` reads key/value head `h / (n_head / n_kv_head)`.
+//! - Rotary frequencies follow the file: `rope_freqs.weight` (Llama 3.1 and later) divides each
+//!   frequency pair's angle by its factor, and `llama.rope.scaling.type = "linear"` scales
+//!   positions by `1 / llama.rope.scaling.factor`, as llama.cpp computes them; other scaling
+//!   types are refused rather than ignored.
 
 use std::ops::Range;
 
@@ -24,6 +28,11 @@ use super::lora::{add_lora, AdapterSegment};
 use super::weights::{Matrix, WeightMode};
 use super::{EngineError, Result};
 
+const KEY_ROPE_SCALING: &str = "llama.rope.scaling.type";
+const KEY_ROPE_SCALING_FACTOR: &str = "llama.rope.scaling.factor";
+/// Llama 3.1's per-frequency rope factors, one per pair of head dimensions.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Hyperparameters read from `llama.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -36,6 +45,9 @@ pub struct LlamaConfig {
     pub vocab_size: usize,
     pub context_length: usize,
     pub rope_theta: f32,
+    /// Linear rope scaling: positions are multiplied by this (`1 / rope.scaling.factor`; 1 when
+    /// the file asks for none).
+    pub rope_position_scale: f32,
     pub rms_norm_eps: f64,
 }
 
@@ -64,6 +76,31 @@ impl LlamaConfig {
             Some(_) => meta.f32("llama.rope.freq_base")?,
             None => 10_000.0,
         };
+        let rope_position_scale = match meta.get(KEY_ROPE_SCALING) {
+            None => 1.0,
+            Some(_) => match meta.string(KEY_ROPE_SCALING)? {
+                "none" => 1.0,
+                "linear" => {
+                    let factor = meta.f32(KEY_ROPE_SCALING_FACTOR)?;
+                    if !(factor.is_finite() && factor > 0.0) {
+                        return Err(EngineError::Metadata {
+                            key: KEY_ROPE_SCALING_FACTOR.into(),
+                            reason: format!("{factor} is not a positive scaling factor"),
+                        });
+                    }
+                    1.0 / factor
+                }
+                other => {
+                    return Err(EngineError::Metadata {
+                        key: KEY_ROPE_SCALING.into(),
+                        reason: format!(
+                            "rope scaling `{other}` is not implemented (supported: none, linear, \
+                             and Llama 3's per-frequency factors in `rope_freqs.weight`)"
+                        ),
+                    })
+                }
+            },
+        };
         Ok(Self {
             n_layer: meta.usize("llama.block_count")?,
             hidden,
@@ -74,6 +111,7 @@ impl LlamaConfig {
             vocab_size,
             context_length: meta.usize("llama.context_length")?,
             rope_theta,
+            rope_position_scale,
             rms_norm_eps: f64::from(meta.f32("llama.attention.layer_norm_rms_epsilon")?),
         })
     }
@@ -168,7 +206,8 @@ struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    fn new(config: &LlamaConfig) -> Self {
+    /// The tables for `config`; `freq_factors` (one per frequency) divide each angle.
+    fn new(config: &LlamaConfig, freq_factors: Option<&[f32]>) -> Self {
         let half = config.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -177,12 +216,14 @@ impl RotaryEmbedding {
                     .powf(2.0 * i as f32 / config.head_dim as f32)
             })
             .collect();
+        let factors = freq_factors.map_or_else(|| vec![1.0; half], <[f32]>::to_vec);
         let n = config.context_length;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for pos in 0..n {
-            for f in &inv_freq {
-                let angle = pos as f32 * f;
+            let position = pos as f32 * config.rope_position_scale;
+            for (f, factor) in inv_freq.iter().zip(&factors) {
+                let angle = position * f / factor;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
@@ -312,7 +353,19 @@ impl Llama {
         } else {
             tok_embeddings.clone()
         };
-        let rotary = RotaryEmbedding::new(&config);
+        let freq_factors = if reader.file.content.tensor_infos.contains_key(ROPE_FREQS) {
+            let factors: Vec<f32> = reader.vector(ROPE_FREQS, c.head_dim / 2)?.to_vec1()?;
+            if factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return Err(EngineError::InvalidGguf {
+                    path: reader.file.path.clone(),
+                    reason: format!("`{ROPE_FREQS}` holds a factor that is not positive"),
+                });
+            }
+            Some(factors)
+        } else {
+            None
+        };
+        let rotary = RotaryEmbedding::new(&config, freq_factors.as_deref());
         Ok(Self {
             config,
             mode,

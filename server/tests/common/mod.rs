@@ -2,7 +2,9 @@
 
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, QTensor};
 
 use mezo_server::engine::gguf::GgufFile;
 use mezo_server::engine::llama::Llama;
@@ -43,6 +45,42 @@ pub fn gemma_model_path() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Writes the default model to `out` with its metadata and tensors changed: `metadata` edits
+/// the key/value list, `tensor` maps each tensor (by name) to what is written (`None` drops
+/// it), and `extra` tensors are added.
+pub fn write_model_variant(
+    out: &Path,
+    metadata: impl FnOnce(&mut Vec<(String, gguf_file::Value)>),
+    mut tensor: impl FnMut(&str, QTensor) -> Option<QTensor>,
+    extra: Vec<(String, QTensor)>,
+) {
+    let mut reader = std::fs::File::open(model_path()).expect("open the model");
+    let content = gguf_file::Content::read(&mut reader).expect("read the model's header");
+    let mut entries: Vec<(String, gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata(&mut entries);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in names {
+        let read = content
+            .tensor(&mut reader, name, &candle_core::Device::Cpu)
+            .expect("read a tensor");
+        if let Some(written) = tensor(name, read) {
+            tensors.push((name.clone(), written));
+        }
+    }
+    tensors.extend(extra);
+    let entries: Vec<(&str, &gguf_file::Value)> =
+        entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut file = std::fs::File::create(out).expect("create the model variant");
+    gguf_file::write(&mut file, &entries, &tensors).expect("write the model variant");
 }
 
 pub fn load_model(mode: WeightMode) -> Llama {

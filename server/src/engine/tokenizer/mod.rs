@@ -557,9 +557,16 @@ pub(crate) mod tests {
             tokens.push(text.to_string());
             types.push(*t);
         }
+        let mut metadata = vocabulary(model, tokens, types);
+        metadata.insert(KEY_PRE.to_string(), Value::String(pre.into()));
+        metadata.insert(KEY_MERGES.to_string(), strings(merges));
+        tokenizer_of(metadata)
+    }
+
+    /// The metadata of a vocabulary of `tokens` of `types` for tokenizer model `model`.
+    fn vocabulary(model: &str, tokens: Vec<String>, types: Vec<i32>) -> HashMap<String, Value> {
         let mut metadata = HashMap::new();
         metadata.insert(KEY_MODEL.to_string(), Value::String(model.into()));
-        metadata.insert(KEY_PRE.to_string(), Value::String(pre.into()));
         metadata.insert(
             KEY_TOKENS.to_string(),
             Value::Array(tokens.into_iter().map(Value::String).collect()),
@@ -568,7 +575,10 @@ pub(crate) mod tests {
             KEY_TOKEN_TYPE.to_string(),
             Value::Array(types.into_iter().map(Value::I32).collect()),
         );
-        metadata.insert(KEY_MERGES.to_string(), strings(merges));
+        metadata
+    }
+
+    fn tokenizer_of(metadata: HashMap<String, Value>) -> Result<Tokenizer> {
         let content = Content {
             magic: VersionedMagic::GgufV3,
             metadata,
@@ -756,16 +766,7 @@ pub(crate) mod tests {
             types.push(*t);
             scores.push(*score);
         }
-        let mut metadata = HashMap::new();
-        metadata.insert(KEY_MODEL.to_string(), Value::String("llama".into()));
-        metadata.insert(
-            KEY_TOKENS.to_string(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        );
-        metadata.insert(
-            KEY_TOKEN_TYPE.to_string(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        );
+        let mut metadata = vocabulary("llama", tokens, types);
         metadata.insert(
             "tokenizer.ggml.scores".to_string(),
             Value::Array(scores.into_iter().map(Value::F32).collect()),
@@ -775,13 +776,7 @@ pub(crate) mod tests {
             "tokenizer.ggml.add_space_prefix".to_string(),
             Value::Bool(add_space_prefix),
         );
-        let content = Content {
-            magic: VersionedMagic::GgufV3,
-            metadata,
-            tensor_infos: HashMap::new(),
-            tensor_data_offset: 0,
-        };
-        Tokenizer::from_gguf(&Metadata::new(&content)).expect("a SentencePiece vocabulary")
+        tokenizer_of(metadata).expect("a SentencePiece vocabulary")
     }
 
     #[test]
