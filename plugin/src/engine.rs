@@ -22,8 +22,9 @@ pub type LogProbs = Vec<Vec<Vec<Vec<f32>>>>;
 pub trait ZoEngine {
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// Token ids of `text`. `special` parses special tokens (`<|im_start|>`…) as such, as a chat
-    /// prompt rendered by a template needs; user-provided completions are tokenized without.
+    /// Token ids of `text`. With `special`, `text` is a prompt: special tokens (`<|im_start|>`…)
+    /// are parsed as such, as a chat prompt rendered by a template needs, and BOS goes in front
+    /// when the model expects it; user-provided completions are tokenized as plain text.
     fn tokenize(&self, text: &str, special: bool) -> Vec<u32>;
 
     /// Log-probability of every continuation token: `result[adapter][item][continuation][token]`.

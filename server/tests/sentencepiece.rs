@@ -29,10 +29,13 @@ fn gemma_token_ids_match_the_reference_exactly() {
     assert_eq!(cases.len(), 6);
     for case in cases {
         let text = case["text"].as_str().expect("text");
-        let mut ids = vec![bos];
-        ids.extend(tokenizer.encode(text, false));
+        // A prompt gets the BOS the model expects, as the reference's ids have it.
+        let ids = tokenizer.encode_prompt(text);
         let want = common::ids_of(case, "ids");
         assert_eq!(ids, want, "{text:?}");
+        assert_eq!(ids[0], bos);
         assert_eq!(tokenizer.decode(&ids[1..]), text, "decoding {text:?}");
+        // A prompt that writes BOS itself (as chat templates do) does not get a second one.
+        assert_eq!(tokenizer.encode_prompt(&format!("<bos>{text}")), want);
     }
 }

@@ -24,6 +24,7 @@ use super::loaded_model::LoadedModel;
 use super::lora::AdapterView;
 use super::sampler::SamplingParams;
 use super::scoring::{score_rows, ContinuationLogprobs, ScoreRow};
+use super::tokenizer::Tokenizer;
 use super::{EngineError, Result};
 use crate::metrics as m;
 
@@ -107,6 +108,16 @@ impl ForwardRunner for OnCallerThread<'_> {
     }
 }
 
+/// MeZO's tokenization: a prompt (`special`) as the model reads prompts (special tokens parsed,
+/// BOS in front when the model expects it), a completion or candidate as plain text.
+fn prompt_or_text(tokenizer: &Tokenizer, text: &str, special: bool) -> Vec<u32> {
+    if special {
+        tokenizer.encode_prompt(text)
+    } else {
+        tokenizer.encode(text, false)
+    }
+}
+
 /// Results computed adapter-major as `[adapter][item]`.
 fn per_adapter<T>(results: Vec<T>, adapters: usize, items: usize) -> Vec<Vec<T>> {
     let mut results = results.into_iter();
@@ -163,7 +174,7 @@ impl ZoEngine for LoadedModel {
     type Error = EngineError;
 
     fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
-        self.tokenizer.encode(text, special)
+        prompt_or_text(&self.tokenizer, text, special)
     }
 
     fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {
@@ -235,7 +246,7 @@ impl<R: ForwardRunner> ZoEngine for TrainingEngine<R> {
     type Error = EngineError;
 
     fn tokenize(&self, text: &str, special: bool) -> Vec<u32> {
-        self.runner.model().tokenizer.encode(text, special)
+        prompt_or_text(&self.runner.model().tokenizer, text, special)
     }
 
     fn score(&self, adapters: &[&LoraAdapter], items: &[ScoreRequest]) -> Result<LogProbs> {

@@ -2,13 +2,13 @@
 //! [`ValidChat`]: the model resolved, the messages rendered with the chat template and tokenized,
 //! every sampling field checked, and every OpenAI feature this server lacks refused by name.
 
-use crate::engine::chat_template::ChatMessage;
-
-use super::{logprobs_count, plan, positive_max_tokens, reject_if_set, GenerationPlan, PlanInputs};
 use crate::api::error::ApiError;
 use crate::api::extract::ApiJson;
 use crate::api::protocol::{ChatCompletionRequest, ChatMessageIn, MessageContent, SamplingFields};
 use crate::api::state::{ResolvedModel, Serving};
+use crate::engine::chat_template::ChatMessage;
+
+use super::{logprobs_count, plan, positive_max_tokens, reject_if_set, GenerationPlan, PlanInputs};
 
 /// A chat request the engine can serve exactly as asked.
 pub struct ValidChat {
@@ -38,7 +38,7 @@ impl ValidChat {
         let prompt_text = template
             .render(&messages, true)
             .map_err(|err| ApiError::invalid("messages", err.to_string()))?;
-        let prompt = llm.tokenizer.encode(&prompt_text, true);
+        let prompt = llm.tokenizer.encode_prompt(&prompt_text);
 
         let top_logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
             (true, n) => Some(logprobs_count("top_logprobs", n.unwrap_or(0))?),

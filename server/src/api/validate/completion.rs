@@ -132,7 +132,7 @@ fn parse_prompts(prompt: &Value, model: &LoadedModel) -> Result<Vec<CompletionPr
         )
     };
     let from_text = |text: &str| CompletionPrompt {
-        tokens: model.tokenizer.encode(text, true),
+        tokens: model.tokenizer.encode_prompt(text),
         text: text.to_string(),
     };
     let from_ids = |ids: &[Value], param: String| -> Result<CompletionPrompt, ApiError> {

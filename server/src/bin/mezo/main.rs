@@ -146,7 +146,7 @@ fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         args.prompt.clone()
     };
-    let prompt = model.tokenizer.encode(&text, args.chat);
+    let prompt = model.tokenizer.encode_prompt(&text);
     let adapter = match &args.adapter {
         Some(dir) => {
             let lora = adapters::peft::load(dir, &model.llama.config.dims())

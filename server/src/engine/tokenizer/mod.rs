@@ -253,6 +253,19 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// The tokens of a prompt, as llama.cpp builds them: special tokens written in the text are
+    /// parsed, and BOS goes in front when the model expects it and the text does not already
+    /// start with it (a chat template that writes `<bos>` itself).
+    pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        let mut tokens = self.encode(text, true);
+        if let Some(bos) = self.bos.filter(|_| self.add_bos) {
+            if tokens.first() != Some(&bos) {
+                tokens.insert(0, bos);
+            }
+        }
+        tokens
+    }
+
     /// Tokenizes `text`; no BOS is added. With `parse_special`, control tokens written in the
     /// text (`<|im_start|>`) become their single id; without it they are tokenized as text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
@@ -586,6 +599,14 @@ pub(crate) mod tests {
             tensor_data_offset: 0,
         };
         Tokenizer::from_gguf(&Metadata::new(&content))
+    }
+
+    #[test]
+    fn prompts_get_bos_only_when_the_model_expects_it() {
+        // SmolLM2's file says `add_bos_token = false`.
+        let tok = smollm();
+        assert!(!tok.adds_bos());
+        assert_eq!(tok.encode_prompt("Hello"), tok.encode("Hello", true));
     }
 
     #[test]
