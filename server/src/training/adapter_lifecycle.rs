@@ -75,15 +75,7 @@ impl Training {
             .publish_gate
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let published = shared.adapters.publish(name, &adapter)?;
-        let info = VersionInfo {
-            version: published.version,
-            created_at: published.created,
-            job_id: None,
-            step: None,
-            held_out: None,
-        };
-        shared.db.insert_version(name, &info)?;
+        let info = shared.write_version(name, &adapter, None)?;
         tracing::info!(adapter = name, version = info.version, from = %dir.display(), "adapter loaded");
         Ok(info)
     }
@@ -143,16 +135,27 @@ impl Shared {
         if cancelled.load(Ordering::SeqCst) {
             return Ok(None);
         }
+        self.write_version(name, adapter, Some(made_by)).map(Some)
+    }
+
+    /// Writes `adapter` as the next version of `name`, live at once, and its `versions` row (a
+    /// job's, or `None` for one loaded from elsewhere); the caller holds the publish gate.
+    fn write_version(
+        &self,
+        name: &str,
+        adapter: &LoraAdapter,
+        made_by: Option<Provenance<'_>>,
+    ) -> Result<VersionInfo, TrainingError> {
         let published = self.adapters.publish(name, adapter)?;
         let info = VersionInfo {
             version: published.version,
             created_at: published.created,
-            job_id: Some(made_by.job_id.to_string()),
-            step: Some(made_by.step),
-            held_out: made_by.held_out,
+            job_id: made_by.as_ref().map(|m| m.job_id.to_string()),
+            step: made_by.as_ref().map(|m| m.step),
+            held_out: made_by.and_then(|m| m.held_out),
         };
         self.db.insert_version(name, &info)?;
-        Ok(Some(info))
+        Ok(info)
     }
 
     /// Makes `version` of `name` live again, and remembers it across restarts.

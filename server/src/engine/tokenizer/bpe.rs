@@ -41,6 +41,8 @@ pub(super) struct Bpe {
     pub(super) pre_regexes: Vec<Regex>,
     /// A word that is a token as a whole is that token (Llama 3), not what merges make of it.
     pub(super) ignore_merges: bool,
+    /// GPT-2's byte-to-character alphabet, in which the vocabulary stores whole words.
+    pub(super) alphabet: Box<[char; 256]>,
     /// Whether the model expects BOS when the file does not say (llama.cpp's default for the
     /// pre-tokenizer).
     pub(super) add_bos: bool,
@@ -52,8 +54,10 @@ impl Bpe {
     /// at O(n log n); a candidate is stale once either of its symbols has changed.
     pub(super) fn encode_word(&self, ids: &HashMap<String, u32>, word: &[u8], out: &mut Vec<u32>) {
         if self.ignore_merges {
-            let alphabet = byte_to_unicode();
-            let as_stored: String = word.iter().map(|b| alphabet[usize::from(*b)]).collect();
+            let as_stored: String = word
+                .iter()
+                .map(|b| self.alphabet[usize::from(*b)])
+                .collect();
             if let Some(&id) = ids.get(&as_stored) {
                 out.push(id);
                 return;

@@ -410,8 +410,9 @@ fn bpe_model(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<Bpe> {
         }
     };
     let pre = pre_tokenization(&pre_name)?;
+    let alphabet = Box::new(byte_to_unicode());
     let mut byte_tokens = [NO_TOKEN; 256];
-    for (slot, c) in byte_tokens.iter_mut().zip(&byte_to_unicode()) {
+    for (slot, c) in byte_tokens.iter_mut().zip(alphabet.iter()) {
         if let Some(&id) = ids.get(c.to_string().as_str()) {
             *slot = id;
         }
@@ -426,6 +427,7 @@ fn bpe_model(meta: &Metadata, ids: &HashMap<String, u32>) -> Result<Bpe> {
         pre_name,
         pre_regexes: pre.regexes,
         ignore_merges: pre.ignore_merges,
+        alphabet,
         add_bos: pre.add_bos,
     })
 }
