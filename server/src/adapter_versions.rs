@@ -75,7 +75,7 @@ impl AdapterVersions {
         let versions = Self {
             registry: AdapterRegistry::new(),
             root,
-            dims: model.llama.config.dims(),
+            dims: model.transformer.config.dims(),
             base_model,
             writer: Mutex::new(()),
         };

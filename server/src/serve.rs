@@ -174,7 +174,7 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
         config.model.chat_template_file(),
     )
     .map_err(|e| e.to_string())?;
-    metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.llama.weights_size_bytes() as f64);
+    metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.transformer.weights_size_bytes() as f64);
     let model_id = model_id(config, &model);
     let db = Training::open_db(&config.data.dir).map_err(|e| e.to_string())?;
     let published = db.published_versions().map_err(|e| e.to_string())?;

@@ -67,13 +67,16 @@ fn an_unsupported_architecture() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gpt2.gguf");
     write_gguf(&path, "gpt2", GgmlDType::Q8_0);
-    let llama = mezo_server::engine::llama::Llama::load(
+    let refused = mezo_server::engine::transformer::Transformer::load(
         &mut mezo_server::engine::gguf::GgufFile::open(&path).expect("header"),
         WeightMode::F32,
     )
     .expect_err("gpt2 is refused");
-    let err = llama.to_string();
-    assert!(err.contains("gpt2") && err.contains("llama"), "{err}");
+    let err = refused.to_string();
+    assert!(
+        err.contains("gpt2") && err.contains("llama, gemma3"),
+        "{err}"
+    );
 }
 
 #[test]

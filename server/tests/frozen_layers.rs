@@ -10,17 +10,21 @@ use adapters::{LoraAdapter, LoraConfig};
 use candle_core::{Device, Tensor};
 use mezo_server::engine::batch::{BatchRow, RowCache};
 use mezo_server::engine::frozen_layers::{FrozenStates, FrozenStatesBudget, ReuseCounts};
-use mezo_server::engine::llama::{Llama, Start};
 use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::scoring::{
     score_continuations, score_continuations_reusing, ContinuationLogprobs, ScoreItem,
 };
+use mezo_server::engine::transformer::{Start, Transformer};
 use mezo_server::engine::weights::WeightMode;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// A q/v adapter of `layers` only, with B random so that it changes the output.
-fn adapter_of_layers(model: &Llama, layers: Option<Vec<usize>>, seed: u64) -> Arc<AdapterView> {
+fn adapter_of_layers(
+    model: &Transformer,
+    layers: Option<Vec<usize>>,
+    seed: u64,
+) -> Arc<AdapterView> {
     let dims = model.config.dims();
     let config = LoraConfig {
         layers,

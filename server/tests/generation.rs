@@ -50,7 +50,7 @@ fn chat_prompt(user: &str) -> Vec<u32> {
 fn run(seqs: &mut [Sequence]) -> Vec<String> {
     let m = model();
     let mut streamed = vec![String::new(); seqs.len()];
-    generate(&m.llama, &m.tokenizer, seqs, |i, event| {
+    generate(&m.transformer, &m.tokenizer, seqs, |i, event| {
         streamed[i].push_str(&event.text)
     })
     .expect("generate");
@@ -91,11 +91,13 @@ fn check_greedy_golden(m: &LoadedModel) {
         let prompt = m.tokenizer.encode(&rendered, true);
         assert_eq!(prompt, common::ids_of(case, "ids"));
         let want = common::ids_of(case, "greedy_16");
-        let mut seqs =
-            [
-                Sequence::new(&m.llama, prompt, None, params(16, SamplingParams::greedy()))
-                    .expect("sequence"),
-            ];
+        let mut seqs = [Sequence::new(
+            &m.transformer,
+            prompt,
+            None,
+            params(16, SamplingParams::greedy()),
+        )
+        .expect("sequence")];
         run(&mut seqs);
         assert_eq!(seqs[0].generated(), want.as_slice());
     }
@@ -113,7 +115,7 @@ fn batching_does_not_change_greedy_answers() {
         .iter()
         .map(|p| {
             let mut seqs = [Sequence::new(
-                &m.llama,
+                &m.transformer,
                 chat_prompt(p),
                 None,
                 params(24, SamplingParams::greedy()),
@@ -127,7 +129,7 @@ fn batching_does_not_change_greedy_answers() {
         .iter()
         .map(|p| {
             Sequence::new(
-                &m.llama,
+                &m.transformer,
                 chat_prompt(p),
                 None,
                 params(24, SamplingParams::greedy()),
@@ -153,7 +155,7 @@ fn sampling_is_reproducible_per_seed() {
             ..SamplingParams::default()
         };
         let mut seqs = [Sequence::new(
-            &m.llama,
+            &m.transformer,
             chat_prompt("Tell me a story."),
             None,
             params(24, sampling),
@@ -172,9 +174,10 @@ fn stop_strings_end_the_output_before_them_and_max_tokens_reports_length() {
     let mut with_stop = params(16, SamplingParams::greedy());
     with_stop.stop.strings = vec![" is 4".into()];
     let mut seqs = [
-        Sequence::new(&m.llama, chat_prompt("What is 2+2?"), None, with_stop).expect("sequence"),
+        Sequence::new(&m.transformer, chat_prompt("What is 2+2?"), None, with_stop)
+            .expect("sequence"),
         Sequence::new(
-            &m.llama,
+            &m.transformer,
             chat_prompt("What is 2+2?"),
             None,
             params(3, SamplingParams::greedy()),
@@ -193,7 +196,7 @@ fn stop_strings_end_the_output_before_them_and_max_tokens_reports_length() {
 fn end_of_turn_token_stops_with_reason_stop_and_adds_no_text() {
     let m = model();
     let mut seqs = [Sequence::new(
-        &m.llama,
+        &m.transformer,
         chat_prompt("What is 2+2?"),
         None,
         params(32, SamplingParams::greedy()),
@@ -207,9 +210,9 @@ fn end_of_turn_token_stops_with_reason_stop_and_adds_no_text() {
 #[test]
 fn prompts_past_the_context_are_refused_with_the_limit() {
     let m = model();
-    let limit = m.llama.config.context_length;
+    let limit = m.transformer.config.context_length;
     let err = Sequence::new(
-        &m.llama,
+        &m.transformer,
         vec![198; limit],
         None,
         params(8, SamplingParams::greedy()),
@@ -217,13 +220,18 @@ fn prompts_past_the_context_are_refused_with_the_limit() {
     .unwrap_err();
     assert!(matches!(err, EngineError::ContextOverflow { .. }), "{err}");
     assert!(err.to_string().contains(&limit.to_string()), "{err}");
-    let err =
-        Sequence::new(&m.llama, vec![], None, params(8, SamplingParams::greedy())).unwrap_err();
+    let err = Sequence::new(
+        &m.transformer,
+        vec![],
+        None,
+        params(8, SamplingParams::greedy()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
     // A forward (scoring, training) past the context says so, without a generation budget.
     let tokens = vec![198; limit + 1];
     let mut rows = [BatchRow::last_logits(&tokens, RowCache::None, None)];
-    let err = m.llama.forward(&mut rows).unwrap_err();
+    let err = m.transformer.forward(&mut rows).unwrap_err();
     assert!(
         matches!(err, EngineError::InputTooLong { tokens, .. } if tokens == limit + 1),
         "{err}"

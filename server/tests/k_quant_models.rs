@@ -67,8 +67,8 @@ fn a_k_quant_model_serves_and_scores_as_its_dequantized_weights() {
 
     // Every projection is kept in its own format: no 8-bit activations, no silent f32 copy.
     // Q5_0 is kept as the Q8_0 blocks of the same values, which the fast Q8_0 kernels read.
-    let types = kept.llama.matrix_types();
-    let n_layer = kept.llama.config.n_layer;
+    let types = kept.transformer.matrix_types();
+    let n_layer = kept.transformer.config.n_layer;
     for (dtype, expected) in [
         ("Q4K", n_layer.div_ceil(3)),
         ("Q5K", (n_layer + 1) / 3),
@@ -84,15 +84,16 @@ fn a_k_quant_model_serves_and_scores_as_its_dequantized_weights() {
     let q8 = types.get("Q8_0").copied().unwrap_or(0);
     assert!(q8 >= 6 * n_layer.div_ceil(2), "{types:?}");
     assert!(
-        kept.llama.weights_size_bytes() * 3 < dense.llama.weights_size_bytes(),
+        kept.transformer.weights_size_bytes() * 3 < dense.transformer.weights_size_bytes(),
         "the kept formats take {} bytes, the f32 weights {}",
-        kept.llama.weights_size_bytes(),
-        dense.llama.weights_size_bytes()
+        kept.transformer.weights_size_bytes(),
+        dense.transformer.weights_size_bytes()
     );
 
     // A fresh adapter (B = 0) adds exactly nothing: the base model's outputs.
-    let fresh = LoraAdapter::new_initialized(LoraConfig::default(), kept.llama.config.dims(), 0)
-        .expect("a fresh adapter");
+    let fresh =
+        LoraAdapter::new_initialized(LoraConfig::default(), kept.transformer.config.dims(), 0)
+            .expect("a fresh adapter");
 
     // Scoring: the same bits as the dequantized weights.
     let items = common::sentiment_items(

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use adapters::{LoraAdapter, LoraConfig, TargetModule};
 use candle_core::Tensor;
 use mezo_server::engine::batch::{BatchRow, RowCache};
-use mezo_server::engine::llama::Llama;
 use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::scoring::{score_continuations, score_continuations_reference, ScoreItem};
+use mezo_server::engine::transformer::Transformer;
 use mezo_server::engine::weights::WeightMode;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// An adapter on `targets` with A and B both random (B non-zero, so it changes the output).
-fn random_adapter(model: &Llama, targets: Vec<TargetModule>, seed: u64) -> Arc<AdapterView> {
+fn random_adapter(model: &Transformer, targets: Vec<TargetModule>, seed: u64) -> Arc<AdapterView> {
     let dims = model.config.dims();
     let config = LoraConfig {
         targets,
@@ -33,7 +33,7 @@ fn random_adapter(model: &Llama, targets: Vec<TargetModule>, seed: u64) -> Arc<A
     AdapterView::new(&lora, &dims).expect("view")
 }
 
-fn zero_b_adapter(model: &Llama) -> Arc<AdapterView> {
+fn zero_b_adapter(model: &Transformer) -> Arc<AdapterView> {
     let dims = model.config.dims();
     let config = LoraConfig {
         targets: TargetModule::ALL.to_vec(),
@@ -43,7 +43,7 @@ fn zero_b_adapter(model: &Llama) -> Arc<AdapterView> {
     AdapterView::new(&lora, &dims).expect("view")
 }
 
-fn logits_alone(model: &Llama, tokens: &[u32], adapter: Option<&AdapterView>) -> Tensor {
+fn logits_alone(model: &Transformer, tokens: &[u32], adapter: Option<&AdapterView>) -> Tensor {
     let mut rows = [BatchRow::all_logits(tokens, RowCache::None, adapter)];
     model
         .forward(&mut rows)

@@ -19,7 +19,7 @@ fn model() -> LoadedModel {
 }
 
 fn fresh_adapter(model: &LoadedModel) -> LoraAdapter {
-    LoraAdapter::new_initialized(LoraConfig::default(), model.llama.config.dims(), 0)
+    LoraAdapter::new_initialized(LoraConfig::default(), model.transformer.config.dims(), 0)
         .expect("adapter")
 }
 

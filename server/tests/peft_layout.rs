@@ -112,7 +112,7 @@ fn reviews() -> Vec<TrainingExample> {
 #[test]
 fn a_trained_q_v_adapter_saves_in_peft_order_and_reloads_bit_for_bit() {
     let model = LoadedModel::load(&common::model_path(), WeightMode::default()).expect("load");
-    let dims = model.llama.config.dims();
+    let dims = model.transformer.config.dims();
     assert_eq!(dims.qk_rows, QkRowOrder::GgufInterleaved);
     let initial = LoraAdapter::new_initialized(LoraConfig::default(), dims, 3).expect("adapter");
     let config = TrainerConfig {

@@ -48,7 +48,7 @@ fn variant(dir: &Path, name: &str, metadata: Vec<(&str, Value)>, factor: Option<
 fn scores(model: &LoadedModel) -> LogProbs {
     let fresh = adapters::LoraAdapter::new_initialized(
         adapters::LoraConfig::default(),
-        model.llama.config.dims(),
+        model.transformer.config.dims(),
         0,
     )
     .expect("a fresh adapter");

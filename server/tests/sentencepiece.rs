@@ -13,18 +13,12 @@ fn gemma_tokenizer() -> Tokenizer {
     Tokenizer::from_gguf(&file.metadata()).expect("Gemma 3's tokenizer")
 }
 
-fn gemma_golden() -> serde_json::Value {
-    let path = common::workspace_root().join("tests/fixtures/gemma3_270m_golden.json");
-    let text = std::fs::read_to_string(&path).expect("the Gemma 3 fixture");
-    serde_json::from_str(&text).expect("the fixture is JSON")
-}
-
 #[test]
 fn gemma_token_ids_match_the_reference_exactly() {
     let tokenizer = gemma_tokenizer();
     assert!(tokenizer.adds_bos());
     let bos = tokenizer.bos_id().expect("Gemma has BOS");
-    let golden = gemma_golden();
+    let golden = common::gemma_golden();
     let cases = golden["cases"].as_array().expect("cases");
     assert_eq!(cases.len(), 6);
     for case in cases {

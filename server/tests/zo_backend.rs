@@ -23,7 +23,7 @@ fn perturbed_pair(model: &LoadedModel) -> (LoraAdapter, LoraAdapter) {
 }
 
 fn perturbed_pair_of(model: &LoadedModel, config: LoraConfig) -> (LoraAdapter, LoraAdapter) {
-    let dims = model.llama.config.dims();
+    let dims = model.transformer.config.dims();
     let base = LoraAdapter::new_initialized(config, dims, 5).expect("adapter");
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let mut plus = base.clone();

@@ -21,7 +21,9 @@ pub const BASE_MODEL: &str = "smollm2-135m-instruct";
 #[path = "../../server/tests/common/mod.rs"]
 mod engine_common;
 #[allow(unused_imports)] // each test binary uses a different subset
-pub use engine_common::{model_path, workspace_root, write_model_variant};
+pub use engine_common::{
+    gemma_golden, gemma_model_path, model_path, workspace_root, write_model_variant,
+};
 
 /// A running `mezo serve`; killed when dropped.
 pub struct Server {
@@ -209,10 +211,7 @@ fn smollm2_dims() -> adapters::ModelDims {
     static DIMS: OnceLock<adapters::ModelDims> = OnceLock::new();
     *DIMS.get_or_init(|| {
         let file = mezo_server::engine::gguf::GgufFile::open(&model_path()).expect("open");
-        let vocab = mezo_server::engine::tokenizer::Tokenizer::from_gguf(&file.metadata())
-            .expect("tokenizer")
-            .vocab_size();
-        mezo_server::engine::llama::LlamaConfig::from_metadata(&file.metadata(), vocab)
+        mezo_server::engine::transformer::TransformerConfig::of_file(&file)
             .expect("config")
             .dims()
     })

@@ -50,7 +50,7 @@ fn model_cards(serving: &Serving) -> Vec<ModelCard> {
         root: None,
         live_version: None,
         versions: None,
-        max_model_len: Some(serving.model.llama.config.context_length),
+        max_model_len: Some(serving.model.transformer.config.context_length),
     };
     let adapters = serving
         .adapters
@@ -66,7 +66,7 @@ fn model_cards(serving: &Serving) -> Vec<ModelCard> {
             root: Some(a.name),
             live_version: Some(a.live),
             versions: Some(a.versions),
-            max_model_len: Some(serving.model.llama.config.context_length),
+            max_model_len: Some(serving.model.transformer.config.context_length),
         });
     std::iter::once(base).chain(adapters).collect()
 }

@@ -94,7 +94,7 @@ fn prefill_prompt(model: &LoadedModel, reviews: &[Snippet]) -> Vec<u32> {
 }
 
 fn prefill_tokens_per_s(model: &LoadedModel, prompt: &[u32], reps: usize) -> Result<f64> {
-    let c = &model.llama.config;
+    let c = &model.transformer.config;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let mut cache = KvCache::new(c.n_layer, c.n_kv_head, c.head_dim);
@@ -104,7 +104,7 @@ fn prefill_tokens_per_s(model: &LoadedModel, prompt: &[u32], reps: usize) -> Res
             RowCache::Append(&mut cache),
             None,
         )];
-        model.llama.forward(&mut rows)?;
+        model.transformer.forward(&mut rows)?;
         times.push(start.elapsed().as_secs_f64());
     }
     Ok(prompt.len() as f64 / median(times))
@@ -125,13 +125,13 @@ fn decode_tokens_per_s(
         top_logprobs: None,
     };
     let mut seqs: Vec<Sequence> = (0..batch)
-        .map(|_| Sequence::new(&model.llama, prompt.to_vec(), None, params.clone()))
+        .map(|_| Sequence::new(&model.transformer, prompt.to_vec(), None, params.clone()))
         .collect::<Result<_>>()?;
     let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-    step(&model.llama, &model.tokenizer, &mut refs)?;
+    step(&model.transformer, &model.tokenizer, &mut refs)?;
     let start = Instant::now();
     for _ in 0..steps {
-        step(&model.llama, &model.tokenizer, &mut refs)?;
+        step(&model.transformer, &model.tokenizer, &mut refs)?;
     }
     Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
 }
@@ -156,7 +156,7 @@ fn scoring_seconds(model: &LoadedModel, reviews: &[Snippet], reps: usize) -> Res
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let start = Instant::now();
-        score_continuations(&model.llama, &items)?;
+        score_continuations(&model.transformer, &items)?;
         times.push(start.elapsed().as_secs_f64());
     }
     Ok(median(times))
@@ -240,7 +240,7 @@ pub fn run_mode(
     Ok(EngineBenchResult {
         mode,
         load_seconds: model.load_time.as_secs_f64(),
-        weights_bytes: model.llama.weights_size_bytes() as u64,
+        weights_bytes: model.transformer.weights_size_bytes() as u64,
         prefill_tokens_per_s: prefill_tokens_per_s(&model, &prompt, PREFILL_REPS)?,
         decode_b1_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 1, DECODE_STEPS)?,
         decode_b8_tokens_per_s: decode_tokens_per_s(&model, short_prompt, 8, 32)?,

@@ -174,13 +174,13 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         config.test_size,
     );
     let model = LoadedModel::load(&config.model, config.weights)?;
-    let n_layer = model.llama.config.n_layer;
+    let n_layer = model.transformer.config.n_layer;
     let lora = LoraConfig {
         layers: top_layers(n_layer, config.top_layers)?,
         ..LoraConfig::default()
     };
     let initial =
-        LoraAdapter::new_initialized(lora, model.llama.config.dims(), config.trainer.seed)?;
+        LoraAdapter::new_initialized(lora, model.transformer.config.dims(), config.trainer.seed)?;
     let engine = ReusingEngine::new(&model, FrozenStatesBudget::new(config.frozen_states_bytes));
     let mut trainer = Trainer::new(
         config.trainer.clone(),

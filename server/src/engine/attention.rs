@@ -1,5 +1,5 @@
-//! Attention on host memory: rotary embeddings and causal grouped-query attention for one row
-//! of a packed batch, in plain loops over the row's queries and its key/value history.
+//! Attention on host memory: causal (optionally sliding-window) grouped-query attention for one
+//! row of a packed batch, in plain loops over the row's queries and its key/value history.
 //!
 //! Each row attends over its own history only, so candle's tensor operations would cost a
 //! dozen small operations per row and layer (narrow, concatenate, reshape, two products,
@@ -42,30 +42,17 @@ impl<'a> KvSpans<'a> {
     }
 }
 
-/// Shapes shared by every call.
+/// The shape of a layer's attention.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadShape {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
-}
-
-/// Interleaved rotary embedding (pairs `(x[2i], x[2i+1])`, llama.cpp's "normal" rope) in
-/// place: `xs` is `[n, heads, head_dim]`, `cos`/`sin` are `[n, head_dim / 2]` for the tokens'
-/// positions.
-pub fn apply_rope(xs: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
-    let half = head_dim / 2;
-    for (t, token) in xs.chunks_exact_mut(heads * head_dim).enumerate() {
-        let cos = &cos[t * half..(t + 1) * half];
-        let sin = &sin[t * half..(t + 1) * half];
-        for head in token.chunks_exact_mut(head_dim) {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * cos[i] - x1 * sin[i];
-                pair[1] = x0 * sin[i] + x1 * cos[i];
-            }
-        }
-    }
+    /// Scores are `q·k · scale` (usually `1/√head_dim`).
+    pub scale: f32,
+    /// Sliding-window layers (Gemma 3's local ones): a query sees only the last `window`
+    /// positions, itself included. `None`: every earlier position.
+    pub window: Option<usize>,
 }
 
 /// Causal attention of one row: `q` is `[t, n_head, head_dim]`, the row's `t` tokens being the
@@ -76,25 +63,32 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
         n_head,
         n_kv_head,
         head_dim,
+        scale,
+        window,
     } = shape;
     let kv_stride = n_kv_head * head_dim;
     let total = (kv.keys[0].len() + kv.keys[1].len()) / kv_stride;
     let t = q.len() / (n_head * head_dim);
     let n_rep = n_head / n_kv_head;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let split = kv.keys[0].len() / kv_stride;
     let isa = Isa::selected();
-    // Query i sits at position total - t + i and sees every position up to it: the first
-    // `min(visible, split)` in the first span, the rest in the second.
+    // Query i sits at position total - t + i and sees the positions `start..end` up to it (the
+    // last `window` of them in a sliding-window layer): in the first span those below `split`,
+    // in the second the rest, each counted from its span's start.
     let query_position = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
-        let visible = total - t + i + 1;
-        let in_first = visible.min(split);
-        scores.resize(visible, 0.0);
+        let end = total - t + i + 1;
+        let start = window.map_or(0, |w| end.saturating_sub(w));
+        let visible = [
+            start.min(split)..end.min(split),
+            start.max(split) - split..end.max(split) - split,
+        ];
+        let in_first = visible[0].len();
+        scores.resize(end - start, 0.0);
         for h in 0..n_head {
             let g = h / n_rep;
             let query = &q[(i * n_head + h) * head_dim..][..head_dim];
             let (first, second) = scores.split_at_mut(in_first);
-            for (keys, scores) in spans_from(kv.keys, g * head_dim)
+            for (keys, scores) in spans_from(kv.keys, &visible, kv_stride, g * head_dim)
                 .into_iter()
                 .zip([first, second])
             {
@@ -112,7 +106,7 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
             let o = &mut out[h * head_dim..][..head_dim];
             o.fill(0.0);
             let (first, second) = scores.split_at(in_first);
-            for (values, weights) in spans_from(kv.values, g * head_dim)
+            for (values, weights) in spans_from(kv.values, &visible, kv_stride, g * head_dim)
                 .into_iter()
                 .zip([first, second])
             {
@@ -134,14 +128,23 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
     }
 }
 
-/// Both spans from `start` on: where kv head `start / head_dim`'s vectors begin (an empty span
-/// has none).
-fn spans_from(spans: [&[f32]; 2], start: usize) -> [&[f32]; 2] {
-    spans.map(|span| span.get(start..).unwrap_or(&[]))
+/// Each span from its first visible position on, at kv head `offset / head_dim`'s vectors (a span
+/// with nothing visible gives nothing).
+fn spans_from<'a>(
+    spans: [&'a [f32]; 2],
+    visible: &[std::ops::Range<usize>; 2],
+    kv_stride: usize,
+    offset: usize,
+) -> [&'a [f32]; 2] {
+    [0, 1].map(|s| {
+        spans[s]
+            .get(visible[s].start * kv_stride + offset..)
+            .unwrap_or(&[])
+    })
 }
 
 /// Slow, obviously-correct twin of [`attend`] with candle's operations (full scores matrix,
-/// additive causal mask, softmax, product).
+/// additive causal and window mask, softmax, product).
 #[cfg(test)]
 pub fn attend_reference(q: &[f32], kv: KvSpans<'_>, shape: HeadShape) -> Vec<f32> {
     use candle_core::{Device, Tensor};
@@ -149,6 +152,8 @@ pub fn attend_reference(q: &[f32], kv: KvSpans<'_>, shape: HeadShape) -> Vec<f32
         n_head,
         n_kv_head,
         head_dim,
+        scale,
+        window,
     } = shape;
     let t = q.len() / (n_head * head_dim);
     let keys = [kv.keys[0], kv.keys[1]].concat();
@@ -165,11 +170,13 @@ pub fn attend_reference(q: &[f32], kv: KvSpans<'_>, shape: HeadShape) -> Vec<f32
         let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap();
         let kh = k.narrow(1, g, 1).unwrap().squeeze(1).unwrap();
         let vh = v.narrow(1, g, 1).unwrap().squeeze(1).unwrap();
-        let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (head_dim as f64).sqrt()).unwrap();
+        let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * f64::from(scale)).unwrap();
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
                 (0..total).map(move |j| {
-                    if j > total - t + i {
+                    let position = total - t + i;
+                    let too_far = window.is_some_and(|w| j <= position && position - j >= w);
+                    if j > position || too_far {
                         f32::NEG_INFINITY
                     } else {
                         0.0
@@ -201,15 +208,24 @@ mod tests {
 
     #[test]
     fn fast_attention_equals_the_reference_for_every_cache_shape() {
-        let shape = HeadShape {
-            n_head: 6,
-            n_kv_head: 2,
-            head_dim: 12,
-        };
+        for window in [None, Some(4), Some(1), Some(9)] {
+            let shape = HeadShape {
+                n_head: 6,
+                n_kv_head: 2,
+                head_dim: 12,
+                scale: 0.3,
+                window,
+            };
+            check_against_reference(shape);
+        }
+    }
+
+    fn check_against_reference(shape: HeadShape) {
         let kv_stride = shape.n_kv_head * shape.head_dim;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        // (prefix positions, own tokens): prefill, decode, scoring a continuation.
-        for (prefix, t) in [(0, 5), (9, 1), (7, 3), (0, 1)] {
+        // (prefix positions, own tokens): prefill (long enough to run in parallel), decode,
+        // scoring a continuation; windows that end inside the prefix, in the row and past both.
+        for (prefix, t) in [(0, 5), (9, 1), (7, 3), (0, 1), (3, 12), (10, 10)] {
             let q = random(t * shape.n_head * shape.head_dim, &mut rng);
             let pk = random(prefix * kv_stride, &mut rng);
             let pv = random(prefix * kv_stride, &mut rng);
@@ -228,16 +244,11 @@ mod tests {
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                assert!(diff < 1e-5, "prefix {prefix}, t {t}: max diff {diff}");
+                assert!(
+                    diff < 1e-5,
+                    "prefix {prefix}, t {t}, {shape:?}: max diff {diff}"
+                );
             }
         }
-    }
-
-    #[test]
-    fn rope_rotates_pairs_by_the_table_angles() {
-        let mut xs = vec![1.0, 0.0, 0.0, 2.0];
-        let (c, s) = (0.6f32, 0.8f32);
-        apply_rope(&mut xs, 1, 4, &[c, 1.0], &[s, 0.0]);
-        assert_eq!(xs, vec![c, s, 0.0, 2.0]);
     }
 }

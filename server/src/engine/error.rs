@@ -18,9 +18,14 @@ pub enum EngineError {
     InvalidGguf { path: PathBuf, reason: String },
 
     #[error(
-        "{path} holds a `{architecture}` model; this engine runs llama-architecture GGUF files only"
+        "{path} holds a `{architecture}` model, which this engine does not run; it runs GGUF \
+         files of these architectures: {supported}"
     )]
-    UnsupportedArchitecture { path: PathBuf, architecture: String },
+    UnsupportedArchitecture {
+        path: PathBuf,
+        architecture: String,
+        supported: String,
+    },
 
     #[error("GGUF metadata key `{key}` is missing or has the wrong type: {reason}")]
     Metadata { key: String, reason: String },

@@ -5,7 +5,7 @@
 //! third) makes every row of a MeZO step, θ+εz and θ−εz alike, compute exactly the base model's
 //! output below its first adapted layer, and a job sees the same examples step after step. So a
 //! job keeps those hidden states per token sequence, and each step runs only the adapted layers
-//! ([`super::llama::Llama::forward_from`]): the step costs the adapted layers twice instead of
+//! ([`super::transformer::Transformer::forward_from`]): the step costs the adapted layers twice instead of
 //! every layer twice. Rows of the forward pass do not depend on each other, so a reused row is
 //! bit for bit the row the full forward computes.
 //!
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::batch::{BatchRow, RowCache};
-use super::llama::Llama;
+use super::transformer::Transformer;
 use super::Result;
 
 /// The memory all jobs together may keep hidden states in.
@@ -117,7 +117,7 @@ impl FrozenStates {
     /// same tokens have after a cached prefix `tokens[..skip]`.
     pub fn entering(
         &mut self,
-        model: &Llama,
+        model: &Transformer,
         layer: usize,
         sequences: &[(&[u32], usize)],
     ) -> Result<Tensor> {

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use super::batch::{BatchRow, RowCache};
 use super::kv_cache::KvCache;
-use super::llama::Llama;
 use super::lora::AdapterView;
 use super::sampler::{log_softmax_row, top_logprobs, Sampler, SamplingParams, TokenLogprob};
 use super::tokenizer::{DecodeStream, Tokenizer};
+use super::transformer::Transformer;
 use super::{EngineError, Result};
 
 /// When a sequence stops, besides `max_tokens`.
@@ -123,7 +123,7 @@ pub struct Sequence {
 impl Sequence {
     /// Checks the request against the model's limits and prepares an empty cache.
     pub fn new(
-        model: &Llama,
+        model: &Transformer,
         prompt: Vec<u32>,
         adapter: Option<Arc<AdapterView>>,
         params: GenerationParams,
@@ -137,7 +137,7 @@ impl Sequence {
     /// prompt's first `cache.len()` tokens computed under the same adapter view (a prefix-cache
     /// hit): only the rest of the prompt is prefilled.
     pub fn with_cached_prefix(
-        model: &Llama,
+        model: &Transformer,
         prompt: Vec<u32>,
         adapter: Option<Arc<AdapterView>>,
         params: GenerationParams,
@@ -281,7 +281,7 @@ impl Sequence {
 /// Runs every unfinished sequence one step in one batched forward. Returns one event per
 /// sequence (`None` for those already finished).
 pub fn step(
-    model: &Llama,
+    model: &Transformer,
     tokenizer: &Tokenizer,
     seqs: &mut [&mut Sequence],
 ) -> Result<Vec<Option<TokenEvent>>> {
@@ -328,7 +328,7 @@ pub struct GreedyPrompt {
 
 /// Runs sequences to the end, calling `on_event(index, event)` for every token as it comes.
 pub fn generate(
-    model: &Llama,
+    model: &Transformer,
     tokenizer: &Tokenizer,
     seqs: &mut [Sequence],
     mut on_event: impl FnMut(usize, &TokenEvent),

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::chat_template::ChatTemplate;
 use super::gguf::GgufFile;
-use super::llama::Llama;
 use super::tokenizer::Tokenizer;
+use super::transformer::Transformer;
 use super::weights::WeightMode;
 use super::{EngineError, Result};
 
@@ -15,7 +15,7 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// The GGUF's `general.name` ("SmolLM2 135M Instruct"), when it has one.
     pub name: Option<String>,
-    pub llama: Llama,
+    pub transformer: Transformer,
     pub tokenizer: Tokenizer,
     /// `None` for a base model whose file has no template and that was given none.
     chat_template: Option<ChatTemplate>,
@@ -54,29 +54,29 @@ impl LoadedModel {
             .string("general.name")
             .ok()
             .map(str::to_string);
-        let llama = Llama::load(&mut file, mode)?;
-        if tokenizer.vocab_size() > llama.config.vocab_size {
+        let transformer = Transformer::load(&mut file, mode)?;
+        if tokenizer.vocab_size() > transformer.config.vocab_size {
             return Err(EngineError::InvalidGguf {
                 path: path.to_path_buf(),
                 reason: format!(
                     "the tokenizer has {} tokens but the embedding only {} rows",
                     tokenizer.vocab_size(),
-                    llama.config.vocab_size
+                    transformer.config.vocab_size
                 ),
             });
         }
         tracing::info!(
             path = %path.display(),
             mode = %mode,
-            weights_mib = llama.weights_size_bytes() / (1 << 20),
-            matrices = ?llama.matrix_types(),
+            weights_mib = transformer.weights_size_bytes() / (1 << 20),
+            matrices = ?transformer.matrix_types(),
             seconds = start.elapsed().as_secs_f32(),
             "model loaded"
         );
         Ok(Self {
             path: path.to_path_buf(),
             name,
-            llama,
+            transformer,
             tokenizer,
             chat_template,
             load_time: start.elapsed(),

@@ -20,8 +20,8 @@ use candle_core::Tensor;
 use super::batch::{BatchRow, RowCache};
 use super::frozen_layers::FrozenStates;
 use super::kv_cache::KvCache;
-use super::llama::{log_softmax, Llama, Start};
 use super::lora::AdapterView;
+use super::transformer::{log_softmax, Start, Transformer};
 use super::{EngineError, Result};
 
 /// One example to score: a prompt and the continuations to score after it.
@@ -62,7 +62,7 @@ impl ScoreRow {
 /// Scores `rows` in one packed forward, from the run's kept hidden states when `frozen` is given
 /// ([`score_continuations_reusing`]), else from the embeddings.
 pub fn score_rows(
-    model: &Llama,
+    model: &Transformer,
     rows: &[ScoreRow],
     frozen: Option<&Mutex<FrozenStates>>,
 ) -> Result<ContinuationLogprobs> {
@@ -104,14 +104,17 @@ fn gather_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
 }
 
 /// Scores every continuation of every item, sharing each prompt's computation.
-pub fn score_continuations(model: &Llama, items: &[ScoreItem<'_>]) -> Result<ContinuationLogprobs> {
+pub fn score_continuations(
+    model: &Transformer,
+    items: &[ScoreItem<'_>],
+) -> Result<ContinuationLogprobs> {
     score(model, items, None)
 }
 
 /// [`score_continuations`], running only the layers from the lowest one any item's adapter
 /// changes, on hidden states taken from (or computed into) `frozen`.
 pub fn score_continuations_reusing(
-    model: &Llama,
+    model: &Transformer,
     items: &[ScoreItem<'_>],
     frozen: &mut FrozenStates,
 ) -> Result<ContinuationLogprobs> {
@@ -120,7 +123,11 @@ pub fn score_continuations_reusing(
 
 /// Where both phases start: at the lowest adapted layer when states are kept, else at the
 /// embeddings. A row without an adapter is the base model in every layer.
-fn start_layer(model: &Llama, items: &[ScoreItem<'_>], frozen: Option<&FrozenStates>) -> usize {
+fn start_layer(
+    model: &Transformer,
+    items: &[ScoreItem<'_>],
+    frozen: Option<&FrozenStates>,
+) -> usize {
     match frozen {
         None => 0,
         Some(_) => items
@@ -137,7 +144,7 @@ fn start_layer(model: &Llama, items: &[ScoreItem<'_>], frozen: Option<&FrozenSta
 /// The start of a forward pass over `sequences` (`(tokens, skip)`: the rows' tokens are
 /// `tokens[skip..]`, after a cached prefix `tokens[..skip]`).
 fn start(
-    model: &Llama,
+    model: &Transformer,
     layer: usize,
     frozen: &mut Option<&mut FrozenStates>,
     sequences: &[(&[u32], usize)],
@@ -152,7 +159,7 @@ fn start(
 }
 
 fn score(
-    model: &Llama,
+    model: &Transformer,
     items: &[ScoreItem<'_>],
     mut frozen: Option<&mut FrozenStates>,
 ) -> Result<ContinuationLogprobs> {
@@ -241,7 +248,7 @@ fn score(
 /// The plain twin of [`score_continuations`]: each (prompt + continuation) is one full row with
 /// no cache sharing. Slower; used to check the fast path.
 pub fn score_continuations_reference(
-    model: &Llama,
+    model: &Transformer,
     items: &[ScoreItem<'_>],
 ) -> Result<ContinuationLogprobs> {
     validate(items)?;

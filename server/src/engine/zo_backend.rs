@@ -34,7 +34,7 @@ pub const MAX_TOKENS_PER_FORWARD: usize = 4096;
 impl LoadedModel {
     /// The engine's view of each adapter, in order.
     pub(crate) fn views(&self, adapters: &[&LoraAdapter]) -> Result<Vec<Arc<AdapterView>>> {
-        let dims = self.llama.config.dims();
+        let dims = self.transformer.config.dims();
         adapters
             .iter()
             .map(|a| AdapterView::new(a, &dims))
@@ -89,7 +89,7 @@ impl ForwardRunner for OnCallerThread<'_> {
         let mut scores = Vec::with_capacity(rows.len());
         for chunk in chunks_by_budget(rows.iter().map(ScoreRow::tokens), MAX_TOKENS_PER_FORWARD) {
             scores.extend(score_rows(
-                &self.0.llama,
+                &self.0.transformer,
                 &rows[chunk],
                 frozen.map(Arc::as_ref),
             )?);
@@ -101,9 +101,16 @@ impl ForwardRunner for OnCallerThread<'_> {
         let model = self.0;
         let mut seqs: Vec<Sequence> = prompts
             .into_iter()
-            .map(|p| Sequence::new(&model.llama, p.prompt, Some(p.adapter), params.clone()))
+            .map(|p| {
+                Sequence::new(
+                    &model.transformer,
+                    p.prompt,
+                    Some(p.adapter),
+                    params.clone(),
+                )
+            })
             .collect::<Result<_>>()?;
-        generate(&model.llama, &model.tokenizer, &mut seqs, |_, _| {})?;
+        generate(&model.transformer, &model.tokenizer, &mut seqs, |_, _| {})?;
         Ok(seqs.iter().map(|s| s.text().to_string()).collect())
     }
 }

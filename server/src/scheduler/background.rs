@@ -96,7 +96,7 @@ impl ScoreTask {
         };
         self.next_slice += 1;
         let scores = score_rows(
-            &model.llama,
+            &model.transformer,
             &self.work.rows[range],
             self.work.frozen.as_deref(),
         );
@@ -142,7 +142,7 @@ impl GreedyTask {
                 break;
             }
             let seq = Sequence::new(
-                &model.llama,
+                &model.transformer,
                 next.prompt.clone(),
                 Some(Arc::clone(&next.adapter)),
                 self.work.params.clone(),
@@ -155,7 +155,7 @@ impl GreedyTask {
             self.next_prompt += 1;
         }
         let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(_, s)| s).collect();
-        if let Err(err) = step(&model.llama, &model.tokenizer, &mut seqs) {
+        if let Err(err) = step(&model.transformer, &model.tokenizer, &mut seqs) {
             return Some(Err(err.to_string()));
         }
         let answers = &mut self.answers;

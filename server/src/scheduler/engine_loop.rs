@@ -140,7 +140,7 @@ fn serving_step(
     let started = Instant::now();
     let outcome = {
         let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
-        step(&model.llama, &model.tokenizer, &mut seqs)
+        step(&model.transformer, &model.tokenizer, &mut seqs)
     };
     metrics::histogram!(m::ENGINE_BATCH_ROWS).record(running.len() as f64);
     metrics::histogram!(m::ENGINE_STEP_SECONDS).record(started.elapsed().as_secs_f64());
@@ -179,13 +179,13 @@ fn start_sequence(
     metrics::counter!(m::PREFILL_TOKENS_TOTAL).increment((work.prompt.len() - reused) as u64);
     let seq = match cached {
         Some(cache) => Sequence::with_cached_prefix(
-            &model.llama,
+            &model.transformer,
             work.prompt,
             work.adapter,
             work.params,
             cache,
         ),
-        None => Sequence::new(&model.llama, work.prompt, work.adapter, work.params),
+        None => Sequence::new(&model.transformer, work.prompt, work.adapter, work.params),
     };
     match seq {
         Ok(seq) => Some(RunningSequence {
@@ -214,7 +214,7 @@ fn prompt_logprobs(
     model: &LoadedModel,
     work: &PromptLogprobsWork,
 ) -> Result<Vec<PromptTokenLogprob>> {
-    let c = &model.llama.config;
+    let c = &model.transformer.config;
     let mut cache = KvCache::new(c.n_layer, c.n_kv_head, c.head_dim);
     let mut out = Vec::with_capacity(work.tokens.len());
     out.extend(work.tokens.first().map(|&token| PromptTokenLogprob {
@@ -234,7 +234,7 @@ fn prompt_logprobs(
                 RowCache::Append(&mut cache),
                 work.adapter.as_deref(),
             )];
-            model.llama.forward(&mut rows)?
+            model.transformer.forward(&mut rows)?
         };
         let logits = logits
             .into_iter()

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, QTensor};
 
 use mezo_server::engine::gguf::GgufFile;
-use mezo_server::engine::llama::Llama;
 use mezo_server::engine::loaded_model::LoadedModel;
+use mezo_server::engine::transformer::Transformer;
 use mezo_server::engine::weights::WeightMode;
 use plugin::{ScoreRequest, ZoEngine};
 
@@ -53,10 +53,21 @@ pub fn gemma_model_path() -> PathBuf {
 pub fn write_model_variant(
     out: &Path,
     metadata: impl FnOnce(&mut Vec<(String, gguf_file::Value)>),
+    tensor: impl FnMut(&str, QTensor) -> Option<QTensor>,
+    extra: Vec<(String, QTensor)>,
+) {
+    write_variant_of(&model_path(), out, metadata, tensor, extra);
+}
+
+/// [`write_model_variant`] of the model in `source`.
+pub fn write_variant_of(
+    source: &Path,
+    out: &Path,
+    metadata: impl FnOnce(&mut Vec<(String, gguf_file::Value)>),
     mut tensor: impl FnMut(&str, QTensor) -> Option<QTensor>,
     extra: Vec<(String, QTensor)>,
 ) {
-    let mut reader = std::fs::File::open(model_path()).expect("open the model");
+    let mut reader = std::fs::File::open(source).expect("open the model");
     let content = gguf_file::Content::read(&mut reader).expect("read the model's header");
     let mut entries: Vec<(String, gguf_file::Value)> = content
         .metadata
@@ -83,13 +94,27 @@ pub fn write_model_variant(
     gguf_file::write(&mut file, &entries, &tensors).expect("write the model variant");
 }
 
-pub fn load_model(mode: WeightMode) -> Llama {
-    let mut file = GgufFile::open(&model_path()).expect("open the model");
-    Llama::load(&mut file, mode).expect("load the model")
+pub fn load_model(mode: WeightMode) -> Transformer {
+    load_model_at(&model_path(), mode)
 }
 
+pub fn load_model_at(path: &Path, mode: WeightMode) -> Transformer {
+    let mut file = GgufFile::open(path).expect("open the model");
+    Transformer::load(&mut file, mode).expect("load the model")
+}
+
+/// The reference outputs for the default model (SmolLM2).
 pub fn golden() -> serde_json::Value {
-    let path = workspace_root().join("tests/fixtures/smollm2_golden.json");
+    fixture("smollm2_golden.json")
+}
+
+/// The reference outputs for Gemma 3 270M.
+pub fn gemma_golden() -> serde_json::Value {
+    fixture("gemma3_270m_golden.json")
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = workspace_root().join("tests/fixtures").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("the golden fixture is JSON")

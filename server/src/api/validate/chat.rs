@@ -50,7 +50,7 @@ impl ValidChat {
             }
             (false, _) => None,
         };
-        let context_length = llm.llama.config.context_length;
+        let context_length = llm.transformer.config.context_length;
         let (max_tokens, max_tokens_field) =
             match (request.max_completion_tokens, sampling.max_tokens) {
                 (Some(v), _) => (

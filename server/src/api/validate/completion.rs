@@ -80,7 +80,7 @@ impl ValidCompletion {
         let max_tokens = usize::try_from(max_tokens).unwrap_or(usize::MAX);
 
         let prompts = parse_prompts(&request.prompt, llm)?;
-        let context_length = llm.llama.config.context_length;
+        let context_length = llm.transformer.config.context_length;
         let stop_token_ids = llm.tokenizer.eog_ids();
         let plans = prompts
             .iter()

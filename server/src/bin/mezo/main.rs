@@ -149,9 +149,9 @@ fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = model.tokenizer.encode_prompt(&text);
     let adapter = match &args.adapter {
         Some(dir) => {
-            let lora = adapters::peft::load(dir, &model.llama.config.dims())
+            let lora = adapters::peft::load(dir, &model.transformer.config.dims())
                 .with_context(|| format!("loading adapter {}", dir.display()))?;
-            Some(AdapterView::new(&lora, &model.llama.config.dims())?)
+            Some(AdapterView::new(&lora, &model.transformer.config.dims())?)
         }
         None => None,
     };
@@ -170,12 +170,17 @@ fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
         },
         top_logprobs: None,
     };
-    let mut seqs = [Sequence::new(&model.llama, prompt, adapter, params)?];
+    let mut seqs = [Sequence::new(&model.transformer, prompt, adapter, params)?];
     let mut stdout = std::io::stdout().lock();
-    generate(&model.llama, &model.tokenizer, &mut seqs, |_, event| {
-        let _ = write!(stdout, "{}", event.text);
-        let _ = stdout.flush();
-    })?;
+    generate(
+        &model.transformer,
+        &model.tokenizer,
+        &mut seqs,
+        |_, event| {
+            let _ = write!(stdout, "{}", event.text);
+            let _ = stdout.flush();
+        },
+    )?;
     writeln!(stdout)?;
     Ok(())
 }

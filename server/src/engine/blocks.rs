@@ -1,0 +1,285 @@
+//! Building blocks the architectures share: reading named tensors, RMS norm, the attention
+//! projections with their LoRA terms, row-by-row attention over each row's cache, and the gated
+//! MLP. An architecture file ([`super::llama`], [`super::gemma3`]) composes them into its block
+//! and implements [`DecoderLayers`]; [`super::transformer`] runs the rest of the forward.
+
+use std::ops::Range;
+
+use adapters::TargetModule;
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{attend, HeadShape, KvSpans};
+use super::batch::{BatchRow, RowCache};
+use super::gguf::GgufFile;
+use super::lora::{add_lora, AdapterSegment};
+use super::transformer::TransformerConfig;
+use super::weights::{Matrix, WeightMode};
+use super::{EngineError, Result};
+
+/// The transformer blocks of one architecture: what differs between model families.
+pub trait DecoderLayers: std::fmt::Debug + Send + Sync {
+    /// Block `layer` over the packed hidden states `xs` `[n_tokens, hidden]`: the hidden states
+    /// entering the next block. Rows with a cache read it, and `RowCache::Append` rows write
+    /// this layer's keys and values to it.
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        rows: &mut [BatchRow<'_>],
+        batch: &ForwardContext<'_>,
+    ) -> Result<Tensor>;
+
+    /// Every weight matrix of the blocks (for sizes and the start-up log).
+    fn matrices(&self) -> Vec<&Matrix>;
+}
+
+/// Per-forward facts shared by every layer.
+pub struct ForwardContext<'a> {
+    /// Runs of consecutive tokens that share one adapter view.
+    pub segments: Vec<AdapterSegment<'a>>,
+    /// Token range of each row in the packed batch.
+    pub row_ranges: Vec<Range<usize>>,
+    /// Absolute position of every token of the batch (after its row's cached prefix).
+    pub positions: Vec<usize>,
+}
+
+/// Reads tensors out of a GGUF file by name, with errors that name the file and tensor.
+pub struct TensorReader<'a> {
+    pub file: &'a mut GgufFile,
+    pub mode: WeightMode,
+}
+
+impl TensorReader<'_> {
+    pub fn has(&self, name: &str) -> bool {
+        self.file.content.tensor_infos.contains_key(name)
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let GgufFile {
+            path,
+            content,
+            reader,
+        } = &mut *self.file;
+        if !content.tensor_infos.contains_key(name) {
+            return Err(EngineError::InvalidGguf {
+                path: path.clone(),
+                reason: format!("tensor `{name}` is missing"),
+            });
+        }
+        content
+            .tensor(reader, name, &Device::Cpu)
+            .map_err(|e| EngineError::InvalidGguf {
+                path: path.clone(),
+                reason: format!("cannot read tensor `{name}`: {e}"),
+            })
+    }
+
+    /// A weight matrix `[rows, columns]`, kept as the weight mode says.
+    pub fn matrix(&mut self, name: &str, expected: (usize, usize)) -> Result<Matrix> {
+        let matrix = Matrix::from_qtensor(self.qtensor(name)?, self.mode)?;
+        let dims = matrix.dims()?;
+        if dims != expected {
+            return Err(EngineError::InvalidGguf {
+                path: self.file.path.clone(),
+                reason: format!("tensor `{name}` is {dims:?}, expected {expected:?}"),
+            });
+        }
+        Ok(matrix)
+    }
+
+    /// A vector of `len` values, in f32.
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self
+            .qtensor(name)?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        if t.dims() != [len] {
+            return Err(EngineError::InvalidGguf {
+                path: self.file.path.clone(),
+                reason: format!("tensor `{name}` is {:?}, expected [{len}]", t.dims()),
+            });
+        }
+        Ok(t)
+    }
+
+    pub fn rms_norm(&mut self, name: &str, len: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.vector(name, len)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// An error about `what` in this file.
+    pub fn invalid(&self, reason: String) -> EngineError {
+        EngineError::InvalidGguf {
+            path: self.file.path.clone(),
+            reason,
+        }
+    }
+}
+
+/// `x / rms(x) · weight` over the last dimension. (Gemma's `1 + weight` is folded into the
+/// stored weight by llama.cpp's converter, so one norm serves both families.)
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+/// The four attention projections of one block.
+#[derive(Debug)]
+pub struct AttentionWeights {
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+}
+
+impl AttentionWeights {
+    /// `blk.{layer}.attn_{q,k,v,output}.weight`.
+    pub fn load(
+        reader: &mut TensorReader<'_>,
+        layer: usize,
+        c: &TransformerConfig,
+    ) -> Result<Self> {
+        let q_width = c.n_head * c.head_dim;
+        let kv_width = c.n_kv_head * c.head_dim;
+        let p = format!("blk.{layer}");
+        Ok(Self {
+            wq: reader.matrix(&format!("{p}.attn_q.weight"), (q_width, c.hidden))?,
+            wk: reader.matrix(&format!("{p}.attn_k.weight"), (kv_width, c.hidden))?,
+            wv: reader.matrix(&format!("{p}.attn_v.weight"), (kv_width, c.hidden))?,
+            wo: reader.matrix(&format!("{p}.attn_output.weight"), (c.hidden, q_width))?,
+        })
+    }
+
+    pub fn matrices(&self) -> [&Matrix; 4] {
+        [&self.wq, &self.wk, &self.wv, &self.wo]
+    }
+
+    /// Queries `[n, n_head · head_dim]`, keys and values `[n, n_kv_head · head_dim]`, each
+    /// with the rows' LoRA terms.
+    pub fn qkv(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        batch: &ForwardContext<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let seg = &batch.segments;
+        Ok((
+            add_lora(xs, self.wq.forward(xs)?, layer, TargetModule::Q, seg)?,
+            add_lora(xs, self.wk.forward(xs)?, layer, TargetModule::K, seg)?,
+            add_lora(xs, self.wv.forward(xs)?, layer, TargetModule::V, seg)?,
+        ))
+    }
+
+    /// The output projection of the heads' outputs `[n, n_head · head_dim]`.
+    pub fn output(&self, layer: usize, ys: &Tensor, batch: &ForwardContext<'_>) -> Result<Tensor> {
+        add_lora(
+            ys,
+            self.wo.forward(ys)?,
+            layer,
+            TargetModule::O,
+            &batch.segments,
+        )
+    }
+}
+
+/// A tensor's values on the host, flattened.
+pub fn to_host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1()?)
+}
+
+/// Attention of every row of the batch over its own history: `q` is `[n, n_head, head_dim]`,
+/// `k`/`v` `[n, n_kv_head, head_dim]`, all rotated already. Caches are read, and
+/// `RowCache::Append` rows get this layer's keys and values appended. Returns the heads'
+/// outputs `[n, n_head · head_dim]`.
+pub fn attend_rows(
+    layer: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    shape: HeadShape,
+    rows: &mut [BatchRow<'_>],
+    batch: &ForwardContext<'_>,
+) -> Result<Tensor> {
+    let q_width = shape.n_head * shape.head_dim;
+    let kv_width = shape.n_kv_head * shape.head_dim;
+    let n = q.len() / q_width;
+    let mut out = vec![0f32; n * q_width];
+    for (row, range) in rows.iter_mut().zip(&batch.row_ranges) {
+        let q_row = &q[range.start * q_width..range.end * q_width];
+        let own_k = &k[range.start * kv_width..range.end * kv_width];
+        let own_v = &v[range.start * kv_width..range.end * kv_width];
+        let out_row = &mut out[range.start * q_width..range.end * q_width];
+        match &mut row.cache {
+            RowCache::None => attend(q_row, KvSpans::one(own_k, own_v), shape, out_row),
+            RowCache::Append(cache) => {
+                cache.append(layer, own_k, own_v);
+                let (keys, values) = cache.layer(layer);
+                attend(q_row, KvSpans::one(keys, values), shape, out_row);
+            }
+            RowCache::Prefix(cache) => {
+                let prefix = cache.layer(layer);
+                attend(q_row, KvSpans::two(prefix, (own_k, own_v)), shape, out_row);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, q_width), &Device::Cpu)?)
+}
+
+/// The gate's nonlinearity in a gated MLP.
+#[derive(Debug, Clone, Copy)]
+pub enum Activation {
+    /// SwiGLU (llama).
+    Silu,
+    /// GeGLU with the tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// `down(act(gate(x)) · up(x))`.
+#[derive(Debug)]
+pub struct GatedMlp {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+    pub activation: Activation,
+}
+
+impl GatedMlp {
+    /// `blk.{layer}.ffn_{gate,up,down}.weight`.
+    pub fn load(
+        reader: &mut TensorReader<'_>,
+        layer: usize,
+        c: &TransformerConfig,
+        activation: Activation,
+    ) -> Result<Self> {
+        let p = format!("blk.{layer}");
+        Ok(Self {
+            gate: reader.matrix(&format!("{p}.ffn_gate.weight"), (c.ffn, c.hidden))?,
+            up: reader.matrix(&format!("{p}.ffn_up.weight"), (c.ffn, c.hidden))?,
+            down: reader.matrix(&format!("{p}.ffn_down.weight"), (c.hidden, c.ffn))?,
+            activation,
+        })
+    }
+
+    pub fn matrices(&self) -> [&Matrix; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
+    pub fn forward(&self, layer: usize, xs: &Tensor, batch: &ForwardContext<'_>) -> Result<Tensor> {
+        let seg = &batch.segments;
+        let gate = add_lora(xs, self.gate.forward(xs)?, layer, TargetModule::Gate, seg)?;
+        let up = add_lora(xs, self.up.forward(xs)?, layer, TargetModule::Up, seg)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let h = (gate * up)?;
+        add_lora(&h, self.down.forward(&h)?, layer, TargetModule::Down, seg)
+    }
+}
