@@ -22,23 +22,61 @@ pub const PANELS: usize = 1;
 /// Half a panel: the outputs in one register.
 const HALF: usize = PANEL / 2;
 
-/// A panel block's per-row scales `d` and offsets `m` (zero unless Q4_1), as f32, rows 0..8
-/// and 8..16.
+/// Eight f16 at `$p + $at`, and the eight after them, as f32: rows 0..8 and 8..16.
+macro_rules! f16_halves {
+    ($p:expr, $at:expr) => {
+        [
+            _mm256_cvtph_ps(_mm_loadu_si128($p.add($at).cast())),
+            _mm256_cvtph_ps(_mm_loadu_si128($p.add($at + 2 * HALF).cast())),
+        ]
+    };
+}
+
+/// Sixteen bytes at `$p + $at`, unsigned (`_mm256_cvtepu8_epi32`) or signed
+/// (`_mm256_cvtepi8_epi32`), as f32: rows 0..8 and 8..16.
+macro_rules! byte_halves {
+    ($widen:ident, $p:expr, $at:expr) => {
+        [
+            _mm256_cvtepi32_ps($widen(_mm_loadl_epi64($p.add($at).cast()))),
+            _mm256_cvtepi32_ps($widen(_mm_loadl_epi64($p.add($at + HALF).cast()))),
+        ]
+    };
+}
+
+/// `a · b`, half by half.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn mul_halves(a: [__m256; 2], b: [__m256; 2]) -> [__m256; 2] {
+    [_mm256_mul_ps(a[0], b[0]), _mm256_mul_ps(a[1], b[1])]
+}
+
+/// A panel block's two per-row factors, as f32 for rows 0..8 and 8..16: the scale `d` and
+/// the offset `m` (zero for Q4_0 and Q8_0); `d·sc` and `dmin·m` for Q4_K; for Q6_K the
+/// scales of columns 0..16 and 16..32, `d·sc0` and `d·sc1`. Each product is rounded as ggml
+/// rounds it.
 macro_rules! block_scales {
     ($format:expr, $p:expr) => {{
-        let d = [
-            _mm256_cvtph_ps(_mm_loadu_si128($p.cast())),
-            _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * HALF).cast())),
-        ];
-        let m = if $format == Format::Q4_1 {
-            [
-                _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * PANEL).cast())),
-                _mm256_cvtph_ps(_mm_loadu_si128($p.add(2 * PANEL + 2 * HALF).cast())),
-            ]
-        } else {
-            [_mm256_setzero_ps(); 2]
-        };
-        (d, m)
+        match $format {
+            Format::Q4_0 | Format::Q8_0 => (f16_halves!($p, 0), [_mm256_setzero_ps(); 2]),
+            Format::Q4_1 => (f16_halves!($p, 0), f16_halves!($p, 2 * PANEL)),
+            Format::Q4K => (
+                mul_halves(
+                    f16_halves!($p, 0),
+                    byte_halves!(_mm256_cvtepu8_epi32, $p, 4 * PANEL),
+                ),
+                mul_halves(
+                    f16_halves!($p, 2 * PANEL),
+                    byte_halves!(_mm256_cvtepu8_epi32, $p, 5 * PANEL),
+                ),
+            ),
+            Format::Q6K => {
+                let d = f16_halves!($p, 0);
+                (
+                    mul_halves(d, byte_halves!(_mm256_cvtepi8_epi32, $p, 2 * PANEL)),
+                    mul_halves(d, byte_halves!(_mm256_cvtepi8_epi32, $p, 3 * PANEL)),
+                )
+            }
+        }
     }};
 }
 
@@ -46,14 +84,10 @@ macro_rules! block_scales {
 /// `[column][half]`, computed as [`super::layout::dequantize_block_row`] does.
 macro_rules! column_pair {
     ($format:expr, $p:expr, $d:expr, $m:expr, $k:expr) => {{
+        let qs = $p.add($format.quants_offset());
         let quants: [[__m128i; 2]; 2] = match $format {
-            Format::Q4_0 | Format::Q4_1 => {
+            Format::Q4_0 | Format::Q4_1 | Format::Q4K => {
                 let nibble_mask = _mm_set1_epi8(0x0F);
-                let qs = $p.add(if $format == Format::Q4_1 {
-                    4 * PANEL
-                } else {
-                    2 * PANEL
-                });
                 let v = _mm_loadu_si128(qs.add(8 * $k).cast());
                 let lo = _mm_and_si128(v, nibble_mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble_mask);
@@ -61,8 +95,7 @@ macro_rules! column_pair {
                 // `hi` holds rows 8..16.
                 [[lo, hi], [_mm_srli_si128(lo, 8), _mm_srli_si128(hi, 8)]]
             }
-            Format::Q8_0 => {
-                let qs = $p.add(2 * PANEL);
+            Format::Q8_0 | Format::Q6K => {
                 let v0 = _mm_loadu_si128(qs.add(PANEL * $k).cast());
                 let v1 = _mm_loadu_si128(qs.add(PANEL * ($k + 1)).cast());
                 [[v0, _mm_srli_si128(v0, 8)], [v1, _mm_srli_si128(v1, 8)]]
@@ -76,12 +109,21 @@ macro_rules! column_pair {
                         let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
                         _mm256_add_ps(_mm256_mul_ps(q, $d[h]), $m[h])
                     }
+                    Format::Q4K => {
+                        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+                        _mm256_sub_ps(_mm256_mul_ps(q, $d[h]), $m[h])
+                    }
                     Format::Q4_0 => {
                         let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
                         _mm256_mul_ps(_mm256_sub_ps(q, _mm256_set1_ps(8.0)), $d[h])
                     }
                     Format::Q8_0 => {
                         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), $d[h])
+                    }
+                    Format::Q6K => {
+                        // `k` and `k + 1` lie on the same side of column 16.
+                        let scale = if $k < QK / 2 { $d[h] } else { $m[h] };
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale)
                     }
                 };
             }

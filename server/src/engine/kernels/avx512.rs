@@ -19,16 +19,47 @@ pub const ROWS: usize = 12;
 /// Panels per tile.
 pub const PANELS: usize = 2;
 
-/// A panel block's per-row scales `d` and offsets `m` (zero unless Q4_1), as f32.
+/// Sixteen f16 at `$p + $at`, as f32: one per row.
+macro_rules! f16_row {
+    ($p:expr, $at:expr) => {
+        _mm512_cvtph_ps(_mm256_loadu_si256($p.add($at).cast()))
+    };
+}
+
+/// Sixteen bytes at `$p + $at`, unsigned (`_mm512_cvtepu8_epi32`) or signed
+/// (`_mm512_cvtepi8_epi32`), as f32: one per row.
+macro_rules! byte_row {
+    ($widen:ident, $p:expr, $at:expr) => {
+        _mm512_cvtepi32_ps($widen(_mm_loadu_si128($p.add($at).cast())))
+    };
+}
+
+/// A panel block's two per-row factors, as f32: the scale `d` and the offset `m` (zero for
+/// Q4_0 and Q8_0); `d·sc` and `dmin·m` for Q4_K; for Q6_K the scales of columns 0..16 and
+/// 16..32, `d·sc0` and `d·sc1`. Each product is rounded as ggml rounds it.
 macro_rules! block_scales {
     ($format:expr, $p:expr) => {{
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256($p.cast()));
-        let m = if $format == Format::Q4_1 {
-            _mm512_cvtph_ps(_mm256_loadu_si256($p.add(2 * PANEL).cast()))
-        } else {
-            _mm512_setzero_ps()
-        };
-        (d, m)
+        match $format {
+            Format::Q4_0 | Format::Q8_0 => (f16_row!($p, 0), _mm512_setzero_ps()),
+            Format::Q4_1 => (f16_row!($p, 0), f16_row!($p, 2 * PANEL)),
+            Format::Q4K => (
+                _mm512_mul_ps(
+                    f16_row!($p, 0),
+                    byte_row!(_mm512_cvtepu8_epi32, $p, 4 * PANEL),
+                ),
+                _mm512_mul_ps(
+                    f16_row!($p, 2 * PANEL),
+                    byte_row!(_mm512_cvtepu8_epi32, $p, 5 * PANEL),
+                ),
+            ),
+            Format::Q6K => {
+                let d = f16_row!($p, 0);
+                (
+                    _mm512_mul_ps(d, byte_row!(_mm512_cvtepi8_epi32, $p, 2 * PANEL)),
+                    _mm512_mul_ps(d, byte_row!(_mm512_cvtepi8_epi32, $p, 3 * PANEL)),
+                )
+            }
+        }
     }};
 }
 
@@ -36,14 +67,10 @@ macro_rules! block_scales {
 /// one register of 16 rows each, computed as [`super::layout::dequantize_block_row`] does.
 macro_rules! column_pair {
     ($format:expr, $p:expr, $d:expr, $m:expr, $k:expr) => {{
-        let nibble_mask = _mm_set1_epi8(0x0F);
+        let qs = $p.add($format.quants_offset());
         match $format {
-            Format::Q4_0 | Format::Q4_1 => {
-                let qs = $p.add(if $format == Format::Q4_1 {
-                    4 * PANEL
-                } else {
-                    2 * PANEL
-                });
+            Format::Q4_0 | Format::Q4_1 | Format::Q4K => {
+                let nibble_mask = _mm_set1_epi8(0x0F);
                 let v = _mm_loadu_si128(qs.add(8 * $k).cast());
                 let lo = _mm_and_si128(v, nibble_mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble_mask);
@@ -51,26 +78,37 @@ macro_rules! column_pair {
                 // `hi` holds rows 8..16.
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi)));
                 let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(lo, hi)));
-                if $format == Format::Q4_1 {
-                    [
+                match $format {
+                    Format::Q4_1 => [
                         _mm512_add_ps(_mm512_mul_ps(q0, $d), $m),
                         _mm512_add_ps(_mm512_mul_ps(q1, $d), $m),
-                    ]
-                } else {
-                    let eight = _mm512_set1_ps(8.0);
-                    [
-                        _mm512_mul_ps(_mm512_sub_ps(q0, eight), $d),
-                        _mm512_mul_ps(_mm512_sub_ps(q1, eight), $d),
-                    ]
+                    ],
+                    Format::Q4K => [
+                        _mm512_sub_ps(_mm512_mul_ps(q0, $d), $m),
+                        _mm512_sub_ps(_mm512_mul_ps(q1, $d), $m),
+                    ],
+                    // Q4_0
+                    _ => {
+                        let eight = _mm512_set1_ps(8.0);
+                        [
+                            _mm512_mul_ps(_mm512_sub_ps(q0, eight), $d),
+                            _mm512_mul_ps(_mm512_sub_ps(q1, eight), $d),
+                        ]
+                    }
                 }
             }
-            Format::Q8_0 => {
-                let qs = $p.add(2 * PANEL);
+            Format::Q8_0 | Format::Q6K => {
+                // Q6_K: `k` and `k + 1` lie on the same side of column 16.
+                let scale = if $format == Format::Q6K && $k >= QK / 2 {
+                    $m
+                } else {
+                    $d
+                };
                 let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(PANEL * $k).cast()));
                 let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(PANEL * ($k + 1)).cast()));
                 [
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(q0), $d),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(q1), $d),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(q0), scale),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(q1), scale),
                 ]
             }
         }

@@ -3,7 +3,10 @@
 //! decode row and for a training batch of thousands alike.
 //!
 //! - [`layout`]: the matrix is repacked at load into panels of 16 output rows, interleaved
-//!   along `k`, keeping its quantization.
+//!   along `k`, keeping its quantization (`Q4_0`, `Q4_1`, `Q8_0`; `Q5_0` as the `Q8_0` of the
+//!   same values; `Q4_K` and `Q6_K` unpacked into 32-value sub-blocks). [`row_blocks`] keeps
+//!   the rarer `Q5_1`, `Q5_K` and half-precision matrices as whole GGUF blocks per row,
+//!   dequantized by portable code (one-row decode of those is several times slower).
 //! - The product is a blocked GEMM: per panel (two on AVX-512) and chunk of `KC` columns,
 //!   the weights are dequantized once into an f32 buffer that stays in L1 (f32 panels are read
 //!   in place), and a register-blocked outer-product tile kernel runs every block of input
@@ -95,15 +98,15 @@ impl PackedMatrix {
             GgmlDType::Q8_0 => Kept::Interleaved(Format::Q8_0),
             GgmlDType::Q5_0 => Kept::Q5_0AsQ8_0,
             GgmlDType::Q5_1 => Kept::Rows(RowFormat::Q5_1),
-            GgmlDType::Q4K => Kept::Rows(RowFormat::Q4K),
+            GgmlDType::Q4K => Kept::Interleaved(Format::Q4K),
             GgmlDType::Q5K => Kept::Rows(RowFormat::Q5K),
-            GgmlDType::Q6K => Kept::Rows(RowFormat::Q6K),
+            GgmlDType::Q6K => Kept::Interleaved(Format::Q6K),
             GgmlDType::F16 => Kept::Rows(RowFormat::F16),
             GgmlDType::BF16 => Kept::Rows(RowFormat::BF16),
             _ => return Ok(None),
         };
         let (block_values, block_bytes) = match kept {
-            Kept::Interleaved(format) => (QK, format.gguf_block_bytes()),
+            Kept::Interleaved(format) => (format.gguf_block_values(), format.gguf_block_bytes()),
             Kept::Q5_0AsQ8_0 => (QK, q.dtype().type_size()),
             Kept::Rows(format) => (format.block_values(), format.block_bytes()),
         };
@@ -177,12 +180,12 @@ impl PackedMatrix {
                 Format::Q4_0 => GgmlDType::Q4_0,
                 Format::Q4_1 => GgmlDType::Q4_1,
                 Format::Q8_0 => GgmlDType::Q8_0,
+                Format::Q4K => GgmlDType::Q4K,
+                Format::Q6K => GgmlDType::Q6K,
             },
             Storage::RowBlocks { format, .. } => match format {
                 RowFormat::Q5_1 => GgmlDType::Q5_1,
-                RowFormat::Q4K => GgmlDType::Q4K,
                 RowFormat::Q5K => GgmlDType::Q5K,
-                RowFormat::Q6K => GgmlDType::Q6K,
                 RowFormat::F16 => GgmlDType::F16,
                 RowFormat::BF16 => GgmlDType::BF16,
             },
@@ -678,7 +681,13 @@ mod tests {
     /// Each variant's dequantization of whole panels is the portable one, bit for bit.
     #[test]
     fn dequantization_of_every_variant_is_the_same() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let q = random_qtensor(48, 256, dtype);
             let m = packed(&q);
             let Storage::Blocks { format, bytes } = &m.storage else {

@@ -1,41 +1,37 @@
-//! The GGUF formats that products dequantize block by block: `Q5_1` (blocks of 32 values) and the K-quants `Q4_K`, `Q5_K`, `Q6_K` (super-blocks of 256 values with 6- or 8-bit
-//! sub-block scales), which is what the Q4_K_M, Q5_K_M and Q6_K files people download hold;
-//! and half-precision matrices (`F16`, `BF16`, taken 32 values at a time), kept at half the
-//! memory of f32 and widened exactly.
+//! The GGUF formats that products dequantize block by block: `Q5_1` (blocks of 32 values),
+//! the K-quant `Q5_K` (super-blocks of 256 values with 6-bit sub-block scales), which is what
+//! Q5_K_M files hold; and half-precision matrices (`F16`, `BF16`, taken 32 values at a time),
+//! kept at half the memory of f32 and widened exactly. (`Q4_K` and `Q6_K`, the bulk of Q4_K_M
+//! and Q6_K files, are unpacked into the interleaved panels of [`super::layout`] instead.)
 //!
 //! Their blocks are kept as the file stores them, only regrouped by panel: for panel `p` and
 //! block `b`, the 16 rows' blocks `b` follow one another. A product dequantizes one panel's
 //! chunk of `KC` (256) columns at a time into the f32 buffer the tile kernels read (as the
-//! other quantized formats are), so the activations stay f32 and the weights four to six bits.
+//! other quantized formats are), so the activations stay f32 and the weights five bits.
 //!
 //! Every value is computed with exactly ggml's operations, in ggml's order (candle's
-//! `to_float`, which a test holds these to bit for bit): `(d·sc)·q` and `d·sc·q − dmin·m`, the
+//! `to_float`, which a test holds these to bit for bit): `(d·sc)·q − dmin·m`, the
 //! products rounded before the subtraction, never fused.
 
 use half::{bf16, f16};
 
-use super::layout::PANEL;
+use super::layout::{scale_min_k4, PANEL, QK_K};
 
 /// A block-by-block format and the size of its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowFormat {
     Q5_1,
-    Q4K,
     Q5K,
-    Q6K,
     F16,
     BF16,
 }
-
-/// Values per K-quant super-block.
-const QK_K: usize = 256;
 
 impl RowFormat {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
             RowFormat::Q5_1 | RowFormat::F16 | RowFormat::BF16 => 32,
-            RowFormat::Q4K | RowFormat::Q5K | RowFormat::Q6K => QK_K,
+            RowFormat::Q5K => QK_K,
         }
     }
 
@@ -44,12 +40,9 @@ impl RowFormat {
         match self {
             // d, m, qh (32 fifth bits), 16 bytes of nibbles.
             RowFormat::Q5_1 => 2 + 2 + 4 + 16,
-            // d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles.
-            RowFormat::Q4K => 2 + 2 + 12 + QK_K / 2,
-            // As Q4_K, with 32 bytes of fifth bits before the nibbles.
+            // d, dmin, 12 bytes of 6-bit scales and mins, 32 bytes of fifth bits, 128 bytes of
+            // nibbles.
             RowFormat::Q5K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
-            // 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed scales, d.
-            RowFormat::Q6K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
             // 32 values of 2 bytes.
             RowFormat::F16 | RowFormat::BF16 => 64,
         }
@@ -59,9 +52,7 @@ impl RowFormat {
     pub fn dequantize(self, block: &[u8], out: &mut [f32]) {
         match self {
             RowFormat::Q5_1 => q5_1(block, out),
-            RowFormat::Q4K => q4_k(block, out),
             RowFormat::Q5K => q5_k(block, out),
-            RowFormat::Q6K => q6_k(block, out),
             RowFormat::F16 => {
                 for (o, v) in out.iter_mut().zip(block.chunks_exact(2)) {
                     *o = f16::from_le_bytes([v[0], v[1]]).to_f32();
@@ -105,38 +96,6 @@ fn q5_1(block: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The 6-bit scale and min of sub-block `j` (0..8) from a K-quant's 12 packed bytes.
-fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (scales[j] & 63, scales[j + 4] & 63)
-    } else {
-        (
-            (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
-            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
-        )
-    }
-}
-
-fn q4_k(block: &[u8], out: &mut [f32]) {
-    let d = f16_at(block, 0);
-    let dmin = f16_at(block, 2);
-    let scales = &block[4..16];
-    let qs = &block[16..16 + QK_K / 2];
-    for (half_pair, j) in (0..QK_K).step_by(64).enumerate() {
-        let q = &qs[j / 2..j / 2 + 32];
-        let is = 2 * half_pair;
-        let (sc, m) = scale_min_k4(is, scales);
-        let (d1, m1) = (d * f32::from(sc), dmin * f32::from(m));
-        let (sc, m) = scale_min_k4(is + 1, scales);
-        let (d2, m2) = (d * f32::from(sc), dmin * f32::from(m));
-        let out = &mut out[j..j + 64];
-        for (l, &q) in q.iter().enumerate() {
-            out[l] = d1 * f32::from(q & 0x0F) - m1;
-            out[l + 32] = d2 * f32::from(q >> 4) - m2;
-        }
-    }
-}
-
 fn q5_k(block: &[u8], out: &mut [f32]) {
     let d = f16_at(block, 0);
     let dmin = f16_at(block, 2);
@@ -156,31 +115,6 @@ fn q5_k(block: &[u8], out: &mut [f32]) {
             let fifth = |bit: u8| if high & bit != 0 { 16f32 } else { 0f32 };
             out[l] = d1 * (f32::from(low & 0x0F) + fifth(u1)) - m1;
             out[l + 32] = d2 * (f32::from(low >> 4) + fifth(u2)) - m2;
-        }
-    }
-}
-
-fn q6_k(block: &[u8], out: &mut [f32]) {
-    let ql = &block[..QK_K / 2];
-    let qh = &block[QK_K / 2..QK_K / 2 + QK_K / 4];
-    let scales = &block[QK_K / 2 + QK_K / 4..QK_K / 2 + QK_K / 4 + QK_K / 16];
-    let d = f16_at(block, QK_K / 2 + QK_K / 4 + QK_K / 16);
-    for half in 0..2 {
-        let out = &mut out[128 * half..];
-        let sc = &scales[8 * half..];
-        let ql = &ql[64 * half..];
-        let qh = &qh[32 * half..];
-        let scale = |i: usize| d * f32::from(sc[i] as i8);
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-            out[l] = scale(is) * f32::from(q1);
-            out[l + 32] = scale(is + 2) * f32::from(q2);
-            out[l + 64] = scale(is + 4) * f32::from(q3);
-            out[l + 96] = scale(is + 6) * f32::from(q4);
         }
     }
 }
