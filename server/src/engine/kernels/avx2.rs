@@ -307,8 +307,12 @@ pub unsafe fn fma_loop(iterations: usize) -> f32 {
     lanes.iter().sum()
 }
 
+/// Keys scored at once by [`scaled_dots`]: independent chains that hide the FMA latency.
+const KEYS_AT_ONCE: usize = 4;
+
 /// Attention scores: `scores[j] = (query · keys[j·stride..][..d]) · scale`, each dot product
 /// in 8 lanes of FMAs summed in order, then the tail (as [`super::portable::scaled_dots`]).
+/// Keys go `KEYS_AT_ONCE` at a time, each in its own chain, so every score keeps its bits.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `keys` holds `scores.len()` vectors of `query.len()` at `stride`.
@@ -320,30 +324,63 @@ pub unsafe fn scaled_dots(
     scale: f32,
     scores: &mut [f32],
 ) {
+    let n = scores.len();
+    let grouped = n - n % KEYS_AT_ONCE;
+    for j0 in (0..grouped).step_by(KEYS_AT_ONCE) {
+        let scores = &mut scores[j0..j0 + KEYS_AT_ONCE];
+        scaled_dots_of::<KEYS_AT_ONCE>(query, &keys[j0 * stride..], stride, scale, scores);
+    }
+    for j in grouped..n {
+        let scores = &mut scores[j..j + 1];
+        scaled_dots_of::<1>(query, &keys[j * stride..], stride, scale, scores);
+    }
+}
+
+/// [`scaled_dots`] of `N` keys, in `N` chains.
+///
+/// # Safety
+/// As [`scaled_dots`], with `scores.len() == N`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn scaled_dots_of<const N: usize>(
+    query: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
     let d = query.len();
     let body = d - d % HALF;
     let q = query.as_ptr();
-    for (j, score) in scores.iter_mut().enumerate() {
-        let k = &keys[j * stride..j * stride + d];
-        let kp = k.as_ptr();
-        let mut acc = _mm256_setzero_ps();
-        // SAFETY: `i + 8 <= body <= d`, the length of both `query` and `k`.
-        for i in (0..body).step_by(HALF) {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(kp.add(i)), acc);
+    let k = keys.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); N];
+    // SAFETY: `i + 8 <= body <= d`, the length of `query` and of each of the N keys, which
+    // lie inside `keys` (the caller's contract).
+    for i in (0..body).step_by(HALF) {
+        let qi = _mm256_loadu_ps(q.add(i));
+        for (c, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k.add(c * stride + i)), *acc);
         }
+    }
+    for (c, (acc, score)) in acc.iter().zip(scores.iter_mut()).enumerate() {
+        let key = &keys[c * stride..c * stride + d];
         let mut lanes = [0f32; HALF];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
         let tail: f32 = query[body..]
             .iter()
-            .zip(&k[body..])
+            .zip(&key[body..])
             .map(|(x, y)| x * y)
             .sum();
         *score = (lanes.iter().sum::<f32>() + tail) * scale;
     }
 }
 
+/// Registers of outputs [`weighted_sum`] keeps while it runs over every value.
+const SUM_REGISTERS: usize = 8;
+
 /// Attention's weighted sum: `out[i] = fma(weights[j], values[j·stride + i], out[i])` for each
-/// `j` in order.
+/// `j` in order. Each block of 64 outputs stays in registers for the whole run over `j`
+/// (instead of a load and a store per value); every output's chain is the same, so its bits.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `values` holds `weights.len()` vectors of `out.len()` at `stride`.
@@ -352,18 +389,35 @@ pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: 
     let d = out.len();
     let body = d - d % HALF;
     let o = out.as_mut_ptr();
-    for (j, &weight) in weights.iter().enumerate() {
-        let v = &values[j * stride..j * stride + d];
-        let vp = v.as_ptr();
-        let w = _mm256_set1_ps(weight);
-        // SAFETY: `i + 8 <= body <= d`, the length of both `out` and `v`.
-        for i in (0..body).step_by(HALF) {
-            let y = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(i)), _mm256_loadu_ps(o.add(i)));
-            _mm256_storeu_ps(o.add(i), y);
+    let v = values.as_ptr();
+    let block = SUM_REGISTERS * HALF;
+    for i0 in (0..body).step_by(block) {
+        let registers = (body - i0).min(block) / HALF;
+        let mut acc = [_mm256_setzero_ps(); SUM_REGISTERS];
+        // SAFETY (all loads and stores): `i0 + 8·registers <= body <= d`, the length of `out`
+        // and of every value vector `j`, which lies inside `values`.
+        for (r, acc) in acc.iter_mut().enumerate().take(registers) {
+            *acc = _mm256_loadu_ps(o.add(i0 + r * HALF));
         }
-        for i in body..d {
-            let y = _mm_fmadd_ss(_mm_set_ss(weight), _mm_set_ss(v[i]), _mm_set_ss(out[i]));
-            out[i] = _mm_cvtss_f32(y);
+        for (j, &weight) in weights.iter().enumerate() {
+            let w = _mm256_set1_ps(weight);
+            let vj = v.add(j * stride + i0);
+            for (r, acc) in acc.iter_mut().enumerate().take(registers) {
+                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj.add(r * HALF)), *acc);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(registers) {
+            _mm256_storeu_ps(o.add(i0 + r * HALF), *acc);
+        }
+    }
+    for (i, y) in out.iter_mut().enumerate().skip(body) {
+        for (j, &weight) in weights.iter().enumerate() {
+            let x = values[j * stride + i];
+            *y = _mm_cvtss_f32(_mm_fmadd_ss(
+                _mm_set_ss(weight),
+                _mm_set_ss(x),
+                _mm_set_ss(*y),
+            ));
         }
     }
 }

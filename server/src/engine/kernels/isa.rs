@@ -396,7 +396,7 @@ mod tests {
                 .map(|i| (i as f32 * 0.37 + seed).sin() * 3.0)
                 .collect()
         };
-        for d in [64, 12, 5] {
+        for d in [256, 100, 64, 12, 5] {
             let (n, stride) = (7, d + 3);
             let query = values(d, 0.1);
             let keys = values((n - 1) * stride + d, 0.2);
