@@ -629,6 +629,93 @@ async fn api_keys_guard_the_api_but_not_the_probes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn scoped_keys_reach_their_routes_and_get_403_elsewhere() {
+    let server = Server::start(ServerOptions {
+        config: "[server]\napi_keys = [\"sk-all\"]\n\
+                 [[server.keys]]\nkey = \"sk-app\"\nscopes = [\"inference\"]\nname = \"web app\"\n\
+                 [[server.keys]]\nkey = \"sk-tune\"\nscopes = [\"fine_tuning\"]\n"
+            .into(),
+        ..ServerOptions::default()
+    });
+    let client = common::client();
+    let call = |method: reqwest::Method, path: &str, key: &str| {
+        client
+            .request(method, server.url(path))
+            .bearer_auth(key)
+            .json(&json!({}))
+            .send()
+    };
+    use reqwest::Method;
+    // (key, method, path, status): 403 only where the key lacks the route's scope.
+    let cases = [
+        ("sk-app", Method::GET, "/v1/models", 200),
+        ("sk-app", Method::POST, "/v1/finetune", 403),
+        ("sk-app", Method::GET, "/v1/adapters", 403),
+        ("sk-app", Method::DELETE, "/v1/adapters/nobody", 403),
+        ("sk-tune", Method::GET, "/v1/finetune", 200),
+        ("sk-tune", Method::GET, "/v1/adapters", 200),
+        ("sk-tune", Method::POST, "/v1/chat/completions", 403),
+        ("sk-tune", Method::POST, "/v1/adapters/nobody/rollback", 403),
+        ("sk-tune", Method::GET, "/v1/no_such_route", 404),
+        ("sk-all", Method::DELETE, "/v1/adapters/nobody", 404),
+        ("sk-wrong", Method::GET, "/v1/models", 401),
+    ];
+    for (key, method, path, want) in cases {
+        let response = call(method.clone(), path, key).await.expect("request");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, want, "{key} {method} {path}: {body}");
+        if status == 403 {
+            assert_eq!(body["error"]["type"], "permission_error", "{body}");
+            assert_eq!(body["error"]["code"], "missing_scope", "{body}");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(path) && message.contains("scope"),
+                "{message}"
+            );
+        }
+    }
+    let (_, err) = {
+        let response = call(Method::POST, "/v1/finetune", "sk-app")
+            .await
+            .expect("request");
+        (
+            response.status(),
+            response.json::<Value>().await.expect("json"),
+        )
+    };
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`fine_tuning`") && message.contains("the key has inference"),
+        "{message}"
+    );
+
+    // Refusals are counted by route; the secrets never reach the log.
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let counted = |route: &str, status: &str| {
+        metrics.lines().any(|line| {
+            line.starts_with("mezo_http_requests_total")
+                && line.contains(&format!("route=\"{route}\""))
+                && line.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(counted("/v1/finetune", "403"), "{metrics}");
+    assert!(counted("/v1/models", "401"), "{metrics}");
+    let log = server.log();
+    assert!(log.contains("web app"), "the refusal names the key: {log}");
+    for secret in ["sk-all", "sk-app", "sk-tune", "sk-wrong"] {
+        assert!(!log.contains(secret), "{secret} is in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_with_retry_after() {
     let server = Server::start(ServerOptions {
         config: "[scheduler]\nmax_batch_rows = 1\nmax_waiting = 2\n".into(),

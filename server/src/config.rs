@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::api::access::ScopedKey;
 use crate::engine::weights::WeightMode;
 use crate::fetch::{known_model, ModelSource, DEFAULT_MODEL};
 
@@ -64,6 +65,9 @@ pub struct ServerConfig {
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<String>,
+    /// Keys limited to some scopes (`[[server.keys]]`).
+    #[serde(default)]
+    pub keys: Vec<ScopedKey>,
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     pub shutdown_grace_seconds: u64,
@@ -178,6 +182,27 @@ impl Config {
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err("`server.api_keys` holds an empty key; remove it".into());
         }
+        for (i, entry) in self.server.keys.iter().enumerate() {
+            if entry.key.trim().is_empty() {
+                return Err(format!("`server.keys[{i}].key` is empty; give it a secret"));
+            }
+            if entry.scopes.is_empty() {
+                return Err(format!(
+                    "`server.keys[{i}].scopes` is empty, so the key could do nothing; list some \
+                     of inference, fine_tuning, admin"
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut every_key =
+            (self.server.api_keys.iter()).chain(self.server.keys.iter().map(|k| &k.key));
+        if every_key.any(|k| !seen.insert(k.as_str())) {
+            return Err(
+                "the same key appears twice in `server.api_keys` / `server.keys`; give each \
+                 key one entry"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -242,5 +267,37 @@ mod tests {
         let zero = Config::from_toml_over_defaults("[scheduler]\nmax_batch_rows = 0\n").unwrap();
         let err = zero.validate().unwrap_err();
         assert!(err.contains("scheduler.max_batch_rows"), "{err}");
+    }
+
+    #[test]
+    fn scoped_keys_are_read_and_checked() {
+        let scoped = "[server]\napi_keys = [\"sk-all\"]\n\
+                      [[server.keys]]\nkey = \"sk-app\"\nscopes = [\"inference\"]\n\
+                      [[server.keys]]\nkey = \"sk-ops\"\nscopes = [\"admin\", \"fine_tuning\"]\nname = \"ops\"\n";
+        let config = Config::from_toml_over_defaults(scoped).expect("valid");
+        config.validate().expect("valid keys");
+        assert_eq!(config.server.keys.len(), 2);
+        assert_eq!(config.server.keys[1].name, "ops");
+
+        let err = Config::from_toml_over_defaults(
+            "[[server.keys]]\nkey = \"sk-x\"\nscopes = [\"everything\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("everything") && err.contains("fine_tuning"),
+            "{err}"
+        );
+        for (toml, says) in [
+            ("[[server.keys]]\nkey = \"sk-x\"\nscopes = []\n", "scopes` is empty"),
+            ("[[server.keys]]\nkey = \" \"\nscopes = [\"admin\"]\n", "key` is empty"),
+            (
+                "[server]\napi_keys = [\"sk-x\"]\n[[server.keys]]\nkey = \"sk-x\"\nscopes = [\"admin\"]\n",
+                "appears twice",
+            ),
+        ] {
+            let config = Config::from_toml_over_defaults(toml).expect("parses");
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(says), "{toml}: {err}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::adapter_versions::AdapterVersions;
+use crate::api::access::KeyRing;
 use crate::api::{app, ApiConfig, AppState, Serving};
 use crate::config::Config;
 use crate::engine::loaded_model::LoadedModel;
@@ -63,7 +64,7 @@ pub async fn serve_on(
     let metrics = crate::metrics::install();
     let state = AppState::new(
         ApiConfig {
-            api_keys: config.server.api_keys.clone(),
+            keys: KeyRing::new(&config.server.api_keys, &config.server.keys),
             metrics_require_key: config.server.metrics_require_key,
             max_body_bytes: config.server.max_body_bytes,
             max_file_bytes: config.training.max_file_bytes,

@@ -166,6 +166,14 @@ impl ApiError {
         }
     }
 
+    /// 403: a valid API key without the scope the route needs.
+    pub fn missing_scope(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("missing_scope"),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
     /// 404: a job, file, adapter or completion that does not exist.
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -1,5 +1,6 @@
 //! Layers every request passes through: the request id (echoed from `x-request-id` or made
-//! up), API-key authentication, and the request counter by route, model and status.
+//! up), API-key authentication and scopes ([`access`]), and the request counter by route,
+//! model and status.
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue};
@@ -8,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::metrics as m;
 
+use super::access;
 use super::error::ApiError;
 use super::state::AppState;
 use super::ServedModelLabel;
@@ -30,8 +32,10 @@ pub async fn request_id(request: Request, next: Next) -> Response {
     response
 }
 
-/// With `api_keys` configured, `/v1/*` (and `/metrics` if so set) need `Authorization: Bearer`
-/// with one of them. `/health` and `/ready` are always open, for probes.
+/// With keys configured (`server.api_keys`, `[[server.keys]]`), `/v1/*` (and `/metrics` if so
+/// set) need `Authorization: Bearer` with one of them, and a scoped key must have the route's
+/// scope ([`access::required_scope`]): 401 without a valid key, 403 without the scope.
+/// `/health` and `/ready` are always open, for probes.
 pub async fn require_api_key(
     State(state): State<AppState>,
     request: Request,
@@ -39,10 +43,10 @@ pub async fn require_api_key(
 ) -> Response {
     let config = state.config();
     let path = request.uri().path();
-    let protected = path.starts_with("/v1/")
-        || path == "/v1"
-        || (path == "/metrics" && config.metrics_require_key);
-    if config.api_keys.is_empty() || !protected {
+    let is_metrics = path == "/metrics";
+    let protected =
+        path.starts_with("/v1/") || path == "/v1" || (is_metrics && config.metrics_require_key);
+    if config.keys.is_empty() || !protected {
         return next.run(request).await;
     }
     let given = request
@@ -51,16 +55,38 @@ pub async fn require_api_key(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        None => ApiError::unauthorized(
+    let Some(given) = given else {
+        return ApiError::unauthorized(
             "this server needs an API key: send `Authorization: Bearer <key>` (the openai client's api_key)",
         )
-        .into_response(),
-        Some(key) if config.api_keys.iter().any(|k| constant_time_eq(k, key)) => {
-            next.run(request).await
+        .into_response();
+    };
+    let Some(key) = config.keys.find(given) else {
+        return ApiError::unauthorized("the API key is not valid for this server").into_response();
+    };
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    // /metrics takes any valid key.
+    let needed = if is_metrics {
+        None
+    } else {
+        access::required_scope(request.method(), route)
+    };
+    match needed {
+        Some(scope) if !key.allows(scope) => {
+            let method = request.method().as_str();
+            let route = route.unwrap_or(path);
+            tracing::info!(key = %key.name, %method, route, %scope, "refused: the key lacks the scope");
+            ApiError::missing_scope(format!(
+                "this API key may not call {method} {path}: that needs the `{scope}` scope, and \
+                 the key has {}; use a key with it (or ask for one: `[[server.keys]]` scopes)",
+                key.scope_list()
+            ))
+            .into_response()
         }
-        Some(_) => ApiError::unauthorized("the API key is not valid for this server")
-            .into_response(),
+        _ => next.run(request).await,
     }
 }
 
@@ -84,25 +110,4 @@ pub async fn count_requests(request: Request, next: Next) -> Response {
     )
     .increment(1);
     response
-}
-
-/// Compares keys in time independent of where they differ.
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn key_comparison() {
-        assert!(constant_time_eq("sk-abc", "sk-abc"));
-        assert!(!constant_time_eq("sk-abc", "sk-abd"));
-        assert!(!constant_time_eq("sk-abc", "sk-ab"));
-    }
 }

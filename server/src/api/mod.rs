@@ -6,6 +6,7 @@
 //! ([`stream`]). [`app`] builds the whole router, so tests
 //! can drive it without a socket.
 
+pub mod access;
 pub mod adapters;
 pub mod chat;
 pub mod completions;
@@ -105,11 +106,13 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn(middleware::count_requests))
+        // The counter runs outside authentication, so refused requests (401, 403) are
+        // counted by route too.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::require_api_key,
         ))
+        .layer(axum::middleware::from_fn(middleware::count_requests))
         .layer(axum::middleware::from_fn(middleware::request_id))
         .with_state(state)
 }

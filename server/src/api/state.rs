@@ -21,7 +21,8 @@ use super::error::ApiError;
 /// The HTTP layer's settings (from `[server]` and `[scheduler]`).
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    pub api_keys: Vec<String>,
+    /// The keys `/v1/*` accepts and their scopes; empty: no authentication.
+    pub keys: super::access::KeyRing,
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     /// Largest upload to `POST /v1/files`.

@@ -1,0 +1,225 @@
+//! Who may call what: API keys and their scopes.
+//!
+//! A key from `server.api_keys` (or `MEZO_API_KEYS`) may do everything. A `[[server.keys]]`
+//! entry may do what its `scopes` list:
+//! - `inference`: chat and text completions, the model list, feedback on answers;
+//! - `fine_tuning`: jobs (both APIs), files, reading adapters and their feedback;
+//! - `admin`: everything, including rollback, delete, continuous training and loading or
+//!   unloading adapters at runtime.
+//!
+//! [`required_scope`] is the one table from routes to scopes; a route it does not know needs
+//! `admin`, so a route added without a row here is closed rather than open.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use axum::http::Method;
+use serde::Deserialize;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Inference,
+    FineTuning,
+    Admin,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Inference => "inference",
+            Scope::FineTuning => "fine_tuning",
+            Scope::Admin => "admin",
+        })
+    }
+}
+
+/// One `[[server.keys]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedKey {
+    /// The secret, sent as `Authorization: Bearer <key>`.
+    pub key: String,
+    pub scopes: BTreeSet<Scope>,
+    /// A name for the log (the key itself is never logged).
+    #[serde(default)]
+    pub name: String,
+}
+
+impl ScopedKey {
+    /// Whether the key may do what `needed` guards (`admin` may do everything).
+    pub fn allows(&self, needed: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&needed)
+    }
+
+    /// The scopes, for messages: `inference, fine_tuning`.
+    pub fn scope_list(&self) -> String {
+        let names: Vec<String> = self.scopes.iter().map(Scope::to_string).collect();
+        names.join(", ")
+    }
+}
+
+/// Every key the server accepts.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: Vec<ScopedKey>,
+}
+
+impl KeyRing {
+    /// Plain keys (every scope) and scoped ones.
+    pub fn new(all_scopes: &[String], scoped: &[ScopedKey]) -> Self {
+        let plain = all_scopes.iter().enumerate().map(|(i, key)| ScopedKey {
+            key: key.clone(),
+            scopes: BTreeSet::from([Scope::Admin]),
+            name: format!("api_keys[{i}]"),
+        });
+        let scoped = scoped.iter().enumerate().map(|(i, key)| ScopedKey {
+            name: if key.name.is_empty() {
+                format!("keys[{i}]")
+            } else {
+                key.name.clone()
+            },
+            ..key.clone()
+        });
+        Self {
+            keys: plain.chain(scoped).collect(),
+        }
+    }
+
+    /// No keys: the API is open.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key `given` is, if any. Every key is compared, each in time independent of where
+    /// it differs, so the answer's timing says nothing about the keys.
+    pub fn find(&self, given: &str) -> Option<&ScopedKey> {
+        self.keys.iter().fold(None, |found, key| {
+            let matches = constant_time_eq(&key.key, given);
+            found.or(matches.then_some(key))
+        })
+    }
+}
+
+/// The scope a request to `route` (its template, as the router matched it) with `method`
+/// needs; `None` for a path no route matched (any valid key then gets its 404).
+pub fn required_scope(method: &Method, route: Option<&str>) -> Option<Scope> {
+    let route = route?;
+    let scope = match route {
+        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/v1/models/{*id}" => {
+            Scope::Inference
+        }
+        "/v1/feedback" if method == Method::POST => Scope::Inference,
+        "/v1/feedback" => Scope::FineTuning,
+        "/v1/adapters" => Scope::FineTuning,
+        "/v1/adapters/{name}" if method == Method::GET => Scope::FineTuning,
+        _ if route.starts_with("/v1/finetune")
+            || route.starts_with("/v1/fine_tuning/")
+            || route.starts_with("/v1/files") =>
+        {
+            Scope::FineTuning
+        }
+        // Rollback, delete, continuous training, runtime adapter loading, and any route
+        // without a row above.
+        _ => Scope::Admin,
+    };
+    Some(scope)
+}
+
+/// Compares keys in time independent of where they differ.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq("sk-abc", "sk-abc"));
+        assert!(!constant_time_eq("sk-abc", "sk-abd"));
+        assert!(!constant_time_eq("sk-abc", "sk-ab"));
+    }
+
+    #[test]
+    fn routes_need_their_scopes() {
+        let cases = [
+            (Method::POST, "/v1/chat/completions", Scope::Inference),
+            (Method::POST, "/v1/completions", Scope::Inference),
+            (Method::GET, "/v1/models", Scope::Inference),
+            (Method::GET, "/v1/models/{*id}", Scope::Inference),
+            (Method::POST, "/v1/feedback", Scope::Inference),
+            (Method::GET, "/v1/feedback", Scope::FineTuning),
+            (Method::POST, "/v1/finetune", Scope::FineTuning),
+            (Method::POST, "/v1/finetune/{id}/cancel", Scope::FineTuning),
+            (
+                Method::GET,
+                "/v1/fine_tuning/jobs/{id}/events",
+                Scope::FineTuning,
+            ),
+            (Method::POST, "/v1/files", Scope::FineTuning),
+            (Method::GET, "/v1/files/{id}/content", Scope::FineTuning),
+            (Method::GET, "/v1/adapters", Scope::FineTuning),
+            (Method::GET, "/v1/adapters/{name}", Scope::FineTuning),
+            (Method::DELETE, "/v1/adapters/{name}", Scope::Admin),
+            (Method::POST, "/v1/adapters/{name}/rollback", Scope::Admin),
+            (
+                Method::PUT,
+                "/v1/adapters/{name}/continuous_training",
+                Scope::Admin,
+            ),
+            (Method::POST, "/v1/load_lora_adapter", Scope::Admin),
+            (Method::POST, "/v1/unload_lora_adapter", Scope::Admin),
+            (Method::POST, "/v1/some_future_route", Scope::Admin),
+        ];
+        for (method, route, scope) in cases {
+            assert_eq!(
+                required_scope(&method, Some(route)),
+                Some(scope),
+                "{method} {route}"
+            );
+        }
+        assert_eq!(required_scope(&Method::GET, None), None);
+    }
+
+    #[test]
+    fn plain_keys_do_everything_and_scoped_keys_what_they_list() {
+        let ring = KeyRing::new(
+            &["sk-all".into()],
+            &[
+                ScopedKey {
+                    key: "sk-app".into(),
+                    scopes: BTreeSet::from([Scope::Inference]),
+                    name: "web app".into(),
+                },
+                ScopedKey {
+                    key: "sk-ops".into(),
+                    scopes: BTreeSet::from([Scope::Admin]),
+                    name: String::new(),
+                },
+            ],
+        );
+        let all = ring.find("sk-all").expect("a plain key");
+        assert!(Scope::ALL_FOR_TESTS.iter().all(|&s| all.allows(s)));
+        let app = ring.find("sk-app").expect("a scoped key");
+        assert_eq!(app.name, "web app");
+        assert!(app.allows(Scope::Inference));
+        assert!(!app.allows(Scope::FineTuning) && !app.allows(Scope::Admin));
+        let ops = ring.find("sk-ops").expect("an admin key");
+        assert_eq!(ops.name, "keys[1]");
+        assert!(Scope::ALL_FOR_TESTS.iter().all(|&s| ops.allows(s)));
+        assert!(ring.find("sk-none").is_none());
+        assert!(ring.find("").is_none());
+        assert!(KeyRing::new(&[], &[]).is_empty());
+    }
+
+    impl Scope {
+        const ALL_FOR_TESTS: [Scope; 3] = [Scope::Inference, Scope::FineTuning, Scope::Admin];
+    }
+}
