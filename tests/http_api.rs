@@ -716,6 +716,61 @@ async fn scoped_keys_reach_their_routes_and_get_403_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_key_at_its_cap_of_requests_in_flight_gets_429_until_one_ends() {
+    let server = Server::start(ServerOptions {
+        config: "[server]\napi_keys = [\"sk-other\"]\nmax_concurrent_requests_per_key = 4\n\
+                 [[server.keys]]\nkey = \"sk-one\"\nscopes = [\"inference\"]\n\
+                 max_concurrent_requests = 1\n"
+            .into(),
+        ..ServerOptions::default()
+    });
+    let client = common::client();
+    let chat = |key: &str, max_tokens: u32| {
+        client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({
+                "model": BASE_MODEL,
+                "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                "max_tokens": max_tokens,
+                "stream": true,
+            }))
+            .send()
+    };
+    // A stream holds the key's one place while it runs …
+    let long = chat("sk-one", 4000).await.expect("the long stream");
+    assert_eq!(long.status(), 200);
+    let refused = chat("sk-one", 4).await.expect("a second request");
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(
+        body["error"]["code"], "too_many_concurrent_requests",
+        "{body}"
+    );
+    // … other keys are not held up by it …
+    let other = chat("sk-other", 4).await.expect("another key");
+    assert_eq!(other.status(), 200);
+    other.text().await.expect("the other stream ends");
+    // … and the place comes back when the stream ends (here: its client goes away).
+    drop(long);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let again = chat("sk-one", 4).await.expect("a request");
+        if again.status() == 200 {
+            again.text().await.expect("the stream ends");
+            break;
+        }
+        assert_eq!(again.status(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_with_retry_after() {
     let server = Server::start(ServerOptions {
         config: "[scheduler]\nmax_batch_rows = 1\nmax_waiting = 2\n".into(),

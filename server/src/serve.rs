@@ -64,7 +64,11 @@ pub async fn serve_on(
     let metrics = crate::metrics::install();
     let state = AppState::new(
         ApiConfig {
-            keys: KeyRing::new(&config.server.api_keys, &config.server.keys),
+            keys: KeyRing::new(
+                &config.server.api_keys,
+                &config.server.keys,
+                config.server.max_concurrent_requests_per_key,
+            ),
             metrics_require_key: config.server.metrics_require_key,
             max_body_bytes: config.server.max_body_bytes,
             max_file_bytes: config.training.max_file_bytes,

@@ -12,6 +12,8 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use axum::http::Method;
 use serde::Deserialize;
@@ -45,9 +47,25 @@ pub struct ScopedKey {
     /// A name for the log (the key itself is never logged).
     #[serde(default)]
     pub name: String,
+    /// Most requests of this key in flight at once (a stream counts until it ends); unset:
+    /// `server.max_concurrent_requests_per_key`; 0: no cap.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
 }
 
-impl ScopedKey {
+/// A key the server accepts, as requests meet it: what it may do and how much of it at once.
+#[derive(Debug)]
+pub struct ApiKey {
+    secret: String,
+    /// For the log and messages; never the secret.
+    pub name: String,
+    pub scopes: BTreeSet<Scope>,
+    /// Most requests in flight at once; 0: no cap.
+    pub max_concurrent_requests: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ApiKey {
     /// Whether the key may do what `needed` guards (`admin` may do everything).
     pub fn allows(&self, needed: Scope) -> bool {
         self.scopes.contains(&Scope::Admin) || self.scopes.contains(&needed)
@@ -58,29 +76,62 @@ impl ScopedKey {
         let names: Vec<String> = self.scopes.iter().map(Scope::to_string).collect();
         names.join(", ")
     }
+
+    /// A place among the key's requests in flight, or `None` when all are taken.
+    pub fn try_start_request(&self) -> Option<RequestSlot> {
+        let cap = self.max_concurrent_requests;
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (cap == 0 || n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| RequestSlot(Arc::clone(&self.in_flight)))
+    }
+}
+
+/// One request in flight for its key; the place is given back when this is dropped.
+#[derive(Debug)]
+pub struct RequestSlot(Arc<AtomicUsize>);
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Every key the server accepts.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
-    keys: Vec<ScopedKey>,
+    keys: Arc<[ApiKey]>,
 }
 
 impl KeyRing {
-    /// Plain keys (every scope) and scoped ones.
-    pub fn new(all_scopes: &[String], scoped: &[ScopedKey]) -> Self {
-        let plain = all_scopes.iter().enumerate().map(|(i, key)| ScopedKey {
-            key: key.clone(),
-            scopes: BTreeSet::from([Scope::Admin]),
+    /// Plain keys (every scope) and scoped ones; `max_concurrent_requests` caps each key that
+    /// does not set its own cap (0: no cap).
+    pub fn new(
+        all_scopes: &[String],
+        scoped: &[ScopedKey],
+        max_concurrent_requests: usize,
+    ) -> Self {
+        let plain = all_scopes.iter().enumerate().map(|(i, secret)| ApiKey {
+            secret: secret.clone(),
             name: format!("api_keys[{i}]"),
+            scopes: BTreeSet::from([Scope::Admin]),
+            max_concurrent_requests,
+            in_flight: Arc::default(),
         });
-        let scoped = scoped.iter().enumerate().map(|(i, key)| ScopedKey {
+        let scoped = scoped.iter().enumerate().map(|(i, key)| ApiKey {
+            secret: key.key.clone(),
             name: if key.name.is_empty() {
                 format!("keys[{i}]")
             } else {
                 key.name.clone()
             },
-            ..key.clone()
+            scopes: key.scopes.clone(),
+            max_concurrent_requests: key
+                .max_concurrent_requests
+                .unwrap_or(max_concurrent_requests),
+            in_flight: Arc::default(),
         });
         Self {
             keys: plain.chain(scoped).collect(),
@@ -94,9 +145,9 @@ impl KeyRing {
 
     /// The key `given` is, if any. Every key is compared, each in time independent of where
     /// it differs, so the answer's timing says nothing about the keys.
-    pub fn find(&self, given: &str) -> Option<&ScopedKey> {
+    pub fn find(&self, given: &str) -> Option<&ApiKey> {
         self.keys.iter().fold(None, |found, key| {
-            let matches = constant_time_eq(&key.key, given);
+            let matches = constant_time_eq(&key.secret, given);
             found.or(matches.then_some(key))
         })
     }
@@ -188,38 +239,69 @@ mod tests {
         assert_eq!(required_scope(&Method::GET, None), None);
     }
 
+    fn scoped(key: &str, scopes: &[Scope], name: &str, cap: Option<usize>) -> ScopedKey {
+        ScopedKey {
+            key: key.into(),
+            scopes: scopes.iter().copied().collect(),
+            name: name.into(),
+            max_concurrent_requests: cap,
+        }
+    }
+
     #[test]
     fn plain_keys_do_everything_and_scoped_keys_what_they_list() {
         let ring = KeyRing::new(
             &["sk-all".into()],
             &[
-                ScopedKey {
-                    key: "sk-app".into(),
-                    scopes: BTreeSet::from([Scope::Inference]),
-                    name: "web app".into(),
-                },
-                ScopedKey {
-                    key: "sk-ops".into(),
-                    scopes: BTreeSet::from([Scope::Admin]),
-                    name: String::new(),
-                },
+                scoped("sk-app", &[Scope::Inference], "web app", None),
+                scoped("sk-ops", &[Scope::Admin], "", None),
             ],
+            0,
         );
+        let every_scope = [Scope::Inference, Scope::FineTuning, Scope::Admin];
         let all = ring.find("sk-all").expect("a plain key");
-        assert!(Scope::ALL_FOR_TESTS.iter().all(|&s| all.allows(s)));
+        assert!(every_scope.iter().all(|&s| all.allows(s)));
         let app = ring.find("sk-app").expect("a scoped key");
         assert_eq!(app.name, "web app");
         assert!(app.allows(Scope::Inference));
         assert!(!app.allows(Scope::FineTuning) && !app.allows(Scope::Admin));
         let ops = ring.find("sk-ops").expect("an admin key");
         assert_eq!(ops.name, "keys[1]");
-        assert!(Scope::ALL_FOR_TESTS.iter().all(|&s| ops.allows(s)));
+        assert!(every_scope.iter().all(|&s| ops.allows(s)));
         assert!(ring.find("sk-none").is_none());
         assert!(ring.find("").is_none());
-        assert!(KeyRing::new(&[], &[]).is_empty());
+        assert!(KeyRing::new(&[], &[], 0).is_empty());
     }
 
-    impl Scope {
-        const ALL_FOR_TESTS: [Scope; 3] = [Scope::Inference, Scope::FineTuning, Scope::Admin];
+    #[test]
+    fn each_key_has_its_own_cap_on_requests_in_flight() {
+        let ring = KeyRing::new(
+            &["sk-all".into()],
+            &[
+                scoped("sk-one", &[Scope::Inference], "", Some(1)),
+                scoped("sk-free", &[Scope::Inference], "", Some(0)),
+            ],
+            2,
+        );
+        let all = ring.find("sk-all").expect("key");
+        let held: Vec<RequestSlot> = (0..2)
+            .map(|_| all.try_start_request().expect("a slot"))
+            .collect();
+        assert!(all.try_start_request().is_none(), "the default cap is 2");
+        let one = ring.find("sk-one").expect("key");
+        let first = one.try_start_request().expect("a slot");
+        assert!(one.try_start_request().is_none(), "its own cap is 1");
+        drop(first);
+        assert!(
+            one.try_start_request().is_some(),
+            "a finished request gives its place back"
+        );
+        drop(held);
+        assert!(all.try_start_request().is_some());
+        let free = ring.find("sk-free").expect("key");
+        let many: Vec<RequestSlot> = (0..100)
+            .map(|_| free.try_start_request().expect("no cap"))
+            .collect();
+        assert_eq!(many.len(), 100);
     }
 }

@@ -174,6 +174,22 @@ impl ApiError {
         }
     }
 
+    /// 429: the API key already has as many requests in flight as it may.
+    pub fn key_busy(max_concurrent_requests: usize) -> Self {
+        Self {
+            code: Some("too_many_concurrent_requests"),
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "this API key already has {max_concurrent_requests} requests in flight, as \
+                     many as it may (`max_concurrent_requests`); retry when one has finished"
+                ),
+            )
+        }
+    }
+
     /// 404: a job, file, adapter or completion that does not exist.
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -2,14 +2,19 @@
 //! up), API-key authentication and scopes ([`access`]), and the request counter by route,
 //! model and status.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body::{Frame, SizeHint};
 
 use crate::metrics as m;
 
-use super::access;
+use super::access::{self, RequestSlot};
 use super::error::ApiError;
 use super::state::AppState;
 use super::ServedModelLabel;
@@ -34,8 +39,9 @@ pub async fn request_id(request: Request, next: Next) -> Response {
 
 /// With keys configured (`server.api_keys`, `[[server.keys]]`), `/v1/*` (and `/metrics` if so
 /// set) need `Authorization: Bearer` with one of them, and a scoped key must have the route's
-/// scope ([`access::required_scope`]): 401 without a valid key, 403 without the scope.
-/// `/health` and `/ready` are always open, for probes.
+/// scope ([`access::required_scope`]): 401 without a valid key, 403 without the scope, 429
+/// when the key already has its most requests in flight. `/health` and `/ready` are always
+/// open, for probes.
 pub async fn require_api_key(
     State(state): State<AppState>,
     request: Request,
@@ -74,19 +80,49 @@ pub async fn require_api_key(
     } else {
         access::required_scope(request.method(), route)
     };
-    match needed {
-        Some(scope) if !key.allows(scope) => {
-            let method = request.method().as_str();
-            let route = route.unwrap_or(path);
-            tracing::info!(key = %key.name, %method, route, %scope, "refused: the key lacks the scope");
-            ApiError::missing_scope(format!(
-                "this API key may not call {method} {path}: that needs the `{scope}` scope, and \
-                 the key has {}; use a key with it (or ask for one: `[[server.keys]]` scopes)",
-                key.scope_list()
-            ))
-            .into_response()
-        }
-        _ => next.run(request).await,
+    if let Some(scope) = needed.filter(|&scope| !key.allows(scope)) {
+        let method = request.method().as_str();
+        let route = route.unwrap_or(path);
+        tracing::info!(key = %key.name, %method, route, %scope, "refused: the key lacks the scope");
+        return ApiError::missing_scope(format!(
+            "this API key may not call {method} {path}: that needs the `{scope}` scope, and the \
+             key has {}; use a key with it (or ask for one: `[[server.keys]]` scopes)",
+            key.scope_list()
+        ))
+        .into_response();
+    }
+    let Some(slot) = key.try_start_request() else {
+        return ApiError::key_busy(key.max_concurrent_requests).into_response();
+    };
+    // The place is held until the response's body is done (a stream until it ends).
+    next.run(request)
+        .await
+        .map(|body| Body::new(HeldBody { body, _slot: slot }))
+}
+
+/// A response body that holds its request's place among its key's requests in flight.
+struct HeldBody {
+    body: Body,
+    _slot: RequestSlot,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
