@@ -731,6 +731,68 @@ async fn bad_fine_tuning_requests_get_their_status_and_field() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_key_at_its_cap_of_unfinished_jobs_gets_429_until_one_ends() {
+    let server = Server::start(ServerOptions {
+        config: "[server]\napi_keys = [\"sk-other\"]\n\
+                 [[server.keys]]\nkey = \"sk-tune\"\nscopes = [\"fine_tuning\"]\nmax_queued_jobs = 1\n"
+            .into(),
+        ..ServerOptions::default()
+    });
+    let examples = review_examples();
+    let body = |adapter: &str| {
+        json!({
+            "adapter": adapter,
+            "objective": "classification",
+            "examples": examples[..8],
+            "hyperparameters": {"max_steps": 500, "batch_size": 4},
+        })
+    };
+    let submit = |key: &'static str, body: Value| {
+        let url = server.url("/v1/finetune");
+        async move {
+            let response = common::client()
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("POST /v1/finetune");
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap_or_default().to_string());
+            (
+                status,
+                retry_after,
+                response.json::<Value>().await.expect("json"),
+            )
+        }
+    };
+    let (status, _, first) = submit("sk-tune", body("capped-a")).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, retry_after, refused) = submit("sk-tune", body("capped-b")).await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(retry_after.as_deref(), Some("60"));
+    assert_eq!(refused["error"]["code"], "too_many_jobs", "{refused}");
+    // Another key is not held up, and a finished (here cancelled) job frees the place.
+    let (status, _, other) = submit("sk-other", body("other")).await;
+    assert_eq!(status, 202, "{other}");
+    let cancel = common::client()
+        .post(server.url(&format!(
+            "/v1/finetune/{}/cancel",
+            first["id"].as_str().expect("id")
+        )))
+        .bearer_auth("sk-tune")
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(cancel.status(), 200);
+    let (status, _, again) = submit("sk-tune", body("capped-b")).await;
+    assert_eq!(status, 202, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn fine_tuning_endpoints_need_a_key_when_keys_are_set() {
     let server = Server::start(ServerOptions {
         config: "[server]\napi_keys = [\"sk-train\"]\n".into(),

@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// Most requests of one key in flight at once, for keys that set no cap of their own; 0:
     /// no cap.
     pub max_concurrent_requests_per_key: usize,
+    /// Most fine-tuning jobs of one key queued or running at once, for keys that set no cap
+    /// of their own; 0: no cap.
+    pub max_queued_jobs_per_key: usize,
     pub metrics_require_key: bool,
     pub max_body_bytes: usize,
     pub shutdown_grace_seconds: u64,

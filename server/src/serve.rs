@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::adapter_versions::AdapterVersions;
-use crate::api::access::KeyRing;
+use crate::api::access::{KeyLimits, KeyRing};
 use crate::api::{app, ApiConfig, AppState, Serving};
 use crate::config::Config;
 use crate::engine::loaded_model::LoadedModel;
@@ -67,7 +67,10 @@ pub async fn serve_on(
             keys: KeyRing::new(
                 &config.server.api_keys,
                 &config.server.keys,
-                config.server.max_concurrent_requests_per_key,
+                KeyLimits {
+                    max_concurrent_requests: config.server.max_concurrent_requests_per_key,
+                    max_queued_jobs: config.server.max_queued_jobs_per_key,
+                },
             ),
             metrics_require_key: config.server.metrics_require_key,
             max_body_bytes: config.server.max_body_bytes,

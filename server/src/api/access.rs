@@ -51,6 +51,25 @@ pub struct ScopedKey {
     /// `server.max_concurrent_requests_per_key`; 0: no cap.
     #[serde(default)]
     pub max_concurrent_requests: Option<usize>,
+    /// Most fine-tuning jobs of this key queued or running at once; unset:
+    /// `server.max_queued_jobs_per_key`; 0: no cap.
+    #[serde(default)]
+    pub max_queued_jobs: Option<usize>,
+}
+
+/// What a key may hold at once, where its entry does not say (0: no cap).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub max_concurrent_requests: usize,
+    pub max_queued_jobs: usize,
+}
+
+/// The key a request came with, for handlers that account work to it (its jobs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerKey {
+    pub name: String,
+    /// Most of its fine-tuning jobs queued or running at once; 0: no cap.
+    pub max_queued_jobs: usize,
 }
 
 /// A key the server accepts, as requests meet it: what it may do and how much of it at once.
@@ -62,6 +81,8 @@ pub struct ApiKey {
     pub scopes: BTreeSet<Scope>,
     /// Most requests in flight at once; 0: no cap.
     pub max_concurrent_requests: usize,
+    /// Most fine-tuning jobs queued or running at once; 0: no cap.
+    pub max_queued_jobs: usize,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -75,6 +96,14 @@ impl ApiKey {
     pub fn scope_list(&self) -> String {
         let names: Vec<String> = self.scopes.iter().map(Scope::to_string).collect();
         names.join(", ")
+    }
+
+    /// Who the request's caller is, for accounting its jobs.
+    pub fn caller(&self) -> CallerKey {
+        CallerKey {
+            name: self.name.clone(),
+            max_queued_jobs: self.max_queued_jobs,
+        }
     }
 
     /// A place among the key's requests in flight, or `None` when all are taken.
@@ -106,18 +135,15 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    /// Plain keys (every scope) and scoped ones; `max_concurrent_requests` caps each key that
-    /// does not set its own cap (0: no cap).
-    pub fn new(
-        all_scopes: &[String],
-        scoped: &[ScopedKey],
-        max_concurrent_requests: usize,
-    ) -> Self {
+    /// Plain keys (every scope) and scoped ones; `limits` apply to each key that does not set
+    /// its own.
+    pub fn new(all_scopes: &[String], scoped: &[ScopedKey], limits: KeyLimits) -> Self {
         let plain = all_scopes.iter().enumerate().map(|(i, secret)| ApiKey {
             secret: secret.clone(),
             name: format!("api_keys[{i}]"),
             scopes: BTreeSet::from([Scope::Admin]),
-            max_concurrent_requests,
+            max_concurrent_requests: limits.max_concurrent_requests,
+            max_queued_jobs: limits.max_queued_jobs,
             in_flight: Arc::default(),
         });
         let scoped = scoped.iter().enumerate().map(|(i, key)| ApiKey {
@@ -130,7 +156,8 @@ impl KeyRing {
             scopes: key.scopes.clone(),
             max_concurrent_requests: key
                 .max_concurrent_requests
-                .unwrap_or(max_concurrent_requests),
+                .unwrap_or(limits.max_concurrent_requests),
+            max_queued_jobs: key.max_queued_jobs.unwrap_or(limits.max_queued_jobs),
             in_flight: Arc::default(),
         });
         Self {
@@ -245,6 +272,7 @@ mod tests {
             scopes: scopes.iter().copied().collect(),
             name: name.into(),
             max_concurrent_requests: cap,
+            max_queued_jobs: None,
         }
     }
 
@@ -256,7 +284,7 @@ mod tests {
                 scoped("sk-app", &[Scope::Inference], "web app", None),
                 scoped("sk-ops", &[Scope::Admin], "", None),
             ],
-            0,
+            KeyLimits::default(),
         );
         let every_scope = [Scope::Inference, Scope::FineTuning, Scope::Admin];
         let all = ring.find("sk-all").expect("a plain key");
@@ -270,7 +298,7 @@ mod tests {
         assert!(every_scope.iter().all(|&s| ops.allows(s)));
         assert!(ring.find("sk-none").is_none());
         assert!(ring.find("").is_none());
-        assert!(KeyRing::new(&[], &[], 0).is_empty());
+        assert!(KeyRing::new(&[], &[], KeyLimits::default()).is_empty());
     }
 
     #[test]
@@ -281,9 +309,13 @@ mod tests {
                 scoped("sk-one", &[Scope::Inference], "", Some(1)),
                 scoped("sk-free", &[Scope::Inference], "", Some(0)),
             ],
-            2,
+            KeyLimits {
+                max_concurrent_requests: 2,
+                max_queued_jobs: 3,
+            },
         );
         let all = ring.find("sk-all").expect("key");
+        assert_eq!(all.caller().max_queued_jobs, 3);
         let held: Vec<RequestSlot> = (0..2)
             .map(|_| all.try_start_request().expect("a slot"))
             .collect();

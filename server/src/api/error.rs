@@ -290,6 +290,15 @@ impl From<TrainingError> for ApiError {
                 ApiError::not_found(code, err.to_string())
             }
             TrainingError::Conflict(message) => ApiError::conflict(message),
+            TrainingError::TooManyJobs { .. } => Self {
+                code: Some("too_many_jobs"),
+                retry_after: Some(60),
+                ..Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    err.to_string(),
+                )
+            },
             TrainingError::Db(_) | TrainingError::Publish(_) | TrainingError::DataDir { .. } => {
                 tracing::error!(error = %err, "fine-tuning storage failed");
                 ApiError::internal(err.to_string())

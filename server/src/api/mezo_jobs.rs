@@ -11,11 +11,12 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
 
-use crate::training::{Job, JobEvent};
+use crate::training::{Job, JobEvent, JobQuota};
 
+use super::access::CallerKey;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::protocol::ListPage;
@@ -26,10 +27,12 @@ use super::validate::mezo_job::new_job;
 
 pub async fn create_job(
     State(state): State<AppState>,
+    caller: Option<Extension<CallerKey>>,
     body: ApiJson,
 ) -> Result<Response, ApiError> {
     let serving = state.serving()?;
-    let new_job = new_job(body.parse()?, serving.model.chat_template().ok())?;
+    let mut new_job = new_job(body.parse()?, serving.model.chat_template().ok())?;
+    new_job.quota = job_quota(caller);
     let job = state.training(move |t| t.submit(new_job)).await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
 }
@@ -191,4 +194,12 @@ pub fn shortest_floats<T: serde::Serialize>(value: &T) -> Value {
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or(Value::Null)
+}
+
+/// The quota a job submitted with the caller's key runs under (none without keys).
+pub(super) fn job_quota(caller: Option<Extension<CallerKey>>) -> Option<JobQuota> {
+    caller.map(|Extension(key)| JobQuota {
+        owner: key.name,
+        max_unfinished: key.max_queued_jobs,
+    })
 }

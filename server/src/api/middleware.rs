@@ -44,7 +44,7 @@ pub async fn request_id(request: Request, next: Next) -> Response {
 /// open, for probes.
 pub async fn require_api_key(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let config = state.config();
@@ -94,6 +94,7 @@ pub async fn require_api_key(
     let Some(slot) = key.try_start_request() else {
         return ApiError::key_busy(key.max_concurrent_requests).into_response();
     };
+    request.extensions_mut().insert(key.caller());
     // The place is held until the response's body is done (a stream until it ends).
     next.run(request)
         .await

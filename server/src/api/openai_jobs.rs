@@ -11,15 +11,16 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use plugin::TrainerConfig;
 use serde_json::{json, Value};
 
 use crate::training::{Job, JobEvent, JobOrigin, JobStatus};
 
+use super::access::CallerKey;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::mezo_jobs::jobs_page;
+use super::mezo_jobs::{job_quota, jobs_page};
 use super::protocol::ListPage;
 use super::state::AppState;
 use super::validate::listing::{number, page};
@@ -27,13 +28,19 @@ use super::validate::openai_job::ValidOpenAiJob;
 
 pub async fn create_job(
     State(state): State<AppState>,
+    caller: Option<Extension<CallerKey>>,
     body: ApiJson,
 ) -> Result<Json<Value>, ApiError> {
     let serving = state.serving()?;
     let request = ValidOpenAiJob::new(body.parse()?, serving)?;
     let template = serving.model.chat_template().ok().cloned();
+    let quota = job_quota(caller);
     let job = state
-        .training(move |t| t.submit(request.new_job(t, template.as_ref())?))
+        .training(move |t| {
+            let mut new_job = request.new_job(t, template.as_ref())?;
+            new_job.quota = quota;
+            t.submit(new_job)
+        })
         .await
         .map_err(ValidOpenAiJob::openai_params)?;
     Ok(Json(openai_job(&job, &serving.model_id)))

@@ -168,6 +168,7 @@ impl Training {
             origin: JobOrigin::Feedback {
                 items: pending.len(),
             },
+            quota: None,
         };
         let job = self.build_job(&request)?;
         let ids: Vec<String> = pending.into_iter().map(|p| p.id).collect();

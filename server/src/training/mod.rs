@@ -69,6 +69,12 @@ pub enum TrainingError {
     /// The request conflicts with the object's state (cancelling a finished job).
     #[error("{0}")]
     Conflict(String),
+    /// The job's owner already has its most jobs queued or running.
+    #[error(
+        "this API key already has {max} fine-tuning jobs queued or running, as many as it may \
+         (`max_queued_jobs`); retry when one has finished, or cancel one"
+    )]
+    TooManyJobs { max: usize },
     #[error(transparent)]
     Publish(#[from] PublishError),
 }
@@ -95,6 +101,17 @@ pub struct NewJob {
     pub train: Vec<TrainingExample>,
     pub held_out: Vec<TrainingExample>,
     pub origin: JobOrigin,
+    /// Whose job it is and how many of theirs may wait or run at once; `None`: nobody's
+    /// (no API keys, or a job that feedback started).
+    pub quota: Option<JobQuota>,
+}
+
+/// The owner of a job (an API key's name) and the most of its jobs queued or running at once
+/// (0: no cap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobQuota {
+    pub owner: String,
+    pub max_unfinished: usize,
 }
 
 /// The running job, so that a cancel can reach it between steps.
@@ -203,12 +220,23 @@ impl Training {
         self.shared.notify();
     }
 
-    /// Validates `request` as the trainer would, stores it with its examples, and queues it.
+    /// Validates `request` as the trainer would, stores it with its examples, and queues it;
+    /// refused when its owner already has as many jobs queued or running as its quota allows.
     pub fn submit(&self, request: NewJob) -> Result<Job, TrainingError> {
         let job = self.build_job(&request)?;
-        self.shared
-            .db
-            .insert_job(&job, &request.train, &request.held_out)?;
+        let db = &self.shared.db;
+        match &request.quota {
+            Some(quota) => {
+                let admitted =
+                    db.insert_job_under_quota(&job, &request.train, &request.held_out, quota)?;
+                if !admitted {
+                    return Err(TrainingError::TooManyJobs {
+                        max: quota.max_unfinished,
+                    });
+                }
+            }
+            None => db.insert_job(&job, &request.train, &request.held_out)?,
+        }
         self.queued(&job);
         Ok(job)
     }

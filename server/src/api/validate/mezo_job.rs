@@ -104,6 +104,7 @@ pub fn new_job(
         train,
         held_out,
         origin: JobOrigin::Finetune,
+        quota: None,
     })
 }
 

@@ -124,6 +124,7 @@ impl ValidOpenAiJob {
             train,
             held_out,
             origin: self.origin,
+            quota: None,
         })
     }
 

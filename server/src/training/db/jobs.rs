@@ -7,6 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::events::insert_event;
 use super::{corrupt, json, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, Job, JobSpec, JobStatus, Progress};
+use crate::training::JobQuota;
 
 impl Db {
     /// Stores a new job and its examples in one transaction.
@@ -18,32 +19,41 @@ impl Db {
     ) -> DbResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO jobs (id, created_at, adapter, spec, status, progress, train_examples, held_out_examples)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                job.id,
-                job.created_at,
-                job.spec.adapter,
-                json(&job.spec),
-                job.status.as_str(),
-                json(&job.progress),
-                train.len(),
-                held_out.len()
-            ],
-        )?;
-        {
-            let mut insert = tx.prepare(
-                "INSERT INTO examples (job_id, held_out, idx, body) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (held, examples) in [(false, train), (true, held_out)] {
-                for (idx, example) in examples.iter().enumerate() {
-                    insert.execute(params![job.id, held, idx, json(example)])?;
-                }
-            }
-        }
+        insert_job_rows(&tx, job, None, train, held_out)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// [`Self::insert_job`] for a job of `quota.owner`, unless the owner already has
+    /// `quota.max_unfinished` jobs queued or running (then nothing is stored and the answer is
+    /// `false`). The count and the insert are one transaction, so two submits cannot both take
+    /// the last place.
+    pub fn insert_job_under_quota(
+        &self,
+        job: &Job,
+        train: &[TrainingExample],
+        held_out: &[TrainingExample],
+        quota: &JobQuota,
+    ) -> DbResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if quota.max_unfinished > 0 {
+            let unfinished: usize = tx.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN (?2, ?3)",
+                params![
+                    quota.owner,
+                    JobStatus::Queued.as_str(),
+                    JobStatus::Running.as_str()
+                ],
+                |row| row.get(0),
+            )?;
+            if unfinished >= quota.max_unfinished {
+                return Ok(false);
+            }
+        }
+        insert_job_rows(&tx, job, Some(&quota.owner), train, held_out)?;
+        tx.commit()?;
+        Ok(true)
     }
 
     pub fn job(&self, id: &str) -> DbResult<Option<Job>> {
@@ -292,4 +302,37 @@ fn transition_on(
         params![id, to.as_str(), started, finished, error],
     )?;
     Ok(changed == 1)
+}
+
+/// A job's row (with its owner, if any) and its examples' rows.
+fn insert_job_rows(
+    tx: &rusqlite::Transaction<'_>,
+    job: &Job,
+    owner: Option<&str>,
+    train: &[TrainingExample],
+    held_out: &[TrainingExample],
+) -> DbResult<()> {
+    tx.execute(
+        "INSERT INTO jobs (id, created_at, adapter, spec, status, progress, train_examples, held_out_examples, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            job.id,
+            job.created_at,
+            job.spec.adapter,
+            json(&job.spec),
+            job.status.as_str(),
+            json(&job.progress),
+            train.len(),
+            held_out.len(),
+            owner
+        ],
+    )?;
+    let mut insert =
+        tx.prepare("INSERT INTO examples (job_id, held_out, idx, body) VALUES (?1, ?2, ?3, ?4)")?;
+    for (held, examples) in [(false, train), (true, held_out)] {
+        for (idx, example) in examples.iter().enumerate() {
+            insert.execute(params![job.id, held, idx, json(example)])?;
+        }
+    }
+    Ok(())
 }

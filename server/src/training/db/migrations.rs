@@ -11,7 +11,7 @@ use rusqlite::Connection;
 use super::{DbError, DbResult};
 
 /// The migrations in order: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[TABLES, SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL];
+const MIGRATIONS: &[&str] = &[TABLES, SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL, JOB_OWNERS];
 
 /// Version 1: every table.
 const TABLES: &str = "
@@ -100,6 +100,12 @@ CREATE TABLE IF NOT EXISTS feedback (
 const SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL: &str = "
 UPDATE jobs SET spec = json_set(spec, '$.trainer.estimator', 'central')
 WHERE json_type(spec, '$.trainer.estimator') IS NULL;
+";
+
+/// Version 3: the API key a job was submitted with (its name), for the per-key cap on queued
+/// jobs; jobs stored before have none.
+const JOB_OWNERS: &str = "
+ALTER TABLE jobs ADD COLUMN owner TEXT;
 ";
 
 /// The schema version this release writes.

@@ -128,6 +128,36 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_gets_no_more_unfinished_jobs_than_its_quota() {
+        let db = Db::in_memory().unwrap();
+        let quota = |owner: &str, max_unfinished: usize| crate::training::JobQuota {
+            owner: owner.into(),
+            max_unfinished,
+        };
+        let insert = |id: &str, quota: &crate::training::JobQuota| {
+            db.insert_job_under_quota(&job(id, "x"), &[example("t")], &[], quota)
+                .unwrap()
+        };
+        assert!(insert("j1", &quota("app", 2)));
+        assert!(insert("j2", &quota("app", 2)));
+        assert!(!insert("j3", &quota("app", 2)), "two are queued");
+        assert_eq!(db.job("j3").unwrap(), None, "a refused job is not stored");
+        assert!(
+            insert("j4", &quota("ops", 2)),
+            "another owner is not held up"
+        );
+        assert!(insert("j5", &quota("ops", 0)), "0: no cap");
+        assert!(insert("j6", &quota("ops", 0)));
+        db.insert_job(&job("j7", "x"), &[], &[]).unwrap();
+        // A finished job frees its place.
+        assert!(db
+            .transition("j1", &[JobStatus::Queued], JobStatus::Cancelled, 2, None)
+            .unwrap());
+        assert!(insert("j3", &quota("app", 2)));
+        assert!(!insert("j8", &quota("app", 2)));
+    }
+
+    #[test]
     fn jobs_examples_and_steps_round_trip() {
         let db = Db::in_memory().unwrap();
         let a = job("ftjob-a", "x");
@@ -159,8 +189,9 @@ mod tests {
     fn a_database_of_the_previous_release_opens_and_its_jobs_resume_as_they_ran() {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("mezo.sqlite");
-        // What the release before schema versions left: the same tables, user_version 0, and
-        // job specs without `estimator` (they all ran with central differences).
+        // What the release before schema versions left: the first migration's tables (no job
+        // owners), user_version 0, and job specs without `estimator` (they all ran with central
+        // differences).
         let db = Db::open(&path).unwrap();
         db.insert_job(&job("ftjob-old", "x"), &[example("t")], &[])
             .unwrap();
@@ -171,6 +202,8 @@ mod tests {
                 [],
             )
             .unwrap();
+            conn.execute("ALTER TABLE jobs DROP COLUMN owner", [])
+                .unwrap();
             conn.pragma_update(None, "user_version", 0).unwrap();
         }
         drop(db);
