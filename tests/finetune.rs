@@ -793,6 +793,45 @@ async fn a_key_at_its_cap_of_unfinished_jobs_gets_429_until_one_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_adapter_stores_no_more_examples_than_its_cap_until_it_is_deleted() {
+    let server = Server::start(ServerOptions {
+        config: "[training]\nmax_stored_examples_per_adapter = 10\n".into(),
+        ..ServerOptions::default()
+    });
+    let examples = review_examples();
+    let job = |n: usize| {
+        json!({
+            "adapter": "small",
+            "objective": "classification",
+            "examples": examples[..n],
+            "hyperparameters": {"max_steps": 500, "batch_size": 4},
+        })
+    };
+    submit_job(&server, job(8)).await;
+    let (status, _, err) = post_json(&server.url("/v1/finetune"), &job(4)).await;
+    assert_eq!(status, 413, "{err}");
+    assert_eq!(err["error"]["param"], "examples", "{err}");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("already stores 8 examples")
+            && message.contains("training.max_stored_examples_per_adapter"),
+        "{message}"
+    );
+    // Another adapter has its own room; deleting this one frees its examples.
+    let (status, _, other) = post_json(
+        &server.url("/v1/finetune"),
+        &json!({"adapter": "other", "objective": "classification", "examples": examples[..8],
+                "hyperparameters": {"max_steps": 2, "batch_size": 4}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{other}");
+    let (status, deleted) =
+        request_json(Method::DELETE, &server.url("/v1/adapters/small"), None).await;
+    assert_eq!(status, 200, "{deleted}");
+    submit_job(&server, job(8)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn fine_tuning_endpoints_need_a_key_when_keys_are_set() {
     let server = Server::start(ServerOptions {
         config: "[server]\napi_keys = [\"sk-train\"]\n".into(),

@@ -99,6 +99,8 @@ pub struct TrainingConfig {
     pub max_engine_share: f64,
     pub slice_tokens: usize,
     pub max_examples: usize,
+    /// Most examples stored for one adapter (its jobs' and its unused feedback); 0: no cap.
+    pub max_stored_examples_per_adapter: usize,
     pub max_steps: u64,
     pub remembered_completions: usize,
     pub max_file_bytes: usize,

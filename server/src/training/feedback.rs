@@ -75,14 +75,20 @@ impl Training {
             message: e.to_string(),
         })?;
         let id = new_id("fb");
-        let pending = self.shared.db.insert_feedback(
-            &id,
-            unix_now(),
-            &feedback.completion_id,
-            &adapter,
-            feedback.reward,
-            feedback.corrected_answer.as_deref(),
-        )?;
+        let max_stored = self.shared.config.max_stored_examples_per_adapter;
+        let pending = self
+            .shared
+            .db
+            .insert_feedback(
+                &id,
+                unix_now(),
+                &feedback.completion_id,
+                &adapter,
+                feedback.reward,
+                feedback.corrected_answer.as_deref(),
+                max_stored,
+            )?
+            .ok_or_else(|| super::adapter_full("adapter", &adapter, max_stored, max_stored))?;
         metrics::counter!(m::FEEDBACK_TOTAL, "adapter" => m::adapter_label(&adapter), "kind" => feedback.kind)
             .increment(1);
         if feedback.corrected_answer.is_some() {

@@ -35,6 +35,7 @@ use crate::engine::loaded_model::LoadedModel;
 use crate::ids::{new_id, unix_now};
 use crate::metrics as m;
 use crate::scheduler::SchedulerHandle;
+use db::{Admission, JobLimits};
 use event_notices::EventNotices;
 
 pub use adapter_lifecycle::{AdapterRecord, VersionRecord};
@@ -221,21 +222,31 @@ impl Training {
     }
 
     /// Validates `request` as the trainer would, stores it with its examples, and queues it;
-    /// refused when its owner already has as many jobs queued or running as its quota allows.
+    /// refused when its owner already has as many jobs queued or running as its quota allows,
+    /// or when its examples would take the adapter past `training.max_stored_examples_per_adapter`.
     pub fn submit(&self, request: NewJob) -> Result<Job, TrainingError> {
         let job = self.build_job(&request)?;
-        let db = &self.shared.db;
-        match &request.quota {
-            Some(quota) => {
-                let admitted =
-                    db.insert_job_under_quota(&job, &request.train, &request.held_out, quota)?;
-                if !admitted {
-                    return Err(TrainingError::TooManyJobs {
-                        max: quota.max_unfinished,
-                    });
-                }
+        let limits = JobLimits {
+            quota: request.quota.as_ref(),
+            max_stored_per_adapter: self.shared.config.max_stored_examples_per_adapter,
+        };
+        let admission =
+            (self.shared.db).insert_job_within(&job, &request.train, &request.held_out, &limits)?;
+        match admission {
+            Admission::Stored => {}
+            Admission::OwnerAtCap => {
+                return Err(TrainingError::TooManyJobs {
+                    max: request.quota.map_or(0, |q| q.max_unfinished),
+                })
             }
-            None => db.insert_job(&job, &request.train, &request.held_out)?,
+            Admission::AdapterFull { stored } => {
+                return Err(adapter_full(
+                    "examples",
+                    &request.adapter,
+                    stored,
+                    limits.max_stored_per_adapter,
+                ))
+            }
         }
         self.queued(&job);
         Ok(job)
@@ -564,5 +575,17 @@ impl Shared {
             }
             Err(err) => tracing::warn!(error = %err, "cannot count jobs for /metrics"),
         }
+    }
+}
+
+/// The answer when an adapter stores as many examples as it may.
+fn adapter_full(param: &str, adapter: &str, stored: usize, max: usize) -> TrainingError {
+    TrainingError::TooLarge {
+        param: param.into(),
+        message: format!(
+            "the adapter `{adapter}` already stores {stored} examples and may store at most \
+             {max} (training.max_stored_examples_per_adapter); train a new adapter, or delete \
+             this one (DELETE /v1/adapters/{adapter}) to start it over"
+        ),
     }
 }

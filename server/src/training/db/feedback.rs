@@ -87,7 +87,10 @@ impl Db {
             .optional()?)
     }
 
-    /// Stores a feedback item; returns how many items of `adapter` no job has used yet.
+    /// Stores a feedback item; returns how many items of `adapter` no job has used yet, or
+    /// `None` (and stores nothing) when the adapter already stores `max_stored` examples
+    /// (0: no cap).
+    #[allow(clippy::too_many_arguments)] // one item's columns, and the cap it must fit
     pub fn insert_feedback(
         &self,
         id: &str,
@@ -96,18 +99,23 @@ impl Db {
         adapter: &str,
         reward: f32,
         corrected_answer: Option<&str>,
-    ) -> DbResult<u64> {
+        max_stored: usize,
+    ) -> DbResult<Option<u64>> {
+        // The connection's lock is held from the count to the insert.
         let conn = self.conn();
+        if max_stored > 0 && super::jobs::stored_examples(&conn, adapter)? >= max_stored {
+            return Ok(None);
+        }
         conn.execute(
             "INSERT INTO feedback (id, created_at, completion_id, adapter, reward, corrected_answer)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![id, now, completion_id, adapter, reward, corrected_answer],
         )?;
-        Ok(conn.query_row(
+        Ok(Some(conn.query_row(
             "SELECT COUNT(*) FROM feedback WHERE adapter = ?1 AND job_id IS NULL",
             params![adapter],
             |r| r.get(0),
-        )?)
+        )?))
     }
 
     /// Feedback on `adapter`, oldest first, at most `limit`.

@@ -9,6 +9,27 @@ use super::{corrupt, json, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, Job, JobSpec, JobStatus, Progress};
 use crate::training::JobQuota;
 
+/// What a new job must stay within.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobLimits<'a> {
+    /// Its owner's cap on unfinished jobs, if it has an owner.
+    pub quota: Option<&'a JobQuota>,
+    /// Most examples stored for one adapter (its jobs' and its unused feedback); 0: no cap.
+    pub max_stored_per_adapter: usize,
+}
+
+/// Whether a new job was stored, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Stored,
+    /// Its owner already has its most jobs queued or running.
+    OwnerAtCap,
+    /// Its examples would take the adapter past its cap; `stored` are there already.
+    AdapterFull {
+        stored: usize,
+    },
+}
+
 impl Db {
     /// Stores a new job and its examples in one transaction.
     pub fn insert_job(
@@ -24,20 +45,20 @@ impl Db {
         Ok(())
     }
 
-    /// [`Self::insert_job`] for a job of `quota.owner`, unless the owner already has
-    /// `quota.max_unfinished` jobs queued or running (then nothing is stored and the answer is
-    /// `false`). The count and the insert are one transaction, so two submits cannot both take
-    /// the last place.
-    pub fn insert_job_under_quota(
+    /// [`Self::insert_job`] within `limits`: nothing is stored when the job's owner already
+    /// has its most jobs queued or running, or when its examples would take the adapter past
+    /// its cap of stored examples. The counts and the insert are one transaction, so two
+    /// submits cannot both take the last place.
+    pub fn insert_job_within(
         &self,
         job: &Job,
         train: &[TrainingExample],
         held_out: &[TrainingExample],
-        quota: &JobQuota,
-    ) -> DbResult<bool> {
+        limits: &JobLimits<'_>,
+    ) -> DbResult<Admission> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        if quota.max_unfinished > 0 {
+        if let Some(quota) = limits.quota.filter(|q| q.max_unfinished > 0) {
             let unfinished: usize = tx.query_row(
                 "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN (?2, ?3)",
                 params![
@@ -48,12 +69,19 @@ impl Db {
                 |row| row.get(0),
             )?;
             if unfinished >= quota.max_unfinished {
-                return Ok(false);
+                return Ok(Admission::OwnerAtCap);
             }
         }
-        insert_job_rows(&tx, job, Some(&quota.owner), train, held_out)?;
+        if limits.max_stored_per_adapter > 0 {
+            let stored = stored_examples(&tx, &job.spec.adapter)?;
+            if stored + train.len() + held_out.len() > limits.max_stored_per_adapter {
+                return Ok(Admission::AdapterFull { stored });
+            }
+        }
+        let owner = limits.quota.map(|q| q.owner.as_str());
+        insert_job_rows(&tx, job, owner, train, held_out)?;
         tx.commit()?;
-        Ok(true)
+        Ok(Admission::Stored)
     }
 
     pub fn job(&self, id: &str) -> DbResult<Option<Job>> {
@@ -335,4 +363,15 @@ fn insert_job_rows(
         }
     }
     Ok(())
+}
+
+/// Examples stored for `adapter`: its jobs' (training and held-out) and its feedback items no
+/// job has used yet (a used item is one of its job's examples).
+pub(super) fn stored_examples(conn: &Connection, adapter: &str) -> DbResult<usize> {
+    Ok(conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM examples WHERE job_id IN (SELECT id FROM jobs WHERE adapter = ?1))
+              + (SELECT COUNT(*) FROM feedback WHERE adapter = ?1 AND job_id IS NULL)",
+        params![adapter],
+        |row| row.get(0),
+    )?)
 }

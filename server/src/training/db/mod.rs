@@ -25,6 +25,7 @@ mod versions;
 
 pub use feedback::{FeedbackItem, PendingFeedback, StoredCompletion};
 pub use files::StoredFile;
+pub use jobs::{Admission, JobLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -135,26 +136,90 @@ mod tests {
             max_unfinished,
         };
         let insert = |id: &str, quota: &crate::training::JobQuota| {
-            db.insert_job_under_quota(&job(id, "x"), &[example("t")], &[], quota)
+            let limits = JobLimits {
+                quota: Some(quota),
+                max_stored_per_adapter: 0,
+            };
+            db.insert_job_within(&job(id, "x"), &[example("t")], &[], &limits)
                 .unwrap()
         };
-        assert!(insert("j1", &quota("app", 2)));
-        assert!(insert("j2", &quota("app", 2)));
-        assert!(!insert("j3", &quota("app", 2)), "two are queued");
+        assert_eq!(insert("j1", &quota("app", 2)), Admission::Stored);
+        assert_eq!(insert("j2", &quota("app", 2)), Admission::Stored);
+        assert_eq!(insert("j3", &quota("app", 2)), Admission::OwnerAtCap);
         assert_eq!(db.job("j3").unwrap(), None, "a refused job is not stored");
-        assert!(
-            insert("j4", &quota("ops", 2)),
-            "another owner is not held up"
+        assert_eq!(insert("j4", &quota("ops", 2)), Admission::Stored);
+        assert_eq!(
+            insert("j5", &quota("ops", 0)),
+            Admission::Stored,
+            "0: no cap"
         );
-        assert!(insert("j5", &quota("ops", 0)), "0: no cap");
-        assert!(insert("j6", &quota("ops", 0)));
+        assert_eq!(insert("j6", &quota("ops", 0)), Admission::Stored);
         db.insert_job(&job("j7", "x"), &[], &[]).unwrap();
         // A finished job frees its place.
         assert!(db
             .transition("j1", &[JobStatus::Queued], JobStatus::Cancelled, 2, None)
             .unwrap());
-        assert!(insert("j3", &quota("app", 2)));
-        assert!(!insert("j8", &quota("app", 2)));
+        assert_eq!(insert("j3", &quota("app", 2)), Admission::Stored);
+        assert_eq!(insert("j8", &quota("app", 2)), Admission::OwnerAtCap);
+    }
+
+    #[test]
+    fn an_adapter_stores_no_more_examples_than_its_cap() {
+        let db = Db::in_memory().unwrap();
+        let limits = JobLimits {
+            quota: None,
+            max_stored_per_adapter: 5,
+        };
+        let examples = |n: usize| vec![example("t"); n];
+        let insert = |id: &str, adapter: &str, train: usize, held_out: usize| {
+            db.insert_job_within(
+                &job(id, adapter),
+                &examples(train),
+                &examples(held_out),
+                &limits,
+            )
+            .unwrap()
+        };
+        assert_eq!(insert("j1", "x", 2, 1), Admission::Stored);
+        assert_eq!(
+            insert("j2", "x", 2, 1),
+            Admission::AdapterFull { stored: 3 }
+        );
+        assert_eq!(db.job("j2").unwrap(), None);
+        assert_eq!(
+            insert("j3", "y", 5, 0),
+            Admission::Stored,
+            "each adapter has its own"
+        );
+        // Unused feedback counts; a full adapter takes no more.
+        let completion = StoredCompletion {
+            id: "c".into(),
+            adapter: Some("x".into()),
+            prompt: "p".into(),
+            completion: "a".into(),
+        };
+        db.insert_completion(&completion, 0, 10).unwrap();
+        assert_eq!(
+            db.insert_feedback("f1", 0, "c", "x", 1.0, None, 5).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            db.insert_feedback("f2", 0, "c", "x", 1.0, None, 5).unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            db.insert_feedback("f3", 0, "c", "x", 1.0, None, 5).unwrap(),
+            None
+        );
+        assert_eq!(
+            insert("j4", "x", 1, 0),
+            Admission::AdapterFull { stored: 5 }
+        );
+        assert_eq!(insert("j5", "x", 0, 0), Admission::Stored, "0 more fits");
+        // Deleting the adapter frees its examples (its jobs stay, for their history).
+        db.delete_adapter("x").unwrap();
+        assert!(db.job("j1").unwrap().is_some());
+        assert_eq!(insert("j6", "x", 5, 0), Admission::Stored);
     }
 
     #[test]
@@ -321,14 +386,14 @@ mod tests {
         db.insert_completion(&completion, 0, 10).unwrap();
         assert_eq!(db.completion("chatcmpl-1").unwrap(), Some(completion));
         assert_eq!(
-            db.insert_feedback("fb-1", 0, "chatcmpl-1", "x", 1.0, None)
+            db.insert_feedback("fb-1", 0, "chatcmpl-1", "x", 1.0, None, 0)
                 .unwrap(),
-            1
+            Some(1)
         );
         assert_eq!(
-            db.insert_feedback("fb-2", 0, "chatcmpl-1", "x", -1.0, Some("better"))
+            db.insert_feedback("fb-2", 0, "chatcmpl-1", "x", -1.0, Some("better"), 0)
                 .unwrap(),
-            2
+            Some(2)
         );
         let pending = db.pending_feedback("x").unwrap();
         assert_eq!(pending.len(), 2);

@@ -120,13 +120,19 @@ impl Db {
         })
     }
 
-    /// Forgets an adapter: its versions, settings and feedback. Jobs stay, for their history.
+    /// Forgets an adapter: its versions, settings, feedback and its jobs' examples (which
+    /// frees its share of `training.max_stored_examples_per_adapter`). The jobs stay, for their
+    /// history; the caller has cancelled them first.
     pub fn delete_adapter(&self, adapter: &str) -> DbResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM versions WHERE adapter = ?1", params![adapter])?;
         tx.execute("DELETE FROM adapters WHERE name = ?1", params![adapter])?;
         tx.execute("DELETE FROM feedback WHERE adapter = ?1", params![adapter])?;
+        tx.execute(
+            "DELETE FROM examples WHERE job_id IN (SELECT id FROM jobs WHERE adapter = ?1)",
+            params![adapter],
+        )?;
         tx.commit()?;
         Ok(())
     }
