@@ -40,15 +40,6 @@ fn log_probs(model: &Transformer, tokens: &[u32], adapter: Option<&AdapterView>)
     log_softmax(&logits).expect("log_softmax")
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
-}
-
 #[test]
 fn an_adapter_on_every_module_equals_its_delta_merged_into_the_weights() {
     let path = common::gemma_model_path();
@@ -74,7 +65,7 @@ fn an_adapter_on_every_module_equals_its_delta_merged_into_the_weights() {
     let adapted = log_probs(&model, &tokens, Some(&view));
     let base = log_probs(&model, &tokens, None);
     assert!(
-        max_abs_diff(&adapted, &base) > 0.05,
+        common::max_abs_diff(&adapted, &base) > 0.05,
         "the adapter must change the output for the comparison to mean anything"
     );
 
@@ -108,27 +99,11 @@ fn an_adapter_on_every_module_equals_its_delta_merged_into_the_weights() {
     );
     let merged = common::load_model_at(&merged_path, WeightMode::F32);
     let want = log_probs(&merged, &tokens, None);
-    let diff = max_abs_diff(&adapted, &want);
+    let diff = common::max_abs_diff(&adapted, &want);
     assert!(
         diff < 1e-3,
         "the adapter and its merged weights differ by {diff} in log-prob"
     );
-}
-
-fn reviews() -> Vec<TrainingExample> {
-    [
-        ("Review: a gorgeous, witty film.\nSentiment:", 1),
-        ("Review: a tedious mess.\nSentiment:", 0),
-        ("Review: the best thing this year.\nSentiment:", 1),
-        ("Review: dull and far too long.\nSentiment:", 0),
-    ]
-    .iter()
-    .map(|&(prompt, label)| TrainingExample::Classification {
-        prompt: prompt.into(),
-        candidates: vec![" negative".into(), " positive".into()],
-        label,
-    })
-    .collect()
 }
 
 fn gemma() -> LoadedModel {
@@ -152,8 +127,14 @@ fn a_trained_adapter_saves_under_peft_names_and_reloads_bit_for_bit() {
         ..TrainerConfig::default()
     };
     let objective = ObjectiveKind::Classification.build().expect("objective");
-    let mut trainer =
-        Trainer::new(trainer_config, objective, initial, reviews(), Vec::new()).expect("trainer");
+    let mut trainer = Trainer::new(
+        trainer_config,
+        objective,
+        initial,
+        common::four_reviews(),
+        Vec::new(),
+    )
+    .expect("trainer");
     trainer.step(&model).expect("step");
     let trained = trainer.adapter();
     let b_q = &trained.layers[&(0, TargetModule::Q)].b;
@@ -187,18 +168,7 @@ fn a_trained_adapter_saves_under_peft_names_and_reloads_bit_for_bit() {
 #[test]
 fn mezo_steps_with_the_defaults_lower_a_completion_loss() {
     let model = gemma();
-    let examples: Vec<TrainingExample> = [
-        ("Q: What colour is the sky?\nA:", " The sky is green."),
-        ("Q: What colour is grass?\nA:", " Grass is green."),
-        ("Q: What colour is the sea?\nA:", " The sea is green."),
-        ("Q: What colour is snow?\nA:", " Snow is green."),
-    ]
-    .iter()
-    .map(|(prompt, completion)| TrainingExample::Completion {
-        prompt: prompt.to_string(),
-        completion: completion.to_string(),
-    })
-    .collect();
+    let examples = common::green_answers();
     let dims = model.transformer.config.dims();
     let adapter = LoraAdapter::new_initialized(LoraConfig::default(), dims, 0).expect("adapter");
     let steps = 20;

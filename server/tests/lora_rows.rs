@@ -52,15 +52,6 @@ fn logits_alone(model: &Transformer, tokens: &[u32], adapter: Option<&AdapterVie
         .expect("logits")
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
-}
-
 const PROMPTS: [&[u32]; 4] = [
     &[504, 3575, 282, 4649, 314],
     &[6403, 1980, 253, 655, 28, 665, 436, 253, 1838, 8085, 617],
@@ -82,13 +73,13 @@ fn mixed_adapter_batch_equals_each_row_alone() {
     let batched = model.forward(&mut rows).expect("forward");
     for ((prompt, view), got) in PROMPTS.iter().zip(views).zip(batched) {
         let alone = logits_alone(&model, prompt, view);
-        let diff = max_abs_diff(&got.expect("logits"), &alone);
+        let diff = common::max_abs_diff(&got.expect("logits"), &alone);
         assert!(diff <= 1e-5, "row differs from running alone by {diff}");
     }
     // The adapters really change the output (or the test above would prove nothing).
     let base = logits_alone(&model, PROMPTS[0], None);
     let adapted = logits_alone(&model, PROMPTS[0], Some(&qv));
-    assert!(max_abs_diff(&base, &adapted) > 1e-2);
+    assert!(common::max_abs_diff(&base, &adapted) > 1e-2);
 }
 
 #[test]
@@ -98,7 +89,7 @@ fn zero_b_adapter_is_exactly_the_base_model() {
     for prompt in PROMPTS {
         let base = logits_alone(&model, prompt, None);
         let adapted = logits_alone(&model, prompt, Some(&zero));
-        assert_eq!(max_abs_diff(&base, &adapted), 0.0);
+        assert_eq!(common::max_abs_diff(&base, &adapted), 0.0);
     }
 }
 

@@ -26,18 +26,7 @@ fn fresh_adapter(model: &LoadedModel) -> LoraAdapter {
 #[test]
 fn thirty_completion_steps_lower_the_loss_on_their_examples() {
     let model = model();
-    let examples: Vec<TrainingExample> = [
-        ("Q: What colour is the sky?\nA:", " The sky is green."),
-        ("Q: What colour is grass?\nA:", " Grass is green."),
-        ("Q: What colour is the sea?\nA:", " The sea is green."),
-        ("Q: What colour is snow?\nA:", " Snow is green."),
-    ]
-    .iter()
-    .map(|(prompt, completion)| TrainingExample::Completion {
-        prompt: prompt.to_string(),
-        completion: completion.to_string(),
-    })
-    .collect();
+    let examples = common::green_answers();
     // The defaults (FZOO, four directions, lr 5e-3 decaying to 0) on a batch of the four.
     let config = TrainerConfig {
         batch_size: 4,

@@ -12,7 +12,7 @@ use adapters::{LoraAdapter, LoraConfig, QkRowOrder, TargetModule};
 use candle_core::{Device, Tensor};
 use mezo_server::engine::loaded_model::LoadedModel;
 use mezo_server::engine::weights::WeightMode;
-use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample, ZoEngine};
+use plugin::{ObjectiveKind, Trainer, TrainerConfig, ZoEngine};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::SafeTensors;
@@ -93,22 +93,6 @@ fn q_and_k_deltas_land_where_llama_cpp_puts_the_dense_delta() {
     }
 }
 
-fn reviews() -> Vec<TrainingExample> {
-    [
-        ("Review: a gorgeous, witty film.\nSentiment:", 1),
-        ("Review: a tedious mess.\nSentiment:", 0),
-        ("Review: the best thing this year.\nSentiment:", 1),
-        ("Review: dull and far too long.\nSentiment:", 0),
-    ]
-    .iter()
-    .map(|&(prompt, label)| TrainingExample::Classification {
-        prompt: prompt.into(),
-        candidates: vec![" negative".into(), " positive".into()],
-        label,
-    })
-    .collect()
-}
-
 #[test]
 fn a_trained_q_v_adapter_saves_in_peft_order_and_reloads_bit_for_bit() {
     let model = LoadedModel::load(&common::model_path(), WeightMode::default()).expect("load");
@@ -123,8 +107,14 @@ fn a_trained_q_v_adapter_saves_in_peft_order_and_reloads_bit_for_bit() {
         ..TrainerConfig::default()
     };
     let objective = ObjectiveKind::Classification.build().expect("objective");
-    let mut trainer =
-        Trainer::new(config, objective, initial, reviews(), Vec::new()).expect("trainer");
+    let mut trainer = Trainer::new(
+        config,
+        objective,
+        initial,
+        common::four_reviews(),
+        Vec::new(),
+    )
+    .expect("trainer");
     for _ in 0..2 {
         trainer.step(&model).expect("step");
     }

@@ -142,3 +142,46 @@ pub fn sentiment_items(model: &LoadedModel, prompts: &[&str]) -> Vec<ScoreReques
         })
         .collect()
 }
+
+/// Four labelled movie reviews, for short classification runs.
+pub fn four_reviews() -> Vec<plugin::TrainingExample> {
+    [
+        ("Review: a gorgeous, witty film.\nSentiment:", 1),
+        ("Review: a tedious mess.\nSentiment:", 0),
+        ("Review: the best thing this year.\nSentiment:", 1),
+        ("Review: dull and far too long.\nSentiment:", 0),
+    ]
+    .iter()
+    .map(|&(prompt, label)| plugin::TrainingExample::Classification {
+        prompt: prompt.into(),
+        candidates: vec![" negative".into(), " positive".into()],
+        label,
+    })
+    .collect()
+}
+
+/// Four questions with a wrong answer to learn ("… is green."), for short completion runs.
+pub fn green_answers() -> Vec<plugin::TrainingExample> {
+    [
+        ("Q: What colour is the sky?\nA:", " The sky is green."),
+        ("Q: What colour is grass?\nA:", " Grass is green."),
+        ("Q: What colour is the sea?\nA:", " The sea is green."),
+        ("Q: What colour is snow?\nA:", " Snow is green."),
+    ]
+    .iter()
+    .map(|(prompt, completion)| plugin::TrainingExample::Completion {
+        prompt: prompt.to_string(),
+        completion: completion.to_string(),
+    })
+    .collect()
+}
+
+/// `max |a − b|` over every element.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff")
+}
