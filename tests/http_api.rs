@@ -872,3 +872,125 @@ async fn metrics_after_traffic_pass_promtool() {
         promtool.1
     );
 }
+
+/// Every operation of `/openapi.json` reaches a handler (not the fallback's "no route" 404 or its
+/// 405), and every other method on its paths is 405: the spec and the router name the same
+/// routes. (The router has no routes of its own beside the spec's: `api::app` builds it from
+/// `api::routes`, which registers each handler with its spec entry.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_spec_and_the_router_name_the_same_routes() {
+    let server = Server::start(ServerOptions::default());
+    let (status, spec) = get_json(&server.url("/openapi.json")).await;
+    assert_eq!(status, 200);
+    assert!(
+        spec["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        spec["openapi"]
+    );
+    let paths = spec["paths"].as_object().expect("paths");
+    assert_eq!(paths.len(), 27, "{:?}", paths.keys().collect::<Vec<_>>());
+    let methods = ["get", "post", "put", "delete", "patch"];
+    let mut operations = 0;
+    for (template, item) in paths {
+        // A model id may contain `/`: the router takes the rest of the path.
+        let path = template
+            .replace("/v1/models/{id}", "/v1/models/org/model")
+            .replace("{id}", "x")
+            .replace("{name}", "x");
+        for method in methods {
+            let documented = item.get(method).is_some();
+            let verb = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("verb");
+            let body = matches!(method, "post" | "put").then(|| json!({}));
+            let (status, answer) =
+                common::request_json(verb, &server.url(&path), body.as_ref()).await;
+            let message = answer["error"]["message"].as_str().unwrap_or("");
+            let unrouted = (status == 404 && message.starts_with("no route "))
+                || answer["error"]["code"] == "method_not_allowed";
+            if documented {
+                operations += 1;
+                assert!(
+                    !unrouted,
+                    "{method} {template} is in the spec but not routed: {status} {answer}"
+                );
+            } else {
+                assert_eq!(
+                    (status, answer["error"]["code"].as_str()),
+                    (405, Some("method_not_allowed")),
+                    "{method} {template} is routed but not in the spec: {answer}"
+                );
+            }
+        }
+    }
+    assert_eq!(operations, 33);
+    let (status, answer) = get_json(&server.url("/v1/not-a-route")).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+}
+
+/// Found by the schema fuzzer: an upload without a multipart body got axum's plain-text 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_that_is_not_multipart_gets_a_json_error_naming_the_file() {
+    let server = Server::start(ServerOptions::default());
+    for content_type in [None, Some("application/json"), Some("multipart/form-data")] {
+        let mut request = common::client()
+            .post(server.url("/v1/files"))
+            .body("{\"purpose\": \"fine-tune\"}");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.expect("POST /v1/files");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("a JSON error");
+        assert_eq!(status, 400, "{content_type:?}: {body}");
+        assert_eq!(body["error"]["param"], "file", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("multipart/form-data")),
+            "{body}"
+        );
+    }
+}
+
+/// A path segment that does not decode (invalid UTF-8 once percent-decoded) is a JSON 400
+/// naming it, like every other error, not axum's plain text.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecodable_path_gets_a_json_error() {
+    let server = Server::start(ServerOptions::default());
+    for (path, param) in [
+        ("/v1/files/%FF", "path"),
+        ("/v1/finetune/%C3%28/events", "path"),
+        ("/v1/models/%FF", "path"),
+    ] {
+        let (status, body) = get_json(&server.url(path)).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], param, "{path}: {body}");
+    }
+}
+
+/// Found by the schema fuzzer: `limit=0` on a job's checkpoints gave an empty page, and
+/// `stream=null` on a job's events read as "not streaming"; both are outside the spec.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zero_limit_or_a_stream_flag_that_is_not_a_boolean_is_refused() {
+    let server = Server::start(ServerOptions::default());
+    for (path, param) in [
+        ("/v1/fine_tuning/jobs/x/checkpoints?limit=0", "limit"),
+        ("/v1/finetune/x/events?limit=0", "limit"),
+        ("/v1/finetune/x/events?limit=1001", "limit"),
+        ("/v1/finetune/x/events?stream=null", "stream"),
+        ("/v1/finetune/x/events?stream=yes", "stream"),
+    ] {
+        let (status, body) = get_json(&server.url(path)).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], param, "{path}: {body}");
+    }
+    let (status, body) = get_json(&server.url("/v1/finetune/x/events?stream=false")).await;
+    assert_eq!(
+        status, 404,
+        "an unknown job, once the query is valid: {body}"
+    );
+}

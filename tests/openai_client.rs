@@ -7,22 +7,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{workspace_root, Server, ServerOptions};
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("MEZO_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} is missing: run `bash tests/setup` (it creates .venv with the openai client)",
-        python.display()
-    );
-    python
-}
+use common::{test_python, workspace_root, Server, ServerOptions};
 
 #[test]
 fn the_official_openai_client_just_works() {
@@ -31,7 +18,7 @@ fn the_official_openai_client_just_works() {
         adapters: vec![("sentiment", Some(1), 7)],
         ..ServerOptions::default()
     });
-    let output = Command::new(python())
+    let output = Command::new(test_python())
         .arg(workspace_root().join("tests/openai_client.py"))
         .arg(&server.base)
         .arg("sk-test")
@@ -71,7 +58,7 @@ fn the_sentiment_fine_tuning_demo_runs() {
         .map(|(i, (review, rating))| format!("{i}\t{rating}\t{review}\r\n"))
         .collect();
     std::fs::write(data.path(), text).expect("write the data file");
-    let output = Command::new(python())
+    let output = Command::new(test_python())
         .arg(workspace_root().join("examples/sentiment_finetune.py"))
         .args(["--url", &server.base, "--data"])
         .arg(data.path())

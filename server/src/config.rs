@@ -50,6 +50,10 @@ pub struct ModelConfig {
     /// the GGUF's.
     #[serde(default)]
     pub chat_template: PathBuf,
+    /// The longest sequence (prompt and completion) served, as vLLM's `--max-model-len`; 0:
+    /// the model's own context length. Bounds memory and time per request.
+    #[serde(default)]
+    pub max_model_len: usize,
 }
 
 impl ModelConfig {

@@ -176,12 +176,13 @@ async fn wait_for_signal() {
 
 /// Loads the model and the adapters folder and starts the engine thread.
 fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
-    let model = LoadedModel::load_with_template(
+    let mut model = LoadedModel::load_with_template(
         model_path,
         config.model.weights,
         config.model.chat_template_file(),
     )
     .map_err(|e| e.to_string())?;
+    model.limit_context(config.model.max_model_len);
     metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.transformer.weights_size_bytes() as f64);
     let model_id = model_id(config, &model);
     let db = Training::open_db(&config.data.dir).map_err(|e| e.to_string())?;

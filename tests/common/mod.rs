@@ -25,6 +25,21 @@ pub use engine_common::{
     gemma_golden, gemma_model_path, model_path, workspace_root, write_model_variant,
 };
 
+/// The Python of `.venv/` (made by `bash tests/setup`, with the openai client and
+/// schemathesis), or `MEZO_TEST_PYTHON`.
+pub fn test_python() -> PathBuf {
+    let python = std::env::var_os("MEZO_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: run `bash tests/setup` (it creates .venv with the openai client and \
+         schemathesis)",
+        python.display()
+    );
+    python
+}
+
 /// A running `mezo serve`; killed when dropped.
 pub struct Server {
     child: Child,
@@ -45,6 +60,9 @@ pub struct ServerOptions {
     pub adapters: Vec<(&'static str, Option<u32>, u64)>,
     /// The GGUF to serve (default: the default model).
     pub model: Option<PathBuf>,
+    /// A disk of this size (`"3m"`) under the data folder: the server runs in a mount namespace
+    /// of its own (`unshare`) with a tmpfs there, so its writes can fill it.
+    pub data_disk_size: Option<&'static str>,
 }
 
 impl Server {
@@ -63,14 +81,32 @@ impl Server {
         let config_path = data_dir.join("test-config.toml");
         std::fs::create_dir_all(&data_dir).expect("create the data folder");
         std::fs::write(&config_path, &options.config).expect("write the config");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mezo"));
+        let mut command = match options.data_disk_size {
+            None => Command::new(env!("CARGO_BIN_EXE_mezo")),
+            Some(size) => {
+                let disk = data_dir.join("disk");
+                std::fs::create_dir_all(&disk).expect("create the disk's mount point");
+                let mut command = Command::new("unshare");
+                command.args(["--user", "--map-root-user", "--mount", "sh", "-c"]);
+                command.arg("mount -t tmpfs -o size=\"$1\" tmpfs \"$2\" && shift 2 && exec \"$@\"");
+                command
+                    .args(["sh", size])
+                    .arg(&disk)
+                    .arg(env!("CARGO_BIN_EXE_mezo"));
+                command
+            }
+        };
+        let served_data_dir = match options.data_disk_size {
+            None => data_dir.clone(),
+            Some(_) => data_dir.join("disk"),
+        };
         command
             .arg("--config")
             .arg(&config_path)
             .arg("--model")
             .arg(options.model.clone().unwrap_or_else(model_path))
             .arg("--data-dir")
-            .arg(&data_dir)
+            .arg(&served_data_dir)
             .args(["serve", "--port", "0"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

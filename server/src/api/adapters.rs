@@ -10,52 +10,93 @@
 //! `/v1/unload_lora_adapter`, which RL frameworks call, load a PEFT folder trained elsewhere as a
 //! new version and stop serving one.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
 use crate::training::{Training, TrainingError};
 
-use super::error::ApiError;
-use super::extract::ApiJson;
-use super::protocol::{ContinuousTrainingRequest, ListPage, RollbackRequest, UnloadLoraRequest};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, PathParam};
+use super::mezo_jobs::shortest_floats;
+use super::protocol::{
+    AdapterOut, AdapterVersionOut, ContinuousTraining, ContinuousTrainingOut,
+    ContinuousTrainingRequest, Deleted, ListPage, LoadLoraRequest, RollbackRequest,
+    UnloadLoraRequest,
+};
 use super::state::AppState;
 use super::validate::runtime_lora::ValidLoraLoad;
 
 /// Steps of a continuous-training job when the request does not say.
 const DEFAULT_FEEDBACK_STEPS: u64 = 50;
 
+#[utoipa::path(
+    get,
+    path = "/v1/adapters",
+    tag = "adapters",
+    summary = "Every adapter with its versions",
+    responses(
+        (status = 200, description = "The adapters", body = ListPage<AdapterOut>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn list_adapters(
     State(state): State<AppState>,
-) -> Result<Json<ListPage<Value>>, ApiError> {
+) -> Result<Json<ListPage<AdapterOut>>, ApiError> {
     let data = state
         .training(|t| {
             t.adapter_names()
                 .iter()
-                .map(|name| adapter_json(t, name))
+                .map(|name| adapter_out(t, name))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
     Ok(Json(ListPage::all(data)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/adapters/{name}",
+    tag = "adapters",
+    summary = "One adapter with its versions",
+    params(
+        ("name" = String, Path, description = "The adapter's name"),
+    ),
+    responses(
+        (status = 200, description = "The adapter", body = AdapterOut),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn get_adapter(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(state.training(move |t| adapter_json(t, &name)).await?))
+    PathParam(name): PathParam,
+) -> Result<Json<AdapterOut>, ApiError> {
+    Ok(Json(state.training(move |t| adapter_out(t, &name)).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/adapters/{name}/rollback",
+    tag = "adapters",
+    summary = "Make an older version live",
+    request_body = RollbackRequest,
+    params(
+        ("name" = String, Path, description = "The adapter's name"),
+    ),
+    responses(
+        (status = 200, description = "The adapter", body = AdapterOut),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn rollback(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
     body: ApiJson,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AdapterOut>, ApiError> {
     let request: RollbackRequest = body.parse()?;
     let adapter = state
         .training(move |t| {
             t.rollback(&name, request.version)?;
-            adapter_json(t, &name)
+            adapter_out(t, &name)
         })
         .await?;
     Ok(Json(adapter))
@@ -63,15 +104,26 @@ pub async fn rollback(
 
 /// vLLM's `POST /v1/load_lora_adapter`: serves a PEFT folder under the configured root as the
 /// next version of `lora_name`; answers with the adapter, as `GET /v1/adapters/{name}` does.
+#[utoipa::path(
+    post,
+    path = "/v1/load_lora_adapter",
+    tag = "adapters",
+    summary = "Serve a PEFT folder under `server.lora_load_root` (vLLM's API)",
+    request_body = LoadLoraRequest,
+    responses(
+        (status = 200, description = "The adapter", body = AdapterOut),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn load_lora_adapter(
     State(state): State<AppState>,
     body: ApiJson,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AdapterOut>, ApiError> {
     let load = ValidLoraLoad::new(body.parse()?, state.config().lora_load_root.as_deref())?;
     let adapter = state
         .training(move |t| {
             t.load_adapter(&load.name, &load.dir, load.in_place)?;
-            adapter_json(t, &load.name)
+            adapter_out(t, &load.name)
         })
         .await?;
     Ok(Json(adapter))
@@ -79,35 +131,69 @@ pub async fn load_lora_adapter(
 
 /// vLLM's `POST /v1/unload_lora_adapter`: stops serving `lora_name` (as
 /// `DELETE /v1/adapters/{name}`; the folder it was loaded from is not touched).
+#[utoipa::path(
+    post,
+    path = "/v1/unload_lora_adapter",
+    tag = "adapters",
+    summary = "Stop serving an adapter (vLLM's API)",
+    request_body = UnloadLoraRequest,
+    responses(
+        (status = 200, description = "The adapter is gone", body = Deleted),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn unload_lora_adapter(
     State(state): State<AppState>,
     body: ApiJson,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     let request: UnloadLoraRequest = body.parse()?;
     let name = request.lora_name;
     let deleted = name.clone();
     state.training(move |t| t.delete_adapter(&name)).await?;
-    Ok(Json(
-        json!({ "id": deleted, "object": "adapter", "deleted": true }),
-    ))
+    Ok(Json(Deleted::new(deleted, "adapter")))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/adapters/{name}",
+    tag = "adapters",
+    summary = "Delete an adapter, cancelling its jobs",
+    params(
+        ("name" = String, Path, description = "The adapter's name"),
+    ),
+    responses(
+        (status = 200, description = "The adapter is gone", body = Deleted),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn delete_adapter(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    PathParam(name): PathParam,
+) -> Result<Json<Deleted>, ApiError> {
     let deleted = name.clone();
     state.training(move |t| t.delete_adapter(&name)).await?;
-    Ok(Json(
-        json!({ "id": deleted, "object": "adapter", "deleted": true }),
-    ))
+    Ok(Json(Deleted::new(deleted, "adapter")))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/adapters/{name}/continuous_training",
+    tag = "adapters",
+    summary = "Train on every `feedback_every` feedback items (`null` stops it)",
+    request_body = ContinuousTrainingRequest,
+    params(
+        ("name" = String, Path, description = "The adapter's name"),
+    ),
+    responses(
+        (status = 200, description = "The setting", body = ContinuousTrainingOut),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn set_continuous_training(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam,
     body: ApiJson,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ContinuousTrainingOut>, ApiError> {
     let request: ContinuousTrainingRequest = body.parse()?;
     let every = request
         .feedback_every
@@ -115,44 +201,47 @@ pub async fn set_continuous_training(
     let settings = state
         .training(move |t| {
             t.set_continuous(&name, every)?;
-            Ok(json!({ "adapter": name, "continuous_training": continuous_json(every) }))
+            Ok(ContinuousTrainingOut {
+                adapter: name,
+                continuous_training: continuous(every),
+            })
         })
         .await?;
     Ok(Json(settings))
 }
 
-fn continuous_json(every: Option<(u32, u64)>) -> Value {
-    every.map_or(
-        Value::Null,
-        |(every, steps)| json!({ "feedback_every": every, "steps": steps }),
-    )
+fn continuous(every: Option<(u32, u64)>) -> Option<ContinuousTraining> {
+    every.map(|(feedback_every, steps)| ContinuousTraining {
+        feedback_every,
+        steps,
+    })
 }
 
 /// An adapter with every version, its metrics and which one is live.
-fn adapter_json(training: &Training, name: &str) -> Result<Value, TrainingError> {
+fn adapter_out(training: &Training, name: &str) -> Result<AdapterOut, TrainingError> {
     let adapter = training.adapter(name)?;
-    let versions: Vec<Value> = adapter
+    let versions = adapter
         .versions
         .iter()
         .map(|v| {
             let info = v.published.as_ref();
-            json!({
-                "version": v.version,
-                "id": format!("{name}@{}", v.version),
-                "created_at": v.created_at,
-                "live": v.version == adapter.live,
-                "size_bytes": v.size_bytes,
-                "job_id": info.and_then(|i| i.job_id.clone()),
-                "step": info.and_then(|i| i.step),
-                "held_out": info.and_then(|i| i.held_out.clone()),
-            })
+            AdapterVersionOut {
+                version: v.version,
+                id: format!("{name}@{}", v.version),
+                created_at: v.created_at,
+                live: v.version == adapter.live,
+                size_bytes: v.size_bytes,
+                job_id: info.and_then(|i| i.job_id.clone()),
+                step: info.and_then(|i| i.step),
+                held_out: info.and_then(|i| i.held_out.as_ref()).map(shortest_floats),
+            }
         })
         .collect();
-    Ok(json!({
-        "id": name,
-        "object": "adapter",
-        "live_version": adapter.live,
-        "versions": versions,
-        "continuous_training": continuous_json(training.continuous(name)?),
-    }))
+    Ok(AdapterOut {
+        id: name.to_string(),
+        object: "adapter",
+        live_version: adapter.live,
+        versions,
+        continuous_training: continuous(training.continuous(name)?),
+    })
 }

@@ -13,8 +13,10 @@ use crate::engine::generate::TokenEvent;
 use crate::engine::loaded_model::LoadedModel;
 use crate::scheduler::SequenceRequest;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::ApiJson;
+use super::openapi::ChatCompletionBody;
+use super::openapi::ServerSentEvent;
 use super::protocol::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprobs, ResponseMeta, Usage,
@@ -28,6 +30,17 @@ use crate::ids::{new_id, unix_now};
 use crate::training::db::StoredCompletion;
 use crate::training::Training;
 
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "inference",
+    summary = "A chat completion, whole or streamed",
+    request_body = ChatCompletionBody,
+    responses(
+        (status = 200, description = "The completion (JSON), or with `stream: true` its chunks as server-sent events ending with `[DONE]`", content((ChatCompletion = "application/json"), (ServerSentEvent = "text/event-stream"))),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: ApiJson,

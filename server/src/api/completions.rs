@@ -16,9 +16,13 @@ use crate::engine::loaded_model::LoadedModel;
 use crate::engine::sampler::TokenLogprob;
 use crate::scheduler::{PromptTokenLogprob, SequenceRequest};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::ApiJson;
-use super::protocol::{Completion, CompletionChoice, CompletionLogprobs, ResponseMeta, Usage};
+use super::openapi::CompletionBody;
+use super::openapi::ServerSentEvent;
+use super::protocol::{
+    ChoicesEnvelope, Completion, CompletionChoice, CompletionLogprobs, ResponseMeta, Usage,
+};
 use super::state::{AppState, ResolvedModel, Serving};
 use super::stream::{sse_response, ChunkRenderer};
 use super::token_events::{collect, token_string, RequestMetrics};
@@ -36,6 +40,17 @@ struct Prompt {
     logprobs: Option<Vec<PromptTokenLogprob>>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "inference",
+    summary = "Text completions (or, with `max_tokens: 0`, `echo` and `logprobs`, the prompt's own log-probs)",
+    request_body = CompletionBody,
+    responses(
+        (status = 200, description = "The completions (JSON), or with `stream: true` chunks as server-sent events ending with `[DONE]`", content((ChoicesEnvelope<CompletionChoice> = "application/json"), (ServerSentEvent = "text/event-stream"))),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn completions(
     State(state): State<AppState>,
     body: ApiJson,

@@ -25,12 +25,13 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
+/// `{"error": {...}}`: every error the API answers.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody<'a> {
     pub error: ErrorObject<'a>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorObject<'a> {
     pub message: &'a str,
     #[serde(rename = "type")]

@@ -1,9 +1,13 @@
-//! Reading a JSON request body, with errors in the API's shape: a body over the limit is 413,
-//! text that is not a JSON object is 400 `invalid_json`, and a field of the wrong type is 400
-//! naming the field's path (`messages[0].content`).
+//! Reading requests, with errors in the API's shape: a JSON body over the limit is 413, text
+//! that is not a JSON object is 400 `invalid_json`, and a field of the wrong type is 400 naming
+//! the field's path (`messages[0].content`); a path segment or query string that cannot be
+//! decoded is 400 naming it, where axum's own extractors would answer in plain text.
+
+use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -42,6 +46,46 @@ impl ApiJson {
                 ApiError::invalid(path.clone(), format!("`{path}`: {inner}"))
             }
         })
+    }
+}
+
+/// The one parameter of a route's path (`/v1/files/{id}`), percent-decoded.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(value) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::invalid(
+                    "path",
+                    format!("the path cannot be read: {}", rejection.body_text()),
+                )
+            })?;
+        Ok(Self(value))
+    }
+}
+
+/// The query string's parameters (`?after=…&limit=…`), percent-decoded (lossily, as
+/// `serde_urlencoded` does, so today nothing a client sends makes it fail; the wrapper keeps
+/// any future failure in the API's shape).
+pub struct QueryParams(pub HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(params) = Query::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::invalid(
+                    "query",
+                    format!("the query string cannot be read: {}", rejection.body_text()),
+                )
+            })?;
+        Ok(Self(params))
     }
 }
 

@@ -5,42 +5,63 @@
 //! towards its next `reward` job (see `crate::training::feedback`). `GET /v1/feedback?adapter=`
 //! lists an adapter's items and the job that used each.
 
-use std::collections::HashMap;
-
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
-use super::error::ApiError;
-use super::extract::ApiJson;
-use super::mezo_jobs::{job_json, shortest_floats};
-use super::protocol::ListPage;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, QueryParams};
+use super::mezo_jobs::finetune_job;
+use super::protocol::{FeedbackItem, FeedbackReceiptOut, FeedbackRequest, ListPage};
 use super::state::AppState;
 use super::validate::feedback::valid_feedback;
 use super::validate::listing::MAX_PAGE;
 
+#[utoipa::path(
+    post,
+    path = "/v1/feedback",
+    tag = "feedback",
+    summary = "Rate an answer the server gave",
+    request_body = FeedbackRequest,
+    responses(
+        (status = 200, description = "The stored item, and the job it started", body = FeedbackReceiptOut),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn post_feedback(
     State(state): State<AppState>,
     body: ApiJson,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FeedbackReceiptOut>, ApiError> {
     let feedback = valid_feedback(body.parse()?)?;
     let (completion_id, reward) = (feedback.completion_id.clone(), feedback.reward);
     let receipt = state.training(move |t| t.feedback(feedback)).await?;
-    Ok(Json(json!({
-        "id": receipt.id,
-        "object": "feedback",
-        "completion_id": completion_id,
-        "adapter": receipt.adapter,
-        "reward": shortest_floats(&reward),
-        "pending_feedback": receipt.pending,
-        "job": receipt.job.as_ref().map(job_json),
-    })))
+    Ok(Json(FeedbackReceiptOut {
+        id: receipt.id,
+        object: "feedback",
+        completion_id,
+        adapter: receipt.adapter,
+        reward,
+        pending_feedback: receipt.pending,
+        job: receipt.job.as_ref().map(finetune_job),
+    }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/feedback",
+    tag = "feedback",
+    summary = "An adapter's feedback items",
+    params(
+        ("adapter" = String, Query, description = "The adapter whose items to list"),
+    ),
+    responses(
+        (status = 200, description = "The items", body = ListPage<FeedbackItem>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn list_feedback(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<ListPage<Value>>, ApiError> {
+    QueryParams(query): QueryParams,
+) -> Result<Json<ListPage<FeedbackItem>>, ApiError> {
     let adapter = query
         .get("adapter")
         .cloned()
@@ -50,17 +71,15 @@ pub async fn list_feedback(
         .await?;
     let data = items
         .iter()
-        .map(|f| {
-            json!({
-                "id": f.id,
-                "object": "feedback",
-                "created_at": f.created_at,
-                "completion_id": f.completion_id,
-                "adapter": f.adapter,
-                "reward": shortest_floats(&f.reward),
-                "corrected_answer": f.corrected_answer,
-                "job_id": f.job_id,
-            })
+        .map(|f| FeedbackItem {
+            id: f.id.clone(),
+            object: "feedback",
+            created_at: f.created_at,
+            completion_id: f.completion_id.clone(),
+            adapter: f.adapter.clone(),
+            reward: f.reward,
+            corrected_answer: f.corrected_answer.clone(),
+            job_id: f.job_id.clone(),
         })
         .collect();
     Ok(Json(ListPage::all(data)))

@@ -5,30 +5,60 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::metrics as m;
 use crate::process_memory;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::protocol::{Health, Ready};
 use super::state::AppState;
 
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "probes",
+    summary = "The process answers",
+    responses(
+        (status = 200, description = "Alive", body = Health),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "probes",
+    summary = "The model is loaded",
+    responses(
+        (status = 200, description = "Ready to serve", body = Ready),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn ready(State(state): State<AppState>) -> Response {
     match state.serving() {
-        Ok(serving) => Json(json!({
-            "status": "ready",
-            "model": serving.model_id,
-            "waiting": serving.scheduler.waiting(),
-        }))
+        Ok(serving) => Json(Ready {
+            status: "ready",
+            model: serving.model_id.clone(),
+            waiting: serving.scheduler.waiting(),
+        })
         .into_response(),
         Err(err) => err.into_response(),
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    summary = "Prometheus metrics",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let handle = state
         .metrics()

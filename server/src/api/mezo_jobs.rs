@@ -8,23 +8,37 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::training::{Job, JobEvent, JobQuota};
 
 use super::access::CallerKey;
-use super::error::ApiError;
-use super::extract::ApiJson;
-use super::protocol::ListPage;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, PathParam, QueryParams};
+use super::openapi::ServerSentEvent;
+use super::protocol::{
+    ExampleCounts, FinetuneJob, FinetuneRequest, JobEventOut, JobFailure, JobProgress, ListPage,
+};
 use super::state::AppState;
 use super::stream::sse_from_channel;
-use super::validate::listing::{number, page, MAX_PAGE};
+use super::validate::listing::{flag, limit, number, page, MAX_PAGE};
 use super::validate::mezo_job::new_job;
 
+#[utoipa::path(
+    post,
+    path = "/v1/finetune",
+    tag = "fine-tuning",
+    summary = "Queue a MeZO job",
+    request_body = FinetuneRequest,
+    responses(
+        (status = 202, description = "The job, stored and queued", body = FinetuneJob),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn create_job(
     State(state): State<AppState>,
     caller: Option<Extension<CallerKey>>,
@@ -34,16 +48,30 @@ pub async fn create_job(
     let mut new_job = new_job(body.parse()?, serving.model.chat_template().ok())?;
     new_job.quota = job_quota(caller);
     let job = state.training(move |t| t.submit(new_job)).await?;
-    Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(finetune_job(&job))).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/finetune",
+    tag = "fine-tuning",
+    summary = "Jobs, newest first",
+    params(
+        ("after" = Option<String>, Query, description = "List the jobs after this job id"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "At most this many (1000 at most)"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs", body = ListPage<FinetuneJob>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn list_jobs(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<ListPage<Value>>, ApiError> {
+    QueryParams(query): QueryParams,
+) -> Result<Json<ListPage<FinetuneJob>>, ApiError> {
     let (jobs, has_more) = jobs_page(&state, &query).await?;
     Ok(Json(ListPage::page(
-        jobs.iter().map(job_json).collect(),
+        jobs.iter().map(finetune_job).collect(),
         has_more,
     )))
 }
@@ -63,32 +91,74 @@ pub(super) async fn jobs_page(
     Ok((jobs, has_more))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/finetune/{id}",
+    tag = "fine-tuning",
+    summary = "One job with its progress",
+    params(
+        ("id" = String, Path, description = "The job id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = FinetuneJob),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn get_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    PathParam(id): PathParam,
+) -> Result<Json<FinetuneJob>, ApiError> {
     let job = state.training(move |t| t.job(&id)).await?;
-    Ok(Json(job_json(&job)))
+    Ok(Json(finetune_job(&job)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/finetune/{id}/cancel",
+    tag = "fine-tuning",
+    summary = "Cancel a job (409 once finished)",
+    params(
+        ("id" = String, Path, description = "The job id"),
+    ),
+    responses(
+        (status = 200, description = "The cancelled job", body = FinetuneJob),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    PathParam(id): PathParam,
+) -> Result<Json<FinetuneJob>, ApiError> {
     let job = state.training(move |t| t.cancel(&id)).await?;
-    Ok(Json(job_json(&job)))
+    Ok(Json(finetune_job(&job)))
 }
 
 /// Events after `?after=<seq>`, oldest first; `?stream=true` keeps the connection open and
 /// sends each new event as it happens, then `[DONE]` once the job has ended.
+#[utoipa::path(
+    get,
+    path = "/v1/finetune/{id}/events",
+    tag = "fine-tuning",
+    summary = "A job's events, oldest first, or as a stream",
+    params(
+        ("id" = String, Path, description = "The job id"),
+        ("after" = Option<u64>, Query, description = "Events after this sequence number"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "At most this many (1000 at most)"),
+        ("stream" = Option<bool>, Query, description = "Stream the events as they happen"),
+    ),
+    responses(
+        (status = 200, description = "A page of events, or with `stream=true` server-sent events ending with `[DONE]` when the job ends", content((ListPage<JobEventOut> = "application/json"), (ServerSentEvent = "text/event-stream"))),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn job_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    PathParam(id): PathParam,
+    QueryParams(query): QueryParams,
 ) -> Result<Response, ApiError> {
     let after = number(&query, "after")?.unwrap_or(0);
-    let limit = number(&query, "limit")?.map_or(MAX_PAGE, |n| (n as usize).min(MAX_PAGE));
-    let streaming = matches!(query.get("stream").map(String::as_str), Some("true" | "1"));
+    let limit = limit(&query, MAX_PAGE)?;
+    let streaming = flag(&query, "stream")?;
     // A stream watches from before the first read, so that no event falls between a read and
     // a wait.
     let watch = if streaming {
@@ -102,7 +172,7 @@ pub async fn job_events(
     };
     let Some(mut watch) = watch else {
         let has_more = first.len() == limit;
-        let data = first.iter().map(event_json).collect();
+        let data = first.iter().map(job_event).collect();
         return Ok(Json(ListPage::page(data, has_more)).into_response());
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
@@ -112,7 +182,8 @@ pub async fn job_events(
         loop {
             for event in &batch {
                 after = event.seq;
-                if tx.send(event_json(event).to_string()).await.is_err() {
+                let text = serde_json::to_string(&job_event(event)).unwrap_or_default();
+                if tx.send(text).await.is_err() {
                     return;
                 }
             }
@@ -146,45 +217,50 @@ pub async fn job_events(
 }
 
 /// A job in `/v1/finetune`'s shape.
-pub fn job_json(job: &Job) -> Value {
+pub fn finetune_job(job: &Job) -> FinetuneJob {
     let spec = &job.spec;
-    json!({
-        "id": job.id,
-        "object": "finetune.job",
-        "adapter": spec.adapter,
-        "objective": spec.objective,
-        "status": job.status.as_str(),
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "error": job.error.as_ref().map(|message| json!({ "message": message })),
-        "hyperparameters": shortest_floats(&spec.trainer),
-        "lora": spec.lora,
-        "base_version": spec.base_version,
-        "publish_every": spec.publish_every,
-        "publish_only_if_improved": spec.publish_only_if_improved,
-        "examples": { "train": job.train_examples, "held_out": job.held_out_examples },
-        "progress": {
-            "steps_done": job.progress.steps_done,
-            "max_steps": spec.trainer.max_steps,
-            "train_loss": job.progress.train_loss,
-            "held_out": job.progress.held_out,
-            "held_out_before": job.progress.held_out_before,
-            "published_versions": job.progress.published_versions,
+    FinetuneJob {
+        id: job.id.clone(),
+        object: "finetune.job",
+        adapter: spec.adapter.clone(),
+        objective: shortest_floats(&spec.objective),
+        status: job.status,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+        error: job.error.as_ref().map(|message| JobFailure {
+            message: message.clone(),
+        }),
+        hyperparameters: shortest_floats(&spec.trainer),
+        lora: shortest_floats(&spec.lora),
+        base_version: spec.base_version,
+        publish_every: spec.publish_every,
+        publish_only_if_improved: spec.publish_only_if_improved,
+        examples: ExampleCounts {
+            train: job.train_examples,
+            held_out: job.held_out_examples,
         },
-        "origin": spec.origin,
-    })
+        progress: JobProgress {
+            steps_done: job.progress.steps_done,
+            max_steps: spec.trainer.max_steps,
+            train_loss: job.progress.train_loss,
+            held_out: job.progress.held_out.as_ref().map(shortest_floats),
+            held_out_before: job.progress.held_out_before.as_ref().map(shortest_floats),
+            published_versions: job.progress.published_versions.clone(),
+        },
+        origin: shortest_floats(&spec.origin),
+    }
 }
 
-pub fn event_json(event: &JobEvent) -> Value {
-    json!({
-        "seq": event.seq,
-        "created_at": event.created_at,
-        "level": event.level,
-        "type": event.kind,
-        "message": event.message,
-        "data": event.data,
-    })
+pub fn job_event(event: &JobEvent) -> JobEventOut {
+    JobEventOut {
+        seq: event.seq,
+        created_at: event.created_at,
+        level: event.level,
+        kind: event.kind,
+        message: event.message.clone(),
+        data: event.data.clone(),
+    }
 }
 
 /// `value` as JSON with each `f32` written as its shortest form (`0.001`, not the

@@ -19,6 +19,7 @@ pub mod mezo_jobs;
 pub mod middleware;
 pub mod models;
 pub mod openai_jobs;
+pub mod openapi;
 pub mod protocol;
 pub mod state;
 pub mod stream;
@@ -27,8 +28,10 @@ pub mod validate;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post, put};
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 pub use state::{ApiConfig, AppState, ServedAdapter, Serving};
@@ -38,71 +41,51 @@ pub use state::{ApiConfig, AppState, ServedAdapter, Serving};
 #[derive(Debug, Clone)]
 pub struct ServedModelLabel(pub String);
 
+/// Every route, each registered with its place in the OpenAPI spec ([`openapi`]); uploads may
+/// be up to `file_limit` bytes.
+pub fn routes(file_limit: usize) -> OpenApiRouter<AppState> {
+    let (schemas, paths, upload) = routes!(files::upload_file);
+    let upload = (
+        schemas,
+        paths,
+        upload.layer(DefaultBodyLimit::max(file_limit)),
+    );
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(chat::chat_completions))
+        .routes(routes!(completions::completions))
+        .routes(routes!(models::list_models))
+        .routes(routes!(models::get_model))
+        .routes(routes!(mezo_jobs::create_job, mezo_jobs::list_jobs))
+        .routes(routes!(mezo_jobs::get_job))
+        .routes(routes!(mezo_jobs::cancel_job))
+        .routes(routes!(mezo_jobs::job_events))
+        .routes(routes!(openai_jobs::create_job, openai_jobs::list_jobs))
+        .routes(routes!(openai_jobs::get_job))
+        .routes(routes!(openai_jobs::cancel_job))
+        .routes(routes!(openai_jobs::job_events))
+        .routes(routes!(openai_jobs::job_checkpoints))
+        .routes(upload)
+        .routes(routes!(files::list_files))
+        .routes(routes!(files::get_file, files::delete_file))
+        .routes(routes!(files::file_content))
+        .routes(routes!(feedback::post_feedback, feedback::list_feedback))
+        .routes(routes!(adapters::list_adapters))
+        .routes(routes!(adapters::get_adapter, adapters::delete_adapter))
+        .routes(routes!(adapters::rollback))
+        .routes(routes!(adapters::set_continuous_training))
+        .routes(routes!(adapters::load_lora_adapter))
+        .routes(routes!(adapters::unload_lora_adapter))
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi::openapi_json))
+}
+
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config().max_body_bytes;
     let file_limit = state.config().max_file_bytes;
-    Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(completions::completions))
-        .route("/v1/models", get(models::list_models))
-        .route("/v1/models/{*id}", get(models::get_model))
-        .route(
-            "/v1/finetune",
-            post(mezo_jobs::create_job).get(mezo_jobs::list_jobs),
-        )
-        .route("/v1/finetune/{id}", get(mezo_jobs::get_job))
-        .route("/v1/finetune/{id}/cancel", post(mezo_jobs::cancel_job))
-        .route("/v1/finetune/{id}/events", get(mezo_jobs::job_events))
-        .route(
-            "/v1/fine_tuning/jobs",
-            post(openai_jobs::create_job).get(openai_jobs::list_jobs),
-        )
-        .route("/v1/fine_tuning/jobs/{id}", get(openai_jobs::get_job))
-        .route(
-            "/v1/fine_tuning/jobs/{id}/cancel",
-            post(openai_jobs::cancel_job),
-        )
-        .route(
-            "/v1/fine_tuning/jobs/{id}/events",
-            get(openai_jobs::job_events),
-        )
-        .route(
-            "/v1/fine_tuning/jobs/{id}/checkpoints",
-            get(openai_jobs::job_checkpoints),
-        )
-        .route(
-            "/v1/files",
-            post(files::upload_file)
-                .layer(DefaultBodyLimit::max(file_limit))
-                .get(files::list_files),
-        )
-        .route(
-            "/v1/files/{id}",
-            get(files::get_file).delete(files::delete_file),
-        )
-        .route("/v1/files/{id}/content", get(files::file_content))
-        .route(
-            "/v1/feedback",
-            post(feedback::post_feedback).get(feedback::list_feedback),
-        )
-        .route("/v1/adapters", get(adapters::list_adapters))
-        .route(
-            "/v1/adapters/{name}",
-            get(adapters::get_adapter).delete(adapters::delete_adapter),
-        )
-        .route("/v1/adapters/{name}/rollback", post(adapters::rollback))
-        .route(
-            "/v1/adapters/{name}/continuous_training",
-            put(adapters::set_continuous_training),
-        )
-        .route("/v1/load_lora_adapter", post(adapters::load_lora_adapter))
-        .route(
-            "/v1/unload_lora_adapter",
-            post(adapters::unload_lora_adapter),
-        )
-        .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .route("/metrics", get(health::metrics))
+    let (router, _) = routes(file_limit).split_for_parts();
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

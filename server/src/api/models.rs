@@ -1,15 +1,26 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`: the base model and every loaded adapter, each
 //! usable as `model` in requests.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::extract::PathParam;
 use super::protocol::{ListPage, ModelCard};
 use super::state::{AppState, Serving};
 
 const OWNER: &str = "mezo-serve";
 
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "inference",
+    summary = "The base model and every adapter",
+    responses(
+        (status = 200, description = "The models", body = ListPage<ModelCard>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn list_models(
     State(state): State<AppState>,
 ) -> Result<Json<ListPage<ModelCard>>, ApiError> {
@@ -17,9 +28,22 @@ pub async fn list_models(
     Ok(Json(ListPage::all(model_cards(serving))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/models/{*id}",
+    tag = "inference",
+    summary = "One model: the base, an adapter, or `adapter@version`",
+    params(
+        ("id" = String, Path, description = "The model id (may contain `/`)"),
+    ),
+    responses(
+        (status = 200, description = "The model", body = ModelCard),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn get_model(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Json<ModelCard>, ApiError> {
     let serving = state.serving()?;
     // `name@N` names a version: resolve it so a missing version is a 404 like a missing name.

@@ -8,29 +8,40 @@
 //! checkpoint); once the job succeeds, `fine_tuned_model` is usable as `model` in chat
 //! completions.
 
-use std::collections::HashMap;
-
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use plugin::TrainerConfig;
-use serde_json::{json, Value};
 
 use crate::training::{Job, JobEvent, JobOrigin, JobStatus};
 
 use super::access::CallerKey;
-use super::error::ApiError;
-use super::extract::ApiJson;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, PathParam, QueryParams};
 use super::mezo_jobs::{job_quota, jobs_page};
-use super::protocol::ListPage;
+use super::protocol::{
+    CheckpointMetrics, ListPage, OpenAiCheckpoint, OpenAiJob, OpenAiJobError, OpenAiJobEvent,
+    OpenAiJobHyperparameters, OpenAiJobRequest,
+};
 use super::state::AppState;
-use super::validate::listing::{number, page};
+use super::validate::listing::{limit, page};
 use super::validate::openai_job::ValidOpenAiJob;
 
+#[utoipa::path(
+    post,
+    path = "/v1/fine_tuning/jobs",
+    tag = "openai-fine-tuning",
+    summary = "Create a fine-tuning job (OpenAI's API)",
+    request_body = OpenAiJobRequest,
+    responses(
+        (status = 200, description = "The job", body = OpenAiJob),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn create_job(
     State(state): State<AppState>,
     caller: Option<Extension<CallerKey>>,
     body: ApiJson,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OpenAiJob>, ApiError> {
     let serving = state.serving()?;
     let request = ValidOpenAiJob::new(body.parse()?, serving)?;
     let template = serving.model.chat_template().ok().cloned();
@@ -46,38 +57,93 @@ pub async fn create_job(
     Ok(Json(openai_job(&job, &serving.model_id)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/fine_tuning/jobs",
+    tag = "openai-fine-tuning",
+    summary = "Jobs, newest first",
+    params(
+        ("after" = Option<String>, Query, description = "List the jobs after this job id"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "At most this many (1000 at most)"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs", body = ListPage<OpenAiJob>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn list_jobs(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<ListPage<Value>>, ApiError> {
+    QueryParams(query): QueryParams,
+) -> Result<Json<ListPage<OpenAiJob>>, ApiError> {
     let (jobs, has_more) = jobs_page(&state, &query).await?;
     let base = &state.serving()?.model_id;
     let data = jobs.iter().map(|j| openai_job(j, base)).collect();
     Ok(Json(ListPage::page(data, has_more)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/fine_tuning/jobs/{id}",
+    tag = "openai-fine-tuning",
+    summary = "One job",
+    params(
+        ("id" = String, Path, description = "The job id"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = OpenAiJob),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn get_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    PathParam(id): PathParam,
+) -> Result<Json<OpenAiJob>, ApiError> {
     let job = state.training(move |t| t.job(&id)).await?;
     Ok(Json(openai_job(&job, &state.serving()?.model_id)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/fine_tuning/jobs/{id}/cancel",
+    tag = "openai-fine-tuning",
+    summary = "Cancel a job",
+    params(
+        ("id" = String, Path, description = "The job id"),
+    ),
+    responses(
+        (status = 200, description = "The cancelled job", body = OpenAiJob),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+    PathParam(id): PathParam,
+) -> Result<Json<OpenAiJob>, ApiError> {
     let job = state.training(move |t| t.cancel(&id)).await?;
     Ok(Json(openai_job(&job, &state.serving()?.model_id)))
 }
 
 /// Newest first, paged with `?after=<event id>&limit=<n>` as OpenAI does.
+#[utoipa::path(
+    get,
+    path = "/v1/fine_tuning/jobs/{id}/events",
+    tag = "openai-fine-tuning",
+    summary = "A job's events, newest first",
+    params(
+        ("id" = String, Path, description = "The job id"),
+        ("after" = Option<String>, Query, description = "Events before this event id"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "At most this many (1000 at most)"),
+    ),
+    responses(
+        (status = 200, description = "A page of events", body = ListPage<OpenAiJobEvent>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn job_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<ListPage<Value>>, ApiError> {
+    PathParam(id): PathParam,
+    QueryParams(query): QueryParams,
+) -> Result<Json<ListPage<OpenAiJobEvent>>, ApiError> {
     let (after, limit) = page(&query)?;
     let before = after
         .map(|event| {
@@ -104,12 +170,26 @@ pub async fn job_events(
 }
 
 /// The versions a job published, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/fine_tuning/jobs/{id}/checkpoints",
+    tag = "openai-fine-tuning",
+    summary = "The versions a job published, newest first",
+    params(
+        ("id" = String, Path, description = "The job id"),
+        ("limit" = Option<u64>, Query, minimum = 1, maximum = 1000, description = "At most this many (default 10)"),
+    ),
+    responses(
+        (status = 200, description = "The checkpoints", body = ListPage<OpenAiCheckpoint>),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
 pub async fn job_checkpoints(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<ListPage<Value>>, ApiError> {
-    let limit = number(&query, "limit")?.map_or(10, |n| n as usize);
+    PathParam(id): PathParam,
+    QueryParams(query): QueryParams,
+) -> Result<Json<ListPage<OpenAiCheckpoint>>, ApiError> {
+    let limit = limit(&query, 10)?;
     let job_id = id.clone();
     let (job, versions) = state
         .training(move |t| {
@@ -118,23 +198,20 @@ pub async fn job_checkpoints(
             Ok((job, versions))
         })
         .await?;
-    let mut data: Vec<Value> = versions
+    let mut data: Vec<OpenAiCheckpoint> = versions
         .iter()
         .filter(|v| v.job_id.as_deref() == Some(id.as_str()))
-        .map(|v| {
-            let mut metrics = json!({ "step": v.step });
-            if let Some(held_out) = &v.held_out {
-                metrics["valid_loss"] = json!(held_out.evaluation.loss);
-            }
-            json!({
-                "object": "fine_tuning.job.checkpoint",
-                "id": format!("ftckpt-{}-v{}", id, v.version),
-                "created_at": v.created_at,
-                "fine_tuned_model_checkpoint": format!("{}@{}", job.spec.adapter, v.version),
-                "fine_tuning_job_id": id,
-                "step_number": v.step,
-                "metrics": metrics,
-            })
+        .map(|v| OpenAiCheckpoint {
+            object: "fine_tuning.job.checkpoint",
+            id: format!("ftckpt-{}-v{}", id, v.version),
+            created_at: v.created_at,
+            fine_tuned_model_checkpoint: format!("{}@{}", job.spec.adapter, v.version),
+            fine_tuning_job_id: id.clone(),
+            step_number: v.step,
+            metrics: CheckpointMetrics {
+                step: v.step,
+                valid_loss: v.held_out.as_ref().map(|h| h.evaluation.loss),
+            },
         })
         .collect();
     data.reverse();
@@ -143,7 +220,7 @@ pub async fn job_checkpoints(
 }
 
 /// A job in OpenAI's `fine_tuning.job` shape.
-fn openai_job(job: &Job, base_model: &str) -> Value {
+fn openai_job(job: &Job, base_model: &str) -> OpenAiJob {
     let spec = &job.spec;
     let (training_file, validation_file, suffix) = match &spec.origin {
         JobOrigin::OpenAi {
@@ -159,42 +236,46 @@ fn openai_job(job: &Job, base_model: &str) -> Value {
     };
     let batch = spec.trainer.batch_size as u64;
     let steps_per_epoch = (job.train_examples as u64 / batch.max(1)).max(1);
-    json!({
-        "object": "fine_tuning.job",
-        "id": job.id,
-        "model": base_model,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-        "fine_tuned_model": (job.status == JobStatus::Succeeded).then(|| spec.adapter.clone()),
-        "organization_id": "mezo-serve",
-        "result_files": [],
-        "status": job.status.as_str(),
-        "training_file": training_file,
-        "validation_file": validation_file,
-        "hyperparameters": {
-            "n_epochs": spec.trainer.max_steps.div_ceil(steps_per_epoch),
-            "batch_size": spec.trainer.batch_size,
-            "learning_rate_multiplier": spec.trainer.lr / TrainerConfig::default().lr,
+    OpenAiJob {
+        object: "fine_tuning.job",
+        id: job.id.clone(),
+        model: base_model.to_string(),
+        created_at: job.created_at,
+        finished_at: job.finished_at,
+        fine_tuned_model: (job.status == JobStatus::Succeeded).then(|| spec.adapter.clone()),
+        organization_id: "mezo-serve",
+        result_files: Vec::new(),
+        status: job.status,
+        training_file,
+        validation_file,
+        hyperparameters: OpenAiJobHyperparameters {
+            n_epochs: spec.trainer.max_steps.div_ceil(steps_per_epoch),
+            batch_size: spec.trainer.batch_size,
+            learning_rate_multiplier: spec.trainer.lr / TrainerConfig::default().lr,
         },
-        "trained_tokens": null,
-        "error": job.error.as_ref().map(|message| json!({ "code": "job_failed", "message": message, "param": null })),
-        "seed": spec.trainer.seed,
-        "estimated_finish": null,
-        "integrations": [],
-        "user_provided_suffix": suffix,
-        "method": { "type": "supervised" },
-    })
+        trained_tokens: None,
+        error: job.error.as_ref().map(|message| OpenAiJobError {
+            code: "job_failed",
+            message: message.clone(),
+            param: None,
+        }),
+        seed: spec.trainer.seed,
+        estimated_finish: None,
+        integrations: Vec::new(),
+        user_provided_suffix: suffix,
+        method: serde_json::json!({ "type": "supervised" }),
+    }
 }
 
-fn openai_event(job_id: &str, event: &JobEvent) -> Value {
+fn openai_event(job_id: &str, event: &JobEvent) -> OpenAiJobEvent {
     let is_step = event.kind == crate::training::job::EventKind::Step;
-    json!({
-        "object": "fine_tuning.job.event",
-        "id": format!("ftevent-{}-{job_id}", event.seq),
-        "created_at": event.created_at,
-        "level": event.level,
-        "message": event.message,
-        "data": event.data,
-        "type": if is_step { "metrics" } else { "message" },
-    })
+    OpenAiJobEvent {
+        object: "fine_tuning.job.event",
+        id: format!("ftevent-{}-{job_id}", event.seq),
+        created_at: event.created_at,
+        level: event.level,
+        message: event.message.clone(),
+        data: event.data.clone(),
+        kind: if is_step { "metrics" } else { "message" },
+    }
 }

@@ -9,16 +9,20 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
+
+pub mod training;
+pub use training::*;
 
 /// `stop`: one string or a list of strings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopField {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
@@ -27,7 +31,7 @@ pub struct StreamOptions {
 /// Sampling fields shared by chat and text completions, read from the same body as the
 /// endpoint's own fields (a second pass rather than `serde(flatten)`, which would lose the
 /// field paths that errors name).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     pub max_tokens: Option<u64>,
     pub temperature: Option<f32>,
@@ -42,66 +46,111 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub user: Option<String>,
+    #[schema(ignore)]
     pub logit_bias: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
+    #[schema(min_length = 1)]
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
     pub max_completion_tokens: Option<u64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
     // OpenAI features not implemented here: rejected by name when present.
+    #[schema(ignore)]
     pub tools: Option<Value>,
+    #[schema(ignore)]
     pub tool_choice: Option<Value>,
+    #[schema(ignore)]
     pub functions: Option<Value>,
+    #[schema(ignore)]
     pub function_call: Option<Value>,
+    #[schema(ignore)]
     pub parallel_tool_calls: Option<Value>,
+    #[schema(ignore)]
     pub response_format: Option<Value>,
+    #[schema(ignore)]
     pub audio: Option<Value>,
+    #[schema(ignore)]
     pub modalities: Option<Value>,
+    #[schema(ignore)]
     pub prediction: Option<Value>,
+    #[schema(ignore)]
     pub web_search_options: Option<Value>,
+    #[schema(ignore)]
     pub reasoning_effort: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessageIn {
+    #[schema(value_type = ChatRole)]
     pub role: String,
+    /// Required here (tool calls are not implemented); optional on the wire so that its
+    /// absence gets a message naming the message.
     #[serde(default)]
+    #[schema(value_type = MessageContent, required = true)]
     pub content: Option<MessageContent>,
+    #[schema(ignore)]
     pub tool_calls: Option<Value>,
+    #[schema(ignore)]
     pub function_call: Option<Value>,
 }
 
+/// The roles a message may have, as the spec lists them (`developer` is `system`).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
 /// Message content: a string, or a list of parts (only text parts are supported).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
+    #[schema(min_length = 1)]
     pub model: String,
+    /// Read by [`super::validate::completion`], which names the entry at fault.
+    #[schema(value_type = PromptShapes)]
     pub prompt: Value,
     /// Legacy log-probs: the number of alternatives per token (0–20), or absent for none.
     pub logprobs: Option<u64>,
     pub echo: Option<bool>,
+    #[schema(ignore)]
     pub suffix: Option<Value>,
+    #[schema(ignore)]
     pub best_of: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+/// `prompt`'s accepted shapes, as the spec describes them.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptShapes {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -119,7 +168,7 @@ impl Usage {
 }
 
 /// `{token, logprob, bytes}`: one alternative in chat log-probs.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
@@ -127,7 +176,7 @@ pub struct TopLogprob {
 }
 
 /// One generated token in chat log-probs.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct TokenLogprobOut {
     pub token: String,
     pub logprob: f32,
@@ -135,18 +184,18 @@ pub struct TokenLogprobOut {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<TokenLogprobOut>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
     pub content: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
@@ -155,7 +204,7 @@ pub struct ChatChoice {
 }
 
 /// Fields every response and chunk carries.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ResponseMeta {
     pub id: String,
     pub object: &'static str,
@@ -167,7 +216,7 @@ pub struct ResponseMeta {
     pub adapter_version: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatCompletion {
     #[serde(flatten)]
     pub meta: ResponseMeta,
@@ -175,7 +224,7 @@ pub struct ChatCompletion {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -183,7 +232,7 @@ pub struct ChatDelta {
     pub content: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
@@ -193,7 +242,7 @@ pub struct ChatChunkChoice {
 
 /// A stream chunk (chat) or a text completion: shared fields, the choices, and `usage`, which
 /// is absent, `null` (a stream chunk before the last, with `include_usage`) or the counts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChoicesEnvelope<C> {
     #[serde(flatten)]
     pub meta: ResponseMeta,
@@ -223,7 +272,7 @@ impl<C: Serialize> ChoicesEnvelope<C> {
 pub type ChatCompletionChunk = ChoicesEnvelope<ChatChunkChoice>;
 
 /// Legacy completions log-probs: parallel lists, one entry per token.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,
@@ -231,7 +280,7 @@ pub struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
@@ -241,7 +290,7 @@ pub struct CompletionChoice {
 
 pub type Completion = ChoicesEnvelope<CompletionChoice>;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,
@@ -262,9 +311,24 @@ pub struct ModelCard {
     pub max_model_len: Option<usize>,
 }
 
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+/// `GET /ready` once the model is loaded.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Ready {
+    pub status: &'static str,
+    pub model: String,
+    /// Requests waiting for a place in the batch.
+    pub waiting: usize,
+}
+
 /// OpenAI's list envelope, `{"object": "list", "data": [...], "has_more": false}`, for every
 /// listing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ListPage<T> {
     pub object: &'static str,
     pub data: Vec<T>,
@@ -283,115 +347,6 @@ impl<T> ListPage<T> {
             object: "list",
             data,
             has_more,
-        }
-    }
-}
-
-/// `POST /v1/finetune`. The objective, the examples and `lora` stay JSON here: each has a
-/// reader of its own whose errors name the path inside (`examples[3].label`,
-/// `hyperparameters.lr`), see [`super::validate::mezo_job`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FinetuneRequest {
-    pub adapter: Option<String>,
-    pub objective: Option<Value>,
-    pub examples: Option<Value>,
-    pub eval_examples: Option<Value>,
-    pub eval_fraction: Option<f64>,
-    pub hyperparameters: Option<Value>,
-    pub lora: Option<Value>,
-    pub publish_every: Option<u64>,
-    pub publish_only_if_improved: Option<bool>,
-}
-
-/// `POST /v1/feedback`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FeedbackRequest {
-    pub completion_id: String,
-    pub reward: Option<f32>,
-    pub rating: Option<String>,
-    pub corrected_answer: Option<String>,
-    pub adapter: Option<String>,
-}
-
-/// `POST /v1/adapters/{name}/rollback`.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackRequest {
-    pub version: u32,
-}
-
-/// `PUT /v1/adapters/{name}/continuous_training`; `feedback_every: null` stops it.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContinuousTrainingRequest {
-    pub feedback_every: Option<u32>,
-    pub steps: Option<u64>,
-}
-
-/// `POST /v1/load_lora_adapter`, vLLM's: serve the PEFT folder `lora_path` as `lora_name`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoadLoraRequest {
-    pub lora_name: String,
-    pub lora_path: String,
-    /// Replace an adapter already served under that name (as its next version).
-    #[serde(default)]
-    pub load_inplace: bool,
-}
-
-/// `POST /v1/unload_lora_adapter`, vLLM's.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UnloadLoraRequest {
-    pub lora_name: String,
-    /// vLLM's internal id, which some clients send; names identify adapters here.
-    #[serde(default)]
-    pub lora_int_id: Option<u64>,
-}
-
-/// `POST /v1/fine_tuning/jobs`, OpenAI's.
-#[derive(Debug, Clone, Deserialize)]
-pub struct OpenAiJobRequest {
-    pub model: String,
-    pub training_file: String,
-    pub validation_file: Option<String>,
-    pub suffix: Option<String>,
-    #[serde(default)]
-    pub hyperparameters: OpenAiHyperparameters,
-    pub seed: Option<u64>,
-    pub method: Option<Value>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct OpenAiHyperparameters {
-    pub n_epochs: Option<AutoOr<u64>>,
-    pub batch_size: Option<AutoOr<usize>>,
-    pub learning_rate_multiplier: Option<AutoOr<f32>>,
-}
-
-/// `"auto"` or a value.
-#[derive(Debug, Deserialize, Clone, Copy)]
-#[serde(untagged)]
-pub enum AutoOr<T> {
-    Value(T),
-    Auto(Auto),
-}
-
-#[derive(Debug, Deserialize, Clone, Copy)]
-pub enum Auto {
-    #[serde(rename = "auto")]
-    Auto,
-}
-
-impl<T: Copy> AutoOr<T> {
-    /// The value given, or `None` for `"auto"` and absent.
-    pub fn value(this: Option<Self>) -> Option<T> {
-        match this {
-            Some(AutoOr::Value(v)) => Some(v),
-            Some(AutoOr::Auto(Auto::Auto)) | None => None,
         }
     }
 }

@@ -6,3 +6,4 @@ pub mod mezo;
 pub mod peers;
 pub mod plot;
 pub mod serve;
+pub mod soak;

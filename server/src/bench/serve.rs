@@ -37,7 +37,7 @@ pub struct ServeBenchConfig {
 
 /// One request's timings.
 #[derive(Debug, Clone, Copy)]
-struct Sample {
+pub(super) struct Sample {
     ttft: f64,
     e2e: f64,
     tokens: usize,
@@ -106,7 +106,7 @@ pub async fn run(config: &ServeBenchConfig) -> Result<Vec<LevelResult>, String> 
     Ok(results)
 }
 
-async fn one_request(
+pub(super) async fn one_request(
     client: &reqwest::Client,
     config: &ServeBenchConfig,
     prompt: usize,
@@ -205,29 +205,9 @@ pub async fn run_with_training(
     let client = reqwest::Client::new();
     let idle = run(config).await?;
     eprintln!("starting the fine-tuning job …");
-    let created: Value = client
-        .post(format!("{}/v1/finetune", config.base_url))
-        .json(job)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let id = created["id"]
-        .as_str()
-        .ok_or_else(|| format!("the server refused the job: {created}"))?
-        .to_string();
-    let job_url = format!("{}/v1/finetune/{id}", config.base_url);
+    let job_url = start_job(&client, &config.base_url, job).await?;
     let steps_done = || async {
-        let job: Value = client
-            .get(&job_url)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let job = get_job(&client, &job_url).await?;
         if job["status"] != "running" && job["status"] != "queued" {
             return Err(format!("the fine-tuning job stopped: {job}"));
         }
@@ -252,6 +232,39 @@ pub async fn run_with_training(
         steps_during,
         seconds_during,
     })
+}
+
+/// Submits `job` to `/v1/finetune`; returns the job's URL.
+pub(super) async fn start_job(
+    client: &reqwest::Client,
+    base_url: &str,
+    job: &Value,
+) -> Result<String, String> {
+    let created: Value = client
+        .post(format!("{base_url}/v1/finetune"))
+        .json(job)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = created["id"]
+        .as_str()
+        .ok_or_else(|| format!("the server refused the job: {created}"))?;
+    Ok(format!("{base_url}/v1/finetune/{id}"))
+}
+
+/// The job at `job_url`, as the server reports it.
+pub(super) async fn get_job(client: &reqwest::Client, job_url: &str) -> Result<Value, String> {
+    client
+        .get(job_url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Latency with training over latency idle, per level.
@@ -284,7 +297,7 @@ pub fn render_comparison(result: &WithTraining) -> String {
 }
 
 /// Nearest-rank percentile.
-fn percentile(values: &[f64], q: f64) -> f64 {
+pub(super) fn percentile(values: &[f64], q: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     if sorted.is_empty() {

@@ -28,6 +28,20 @@ impl LoadedModel {
         Self::load_with_template(path, mode, None)
     }
 
+    /// Serves sequences of at most `max_model_len` tokens (prompt and completion), if that is
+    /// shorter than the model's context; 0 keeps the model's.
+    pub fn limit_context(&mut self, max_model_len: usize) {
+        let context = &mut self.transformer.config.context_length;
+        if max_model_len > 0 && max_model_len < *context {
+            tracing::info!(
+                max_model_len,
+                model_context = *context,
+                "serving shorter sequences than the model's context (model.max_model_len)"
+            );
+            *context = max_model_len;
+        }
+    }
+
     /// The model in `path`; `chat_template`, a Jinja file, replaces the template its file
     /// carries (or gives one to a base model that has none).
     pub fn load_with_template(

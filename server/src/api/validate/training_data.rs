@@ -20,9 +20,10 @@ use super::chat::convert_messages;
 use crate::api::error::ApiError;
 use crate::api::protocol::ChatMessageIn;
 
-#[derive(Deserialize)]
+/// One training example as sent; which fields are given tells its format (above).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExampleIn {
+pub struct ExampleIn {
     messages: Option<Vec<ChatMessageIn>>,
     prompt: Option<String>,
     completion: Option<String>,
@@ -32,9 +33,10 @@ struct ExampleIn {
     reward: Option<f32>,
 }
 
-#[derive(Deserialize)]
+/// A classification label: the candidate's index or its text.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum LabelIn {
+pub enum LabelIn {
     Index(usize),
     Text(String),
 }

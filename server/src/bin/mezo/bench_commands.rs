@@ -35,6 +35,7 @@ pub fn run(config: Config, which: BenchCommand) -> anyhow::Result<()> {
             run_bench_engine(&config, &data_dir, mode, json, peer.as_deref())
         }
         BenchCommand::Serve(args) => run_bench_serve(config, args),
+        BenchCommand::Soak(args) => run_bench_soak(config, args),
         BenchCommand::Feedback(args) => run_bench_feedback(config, args),
         BenchCommand::Mezo(args) => run_bench_mezo(&config, data_dir, args),
     }
@@ -100,6 +101,9 @@ pub enum BenchCommand {
     Mezo(MezoBenchArgs),
     /// Concurrent streaming clients over HTTP: tokens/s, time to first token, latency.
     Serve(ServeBenchArgs),
+    /// A long day in minutes: streaming chats, a fine-tuning job and ratings at once; errors,
+    /// latency and memory per minute.
+    Soak(SoakBenchArgs),
     /// Users who rate the answers: free-text sentiment answers over HTTP, rated up or down, an
     /// adapter training continuously on the ratings; right answers per window of requests.
     Feedback(FeedbackBenchArgs),
@@ -143,6 +147,23 @@ pub struct FeedbackBenchArgs {
     #[arg(long, default_value = "feedback-bench")]
     pub adapter: String,
     /// Benchmark this running server instead of starting one in this process.
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SoakBenchArgs {
+    #[arg(long, default_value_t = 10)]
+    pub minutes: usize,
+    /// Concurrent streaming chat clients.
+    #[arg(long, default_value_t = 32)]
+    pub streams: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// A fine-tuning job runs throughout, and a user rates an answer every few seconds.
+    #[arg(long)]
+    pub with_training: bool,
+    /// Soak this running server instead of starting one in this process.
     #[arg(long)]
     pub url: Option<String>,
 }
@@ -323,6 +344,70 @@ fn run_bench_serve(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<(
                 .map_err(anyhow::Error::msg)?;
             println!("{header}");
             print!("{}", bench::serve::render_table(&results));
+        }
+        Ok(())
+    })
+}
+
+fn run_bench_soak(mut config: Config, args: SoakBenchArgs) -> anyhow::Result<()> {
+    if args.minutes == 0 || args.streams == 0 || args.max_tokens == 0 {
+        bail!("--minutes, --streams and --max-tokens must be at least 1");
+    }
+    let runtime = async_runtime()?;
+    let job = if args.with_training {
+        let reviews = sentiment::load(
+            SentimentTask::MovieReviews,
+            &config.data.dir,
+            &mut std::io::stderr(),
+        )?;
+        Some(bench::serve::sentiment_job(
+            &sentiment::split(reviews, 0, 512, 0).0,
+        ))
+    } else {
+        None
+    };
+    let scratch = tempfile::tempdir().context("cannot create a temporary data folder")?;
+    runtime.block_on(async move {
+        // Every stream and the rater must fit the queue, or the soak measures 429s.
+        config.scheduler.max_waiting = config.scheduler.max_waiting.max(args.streams + 1);
+        let base_url = bench_server(args.url, config, scratch.path()).await?;
+        let model = first_model_id(&base_url).await?;
+        let soak = bench::soak::SoakConfig {
+            serve: bench::serve::ServeBenchConfig {
+                base_url: base_url.clone(),
+                model: model.clone(),
+                concurrency: vec![args.streams],
+                requests_per_client: 1,
+                max_tokens: args.max_tokens,
+            },
+            minutes: args.minutes,
+            streams: args.streams,
+            job,
+        };
+        let result = bench::soak::run(&soak).await.map_err(anyhow::Error::msg)?;
+        println!(
+            "machine: {}\nserver: {base_url}, model {model}, {} streaming chats (max_tokens {}, greedy){} for {} minutes",
+            bench::engine::machine_description(),
+            args.streams,
+            args.max_tokens,
+            if args.with_training {
+                ", one fine-tuning job and a rating every 3 s"
+            } else {
+                ""
+            },
+            args.minutes
+        );
+        print!("{}", bench::soak::render_table(&result));
+        println!(
+            "errors: {} (chat requests and ratings; ratings sent: {})",
+            result.errors(),
+            result.ratings
+        );
+        for error in &result.first_errors {
+            println!("  {error}");
+        }
+        if let Some(growth) = result.memory_growth() {
+            println!("resident memory at the end / after the first minute: {growth:.3}");
         }
         Ok(())
     })

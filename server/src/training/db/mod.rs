@@ -33,6 +33,12 @@ pub enum DbError {
         "the fine-tuning database failed: {0}; check that the data folder is writable and not full"
     )]
     Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "the fine-tuning database {} is locked by another process (another `mezo serve` on the \
+         same data folder?); stop it, or give this server its own --data-dir",
+        path.display()
+    )]
+    Locked { path: std::path::PathBuf },
     #[error("the fine-tuning database holds a malformed {what}: {reason}")]
     Corrupt { what: &'static str, reason: String },
     #[error(
@@ -46,6 +52,14 @@ pub type DbResult<T> = Result<T, DbError>;
 
 pub struct Db {
     conn: Mutex<Connection>,
+}
+
+/// SQLite's "another connection holds the lock" (after the busy timeout).
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 fn corrupt(what: &'static str) -> impl Fn(serde_json::Error) -> DbError {
@@ -63,7 +77,12 @@ impl Db {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> DbResult<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        Self::init(conn).map_err(|err| match err {
+            DbError::Sqlite(e) if is_busy(&e) => DbError::Locked {
+                path: path.to_path_buf(),
+            },
+            other => other,
+        })
     }
 
     /// A database in memory, for tests.
@@ -77,6 +96,9 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations::migrate(&mut conn)?;
+        // A write lock held elsewhere would otherwise show up only at the first write a client
+        // waits for: take it once now, waiting no longer than the busy timeout.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
