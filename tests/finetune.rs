@@ -1100,3 +1100,58 @@ async fn twenty_adapters_cost_their_lora_tensors_not_a_model_copy() {
         "20 adapters grew resident memory by {growth} bytes; their tensors are {twenty}"
     );
 }
+
+/// A job's learning curves come drawn: `GET /v1/finetune/{id}/curves.svg` is an SVG chart of its
+/// training loss per step and its held-out loss and accuracy per evaluation, with titles, axis
+/// labels and a legend; an unknown job is a JSON 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_serves_its_learning_curves_as_an_svg_chart() {
+    let server = Server::start(ServerOptions::default());
+    let examples = review_examples();
+    let job = submit_job(
+        &server,
+        json!({
+            "adapter": "curves",
+            "objective": "classification",
+            "examples": examples[..12],
+            "eval_examples": examples[12..],
+            "hyperparameters": {"max_steps": 4, "eval_every": 2, "batch_size": 4},
+        }),
+    )
+    .await;
+    let id = job["id"].as_str().expect("a job id");
+    wait_for_job(&server, id, |job| job["status"] == "succeeded").await;
+    let response = common::client()
+        .get(server.url(&format!("/v1/finetune/{id}/curves.svg")))
+        .send()
+        .await
+        .expect("GET the curves");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "image/svg+xml",
+        "{:?}",
+        response.headers()
+    );
+    let svg = response.text().await.expect("the SVG");
+    assert!(svg.starts_with("<svg "), "{svg}");
+    for text in [
+        &format!("{id}: loss"),
+        &format!("{id}: held-out metrics"),
+        "train loss (the step's minibatch)",
+        "held-out loss",
+        "held-out accuracy",
+        ">step<",
+    ] {
+        assert!(svg.contains(text), "missing {text:?}: {svg}");
+    }
+    // Four steps, and three evaluations (before the first step, after 2 and after 4).
+    let train_line = svg
+        .lines()
+        .find(|l| l.contains("<polyline") && l.contains("#c03030"))
+        .expect("the train-loss line");
+    assert_eq!(train_line.matches(',').count(), 4, "{train_line}");
+    let (status, missing) = get_json(&server.url("/v1/finetune/ftjob-nope/curves.svg")).await;
+    assert_eq!(status, 404, "{missing}");
+    assert_eq!(missing["error"]["code"], "job_not_found", "{missing}");
+}

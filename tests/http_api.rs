@@ -890,7 +890,7 @@ async fn the_openapi_spec_and_the_router_name_the_same_routes() {
         spec["openapi"]
     );
     let paths = spec["paths"].as_object().expect("paths");
-    assert_eq!(paths.len(), 27, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 30, "{:?}", paths.keys().collect::<Vec<_>>());
     let methods = ["get", "post", "put", "delete", "patch"];
     let mut operations = 0;
     for (template, item) in paths {
@@ -923,7 +923,7 @@ async fn the_openapi_spec_and_the_router_name_the_same_routes() {
             }
         }
     }
-    assert_eq!(operations, 33);
+    assert_eq!(operations, 36);
     let (status, answer) = get_json(&server.url("/v1/not-a-route")).await;
     assert_eq!(
         (status, answer["error"]["code"].as_str()),

@@ -132,12 +132,25 @@ def main(base: str, report_dir: str) -> int:
         "--report", os.environ.get("MEZO_FUZZ_REPORTS", "junit"), "--report-dir", str(report),
     ]
     print("$", " ".join(command), flush=True)
-    return subprocess.run(command, env=env, cwd=report).returncode
+    for attempt in (1, 2):
+        run = subprocess.run(command, env=env, cwd=report, capture_output=True, text=True)
+        print(run.stdout, run.stderr, sep="\n", flush=True)
+        # schemathesis' own crashes (a "Runtime Error" with no failed check, such as CPython
+        # 3.11's "AST constructor recursion depth mismatch" inside Hypothesis) say nothing about
+        # the server: run once more. A failed check is never retried.
+        tool_crash = run.returncode != 0 and "Failures:" not in run.stdout and "Runtime Error" in run.stdout
+        if not tool_crash or attempt == 2:
+            return run.returncode
+        print("schemathesis itself crashed (no check failed); running it once more", flush=True)
+    return 1
 
 
 try:
     import schemathesis
 
+    # Hypothesis describes deeply nested strategies recursively; room to do so keeps CPython from
+    # the recursion limit, near which its compiler can fail ("AST constructor recursion depth").
+    sys.setrecursionlimit(20_000)
     _SERVED = json.loads(os.environ.get(MODELS_ENV, "[]"))
 
     @schemathesis.hook

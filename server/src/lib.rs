@@ -15,6 +15,7 @@ pub mod datasets;
 pub mod engine;
 pub mod fetch;
 pub mod ids;
+pub mod learning_curves;
 pub mod metrics;
 pub mod process_memory;
 pub mod scheduler;

@@ -4,16 +4,17 @@
 //! `POST /v1/finetune` answers 202 with the job once it and its examples are stored; the job
 //! runs in the engine's background share. `GET /v1/finetune[/{id}]`, `POST …/{id}/cancel`, and
 //! `GET …/{id}/events` (JSON pages, or a server-sent event stream with `?stream=true` that ends
-//! with `[DONE]` when the job does).
+//! with `[DONE]` when the job does), `GET …/{id}/curves.svg` (its learning curves, drawn).
 
 use std::collections::HashMap;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::Value;
 
+use crate::learning_curves;
 use crate::training::{Job, JobEvent, JobQuota};
 
 use super::access::CallerKey;
@@ -214,6 +215,39 @@ pub async fn job_events(
         }
     });
     Ok(sse_from_channel(rx))
+}
+
+/// Events read for a job's curves: a long job's every step, with room to spare.
+const MAX_CURVE_EVENTS: usize = 1_000_000;
+
+/// The job's learning curves (training loss per step; held-out loss and metrics per
+/// evaluation) as an SVG chart with axes, tick labels and a legend.
+#[utoipa::path(
+    get,
+    path = "/v1/finetune/{id}/curves.svg",
+    tag = "fine-tuning",
+    summary = "A job's learning curves as an SVG chart",
+    params(
+        ("id" = String, Path, description = "The job id"),
+    ),
+    responses(
+        (status = 200, description = "The curves, as far as the job has got", content_type = "image/svg+xml", body = String),
+        (status = "default", description = "An error in OpenAI's shape (4xx: the request, with `param` naming the field; 503 while the model loads)", body = ErrorBody),
+    )
+)]
+pub async fn job_curves(
+    State(state): State<AppState>,
+    PathParam(id): PathParam,
+) -> Result<Response, ApiError> {
+    let (job, events) = state
+        .training(move |t| {
+            let job = t.job(&id)?;
+            let events = t.events(&id, 0, MAX_CURVE_EVENTS)?;
+            Ok((job, events))
+        })
+        .await?;
+    let svg = learning_curves::render_svg(&learning_curves::job_charts(&job.id, &events));
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
 }
 
 /// A job in `/v1/finetune`'s shape.

@@ -10,6 +10,7 @@ pub mod access;
 pub mod adapters;
 pub mod chat;
 pub mod completions;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod feedback;
@@ -59,6 +60,7 @@ pub fn routes(file_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(mezo_jobs::get_job))
         .routes(routes!(mezo_jobs::cancel_job))
         .routes(routes!(mezo_jobs::job_events))
+        .routes(routes!(mezo_jobs::job_curves))
         .routes(routes!(openai_jobs::create_job, openai_jobs::list_jobs))
         .routes(routes!(openai_jobs::get_job))
         .routes(routes!(openai_jobs::cancel_job))
@@ -79,6 +81,8 @@ pub fn routes(file_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(health::ready))
         .routes(routes!(health::metrics))
         .routes(routes!(openapi::openapi_json))
+        .routes(routes!(console::root))
+        .routes(routes!(console::console))
 }
 
 pub fn app(state: AppState) -> Router {

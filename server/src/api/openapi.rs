@@ -36,6 +36,7 @@ use super::protocol::{ChatCompletionRequest, CompletionRequest, SamplingFields};
         (name = "feedback", description = "Verdicts on served answers"),
         (name = "adapters", description = "Versions, rollback, delete, continuous training, runtime loading"),
         (name = "probes", description = "Health, readiness, metrics, this spec"),
+        (name = "console", description = "The web console"),
     )
 )]
 pub struct ApiDoc;

@@ -23,6 +23,7 @@ use crate::engine::frozen_layers::FrozenStatesBudget;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::weights::WeightMode;
 use crate::engine::zo_backend::ReusingEngine;
+use crate::learning_curves::{render_svg, Chart, Line, PALETTE};
 use crate::process_memory;
 
 /// What the run is asked to do.
@@ -263,6 +264,31 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
             },
         ],
     )?;
+    let task_name = format!("{:?}", config.task);
+    let charts = [
+        Chart {
+            title: format!("MeZO on {task_name}: training loss"),
+            x_label: "step".into(),
+            y_label: "loss".into(),
+            lines: vec![Line {
+                name: "train loss (the step's minibatch)".into(),
+                color: PALETTE[0],
+                points: losses.clone(),
+            }],
+        },
+        Chart {
+            title: format!("MeZO on {task_name}: held-out accuracy"),
+            x_label: "step".into(),
+            y_label: "accuracy".into(),
+            lines: vec![Line {
+                name: format!("held-out accuracy ({} examples)", test.len()),
+                color: PALETTE[1],
+                points: accuracy.clone(),
+            }],
+        },
+    ];
+    let svg_path = config.plot.with_extension("svg");
+    std::fs::write(&svg_path, render_svg(&charts))?;
 
     // Held-out evaluations interleave with steps; they are not part of step time.
     step_seconds.sort_by(f64::total_cmp);
@@ -349,8 +375,10 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         training_peak as f64 / serving_peak.max(1) as f64
     );
     println!(
-        "curves (top: train loss per step, bottom: held-out accuracy): {}",
-        config.plot.display()
+        "curves (top: train loss per step, bottom: held-out accuracy): {} and, with axes and \
+         labels, {}",
+        config.plot.display(),
+        svg_path.display()
     );
     if let Some(python) = &config.peer {
         let labels: Vec<Vec<usize>> = train
