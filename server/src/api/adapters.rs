@@ -195,6 +195,10 @@ pub async fn set_continuous_training(
     body: ApiJson,
 ) -> Result<Json<ContinuousTrainingOut>, ApiError> {
     let request: ContinuousTrainingRequest = body.parse()?;
+    // Found by the schema fuzzer: `steps: 0` with `feedback_every: null` was accepted.
+    if request.steps == Some(0) {
+        return Err(ApiError::invalid("steps", "`steps` must be at least 1"));
+    }
     let every = request
         .feedback_every
         .map(|every| (every, request.steps.unwrap_or(DEFAULT_FEEDBACK_STEPS)));
