@@ -993,13 +993,24 @@ async fn a_zero_limit_or_a_stream_flag_that_is_not_a_boolean_is_refused() {
         status, 404,
         "an unknown job, once the query is valid: {body}"
     );
-    // Also found by the fuzzer: `steps: 0` was accepted when `feedback_every` was null.
-    let (status, body) = common::request_json(
-        reqwest::Method::PUT,
-        &server.url("/v1/adapters/x/continuous_training"),
-        Some(&json!({"feedback_every": null, "steps": 0})),
-    )
-    .await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(body["error"]["param"], "steps", "{body}");
+    // Also found by the fuzzer: `steps: 0` was accepted when `feedback_every` was null. The
+    // service checks `steps` on its own, whether training is turned on or off.
+    for (settings, param) in [
+        (json!({"feedback_every": null, "steps": 0}), "steps"),
+        (json!({"feedback_every": 5, "steps": 0}), "steps"),
+        (
+            json!({"feedback_every": 5, "steps": 1_000_000_000u64}),
+            "steps",
+        ),
+        (json!({"feedback_every": 0, "steps": 5}), "feedback_every"),
+    ] {
+        let (status, body) = common::request_json(
+            reqwest::Method::PUT,
+            &server.url("/v1/adapters/x/continuous_training"),
+            Some(&settings),
+        )
+        .await;
+        assert_eq!(status, 400, "{settings}: {body}");
+        assert_eq!(body["error"]["param"], param, "{settings}: {body}");
+    }
 }

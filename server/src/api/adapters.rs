@@ -26,9 +26,6 @@ use super::protocol::{
 use super::state::AppState;
 use super::validate::runtime_lora::ValidLoraLoad;
 
-/// Steps of a continuous-training job when the request does not say.
-const DEFAULT_FEEDBACK_STEPS: u64 = 50;
-
 #[utoipa::path(
     get,
     path = "/v1/adapters",
@@ -195,16 +192,9 @@ pub async fn set_continuous_training(
     body: ApiJson,
 ) -> Result<Json<ContinuousTrainingOut>, ApiError> {
     let request: ContinuousTrainingRequest = body.parse()?;
-    // Found by the schema fuzzer: `steps: 0` with `feedback_every: null` was accepted.
-    if request.steps == Some(0) {
-        return Err(ApiError::invalid("steps", "`steps` must be at least 1"));
-    }
-    let every = request
-        .feedback_every
-        .map(|every| (every, request.steps.unwrap_or(DEFAULT_FEEDBACK_STEPS)));
     let settings = state
         .training(move |t| {
-            t.set_continuous(&name, every)?;
+            let every = t.set_continuous(&name, request.feedback_every, request.steps)?;
             Ok(ContinuousTrainingOut {
                 adapter: name,
                 continuous_training: continuous(every),

@@ -3,8 +3,9 @@
 //! Every chat completion is remembered (its rendered prompt and its answer; the oldest are
 //! forgotten past `training.remembered_completions`), so that `POST /v1/feedback` can refer to
 //! it by id. A rating becomes a `reward` example: +1 pushes the answer's log-probability up,
-//! −1 down. A corrected answer becomes an example rewarded +1, which under the reward loss is
-//! the teacher-forced completion loss on the correction. An adapter set to train continuously
+//! −1 down, centred on the job's mean rating when it has both (see `feedback_examples`). A
+//! corrected answer becomes an example rewarded +1, which under the reward loss is the
+//! teacher-forced completion loss on the correction. An adapter set to train continuously
 //! starts a `reward` job each time `every` feedback items have arrived that no job used yet.
 
 use plugin::{ObjectiveKind, TrainerConfig, TrainingExample};
@@ -13,6 +14,9 @@ use super::db::{FeedbackItem, PendingFeedback, StoredCompletion};
 use super::{Job, JobOrigin, NewJob, Training, TrainingError};
 use crate::ids::{new_id, unix_now};
 use crate::metrics as m;
+
+/// Steps per continuous-training job when the request does not say.
+pub const DEFAULT_FEEDBACK_STEPS: u64 = 50;
 
 /// A validated feedback request.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,8 +100,15 @@ impl Training {
                 .increment(1);
         }
         let job = match self.shared.db.continuous(&adapter)? {
+            // The item is stored: a job that cannot start now must not turn its receipt into
+            // an error (a client would send it again). The items wait, and the next one tries
+            // again.
             Some((every, steps)) if pending >= u64::from(every) => {
-                self.start_feedback_job(&adapter, steps)?
+                self.start_feedback_job(&adapter, steps)
+                    .unwrap_or_else(|err| {
+                        tracing::warn!(%adapter, error = %err, "feedback stored, but its training job cannot start");
+                        None
+                    })
             }
             _ => None,
         };
@@ -109,29 +120,38 @@ impl Training {
         })
     }
 
-    /// Makes `adapter` train on every `every` new feedback items, `steps` steps each time;
-    /// `None` stops it.
+    /// Makes `adapter` train on every `feedback_every` new feedback items, `steps` steps each
+    /// time (default [`DEFAULT_FEEDBACK_STEPS`]); `feedback_every: None` stops it. Returns the
+    /// setting now in force.
     pub fn set_continuous(
         &self,
         adapter: &str,
-        every: Option<(u32, u64)>,
-    ) -> Result<(), TrainingError> {
+        feedback_every: Option<u32>,
+        steps: Option<u64>,
+    ) -> Result<Option<(u32, u64)>, TrainingError> {
         adapters::store::validate_name(adapter).map_err(|e| TrainingError::Invalid {
             param: "adapter".into(),
             message: e.to_string(),
         })?;
-        if let Some((every, steps)) = every {
-            if every == 0 || steps == 0 || steps > self.shared.config.max_steps {
-                return Err(TrainingError::Invalid {
-                    param: "feedback_every".into(),
-                    message: format!(
-                        "feedback_every and steps must be at least 1, steps at most {} (given {every} and {steps})",
-                        self.shared.config.max_steps
-                    ),
-                });
-            }
+        // `steps` is checked even when training is being turned off: a request that names it
+        // means something by it, and 0 never means anything.
+        let max_steps = self.shared.config.max_steps;
+        if let Some(steps) = steps.filter(|&s| s == 0 || s > max_steps) {
+            return Err(TrainingError::Invalid {
+                param: "steps".into(),
+                message: format!("`steps` must be between 1 and {max_steps} (given {steps}); training.max_steps sets the limit"),
+            });
         }
-        Ok(self.shared.db.set_continuous(adapter, every)?)
+        if feedback_every == Some(0) {
+            return Err(TrainingError::Invalid {
+                param: "feedback_every".into(),
+                message: "`feedback_every` must be at least 1, or null to stop continuous training"
+                    .into(),
+            });
+        }
+        let setting = feedback_every.map(|every| (every, steps.unwrap_or(DEFAULT_FEEDBACK_STEPS)));
+        self.shared.db.set_continuous(adapter, setting)?;
+        Ok(setting)
     }
 
     /// The adapter's feedback items, newest first, at most `limit`.
@@ -154,7 +174,7 @@ impl Training {
             return Ok(None);
         }
         let pending = self.shared.db.pending_feedback(adapter)?;
-        let train: Vec<TrainingExample> = pending.iter().flat_map(reward_examples).collect();
+        let train = feedback_examples(&pending);
         if train.is_empty() {
             return Ok(None);
         }
@@ -186,23 +206,50 @@ impl Training {
     }
 }
 
-/// The examples one feedback item teaches: its rated answer, and the correction if given.
-fn reward_examples(item: &PendingFeedback) -> Vec<TrainingExample> {
-    let mut examples = Vec::with_capacity(2);
+/// The examples a feedback job trains on: each rated answer, and each correction.
+///
+/// When the job holds both approvals and rejections, ratings are centred on their mean (the
+/// baseline of REINFORCE): what an approved answer and a rejected one share (the phrasing most
+/// answers use) then cancels out, and the steps go to what tells them apart (which label, which
+/// fact). Uncentred, a window of mostly approved answers spends its steps making the usual
+/// phrasing likelier. With ratings of one sign only there is nothing to contrast, and they are
+/// used as given. A correction is the answer the user wanted, so it keeps a reward of +1 (its
+/// teacher-forced completion loss) whatever the others are.
+fn feedback_examples(pending: &[PendingFeedback]) -> Vec<TrainingExample> {
     // A rating of exactly 0 teaches nothing (it multiplies the loss by 0).
-    if item.reward != 0.0 && !item.completion.is_empty() {
-        examples.push(TrainingExample::Reward {
-            prompt: item.prompt.clone(),
-            completion: item.completion.clone(),
-            reward: item.reward,
-        });
-    }
-    if let Some(correction) = item.corrected_answer.as_ref().filter(|c| !c.is_empty()) {
-        examples.push(TrainingExample::Reward {
-            prompt: item.prompt.clone(),
-            completion: correction.clone(),
-            reward: 1.0,
-        });
+    let rated: Vec<&PendingFeedback> = pending
+        .iter()
+        .filter(|item| item.reward != 0.0 && !item.completion.is_empty())
+        .collect();
+    let mixed = rated.iter().any(|i| i.reward > 0.0) && rated.iter().any(|i| i.reward < 0.0);
+    let baseline = if mixed {
+        rated.iter().map(|i| f64::from(i.reward)).sum::<f64>() / rated.len() as f64
+    } else {
+        0.0
+    };
+    // Centred ratings can leave [−1, 1] (one rejection among many approvals: −1 − 0.9); they
+    // are scaled back into it as a whole, which keeps their proportions.
+    let largest = rated
+        .iter()
+        .map(|i| (f64::from(i.reward) - baseline).abs())
+        .fold(1.0, f64::max);
+    let mut examples = Vec::with_capacity(2 * pending.len());
+    for item in pending {
+        let advantage = ((f64::from(item.reward) - baseline) / largest) as f32;
+        if item.reward != 0.0 && advantage != 0.0 && !item.completion.is_empty() {
+            examples.push(TrainingExample::Reward {
+                prompt: item.prompt.clone(),
+                completion: item.completion.clone(),
+                reward: advantage,
+            });
+        }
+        if let Some(correction) = item.corrected_answer.as_ref().filter(|c| !c.is_empty()) {
+            examples.push(TrainingExample::Reward {
+                prompt: item.prompt.clone(),
+                completion: correction.clone(),
+                reward: 1.0,
+            });
+        }
     }
     examples
 }
@@ -211,35 +258,88 @@ fn reward_examples(item: &PendingFeedback) -> Vec<TrainingExample> {
 mod tests {
     use super::*;
 
+    fn item(id: &str, completion: &str, reward: f32, correction: Option<&str>) -> PendingFeedback {
+        PendingFeedback {
+            id: id.into(),
+            prompt: format!("prompt {id}"),
+            completion: completion.into(),
+            reward,
+            corrected_answer: correction.map(Into::into),
+        }
+    }
+
+    fn rewards(examples: &[TrainingExample]) -> Vec<(String, f32)> {
+        examples
+            .iter()
+            .map(|e| match e {
+                TrainingExample::Reward {
+                    completion, reward, ..
+                } => (completion.clone(), *reward),
+                other => panic!("not a reward example: {other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
-    fn ratings_and_corrections_become_reward_examples() {
-        let item = PendingFeedback {
-            id: "fb-1".into(),
-            prompt: "p".into(),
-            completion: "bad".into(),
-            reward: -1.0,
-            corrected_answer: Some("good".into()),
-        };
+    fn ratings_of_one_sign_are_used_as_given_and_corrections_are_rewarded() {
+        let examples = feedback_examples(&[
+            item("1", "bad", -1.0, Some("good")),
+            item("2", "worse", -0.5, None),
+        ]);
         assert_eq!(
-            reward_examples(&item),
-            vec![
-                TrainingExample::Reward {
-                    prompt: "p".into(),
-                    completion: "bad".into(),
-                    reward: -1.0
-                },
-                TrainingExample::Reward {
-                    prompt: "p".into(),
-                    completion: "good".into(),
-                    reward: 1.0
-                },
+            examples[1],
+            TrainingExample::Reward {
+                prompt: "prompt 1".into(),
+                completion: "good".into(),
+                reward: 1.0
+            }
+        );
+        assert_eq!(
+            rewards(&examples),
+            [
+                ("bad".into(), -1.0),
+                ("good".into(), 1.0),
+                ("worse".into(), -0.5)
             ]
         );
-        let neutral = PendingFeedback {
-            reward: 0.0,
-            corrected_answer: None,
-            ..item
-        };
-        assert!(reward_examples(&neutral).is_empty());
+        let neutral = feedback_examples(&[item("1", "meh", 0.0, None)]);
+        assert!(neutral.is_empty(), "a rating of 0 teaches nothing");
+    }
+
+    #[test]
+    fn mixed_ratings_are_centred_on_their_mean_and_corrections_are_not() {
+        // Mean of the ratings: (1 + 1 + 1 − 1) / 4 = 0.5, the unrated 0 left out of it;
+        // centred, 0.5 and −1.5, scaled by 1/1.5 into [−1, 1].
+        let examples = feedback_examples(&[
+            item("1", "a", 1.0, None),
+            item("2", "b", 1.0, None),
+            item("3", "c", 1.0, None),
+            item("4", "d", -1.0, Some("fixed")),
+            item("5", "e", 0.0, None),
+        ]);
+        let third = (0.5f64 / 1.5) as f32;
+        assert_eq!(
+            rewards(&examples),
+            [
+                ("a".into(), third),
+                ("b".into(), third),
+                ("c".into(), third),
+                ("d".into(), -1.0),
+                ("fixed".into(), 1.0)
+            ]
+        );
+        for (ups, downs) in (1..20).flat_map(|u| (1..20).map(move |d| (u, d))) {
+            let items: Vec<PendingFeedback> = (0..ups + downs)
+                .map(|i| item(&i.to_string(), "x", if i < ups { 1.0 } else { -1.0 }, None))
+                .collect();
+            for (_, reward) in rewards(&feedback_examples(&items)) {
+                assert!(
+                    (-1.0..=1.0).contains(&reward) && reward != 0.0,
+                    "{ups} up, {downs} down: {reward}"
+                );
+            }
+        }
+        let balanced = feedback_examples(&[item("1", "a", 0.5, None), item("2", "b", -0.5, None)]);
+        assert_eq!(rewards(&balanced), [("a".into(), 0.5), ("b".into(), -0.5)]);
     }
 }
