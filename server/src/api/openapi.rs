@@ -85,7 +85,7 @@ pub struct ServerSentEvent {
 
 /// The spec as served: axum's catch-all `{*id}` is OpenAPI's `{id}` (a model id with `/` in
 /// it is sent percent-encoded).
-pub fn finish(mut spec: OpenApiDocument) -> OpenApiDocument {
+fn with_openapi_path_params(mut spec: OpenApiDocument) -> OpenApiDocument {
     spec.paths.paths = std::mem::take(&mut spec.paths.paths)
         .into_iter()
         .map(|(path, item)| (path.replace("{*", "{"), item))
@@ -97,7 +97,9 @@ pub fn finish(mut spec: OpenApiDocument) -> OpenApiDocument {
 static SPEC_JSON: LazyLock<String> = LazyLock::new(|| {
     // The upload limit is the router's business, not the spec's.
     let (_, spec) = super::routes(0).split_for_parts();
-    finish(spec).to_pretty_json().unwrap_or_default()
+    with_openapi_path_params(spec)
+        .to_pretty_json()
+        .unwrap_or_default()
 });
 
 #[utoipa::path(

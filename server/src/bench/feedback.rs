@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::datasets::sentiment::Snippet;
+use crate::progress::Progress;
 
 /// What each simulated user asks, `{text}` standing for the review.
 pub const QUESTION: &str =
@@ -319,6 +320,8 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
     let mut windows: Vec<Window> = Vec::new();
     let mut jobs = Vec::new();
     let mut running: Option<(String, usize, Instant)> = None;
+    let progress = Progress::steps(config.rated.len() as u64, "rated answers", "users rating");
+    let mut right_so_far = 0;
     for (index, review) in config.rated.iter().enumerate() {
         let number = index + 1;
         let model = if live.is_some() {
@@ -329,6 +332,12 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
         let (completion_id, answer, served_by) =
             client.ask(model, review, config.max_tokens).await?;
         let verdict = judge(&answer, review.positive);
+        right_so_far += usize::from(verdict == Verdict::Right);
+        progress.set_position(number as u64);
+        progress.set_message(format!(
+            "{:.1}% right, served by {served_by}",
+            100.0 * right_so_far as f64 / number as f64
+        ));
         let correct = verdict != Verdict::Right && rng.gen_bool(config.correction_rate);
         let mut feedback = json!({
             "completion_id": completion_id,
@@ -359,7 +368,7 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
             window.served_by.push(served_by);
         }
         if number % config.window == 0 {
-            eprintln!("{}", window_row(window));
+            progress.println(window_row(window));
         }
         if let Some(id) = receipt["job"]["id"].as_str() {
             running = Some((id.to_string(), number, Instant::now()));
@@ -371,7 +380,7 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
             match client.finished_job(&id, wait).await? {
                 Some(job) => {
                     let report = job_report(&job, id, after_request, job_started);
-                    eprintln!("{}", job_line(&report));
+                    progress.println(job_line(&report));
                     jobs.push(report);
                     live = client.live_version(&config.adapter).await?;
                 }
@@ -379,6 +388,7 @@ pub async fn run(config: &FeedbackBenchConfig) -> Result<FeedbackBenchResult, St
             }
         }
     }
+    drop(progress);
     let probe_after = match live {
         Some(version) => {
             let model = format!("{}@{version}", config.adapter);

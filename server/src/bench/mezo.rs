@@ -17,14 +17,15 @@ use plugin::{
 };
 
 use super::peers;
-use super::plot::{write_png, Panel, Series};
 use crate::datasets::sentiment::{self, SentimentTask, Snippet, CANDIDATES};
 use crate::engine::frozen_layers::FrozenStatesBudget;
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::weights::WeightMode;
 use crate::engine::zo_backend::ReusingEngine;
+use crate::learning_curves::png::write_png;
 use crate::learning_curves::{render_svg, Chart, Line, PALETTE};
 use crate::process_memory;
+use crate::progress::Progress;
 
 /// What the run is asked to do.
 #[derive(Debug, Clone)]
@@ -209,18 +210,21 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         test.len(),
         config.trainer.eval_every
     );
+    let progress = Progress::steps(config.trainer.max_steps, "steps", "training");
     trainer.run(&engine, |event| {
         match event {
             TrainerEvent::Step(record) => {
                 step_seconds.push(last.elapsed().as_secs_f64());
                 losses.push((record.step as f64, f64::from(record.train_loss())));
+                progress.set_position(record.step);
+                progress.set_message(format!("training, loss {:.4}", record.train_loss()));
                 if record.step % 10 == 0 {
-                    eprintln!(
+                    progress.println(format!(
                         "step {:>5}  loss {:.4}  g {:+.3}",
                         record.step,
                         record.train_loss(),
                         record.projected_grads[0]
-                    );
+                    ));
                 }
             }
             TrainerEvent::HeldOut(report) => {
@@ -232,38 +236,22 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
                     .unwrap_or(f64::NAN);
                 // The first held-out evaluation is zero-shot: only serving-like work so far.
                 serving_peak.get_or_insert_with(process_memory::peak_resident_bytes);
-                eprintln!(
+                progress.println(format!(
                     "held-out after {:>5} steps: accuracy {:.2}%",
                     report.steps_done,
                     acc * 100.0
-                );
+                ));
                 accuracy.push((report.steps_done as f64, acc));
             }
         }
         last = Instant::now();
         ControlFlow::Continue(())
     })?;
+    drop(progress);
     let training_peak = process_memory::peak_resident_bytes().unwrap_or(0);
     let kept_bytes = engine.frozen_states_bytes();
     let serving_peak = serving_peak.flatten().unwrap_or(0);
 
-    write_png(
-        &config.plot,
-        &[
-            Panel {
-                series: vec![Series {
-                    points: losses.clone(),
-                    rgb: [200, 40, 40],
-                }],
-            },
-            Panel {
-                series: vec![Series {
-                    points: accuracy.clone(),
-                    rgb: [40, 80, 200],
-                }],
-            },
-        ],
-    )?;
     let task_name = format!("{:?}", config.task);
     let charts = [
         Chart {
@@ -287,6 +275,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
             }],
         },
     ];
+    write_png(&config.plot, &charts)?;
     let svg_path = config.plot.with_extension("svg");
     std::fs::write(&svg_path, render_svg(&charts))?;
 
@@ -375,8 +364,7 @@ pub fn run(config: &MezoBenchConfig) -> anyhow::Result<()> {
         training_peak as f64 / serving_peak.max(1) as f64
     );
     println!(
-        "curves (top: train loss per step, bottom: held-out accuracy): {} and, with axes and \
-         labels, {}",
+        "curves (top: train loss per step, bottom: held-out accuracy): {} and {}",
         config.plot.display(),
         svg_path.display()
     );

@@ -4,6 +4,5 @@ pub mod engine;
 pub mod feedback;
 pub mod mezo;
 pub mod peers;
-pub mod plot;
 pub mod serve;
 pub mod soak;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::serve::{get_job, one_request, percentile, start_job, ServeBenchConfig};
+use crate::progress::Progress;
 
 /// The adapter users' ratings train.
 const FEEDBACK_ADAPTER: &str = "soak-feedback";
@@ -106,6 +107,7 @@ pub async fn run(config: &SoakConfig) -> Result<SoakResult, String> {
         tokio::spawn(async move { rate_answers(&client, &base, &model, deadline).await })
     });
     let mut minutes = Vec::new();
+    let progress = Progress::steps(config.minutes as u64, "minutes", "soaking");
     for minute in 1..=config.minutes {
         let minute_end = started + Duration::from_secs(60 * minute as u64);
         tokio::time::sleep_until(minute_end.into()).await;
@@ -117,7 +119,8 @@ pub async fn run(config: &SoakConfig) -> Result<SoakResult, String> {
         };
         let resident_mib = resident_mib(&client, &base).await;
         let summary = summarize(&outcomes, minute, resident_mib, steps);
-        eprintln!(
+        progress.set_position(minute as u64);
+        progress.println(format!(
             "minute {minute}: {} requests, {} errors, e2e p50 {:.2} s, p99 {:.2} s, {} MiB, {} steps",
             summary.requests,
             summary.errors,
@@ -125,9 +128,10 @@ pub async fn run(config: &SoakConfig) -> Result<SoakResult, String> {
             summary.e2e_p99,
             summary.resident_mib.map_or("?".into(), |m| format!("{m:.0}")),
             summary.steps
-        );
+        ));
         minutes.push(summary);
     }
+    drop(progress);
     for stream in streams {
         stream.await.map_err(|e| e.to_string())?;
     }

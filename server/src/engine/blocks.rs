@@ -12,9 +12,10 @@ use super::attention::{attend, HeadShape, KvSpans};
 use super::batch::{BatchRow, RowCache};
 use super::gguf::GgufFile;
 use super::lora::{add_lora, AdapterSegment};
-use super::transformer::TransformerConfig;
+use super::transformer::{tensor_bytes, TransformerConfig};
 use super::weights::{Matrix, WeightMode};
 use super::{EngineError, Result};
+use crate::progress::Progress;
 
 /// The transformer blocks of one architecture: what differs between model families.
 pub trait DecoderLayers: std::fmt::Debug + Send + Sync {
@@ -47,6 +48,8 @@ pub struct ForwardContext<'a> {
 pub struct TensorReader<'a> {
     pub file: &'a mut GgufFile,
     pub mode: WeightMode,
+    /// Bytes of the file's tensors read so far, shown on a terminal.
+    pub progress: Progress,
 }
 
 impl TensorReader<'_> {
@@ -66,12 +69,17 @@ impl TensorReader<'_> {
                 reason: format!("tensor `{name}` is missing"),
             });
         }
-        content
-            .tensor(reader, name, &Device::Cpu)
-            .map_err(|e| EngineError::InvalidGguf {
-                path: path.clone(),
-                reason: format!("cannot read tensor `{name}`: {e}"),
-            })
+        let tensor =
+            content
+                .tensor(reader, name, &Device::Cpu)
+                .map_err(|e| EngineError::InvalidGguf {
+                    path: path.clone(),
+                    reason: format!("cannot read tensor `{name}`: {e}"),
+                })?;
+        if let Some(info) = content.tensor_infos.get(name) {
+            self.progress.advance(tensor_bytes(info));
+        }
+        Ok(tensor)
     }
 
     /// A weight matrix `[rows, columns]`, kept as the weight mode says.

@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use adapters::{ModelDims, QkRowOrder};
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::{Device, Tensor, D};
 
 use super::batch::{BatchRow, RowCache};
@@ -22,6 +22,7 @@ use super::gguf::{GgufFile, Metadata};
 use super::lora::{AdapterSegment, AdapterView};
 use super::weights::{Matrix, WeightMode};
 use super::{gemma3, llama, EngineError, Result};
+use crate::progress::Progress;
 
 /// The architectures this engine runs, by their `general.architecture` names.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "gemma3"];
@@ -168,7 +169,12 @@ impl Transformer {
         let config = TransformerConfig::of_file(file)?;
         check_complete(file)?;
         let has_output = file.content.tensor_infos.contains_key("output.weight");
-        let mut reader = TensorReader { file, mode };
+        let total = file.content.tensor_infos.values().map(tensor_bytes).sum();
+        let mut reader = TensorReader {
+            file,
+            mode,
+            progress: Progress::bytes(total, "loading the weights"),
+        };
         let c = &config;
         let tok_embeddings = reader.matrix("token_embd.weight", (c.vocab_size, c.hidden))?;
         let layers: Box<dyn DecoderLayers> = match c.architecture.as_str() {
@@ -426,6 +432,12 @@ fn embedding_rows(file: &GgufFile) -> Result<usize> {
     })
 }
 
+/// Bytes a tensor takes in the file.
+pub(super) fn tensor_bytes(info: &TensorInfo) -> u64 {
+    let elems = info.shape.elem_count();
+    (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64
+}
+
 fn tensor_rows(content: &Content, name: &str) -> Option<usize> {
     // GGUF lists dimensions innermost first; candle reverses them, so dims()[0] is rows.
     content
@@ -450,11 +462,7 @@ fn check_complete(file: &GgufFile) -> Result<()> {
     let needed = content
         .tensor_infos
         .values()
-        .map(|info| {
-            let elems = info.shape.elem_count();
-            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            content.tensor_data_offset + info.offset + bytes as u64
-        })
+        .map(|info| content.tensor_data_offset + info.offset + tensor_bytes(info))
         .max()
         .unwrap_or(content.tensor_data_offset);
     if len < needed {

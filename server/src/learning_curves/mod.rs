@@ -1,8 +1,13 @@
-//! Learning curves a person can read: SVG line charts with a title, axes with tick labels and
-//! a legend, one panel per measure, stacked. `GET /v1/finetune/{id}/curves.svg` draws a job's
-//! (from its events) and `mezo bench mezo` writes its run's beside the PNG.
+//! Learning curves a person can read: line charts with a title, axes with tick labels and a
+//! legend, one panel per measure, stacked. [`layout`] places them once as marks; [`svg`] writes
+//! them as SVG (`GET /v1/finetune/{id}/curves.svg` draws a job's from its events) and `png`
+//! rasterizes the same marks with a built-in bitmap font (`mezo bench mezo` writes both).
 
-use std::fmt::Write as _;
+#[cfg(feature = "bench")]
+pub mod png;
+pub mod svg;
+
+pub use svg::render_svg;
 
 use crate::training::job::{EventKind, JobEvent};
 
@@ -19,9 +24,75 @@ pub struct Chart {
 pub struct Line {
     /// Its name in the legend.
     pub name: String,
-    /// An SVG colour (`#c03030`).
-    pub color: &'static str,
+    pub color: Rgb,
     pub points: Vec<(f64, f64)>,
+}
+
+/// A colour, drawn as `#rrggbb` in SVG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rgb(pub [u8; 3]);
+
+impl Rgb {
+    pub const BLACK: Rgb = Rgb([0, 0, 0]);
+    /// Grid lines.
+    pub const LIGHT_GREY: Rgb = Rgb([0xe4, 0xe4, 0xe4]);
+
+    pub fn hex(self) -> String {
+        let [r, g, b] = self.0;
+        format!("#{r:02x}{g:02x}{b:02x}")
+    }
+}
+
+/// The colours lines take in turn.
+pub const PALETTE: [Rgb; 4] = [
+    Rgb([0xc0, 0x30, 0x30]),
+    Rgb([0x28, 0x50, 0xc8]),
+    Rgb([0x20, 0x80, 0x40]),
+    Rgb([0xa0, 0x60, 0x00]),
+];
+
+/// Where a text's anchor point is: its start, middle or end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    Start,
+    Middle,
+    End,
+}
+
+/// What a figure is drawn with, in pixels from the top left; [`svg`] writes the marks as SVG
+/// elements and `png` (with the `bench` feature) rasterizes them, so both show the same chart.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mark {
+    Segment {
+        from: (f64, f64),
+        to: (f64, f64),
+        color: Rgb,
+        width: f64,
+    },
+    Polyline {
+        points: Vec<(f64, f64)>,
+        color: Rgb,
+        width: f64,
+    },
+    Text {
+        /// The anchor point, on the text's baseline.
+        at: (f64, f64),
+        anchor: Anchor,
+        /// Font size in pixels.
+        size: f64,
+        bold: bool,
+        /// Turned a quarter left, reading upwards (the y axis' label).
+        vertical: bool,
+        text: String,
+    },
+}
+
+/// Charts laid out as marks on a white page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    pub width: f64,
+    pub height: f64,
+    pub marks: Vec<Mark>,
 }
 
 const WIDTH: f64 = 760.0;
@@ -32,39 +103,53 @@ const LEFT: f64 = 80.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 70.0;
-/// The colours lines take in turn.
-pub const PALETTE: [&str; 4] = ["#c03030", "#2850c8", "#208040", "#a06000"];
+/// The font size of labels; titles are larger.
+const TEXT_SIZE: f64 = 12.0;
+const TITLE_SIZE: f64 = 15.0;
 
-/// The charts stacked vertically in one SVG document.
-pub fn render_svg(charts: &[Chart]) -> String {
-    let height = PANEL_HEIGHT * charts.len().max(1) as f64;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
-         viewBox=\"0 0 {WIDTH} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
+/// The charts stacked vertically, one panel each.
+pub fn layout(charts: &[Chart]) -> Figure {
+    let mut marks = Vec::new();
     for (i, chart) in charts.iter().enumerate() {
-        draw_chart(&mut svg, i as f64 * PANEL_HEIGHT, chart);
+        lay_out_chart(&mut marks, i as f64 * PANEL_HEIGHT, chart);
     }
-    svg.push_str("</svg>\n");
-    svg
+    Figure {
+        width: WIDTH,
+        height: PANEL_HEIGHT * charts.len().max(1) as f64,
+        marks,
+    }
 }
 
-fn draw_chart(svg: &mut String, top: f64, chart: &Chart) {
+fn text(at: (f64, f64), anchor: Anchor, text: impl Into<String>) -> Mark {
+    Mark::Text {
+        at,
+        anchor,
+        size: TEXT_SIZE,
+        bold: false,
+        vertical: false,
+        text: text.into(),
+    }
+}
+
+fn lay_out_chart(marks: &mut Vec<Mark>, top: f64, chart: &Chart) {
     let (x0, x1) = (LEFT, WIDTH - RIGHT);
     let (y0, y1) = (top + TOP, top + PANEL_HEIGHT - BOTTOM);
-    let _ = writeln!(
-        svg,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>",
-        (x0 + x1) / 2.0,
-        top + 22.0,
-        escape(&chart.title)
-    );
-    let points = chart.lines.iter().flat_map(|l| l.points.iter());
-    let finite: Vec<(f64, f64)> = points
-        .filter(|(x, y)| x.is_finite() && y.is_finite())
-        .copied()
-        .collect();
+    marks.push(Mark::Text {
+        at: ((x0 + x1) / 2.0, top + 22.0),
+        anchor: Anchor::Middle,
+        size: TITLE_SIZE,
+        bold: true,
+        vertical: false,
+        text: chart.title.clone(),
+    });
+    let finite_points = |line: &Line| -> Vec<(f64, f64)> {
+        line.points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .copied()
+            .collect()
+    };
+    let finite: Vec<(f64, f64)> = chart.lines.iter().flat_map(finite_points).collect();
     let (x_range, y_range) = if finite.is_empty() {
         ((0.0, 1.0), (0.0, 1.0))
     } else {
@@ -77,64 +162,65 @@ fn draw_chart(svg: &mut String, top: f64, chart: &Chart) {
     let sy = |y: f64| y1 - (y - y_range.0) / (y_range.1 - y_range.0) * (y1 - y0);
     for tick in ticks(y_range.0, y_range.1) {
         let y = sy(tick);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{x1}\" y2=\"{y:.1}\" stroke=\"#e4e4e4\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            x0 - 6.0,
-            y + 4.0,
-            tick_label(tick)
-        );
+        marks.push(Mark::Segment {
+            from: (x0, y),
+            to: (x1, y),
+            color: Rgb::LIGHT_GREY,
+            width: 1.0,
+        });
+        marks.push(text((x0 - 6.0, y + 4.0), Anchor::End, tick_label(tick)));
     }
     for tick in ticks(x_range.0, x_range.1) {
         let x = sx(tick);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{x:.1}\" y1=\"{y1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\
-             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-            y1 + 5.0,
-            y1 + 18.0,
-            tick_label(tick)
-        );
+        marks.push(Mark::Segment {
+            from: (x, y1),
+            to: (x, y1 + 5.0),
+            color: Rgb::BLACK,
+            width: 1.0,
+        });
+        marks.push(text((x, y1 + 18.0), Anchor::Middle, tick_label(tick)));
     }
-    let _ = writeln!(
-        svg,
-        "<polyline points=\"{x0},{y0} {x0},{y1} {x1},{y1}\" fill=\"none\" stroke=\"black\"/>\n\
-         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n\
-         <text x=\"16\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {:.1})\">{}</text>",
-        (x0 + x1) / 2.0,
-        y1 + 38.0,
-        escape(&chart.x_label),
-        (y0 + y1) / 2.0,
-        (y0 + y1) / 2.0,
-        escape(&chart.y_label)
-    );
+    marks.push(Mark::Polyline {
+        points: vec![(x0, y0), (x0, y1), (x1, y1)],
+        color: Rgb::BLACK,
+        width: 1.0,
+    });
+    marks.push(text(
+        ((x0 + x1) / 2.0, y1 + 38.0),
+        Anchor::Middle,
+        &chart.x_label,
+    ));
+    marks.push(Mark::Text {
+        at: (16.0, (y0 + y1) / 2.0),
+        anchor: Anchor::Middle,
+        size: TEXT_SIZE,
+        bold: false,
+        vertical: true,
+        text: chart.y_label.clone(),
+    });
     // The legend: one row under the x label, each entry as wide as its name.
     let mut legend_x = x0;
     let legend_y = y1 + 58.0;
     for line in &chart.lines {
-        let path: Vec<String> = line
-            .points
-            .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        let _ = writeln!(
-            svg,
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\"/>",
-            path.join(" "),
-            line.color
-        );
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{legend_x:.1}\" y1=\"{legend_y:.1}\" x2=\"{:.1}\" y2=\"{legend_y:.1}\" stroke=\"{}\" stroke-width=\"3\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
-            legend_x + 20.0,
-            line.color,
-            legend_x + 26.0,
-            legend_y + 4.0,
-            escape(&line.name)
-        );
+        marks.push(Mark::Polyline {
+            points: finite_points(line)
+                .into_iter()
+                .map(|(x, y)| (sx(x), sy(y)))
+                .collect(),
+            color: line.color,
+            width: 1.6,
+        });
+        marks.push(Mark::Segment {
+            from: (legend_x, legend_y),
+            to: (legend_x + 20.0, legend_y),
+            color: line.color,
+            width: 3.0,
+        });
+        marks.push(text(
+            (legend_x + 26.0, legend_y + 4.0),
+            Anchor::Start,
+            &line.name,
+        ));
         // About 7 px per character at 12 px, and a gap.
         legend_x += 26.0 + 7.0 * line.name.chars().count() as f64 + 24.0;
     }
@@ -178,13 +264,6 @@ fn tick_label(value: f64) -> String {
     } else {
         text.into()
     }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// A job's curves from its events: the training loss per step, and the held-out loss and each
@@ -323,22 +402,5 @@ mod tests {
             "two axes, three lines"
         );
         assert_eq!(svg.matches("<svg").count(), 1);
-    }
-
-    #[test]
-    fn text_is_escaped_and_empty_charts_still_render() {
-        let chart = Chart {
-            title: "a <b> & \"c\"".into(),
-            x_label: "x".into(),
-            y_label: "y".into(),
-            lines: vec![Line {
-                name: "nothing yet".into(),
-                color: PALETTE[0],
-                points: vec![(f64::NAN, 1.0)],
-            }],
-        };
-        let svg = render_svg(&[chart]);
-        assert!(svg.contains("a &lt;b&gt; &amp; &quot;c&quot;"), "{svg}");
-        assert!(!svg.contains("NaN"), "{svg}");
     }
 }
