@@ -918,6 +918,44 @@ async fn feedback_trains_an_adapter_continuously() {
     assert_eq!(used, [&json!(id), &json!(id)]);
 }
 
+/// A feedback item is stored before its job is started: when the job cannot start (here one
+/// item and its correction are more examples than `training.max_examples` allows), the item
+/// still gets its receipt, waits for a later job, and the server says why in its log.
+#[tokio::test(flavor = "multi_thread")]
+async fn feedback_is_kept_when_its_training_job_cannot_start() {
+    let server = Server::start(ServerOptions {
+        config: "[training]\nmax_examples = 1\n".into(),
+        ..ServerOptions::default()
+    });
+    let url = server.url("/v1/adapters/helper/continuous_training");
+    let (status, body) = request_json(
+        Method::PUT,
+        &url,
+        Some(&json!({"feedback_every": 1, "steps": 1})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let request = json!({"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let (_, _, answer) = post_json(&server.url("/v1/chat/completions"), &request).await;
+    let feedback = json!({
+        "completion_id": answer["id"],
+        "rating": "down",
+        "corrected_answer": "Hello! How can I help?",
+        "adapter": "helper",
+    });
+    let (status, _, receipt) = post_json(&server.url("/v1/feedback"), &feedback).await;
+    assert_eq!(status, 200, "{receipt}");
+    assert!(receipt["job"].is_null(), "{receipt}");
+    assert_eq!(receipt["pending_feedback"], 1, "{receipt}");
+    let (_, items) = get_json(&server.url("/v1/feedback?adapter=helper")).await;
+    assert_eq!(items["data"][0]["job_id"], Value::Null, "{items}");
+    assert!(
+        server.log().contains("its training job cannot start"),
+        "{}",
+        server.log()
+    );
+}
+
 /// The last version's tensors of `adapter`, as bytes on disk.
 fn version_bytes(server: &Server, adapter: &str, version: u64) -> Vec<u8> {
     let path = server.data_dir.join(format!(
