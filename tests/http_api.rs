@@ -160,6 +160,25 @@ async fn chat_completions_answer_in_openai_shape_under_the_requested_adapter() {
     );
     assert!(full_text.starts_with(stopped_text));
 
+    // `ignore_eos` (vLLM's extension) generates past the end of the turn, which stays out of
+    // the text, to exactly `max_tokens`.
+    let brief = post_json(
+        &url,
+        &chat(BASE_MODEL, "Reply with the single word yes.", 40),
+    )
+    .await
+    .2;
+    assert_eq!(brief["choices"][0]["finish_reason"], "stop", "{brief}");
+    let brief_text = brief["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut body = chat(BASE_MODEL, "Reply with the single word yes.", 40);
+    body["ignore_eos"] = json!(true);
+    let padded = post_json(&url, &body).await.2;
+    assert_eq!(padded["choices"][0]["finish_reason"], "length", "{padded}");
+    assert_eq!(padded["usage"]["completion_tokens"], 40);
+    let padded_text = padded["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(padded_text.starts_with(brief_text), "{padded_text:?}");
+    assert!(!padded_text.contains("<|im_end|>"), "{padded_text:?}");
+
     // n choices, and a seed makes sampling reproducible.
     let mut body = chat(BASE_MODEL, "Write a word.", 8);
     body["temperature"] = json!(1.0);
@@ -410,6 +429,13 @@ async fn every_bad_input_gets_its_status_and_error_type() {
             "invalid_request_error",
             Some("max_tokens"),
             Some("context_length_exceeded"),
+        ),
+        (
+            with("ignore_eos", json!("yes")),
+            400,
+            "invalid_request_error",
+            Some("ignore_eos"),
+            None,
         ),
         (
             with("n", json!(0)),
@@ -733,6 +759,7 @@ async fn a_key_at_its_cap_of_requests_in_flight_gets_429_until_one_ends() {
                 "model": BASE_MODEL,
                 "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
                 "max_tokens": max_tokens,
+                "ignore_eos": true,
                 "stream": true,
             }))
             .send()
@@ -778,9 +805,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
     });
     let url = server.url("/v1/chat/completions");
     // One long stream occupies the only row …
-    // (long enough to outlast the waits below on a loaded machine)
+    // (long enough to outlast the waits below on a loaded machine, whatever the model says)
     let mut long = chat(BASE_MODEL, "Write a long story about a dragon.", 4000);
     long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
     let response = common::client()
         .post(&url)
         .json(&long)

@@ -26,6 +26,7 @@ async fn sigterm_finishes_short_streams_cancels_long_ones_and_exits_zero() {
                     "model": BASE_MODEL,
                     "messages": [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}],
                     "max_tokens": max_tokens,
+                    "ignore_eos": true,
                     "temperature": 0,
                     "stream": true,
                 }),

@@ -27,6 +27,7 @@ fn params(max_tokens: usize, sampling: SamplingParams) -> GenerationParams {
         sampling,
         stop: StopConditions {
             token_ids: model().tokenizer.eog_ids(),
+            ignore_eos: false,
             strings: Vec::new(),
         },
         top_logprobs: None,

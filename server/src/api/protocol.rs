@@ -46,6 +46,9 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub user: Option<String>,
+    /// vLLM's extension: generate past the model's end-of-sequence tokens, until `max_tokens`
+    /// or a `stop` string (those tokens stay out of the text).
+    pub ignore_eos: Option<bool>,
     #[schema(ignore)]
     pub logit_bias: Option<Value>,
 }

@@ -21,6 +21,10 @@ use super::{EngineError, Result};
 pub struct StopConditions {
     /// Tokens that end generation and are not part of the output (the model's end-of-turn ids).
     pub token_ids: Vec<u32>,
+    /// Generate past those tokens until `max_tokens` or a stop string (vLLM's `ignore_eos`,
+    /// for benchmarks and tests that need answers of a known length); they stay out of the
+    /// output either way.
+    pub ignore_eos: bool,
     /// Strings that end generation; the output stops just before the first one.
     pub strings: Vec<String>,
 }
@@ -246,7 +250,9 @@ impl Sequence {
         self.generated.push(token);
         let mut text = String::new();
         if self.params.stop.token_ids.contains(&token) {
-            self.finish = Some(FinishReason::Stop);
+            if !self.params.stop.ignore_eos {
+                self.finish = Some(FinishReason::Stop);
+            }
         } else {
             let piece = self.decoder.push(tokenizer, token).unwrap_or_default();
             let (released, stopped) = self.stop_strings.push(&piece);

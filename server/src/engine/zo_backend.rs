@@ -48,6 +48,7 @@ impl LoadedModel {
             sampling: SamplingParams::greedy(),
             stop: StopConditions {
                 token_ids: self.tokenizer.eog_ids(),
+                ignore_eos: false,
                 strings: Vec::new(),
             },
             top_logprobs: None,

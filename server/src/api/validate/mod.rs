@@ -170,6 +170,7 @@ pub fn plan(fields: &SamplingFields, inputs: PlanInputs) -> Result<GenerationPla
             },
             stop: StopConditions {
                 token_ids: inputs.stop_token_ids,
+                ignore_eos: fields.ignore_eos.unwrap_or(false),
                 strings: stop_strings,
             },
             top_logprobs: inputs.top_logprobs,

@@ -166,6 +166,7 @@ fn run_generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
         },
         stop: StopConditions {
             token_ids: model.tokenizer.eog_ids(),
+            ignore_eos: false,
             strings: Vec::new(),
         },
         top_logprobs: None,
