@@ -431,6 +431,51 @@ async fn an_f1_job_answers_in_the_training_share_and_publishes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn training_slices_grow_to_the_idle_budget_while_nothing_is_served() {
+    let server = Server::start(ServerOptions {
+        config: "[training]\nslice_tokens = 16\nidle_slice_tokens = 4096\n".into(),
+        ..ServerOptions::default()
+    });
+    let job = submit_job(
+        &server,
+        json!({
+            "adapter": "idle",
+            "objective": "classification",
+            "examples": review_examples(),
+            "hyperparameters": {"max_steps": 2, "batch_size": 8},
+        }),
+    )
+    .await;
+    let id = job["id"].as_str().expect("an id");
+    let done = wait_for_job(&server, id, finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
+    let metrics = common::client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+    };
+    // A step's rows (eight reviews of about a dozen tokens, under each of its directions) go
+    // in one slice when nothing is served; in slices of 16 tokens none would pass 256.
+    let slices = value("mezo_engine_training_slice_tokens_count ");
+    let small = value("mezo_engine_training_slice_tokens_bucket{le=\"256\"} ");
+    assert!(slices >= 2.0, "{metrics}");
+    assert!(
+        small < slices,
+        "every slice held at most 256 tokens:\n{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_adapter_deleted_while_its_job_is_about_to_publish_stays_deleted() {
     let server = Server::start(ServerOptions::default());
     let examples = review_examples();

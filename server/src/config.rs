@@ -102,6 +102,7 @@ pub struct SchedulerConfig {
 pub struct TrainingConfig {
     pub max_engine_share: f64,
     pub slice_tokens: usize,
+    pub idle_slice_tokens: usize,
     pub max_examples: usize,
     /// Most examples stored for one adapter (its jobs' and its unused feedback); 0: no cap.
     pub max_stored_examples_per_adapter: usize,
@@ -177,6 +178,10 @@ impl Config {
             ("scheduler.max_choices", s.max_choices),
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("training.slice_tokens", self.training.slice_tokens),
+            (
+                "training.idle_slice_tokens",
+                self.training.idle_slice_tokens,
+            ),
             ("training.max_examples", self.training.max_examples),
             ("training.max_steps", self.training.max_steps as usize),
             ("training.max_file_bytes", self.training.max_file_bytes),

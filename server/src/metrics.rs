@@ -23,6 +23,7 @@ pub const REQUESTS_RUNNING: &str = "mezo_requests_running";
 pub const REQUESTS_WAITING: &str = "mezo_requests_waiting";
 pub const ENGINE_BATCH_ROWS: &str = "mezo_engine_batch_rows";
 pub const ENGINE_STEP_SECONDS: &str = "mezo_engine_step_seconds";
+pub const ENGINE_TRAINING_SLICE_TOKENS: &str = "mezo_engine_training_slice_tokens";
 pub const PREFILL_TOKENS_TOTAL: &str = "mezo_prefill_tokens_total";
 pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "mezo_prefix_cache_hit_tokens_total";
 pub const MODEL_WEIGHTS_BYTES: &str = "mezo_model_weights_bytes";
@@ -99,6 +100,9 @@ const BATCH_ROWS_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 3
 const STEP_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+const SLICE_TOKENS_BUCKETS: &[f64] = &[
+    16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
 const TRAINING_STEP_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
 ];
@@ -118,6 +122,7 @@ pub fn install() -> PrometheusHandle {
                 (TIME_PER_OUTPUT_TOKEN_SECONDS, TPOT_BUCKETS),
                 (ENGINE_BATCH_ROWS, BATCH_ROWS_BUCKETS),
                 (ENGINE_STEP_SECONDS, STEP_BUCKETS),
+                (ENGINE_TRAINING_SLICE_TOKENS, SLICE_TOKENS_BUCKETS),
                 (TRAINING_STEP_SECONDS, TRAINING_STEP_BUCKETS),
             ];
             let mut builder = PrometheusBuilder::new();
@@ -176,6 +181,10 @@ fn describe() {
         ENGINE_STEP_SECONDS,
         Unit::Seconds,
         "Duration of one engine step (one batched forward and sampling)."
+    );
+    describe_histogram!(
+        ENGINE_TRAINING_SLICE_TOKENS,
+        "Tokens of forward pass in one slice of training work run between serving steps."
     );
     describe_counter!(
         PREFILL_TOKENS_TOTAL,

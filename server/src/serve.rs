@@ -202,6 +202,7 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
             prefix_cache_bytes: config.scheduler.prefix_cache_bytes,
             max_training_share: config.training.max_engine_share,
             training_slice_tokens: config.training.slice_tokens,
+            idle_training_slice_tokens: config.training.idle_slice_tokens,
         },
         config.scheduler.max_waiting,
     );

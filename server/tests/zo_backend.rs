@@ -98,6 +98,7 @@ fn background_work_on_the_engine_thread_gives_what_the_model_gives_directly() {
         prefix_cache_bytes: 0,
         max_training_share: 0.5,
         training_slice_tokens: 16,
+        idle_training_slice_tokens: 16,
     };
     let scheduler = Scheduler::start(Arc::clone(&model), limits, 16);
     let budget = FrozenStatesBudget::new(64 << 20);
@@ -200,6 +201,7 @@ fn adapters_of_the_top_layers_reuse_the_frozen_layers_on_both_paths() {
         prefix_cache_bytes: 0,
         max_training_share: 0.5,
         training_slice_tokens: 16,
+        idle_training_slice_tokens: 16,
     };
     let scheduler = Scheduler::start(Arc::clone(&model), limits, 16);
     let queued = QueuedEngine::new(

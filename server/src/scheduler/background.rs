@@ -1,20 +1,21 @@
 //! Training's work on the engine thread, one slice at a time between serving steps.
 //!
-//! A slice is at most `training.slice_tokens` tokens of forward pass, the longest a serving
-//! step waits behind training. Scoring work (a MeZO step's θ+εz and θ−εz rows, a held-out
+//! A slice is at most `training.slice_tokens` tokens of forward pass (`idle_slice_tokens` when
+//! nothing is being served), the longest a serving step waits behind training; the engine loop
+//! chooses each slice's budget as it starts it. Scoring work (a MeZO step's θ+εz and θ−εz rows, a held-out
 //! evaluation) is cut into slices of whole rows. Greedy decoding (the `f1` and `exact_match`
 //! objectives) runs as sequences of its own, apart from the requests being served: each slice
 //! is one decoding step over the running sequences, with newcomers' prompts admitted while the
 //! slice's token budget lasts, so training's answers count against training's share of engine
 //! time like its scoring does.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use crate::engine::batch::chunks_by_budget;
 use crate::engine::generate::{step, Sequence};
 use crate::engine::loaded_model::LoadedModel;
 use crate::engine::scoring::{score_rows, ContinuationLogprobs};
+use crate::metrics as m;
 
 use super::work::{BackgroundGreedyWork, BackgroundScoreWork, BackgroundWork};
 
@@ -28,22 +29,19 @@ pub(super) enum BackgroundTask {
 type SliceOutcome = Option<Result<(), String>>;
 
 impl BackgroundTask {
-    pub(super) fn new(work: BackgroundWork, slice_tokens: usize) -> Self {
+    pub(super) fn new(work: BackgroundWork) -> Self {
         match work {
-            BackgroundWork::Score(work) => {
-                BackgroundTask::Score(ScoreTask::new(work, slice_tokens))
-            }
-            BackgroundWork::Greedy(work) => {
-                BackgroundTask::Greedy(GreedyTask::new(work, slice_tokens))
-            }
+            BackgroundWork::Score(work) => BackgroundTask::Score(ScoreTask::new(work)),
+            BackgroundWork::Greedy(work) => BackgroundTask::Greedy(GreedyTask::new(work)),
         }
     }
 
-    /// Runs the next slice; `Some` with the reply's content once all slices ran or one failed.
-    pub(super) fn run_slice(&mut self, model: &LoadedModel) -> SliceOutcome {
+    /// Runs the next slice, of at most `slice_tokens` tokens; `Some` with the reply's content
+    /// once all slices ran or one failed.
+    pub(super) fn run_slice(&mut self, model: &LoadedModel, slice_tokens: usize) -> SliceOutcome {
         let outcome = match self {
-            BackgroundTask::Score(task) => task.run_slice(model),
-            BackgroundTask::Greedy(task) => task.run_slice(model),
+            BackgroundTask::Score(task) => task.run_slice(model, slice_tokens),
+            BackgroundTask::Greedy(task) => task.run_slice(model, slice_tokens),
         };
         outcome.map(|result| {
             result.map_err(|err| {
@@ -73,37 +71,45 @@ impl BackgroundTask {
 
 pub(super) struct ScoreTask {
     work: BackgroundScoreWork,
-    slices: Vec<Range<usize>>,
-    next_slice: usize,
+    /// Rows scored so far are `0..next_row`.
+    next_row: usize,
     scores: ContinuationLogprobs,
 }
 
 impl ScoreTask {
-    fn new(work: BackgroundScoreWork, slice_tokens: usize) -> Self {
-        let slices = chunks_by_budget(work.rows.iter().map(|r| r.tokens()), slice_tokens);
+    fn new(work: BackgroundScoreWork) -> Self {
         let scores = Vec::with_capacity(work.rows.len());
         Self {
             work,
-            slices,
-            next_slice: 0,
+            next_row: 0,
             scores,
         }
     }
 
-    fn run_slice(&mut self, model: &LoadedModel) -> SliceOutcome {
-        let Some(range) = self.slices.get(self.next_slice).cloned() else {
+    fn run_slice(&mut self, model: &LoadedModel, slice_tokens: usize) -> SliceOutcome {
+        let rest = &self.work.rows[self.next_row..];
+        let Some(first) = chunks_by_budget(rest.iter().map(|r| r.tokens()), slice_tokens)
+            .into_iter()
+            .next()
+        else {
             return Some(Ok(()));
         };
-        self.next_slice += 1;
+        let rows = self.next_row + first.start..self.next_row + first.end;
+        self.next_row = rows.end;
+        let tokens: usize = self.work.rows[rows.clone()]
+            .iter()
+            .map(|r| r.tokens())
+            .sum();
+        metrics::histogram!(m::ENGINE_TRAINING_SLICE_TOKENS).record(tokens as f64);
         let scores = score_rows(
             &model.transformer,
-            &self.work.rows[range],
+            &self.work.rows[rows],
             self.work.frozen.as_deref(),
         );
         match scores {
             Ok(scores) => {
                 self.scores.extend(scores);
-                (self.next_slice == self.slices.len()).then_some(Ok(()))
+                (self.next_row == self.work.rows.len()).then_some(Ok(()))
             }
             Err(err) => Some(Err(err.to_string())),
         }
@@ -112,7 +118,6 @@ impl ScoreTask {
 
 pub(super) struct GreedyTask {
     work: BackgroundGreedyWork,
-    slice_tokens: usize,
     /// Prompts started so far are `0..next_prompt`.
     next_prompt: usize,
     /// Sequences still generating, with their prompt's index. Finished ones are dropped at
@@ -122,23 +127,22 @@ pub(super) struct GreedyTask {
 }
 
 impl GreedyTask {
-    fn new(work: BackgroundGreedyWork, slice_tokens: usize) -> Self {
+    fn new(work: BackgroundGreedyWork) -> Self {
         let answers = vec![None; work.prompts.len()];
         Self {
             work,
-            slice_tokens,
             next_prompt: 0,
             running: Vec::new(),
             answers,
         }
     }
 
-    fn run_slice(&mut self, model: &LoadedModel) -> SliceOutcome {
+    fn run_slice(&mut self, model: &LoadedModel, slice_tokens: usize) -> SliceOutcome {
         // Each running sequence costs one token of the slice, each newcomer its prompt; with
         // nothing running, one newcomer starts whatever its length.
         let mut used = self.running.len();
         while let Some(next) = self.work.prompts.get(self.next_prompt) {
-            if used > 0 && used + next.prompt.len() > self.slice_tokens {
+            if used > 0 && used + next.prompt.len() > slice_tokens {
                 break;
             }
             let seq = Sequence::new(
@@ -154,6 +158,7 @@ impl GreedyTask {
             used += next.prompt.len();
             self.next_prompt += 1;
         }
+        metrics::histogram!(m::ENGINE_TRAINING_SLICE_TOKENS).record(used as f64);
         let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|(_, s)| s).collect();
         if let Err(err) = step(&model.transformer, &model.tokenizer, &mut seqs) {
             return Some(Err(err.to_string()));

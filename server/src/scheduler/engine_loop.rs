@@ -11,7 +11,8 @@
 //! Training work (the forward passes of MeZO steps, greedy answers for its metrics) runs between
 //! serving steps, one slice of at most `training_slice_tokens` tokens at a time
 //! (`BackgroundTask`), within the share of engine time that [`EngineShare`] allows while
-//! requests are being served.
+//! requests are being served; with nothing to serve, slices grow to
+//! `idle_training_slice_tokens`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +44,9 @@ pub struct BatchLimits {
     pub max_training_share: f64,
     /// Most tokens in one training slice: the longest a serving step waits behind training.
     pub training_slice_tokens: usize,
+    /// Most tokens in one training slice while nothing is being served: fuller forwards,
+    /// which train faster.
+    pub idle_training_slice_tokens: usize,
 }
 
 /// Prompt log-probs are computed this many tokens per forward, so a long prompt's logits
@@ -87,7 +91,7 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
             Taken::Closed => break,
         };
         if let Some(work) = background {
-            training = Some(BackgroundTask::new(work, limits.training_slice_tokens));
+            training = Some(BackgroundTask::new(work));
         }
         for work in admitted {
             match work {
@@ -116,8 +120,13 @@ pub fn run(model: Arc<LoadedModel>, queue: Arc<WorkQueue>, limits: BatchLimits) 
         let serving_busy = !running.is_empty() || queue.waiting() > 0;
         if let Some(task) = training.as_mut() {
             if share.training_may_run(serving_busy) {
+                let slice_tokens = if serving_busy {
+                    limits.training_slice_tokens
+                } else {
+                    limits.idle_training_slice_tokens
+                };
                 let started = Instant::now();
-                let outcome = task.run_slice(&model);
+                let outcome = task.run_slice(&model, slice_tokens);
                 share.record_training(started.elapsed());
                 if let Some(outcome) = outcome {
                     if let Some(task) = training.take() {
