@@ -253,7 +253,8 @@ impl Sequence {
             if !self.params.stop.ignore_eos {
                 self.finish = Some(FinishReason::Stop);
             }
-        } else {
+        } else if !tokenizer.is_control(token) {
+            // A chat format's markers (`<|im_start|>` after an ignored end of turn) are not text.
             let piece = self.decoder.push(tokenizer, token).unwrap_or_default();
             let (released, stopped) = self.stop_strings.push(&piece);
             text = released;

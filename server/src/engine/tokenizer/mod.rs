@@ -347,6 +347,13 @@ impl Tokenizer {
         )
     }
 
+    /// Whether `id` is a control (or unknown) token: a chat format's marker such as
+    /// `<|im_start|>`, which generated text leaves out (as llama.cpp's server and vLLM do by
+    /// default), unlike a user-defined token, which is text.
+    pub fn is_control(&self, id: u32) -> bool {
+        matches!(self.kinds.get(id as usize), Some(TokenKind::Control))
+    }
+
     /// Ids that end a generation: EOS plus the end-of-turn tokens of common chat formats that
     /// this vocabulary has (chat models often end a turn with a token other than EOS).
     pub fn eog_ids(&self) -> Vec<u32> {
@@ -711,6 +718,8 @@ pub(crate) mod tests {
         assert_eq!(tok.token_id("<|im_end|>"), Some(2));
         assert!(tok.is_special(1));
         assert!(!tok.is_special(byte_token(tok, usize::from(b'a'))));
+        assert!(tok.is_control(1));
+        assert!(!tok.is_control(byte_token(tok, usize::from(b'a'))));
         // <|endoftext|> (0) and <|im_end|> (2, also EOS).
         assert_eq!(tok.eog_ids(), vec![0, 2]);
         // "Ġthe" is stored in the byte-level alphabet but stands for " the".
@@ -727,6 +736,7 @@ pub(crate) mod tests {
         assert_eq!(tok.token_bytes(u32::MAX), b"");
         assert_eq!(tok.token_text(u32::MAX), "");
         assert!(!tok.is_special(u32::MAX));
+        assert!(!tok.is_control(u32::MAX));
         let hi = tok.encode("hi", false);
         assert_eq!(tok.decode(&[hi[0], u32::MAX, beyond]), tok.decode(&hi[..1]));
         let mut stream = DecodeStream::new();
