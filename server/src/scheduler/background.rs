@@ -2,12 +2,12 @@
 //!
 //! A slice is at most `training.slice_tokens` tokens of forward pass (`idle_slice_tokens` when
 //! nothing is being served), the longest a serving step waits behind training; the engine loop
-//! chooses each slice's budget as it starts it. Scoring work (a MeZO step's θ+εz and θ−εz rows, a held-out
-//! evaluation) is cut into slices of whole rows. Greedy decoding (the `f1` and `exact_match`
-//! objectives) runs as sequences of its own, apart from the requests being served: each slice
-//! is one decoding step over the running sequences, with newcomers' prompts admitted while the
-//! slice's token budget lasts, so training's answers count against training's share of engine
-//! time like its scoring does.
+//! chooses each slice's budget as it starts it. Scoring work (a MeZO step's θ+εz and θ−εz
+//! rows, a held-out evaluation) is cut into slices of whole rows. Greedy decoding (the `f1` and
+//! `exact_match` objectives) runs as sequences of its own, apart from the requests being
+//! served: each slice is one decoding step over the running sequences, with newcomers' prompts
+//! admitted while the slice's token budget lasts, so training's answers count against
+//! training's share of engine time like its scoring does.
 
 use std::sync::Arc;
 
