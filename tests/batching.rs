@@ -66,22 +66,8 @@ async fn concurrent_mixed_adapter_streams_match_each_request_alone() {
     }
 
     // The engine really batched: some steps ran several rows.
-    let metrics = common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing"))
-    };
+    let metrics = common::metrics_text(&server).await;
+    let value = |sample: &str| common::metric_value(&metrics, sample);
     let rows_sum = value("mezo_engine_batch_rows_sum");
     let steps = value("mezo_engine_batch_rows_count");
     assert!(

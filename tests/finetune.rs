@@ -240,14 +240,7 @@ async fn a_job_trains_publishes_versions_and_serves_them_at_once() {
     assert_eq!(list["has_more"], true);
 
     // Training shows on /metrics, which stays valid Prometheus text.
-    let metrics = common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = common::metrics_text(&server).await;
     for expected in [
         "mezo_training_steps_total{adapter=\"sentiment\"}",
         "mezo_training_loss{adapter=\"sentiment\"}",
@@ -348,20 +341,8 @@ async fn a_job_on_the_top_layers_reuses_the_frozen_ones_and_publishes_them_as_pe
     assert_eq!(config["layers_to_transform"], json!([26, 27, 28, 29]));
     assert_eq!(chat_version(&server, "top-layers").await, (200, json!(1)));
 
-    let metrics = common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
+    let metrics = common::metrics_text(&server).await;
+    let value = |sample: &str| common::metric_value(&metrics, sample);
     // 4 steps of 4 examples under θ+εz and θ−εz, plus held-out evaluations: after the first
     // pass over the 8 training examples, their bottom 26 layers are never computed again.
     let reused = value("mezo_training_frozen_layer_tokens_total{source=\"reused\"}");
@@ -412,21 +393,11 @@ async fn an_f1_job_answers_in_the_training_share_and_publishes() {
 
     // The job's answers were decoded as training work, not as requests being served: the
     // serving steps are those of the one 4-token chat above.
-    let metrics = common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let serving_steps = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("mezo_engine_batch_rows_count "))
-        .and_then(|count| count.trim().parse::<f64>().ok());
+    let metrics = common::metrics_text(&server).await;
+    let serving_steps = common::metric_value(&metrics, "mezo_engine_batch_rows_count");
     assert!(
-        serving_steps.is_some_and(|steps| (1.0..=4.0).contains(&steps)),
-        "serving steps: {serving_steps:?}\n{metrics}"
+        (1.0..=4.0).contains(&serving_steps),
+        "serving steps: {serving_steps}\n{metrics}"
     );
 }
 
@@ -449,25 +420,12 @@ async fn training_slices_grow_to_the_idle_budget_while_nothing_is_served() {
     let id = job["id"].as_str().expect("an id");
     let done = wait_for_job(&server, id, finished).await;
     assert_eq!(done["status"], "succeeded", "{done}\n{}", server.log());
-    let metrics = common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
-    };
+    let metrics = common::metrics_text(&server).await;
+    let value = |sample: &str| common::metric_value(&metrics, sample);
     // A step's rows (eight reviews of about a dozen tokens, under each of its directions) go
     // in one slice when nothing is served; in slices of 16 tokens none would pass 256.
-    let slices = value("mezo_engine_training_slice_tokens_count ");
-    let small = value("mezo_engine_training_slice_tokens_bucket{le=\"256\"} ");
+    let slices = value("mezo_engine_training_slice_tokens_count");
+    let small = value("mezo_engine_training_slice_tokens_bucket{le=\"256\"}");
     assert!(slices >= 2.0, "{metrics}");
     assert!(
         small < slices,
@@ -1129,20 +1087,8 @@ async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for
 }
 
 async fn resident_and_adapter_bytes(server: &Server) -> (f64, f64, f64) {
-    let text = common::client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let gauge = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
-    };
+    let text = common::metrics_text(server).await;
+    let gauge = |name: &str| common::metric_value(&text, name);
     (
         gauge("mezo_process_resident_memory_bytes"),
         gauge("mezo_adapter_weights_bytes"),

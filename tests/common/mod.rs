@@ -260,6 +260,33 @@ pub fn client() -> reqwest::Client {
         .expect("an HTTP client")
 }
 
+/// The server's `/metrics` text (for a server without API keys).
+pub async fn metrics_text(server: &Server) -> String {
+    client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The value of the sample written exactly as `sample` (its name and any labels) in
+/// Prometheus text; panics naming it when the text has no such sample.
+pub fn metric_value(metrics: &str, sample: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {sample} in\n{metrics}"))
+}
+
 /// POSTs JSON and returns (status, headers, body as JSON).
 pub async fn post_json(url: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
     let response = client().post(url).json(body).send().await.expect("POST");
