@@ -953,7 +953,7 @@ async fn feedback_is_kept_when_its_training_job_cannot_start() {
     let (_, items) = get_json(&server.url("/v1/feedback?adapter=helper")).await;
     assert_eq!(items["data"][0]["job_id"], Value::Null, "{items}");
     assert!(
-        server.log().contains("its training job cannot start"),
+        server.log_shows_within("its training job cannot start", Duration::from_secs(10)),
         "{}",
         server.log()
     );

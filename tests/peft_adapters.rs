@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use common::{post_json, Server, ServerOptions, BASE_MODEL};
 use mezo_server::training::{Db, VersionInfo, DB_FILE};
@@ -176,7 +177,7 @@ async fn a_version_published_by_an_earlier_release_is_converted_and_serves_as_be
         ..ServerOptions::default()
     });
     assert!(
-        server.log().contains("converted an adapter version"),
+        server.log_shows_within("converted an adapter version", Duration::from_secs(10)),
         "{}",
         server.log()
     );

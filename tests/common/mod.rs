@@ -185,6 +185,22 @@ impl Server {
         self.log.lock().expect("the log lock").clone()
     }
 
+    /// Whether the log shows `needle` within `limit`. The log is read from the server's pipe
+    /// by another thread, so a line the server wrote before answering a request may reach
+    /// [`Server::log`] only after the answer has reached the test.
+    pub fn log_shows_within(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
