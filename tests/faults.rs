@@ -10,10 +10,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{get_json, model_path, post_json, Server, ServerOptions};
+use common::{get_json, model_path, post_json, Server, ServerOptions, BASE_MODEL};
 use serde_json::{json, Value};
 
 /// Four labelled examples: a job on them takes a second or two per step.
@@ -141,23 +142,7 @@ async fn a_database_locked_by_another_process_stops_the_start_with_a_clear_error
         .expect("take the write lock");
 
     let started = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_mezo"))
-        .arg("--model")
-        .arg(model_path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["serve", "--port", "0"])
-        .env("NO_COLOR", "1")
-        .env_remove("MEZO_API_KEYS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run mezo serve");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success(),
-        "the server must not start: {stderr}"
-    );
+    let stderr = serve_expecting_refusal(data.path(), None);
     assert!(
         stderr.contains("is locked by another process") && stderr.contains("mezo.sqlite"),
         "{stderr}"
@@ -171,6 +156,65 @@ async fn a_database_locked_by_another_process_stops_the_start_with_a_clear_error
         "it gives up after the busy timeout"
     );
     drop(holder);
+}
+
+/// `mezo serve` on `data` with `--database` set to `database` (if any): it must not start.
+/// Its stderr.
+fn serve_expecting_refusal(data: &Path, database: Option<&str>) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mezo"));
+    command
+        .arg("--model")
+        .arg(model_path())
+        .arg("--data-dir")
+        .arg(data);
+    if let Some(database) = database {
+        command.args(["--database", database]);
+    }
+    let output = command
+        .args(["serve", "--port", "0"])
+        .env("NO_COLOR", "1")
+        .env_remove("MEZO_API_KEYS")
+        .env_remove("MEZO_DATABASE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run mezo serve");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "the server must not start: {stderr}"
+    );
+    stderr
+}
+
+/// A database URL of an unknown scheme, and a PostgreSQL server that does not answer: the
+/// server stops at start, saying which URLs it takes, or naming the URL (never its password)
+/// and what to check.
+#[test]
+fn a_bad_or_unreachable_database_stops_the_start_with_a_clear_error() {
+    let data = tempfile::tempdir().expect("a data folder");
+    let stderr = serve_expecting_refusal(data.path(), Some("mysql://mezo:hunter2@db/mezo"));
+    assert!(
+        stderr.contains("sqlite:<path>") && stderr.contains("postgres://"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://mezo:hunter2@127.0.0.1:{port}/mezo");
+    let stderr = serve_expecting_refusal(data.path(), Some(&url));
+    assert!(
+        stderr.contains(&format!("postgres://mezo:***@127.0.0.1:{port}/mezo")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("check that PostgreSQL is running"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
 /// A client that hangs up in the middle of a multipart upload leaves no file behind, and one
@@ -356,4 +400,40 @@ async fn sigterm_while_a_job_publishes_every_step_leaves_only_whole_versions() {
         Vec::<String>::new(),
         "only whole versions remain"
     );
+}
+
+/// PostgreSQL goes down under a running server: chat goes on, what needs the database answers
+/// 503 with `Retry-After`, and once the database is back the next request connects again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_postgresql_makes_fine_tuning_answer_503_while_chat_goes_on() {
+    let cluster = common::postgres_cluster::PostgresCluster::start();
+    let server = Server::start(ServerOptions {
+        env: vec![("MEZO_DATABASE", cluster.create_database("mezo"))],
+        ..ServerOptions::default()
+    });
+    let jobs = || async {
+        let response = common::client()
+            .get(server.url("/v1/finetune"))
+            .send()
+            .await
+            .expect("list jobs");
+        let retry_after = response.headers().get("retry-after").cloned();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("a JSON body");
+        (status, retry_after, body)
+    };
+    assert_eq!(jobs().await.0, 200);
+
+    cluster.stop();
+    let chat = json!({"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let (status, _, answer) = post_json(&server.url("/v1/chat/completions"), &chat).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, retry_after, body) = jobs().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some(), "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+
+    cluster.start_server();
+    let (status, _, body) = jobs().await;
+    assert_eq!(status, 200, "{body}\n{}", server.log());
 }

@@ -969,9 +969,30 @@ fn version_bytes(server: &Server, adapter: &str, version: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for_bit() {
+    kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(None).await;
+}
+
+/// The same with the database in PostgreSQL (a throwaway server): jobs, examples, step logs,
+/// feedback and the versions' rows are there, and the adapter folders in the data folder.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgresql_kill_9_loses_nothing_and_the_job_resumes_bit_for_bit() {
+    let cluster = common::postgres_cluster::PostgresCluster::start();
+    let url = cluster.create_database("mezo");
+    kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(Some(url)).await;
+}
+
+/// A job with momentum (state that must resume too) is killed after its first version; the
+/// server starts again on the same data folder and `database` (`MEZO_DATABASE`; SQLite in the
+/// folder when `None`), finds its feedback, versions and job, resumes the job, and ends on the
+/// adapter an uninterrupted run of the same job ends on.
+async fn kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(database: Option<String>) {
     let data = tempfile::tempdir().expect("a data folder");
     let options = || ServerOptions {
         data_dir: Some(data.path().to_path_buf()),
+        env: database
+            .iter()
+            .map(|url| ("MEZO_DATABASE", url.clone()))
+            .collect(),
         ..ServerOptions::default()
     };
     let spec = |adapter: &str| {
@@ -988,6 +1009,14 @@ async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for
         })
     };
     let mut server = Server::start(options());
+    if let Some(url) = &database {
+        assert!(
+            server.log_shows_within(&format!("database={url}"), Duration::from_secs(10)),
+            "{}",
+            server.log()
+        );
+        assert!(!data.path().join("mezo.sqlite").exists());
+    }
 
     // Feedback the server must keep: on an answer of the base model, for adapter `resume`.
     let (_, _, chat) = post_json(

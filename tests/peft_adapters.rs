@@ -154,7 +154,7 @@ async fn a_version_published_by_an_earlier_release_is_converted_and_serves_as_be
     write_engine_order_folder(&adapter, &by_hand);
     let by_hand_bytes = std::fs::read(by_hand.join(adapters::peft::WEIGHTS_FILE)).expect("read");
     // The database records `legacy` v1 as published, as the earlier release did.
-    Db::open(&data.path().join(DB_FILE))
+    Db::open_sqlite(&data.path().join(DB_FILE))
         .expect("open the database")
         .insert_version(
             "legacy",

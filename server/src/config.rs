@@ -116,6 +116,8 @@ pub struct TrainingConfig {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     pub dir: PathBuf,
+    /// `sqlite:<path>` or `postgres://…`; empty: `mezo.sqlite` in `dir`.
+    pub database: String,
 }
 
 impl DataConfig {

@@ -185,7 +185,7 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
     model.limit_context(config.model.max_model_len);
     metrics::gauge!(m::MODEL_WEIGHTS_BYTES).set(model.transformer.weights_size_bytes() as f64);
     let model_id = model_id(config, &model);
-    let db = Training::open_db(&config.data.dir).map_err(|e| e.to_string())?;
+    let db = Training::open_db(&config.data).map_err(|e| e.to_string())?;
     let published = db.published_versions().map_err(|e| e.to_string())?;
     let adapters = Arc::new(AdapterVersions::load(
         config.data.adapters_dir(),

@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adapters::{LoraAdapter, LoraConfig};
+
+#[path = "../../server/src/training/db/postgres_cluster.rs"]
+pub mod postgres_cluster;
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;

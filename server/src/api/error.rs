@@ -300,6 +300,19 @@ impl From<TrainingError> for ApiError {
                     err.to_string(),
                 )
             },
+            // Serving goes on without the database; what needs it can be sent again shortly.
+            TrainingError::Db(ref db) if db.is_unavailable() => {
+                tracing::warn!(error = %err, "the fine-tuning database is unreachable");
+                Self {
+                    code: Some("database_unavailable"),
+                    retry_after: Some(5),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        err.to_string(),
+                    )
+                }
+            }
             TrainingError::Db(_) | TrainingError::Publish(_) | TrainingError::DataDir { .. } => {
                 tracing::error!(error = %err, "fine-tuning storage failed");
                 ApiError::internal(err.to_string())

@@ -20,7 +20,6 @@ pub mod job;
 pub mod queued_engine;
 mod worker;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
@@ -29,7 +28,7 @@ use adapters::{LoraAdapter, LoraConfig};
 use plugin::{ObjectiveKind, Trainer, TrainerConfig, TrainingExample};
 
 use crate::adapter_versions::{AdapterVersions, PublishError};
-use crate::config::TrainingConfig;
+use crate::config::{DataConfig, TrainingConfig};
 use crate::engine::frozen_layers::FrozenStatesBudget;
 use crate::engine::loaded_model::LoadedModel;
 use crate::ids::{new_id, unix_now};
@@ -39,7 +38,7 @@ use db::{Admission, JobLimits};
 use event_notices::EventNotices;
 
 pub use adapter_lifecycle::{AdapterRecord, VersionRecord};
-pub use db::{Db, DbError, StoredFile};
+pub use db::{DatabaseUrl, Db, DbError, StoredFile};
 pub use event_notices::EventWatch;
 pub use job::{Job, JobEvent, JobOrigin, JobSpec, JobStatus, Progress, VersionInfo};
 pub use queued_engine::QueuedEngine;
@@ -148,14 +147,22 @@ pub struct Training {
 }
 
 impl Training {
-    /// Opens (creating if needed) the fine-tuning database in `data_dir`. The server opens it
-    /// before loading adapters, whose published versions it lists.
-    pub fn open_db(data_dir: &Path) -> Result<Db, TrainingError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| TrainingError::DataDir {
-            path: data_dir.to_path_buf(),
+    /// Opens (creating if needed) the fine-tuning database `data` names: its `database` URL,
+    /// or `mezo.sqlite` in its folder. The server opens it before loading adapters, whose
+    /// published versions it lists.
+    pub fn open_db(data: &DataConfig) -> Result<Db, TrainingError> {
+        std::fs::create_dir_all(&data.dir).map_err(|source| TrainingError::DataDir {
+            path: data.dir.clone(),
             source,
         })?;
-        Ok(Db::open(&data_dir.join(DB_FILE))?)
+        let url = if data.database.trim().is_empty() {
+            DatabaseUrl::Sqlite(data.dir.join(DB_FILE))
+        } else {
+            DatabaseUrl::parse(&data.database)?
+        };
+        let db = Db::open(&url)?;
+        tracing::info!(database = %url, "fine-tuning database open");
+        Ok(db)
     }
 
     /// Takes over the database opened by [`Self::open_db`], puts jobs interrupted by a crash

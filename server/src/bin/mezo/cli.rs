@@ -41,6 +41,10 @@ pub struct GlobalArgs {
     /// Folder for what the server keeps (adapters/) and data sets used by benchmarks.
     #[arg(long, global = true, env = "MEZO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The fine-tuning database: `sqlite:<path>` or `postgres://user:password@host/db`
+    /// (default: mezo.sqlite in the data folder).
+    #[arg(long, global = true, env = "MEZO_DATABASE")]
+    pub database: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -90,6 +90,9 @@ fn build_config(global: &GlobalArgs) -> anyhow::Result<Config> {
     if let Some(dir) = &global.data_dir {
         config.data.dir = dir.clone();
     }
+    if let Some(database) = &global.database {
+        config.data.database = database.clone();
+    }
     Ok(config)
 }
 

@@ -1,8 +1,7 @@
 //! Job events: what a job reported, numbered per job so that clients page through them and
 //! event streams resume where they stopped.
 
-use rusqlite::{params, Connection};
-
+use super::sql::{values, SqlConnection};
 use super::{corrupt, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, JobEvent};
 
@@ -16,39 +15,32 @@ impl Db {
         message: &str,
         data: &serde_json::Value,
     ) -> DbResult<u64> {
-        insert_event(&self.conn(), job_id, now, level, kind, message, data)
+        self.transaction(|conn| insert_event(conn, job_id, now, level, kind, message, data))
     }
 
     /// Events with `seq > after`, oldest first, at most `limit`.
     pub fn events(&self, job_id: &str, after: u64, limit: usize) -> DbResult<Vec<JobEvent>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT seq, created_at, level, kind, message, data FROM events
-             WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![job_id, after, limit], |r| {
-            Ok((
-                r.get::<_, u64>(0)?,
-                r.get::<_, u64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-            ))
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT seq, created_at, level, kind, message, data FROM events
+                 WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                &values![job_id, after, limit],
+            )
         })?;
         let mut events = Vec::new();
         for row in rows {
-            let (seq, created_at, level, kind, message, data) = row?;
+            let kind: String = row.get(3)?;
             events.push(JobEvent {
-                seq,
-                created_at,
-                level: EventLevel::parse(&level),
+                seq: row.get(0)?,
+                created_at: row.get(1)?,
+                level: EventLevel::parse(&row.get::<String>(2)?),
                 kind: EventKind::parse(&kind).ok_or(DbError::Corrupt {
                     what: "event",
                     reason: format!("unknown kind `{kind}`"),
                 })?,
-                message,
-                data: serde_json::from_str(&data).map_err(corrupt("event data"))?,
+                message: row.get(4)?,
+                data: serde_json::from_str(&row.get::<String>(5)?)
+                    .map_err(corrupt("event data"))?,
             });
         }
         Ok(events)
@@ -61,15 +53,14 @@ impl Db {
         before: Option<u64>,
         limit: usize,
     ) -> DbResult<Vec<JobEvent>> {
-        let conn = self.conn();
         let before = before.unwrap_or(u64::MAX).min(i64::MAX as u64);
-        let first: Option<u64> = conn.query_row(
-            "SELECT MIN(seq) FROM (SELECT seq FROM events WHERE job_id = ?1 AND seq < ?2
-               ORDER BY seq DESC LIMIT ?3)",
-            params![job_id, before, limit],
-            |r| r.get(0),
-        )?;
-        drop(conn);
+        let first: Option<u64> = self.transaction(|conn| {
+            conn.query_value(
+                "SELECT MIN(seq) FROM (SELECT seq FROM events WHERE job_id = ?1 AND seq < ?2
+                   ORDER BY seq DESC LIMIT ?3) AS latest",
+                &values![job_id, before, limit],
+            )
+        })?;
         let Some(first) = first else {
             return Ok(Vec::new());
         };
@@ -82,7 +73,7 @@ impl Db {
 
 /// Appends an event to job `job_id`'s list; its sequence number.
 pub(super) fn insert_event(
-    conn: &Connection,
+    conn: &mut dyn SqlConnection,
     job_id: &str,
     now: u64,
     level: EventLevel,
@@ -90,15 +81,14 @@ pub(super) fn insert_event(
     message: &str,
     data: &serde_json::Value,
 ) -> DbResult<u64> {
-    let seq: u64 = conn.query_row(
+    let seq: u64 = conn.query_value(
         "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?1",
-        params![job_id],
-        |r| r.get(0),
+        &values![job_id],
     )?;
     conn.execute(
         "INSERT INTO events (job_id, seq, created_at, level, kind, message, data)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
+        &values![
             job_id,
             seq,
             now,

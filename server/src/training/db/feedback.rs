@@ -2,8 +2,8 @@
 //! feedback on them.
 
 use plugin::TrainingExample;
-use rusqlite::{params, OptionalExtension};
 
+use super::sql::values;
 use super::{Db, DbResult};
 use crate::training::job::Job;
 
@@ -49,42 +49,49 @@ impl Db {
         now: u64,
         keep: usize,
     ) -> DbResult<()> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT OR REPLACE INTO completions (id, created_at, adapter, prompt, completion)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                completion.id,
-                now,
-                completion.adapter,
-                completion.prompt,
-                completion.completion
-            ],
-        )?;
-        conn.execute(
-            "DELETE FROM completions WHERE rowid NOT IN
-               (SELECT rowid FROM completions ORDER BY rowid DESC LIMIT ?1)",
-            params![keep],
-        )?;
+        self.transaction(|conn| {
+            conn.execute(
+                "INSERT INTO completions (id, created_at, adapter, prompt, completion)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET created_at = excluded.created_at,
+                   adapter = excluded.adapter, prompt = excluded.prompt,
+                   completion = excluded.completion",
+                &values![
+                    &completion.id,
+                    now,
+                    completion.adapter.as_deref(),
+                    &completion.prompt,
+                    &completion.completion
+                ],
+            )?;
+            let order = conn.dialect().completions_insertion_order();
+            conn.execute(
+                &format!(
+                    "DELETE FROM completions WHERE {order} NOT IN
+                       (SELECT {order} FROM completions ORDER BY {order} DESC LIMIT ?1)"
+                ),
+                &values![keep],
+            )
+        })?;
         Ok(())
     }
 
     pub fn completion(&self, id: &str) -> DbResult<Option<StoredCompletion>> {
-        let conn = self.conn();
-        Ok(conn
-            .query_row(
+        let row = self.transaction(|conn| {
+            conn.query_opt(
                 "SELECT id, adapter, prompt, completion FROM completions WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok(StoredCompletion {
-                        id: r.get(0)?,
-                        adapter: r.get(1)?,
-                        prompt: r.get(2)?,
-                        completion: r.get(3)?,
-                    })
-                },
+                &values![id],
             )
-            .optional()?)
+        })?;
+        row.map(|row| {
+            Ok(StoredCompletion {
+                id: row.get(0)?,
+                adapter: row.get(1)?,
+                prompt: row.get(2)?,
+                completion: row.get(3)?,
+            })
+        })
+        .transpose()
     }
 
     /// Stores a feedback item; returns how many items of `adapter` no job has used yet, or
@@ -101,62 +108,69 @@ impl Db {
         corrected_answer: Option<&str>,
         max_stored: usize,
     ) -> DbResult<Option<u64>> {
-        // The connection's lock is held from the count to the insert.
-        let conn = self.conn();
-        if max_stored > 0 && super::jobs::stored_examples(&conn, adapter)? >= max_stored {
-            return Ok(None);
-        }
-        conn.execute(
-            "INSERT INTO feedback (id, created_at, completion_id, adapter, reward, corrected_answer)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id, now, completion_id, adapter, reward, corrected_answer],
-        )?;
-        Ok(Some(conn.query_row(
-            "SELECT COUNT(*) FROM feedback WHERE adapter = ?1 AND job_id IS NULL",
-            params![adapter],
-            |r| r.get(0),
-        )?))
+        // One transaction from the count to the insert.
+        self.transaction(|conn| {
+            if max_stored > 0 && super::jobs::stored_examples(conn, adapter)? >= max_stored {
+                return Ok(None);
+            }
+            conn.execute(
+                "INSERT INTO feedback (id, created_at, completion_id, adapter, reward, corrected_answer)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &values![id, now, completion_id, adapter, reward, corrected_answer],
+            )?;
+            conn.query_value(
+                "SELECT COUNT(*) FROM feedback WHERE adapter = ?1 AND job_id IS NULL",
+                &values![adapter],
+            )
+            .map(Some)
+        })
     }
 
     /// Feedback on `adapter`, oldest first, at most `limit`.
     pub fn list_feedback(&self, adapter: &str, limit: usize) -> DbResult<Vec<FeedbackItem>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, created_at, completion_id, adapter, reward, corrected_answer, job_id
-             FROM feedback WHERE adapter = ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![adapter, limit], |r| {
-            Ok(FeedbackItem {
-                id: r.get(0)?,
-                created_at: r.get(1)?,
-                completion_id: r.get(2)?,
-                adapter: r.get(3)?,
-                reward: r.get::<_, f64>(4)? as f32,
-                corrected_answer: r.get(5)?,
-                job_id: r.get(6)?,
-            })
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT id, created_at, completion_id, adapter, reward, corrected_answer, job_id
+                 FROM feedback WHERE adapter = ?1 ORDER BY seq LIMIT ?2",
+                &values![adapter, limit],
+            )
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rows.iter()
+            .map(|row| {
+                Ok(FeedbackItem {
+                    id: row.get(0)?,
+                    created_at: row.get(1)?,
+                    completion_id: row.get(2)?,
+                    adapter: row.get(3)?,
+                    reward: row.get::<f64>(4)? as f32,
+                    corrected_answer: row.get(5)?,
+                    job_id: row.get(6)?,
+                })
+            })
+            .collect()
     }
 
     /// Feedback on `adapter` that no job has used, oldest first, with its completion.
     pub fn pending_feedback(&self, adapter: &str) -> DbResult<Vec<PendingFeedback>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT f.id, c.prompt, c.completion, f.reward, f.corrected_answer
-             FROM feedback f JOIN completions c ON c.id = f.completion_id
-             WHERE f.adapter = ?1 AND f.job_id IS NULL ORDER BY f.seq",
-        )?;
-        let rows = stmt.query_map(params![adapter], |r| {
-            Ok(PendingFeedback {
-                id: r.get(0)?,
-                prompt: r.get(1)?,
-                completion: r.get(2)?,
-                reward: r.get::<_, f64>(3)? as f32,
-                corrected_answer: r.get(4)?,
-            })
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT f.id, c.prompt, c.completion, f.reward, f.corrected_answer
+                 FROM feedback f JOIN completions c ON c.id = f.completion_id
+                 WHERE f.adapter = ?1 AND f.job_id IS NULL ORDER BY f.seq",
+                &values![adapter],
+            )
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rows.iter()
+            .map(|row| {
+                Ok(PendingFeedback {
+                    id: row.get(0)?,
+                    prompt: row.get(1)?,
+                    completion: row.get(2)?,
+                    reward: row.get::<f64>(3)? as f32,
+                    corrected_answer: row.get(4)?,
+                })
+            })
+            .collect()
     }
 
     /// Stores a job made of feedback items and marks them used, in one transaction.
@@ -166,12 +180,15 @@ impl Db {
         train: &[TrainingExample],
         feedback_ids: &[String],
     ) -> DbResult<()> {
-        self.insert_job(job, train, &[])?;
-        let conn = self.conn();
-        let mut stmt = conn.prepare("UPDATE feedback SET job_id = ?1 WHERE id = ?2")?;
-        for id in feedback_ids {
-            stmt.execute(params![job.id, id])?;
-        }
-        Ok(())
+        self.transaction(|conn| {
+            super::jobs::insert_job_rows(conn, job, None, train, &[])?;
+            for id in feedback_ids {
+                conn.execute(
+                    "UPDATE feedback SET job_id = ?1 WHERE id = ?2",
+                    &values![&job.id, id],
+                )?;
+            }
+            Ok(())
+        })
     }
 }

@@ -1,7 +1,6 @@
 //! Uploaded files (OpenAI's `/v1/files`): metadata and content.
 
-use rusqlite::{params, OptionalExtension};
-
+use super::sql::{values, Row};
 use super::{Db, DbResult};
 
 /// An uploaded file's metadata (`content` is read separately).
@@ -16,66 +15,63 @@ pub struct StoredFile {
 
 impl Db {
     pub fn insert_file(&self, file: &StoredFile, content: &[u8]) -> DbResult<()> {
-        self.conn().execute(
-            "INSERT INTO files (id, created_at, filename, purpose, bytes, content)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                file.id,
-                file.created_at,
-                file.filename,
-                file.purpose,
-                file.bytes,
-                content
-            ],
-        )?;
+        self.transaction(|conn| {
+            conn.execute(
+                "INSERT INTO files (id, created_at, filename, purpose, bytes, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &values![
+                    &file.id,
+                    file.created_at,
+                    &file.filename,
+                    &file.purpose,
+                    file.bytes,
+                    content
+                ],
+            )
+        })?;
         Ok(())
     }
 
     pub fn file(&self, id: &str) -> DbResult<Option<StoredFile>> {
-        let conn = self.conn();
-        Ok(conn
-            .query_row(
+        let row = self.transaction(|conn| {
+            conn.query_opt(
                 "SELECT id, created_at, filename, purpose, bytes FROM files WHERE id = ?1",
-                params![id],
-                file_row,
+                &values![id],
             )
-            .optional()?)
+        })?;
+        row.as_ref().map(file_from_row).transpose()
     }
 
     pub fn file_content(&self, id: &str) -> DbResult<Option<Vec<u8>>> {
-        let conn = self.conn();
-        Ok(conn
-            .query_row(
-                "SELECT content FROM files WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .optional()?)
+        let row = self.transaction(|conn| {
+            conn.query_opt("SELECT content FROM files WHERE id = ?1", &values![id])
+        })?;
+        row.map(|row| row.get(0)).transpose()
     }
 
     pub fn list_files(&self) -> DbResult<Vec<StoredFile>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, created_at, filename, purpose, bytes FROM files ORDER BY created_at DESC, id",
-        )?;
-        let rows = stmt.query_map([], file_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT id, created_at, filename, purpose, bytes FROM files ORDER BY created_at DESC, id",
+                &[],
+            )
+        })?;
+        rows.iter().map(file_from_row).collect()
     }
 
     pub fn delete_file(&self, id: &str) -> DbResult<bool> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM files WHERE id = ?1", params![id])?
-            == 1)
+        let deleted =
+            self.transaction(|conn| conn.execute("DELETE FROM files WHERE id = ?1", &values![id]))?;
+        Ok(deleted == 1)
     }
 }
 
-fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredFile> {
+fn file_from_row(row: &Row) -> DbResult<StoredFile> {
     Ok(StoredFile {
-        id: r.get(0)?,
-        created_at: r.get(1)?,
-        filename: r.get(2)?,
-        purpose: r.get(3)?,
-        bytes: r.get(4)?,
+        id: row.get(0)?,
+        created_at: row.get(1)?,
+        filename: row.get(2)?,
+        purpose: row.get(3)?,
+        bytes: row.get(4)?,
     })
 }

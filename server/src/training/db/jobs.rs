@@ -2,9 +2,9 @@
 //! resumes and replays a job bit for bit).
 
 use plugin::{StepRecord, TrainingExample};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::events::insert_event;
+use super::sql::{values, Row, SqlConnection, Value};
 use super::{corrupt, json, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, Job, JobSpec, JobStatus, Progress};
 use crate::training::JobQuota;
@@ -38,11 +38,7 @@ impl Db {
         train: &[TrainingExample],
         held_out: &[TrainingExample],
     ) -> DbResult<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        insert_job_rows(&tx, job, None, train, held_out)?;
-        tx.commit()?;
-        Ok(())
+        self.transaction(|conn| insert_job_rows(conn, job, None, train, held_out))
     }
 
     /// [`Self::insert_job`] within `limits`: nothing is stored when the job's owner already
@@ -56,82 +52,64 @@ impl Db {
         held_out: &[TrainingExample],
         limits: &JobLimits<'_>,
     ) -> DbResult<Admission> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        if let Some(quota) = limits.quota.filter(|q| q.max_unfinished > 0) {
-            let unfinished: usize = tx.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN (?2, ?3)",
-                params![
-                    quota.owner,
-                    JobStatus::Queued.as_str(),
-                    JobStatus::Running.as_str()
-                ],
-                |row| row.get(0),
-            )?;
-            if unfinished >= quota.max_unfinished {
-                return Ok(Admission::OwnerAtCap);
+        self.transaction(|conn| {
+            if let Some(quota) = limits.quota.filter(|q| q.max_unfinished > 0) {
+                let unfinished: usize = conn.query_value(
+                    "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN (?2, ?3)",
+                    &values![
+                        &quota.owner,
+                        JobStatus::Queued.as_str(),
+                        JobStatus::Running.as_str()
+                    ],
+                )?;
+                if unfinished >= quota.max_unfinished {
+                    return Ok(Admission::OwnerAtCap);
+                }
             }
-        }
-        if limits.max_stored_per_adapter > 0 {
-            let stored = stored_examples(&tx, &job.spec.adapter)?;
-            if stored + train.len() + held_out.len() > limits.max_stored_per_adapter {
-                return Ok(Admission::AdapterFull { stored });
+            if limits.max_stored_per_adapter > 0 {
+                let stored = stored_examples(conn, &job.spec.adapter)?;
+                if stored + train.len() + held_out.len() > limits.max_stored_per_adapter {
+                    return Ok(Admission::AdapterFull { stored });
+                }
             }
-        }
-        let owner = limits.quota.map(|q| q.owner.as_str());
-        insert_job_rows(&tx, job, owner, train, held_out)?;
-        tx.commit()?;
-        Ok(Admission::Stored)
+            let owner = limits.quota.map(|q| q.owner.as_str());
+            insert_job_rows(conn, job, owner, train, held_out)?;
+            Ok(Admission::Stored)
+        })
     }
 
     pub fn job(&self, id: &str) -> DbResult<Option<Job>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{JOB_COLUMNS} WHERE id = ?1"))?;
-        let row = stmt.query_row(params![id], job_row).optional()?;
-        row.map(JobRow::into_job).transpose()
+        let rows = self.jobs_where("WHERE id = ?1", &values![id])?;
+        Ok(rows.into_iter().next())
     }
 
     /// Jobs in creation order, newest first: up to `limit` created before job `after` (by id).
     pub fn list_jobs(&self, after: Option<&str>, limit: usize) -> DbResult<Vec<Job>> {
-        let conn = self.conn();
-        let rows: Vec<JobRow> = match after {
-            Some(after) => {
-                let mut stmt = conn.prepare(&format!(
-                    "{JOB_COLUMNS} WHERE seq < (SELECT seq FROM jobs WHERE id = ?1) ORDER BY seq DESC LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![after, limit], job_row)?;
-                rows.collect::<Result<_, _>>()?
-            }
-            None => {
-                let mut stmt =
-                    conn.prepare(&format!("{JOB_COLUMNS} ORDER BY seq DESC LIMIT ?1"))?;
-                let rows = stmt.query_map(params![limit], job_row)?;
-                rows.collect::<Result<_, _>>()?
-            }
-        };
-        rows.into_iter().map(JobRow::into_job).collect()
+        match after {
+            Some(after) => self.jobs_where(
+                "WHERE seq < (SELECT seq FROM jobs WHERE id = ?1) ORDER BY seq DESC LIMIT ?2",
+                &values![after, limit],
+            ),
+            None => self.jobs_where("ORDER BY seq DESC LIMIT ?1", &values![limit]),
+        }
     }
 
     /// The oldest queued job whose adapter has no running job.
     pub fn next_queued_job(&self) -> DbResult<Option<Job>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "{JOB_COLUMNS} WHERE status = 'queued' AND adapter NOT IN
-               (SELECT adapter FROM jobs WHERE status = 'running') ORDER BY seq LIMIT 1"
-        ))?;
-        let row = stmt.query_row([], job_row).optional()?;
-        row.map(JobRow::into_job).transpose()
+        let rows = self.jobs_where(
+            "WHERE status = 'queued' AND adapter NOT IN
+               (SELECT adapter FROM jobs WHERE status = 'running') ORDER BY seq LIMIT 1",
+            &[],
+        )?;
+        Ok(rows.into_iter().next())
     }
 
     /// Jobs of `adapter` that are queued or running.
     pub fn unfinished_jobs_of(&self, adapter: &str) -> DbResult<Vec<Job>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "{JOB_COLUMNS} WHERE adapter = ?1 AND status IN ('queued', 'running') ORDER BY seq"
-        ))?;
-        let rows = stmt.query_map(params![adapter], job_row)?;
-        let rows: Vec<JobRow> = rows.collect::<Result<_, _>>()?;
-        rows.into_iter().map(JobRow::into_job).collect()
+        self.jobs_where(
+            "WHERE adapter = ?1 AND status IN ('queued', 'running') ORDER BY seq",
+            &values![adapter],
+        )
     }
 
     /// Moves a job from `from` to `to`; false if it was not in `from` (someone else moved it).
@@ -143,7 +121,7 @@ impl Db {
         now: u64,
         error: Option<&str>,
     ) -> DbResult<bool> {
-        transition_on(&self.conn(), id, from, to, now, error)
+        self.transaction(|conn| transition_on(conn, id, from, to, now, error))
     }
 
     /// [`Self::transition`] and, when the job moved, its event, in one transaction: whoever sees
@@ -157,70 +135,73 @@ impl Db {
     ) -> DbResult<bool> {
         let (from, to, error) = change;
         let (level, kind, message, data) = event;
-        let mut conn = self.conn();
-        let transaction = conn.transaction()?;
-        let moved = transition_on(&transaction, id, from, to, now, error)?;
-        if moved {
-            insert_event(&transaction, id, now, level, kind, message, data)?;
-        }
-        transaction.commit()?;
-        Ok(moved)
+        self.transaction(|conn| {
+            let moved = transition_on(conn, id, from, to, now, error)?;
+            if moved {
+                insert_event(conn, id, now, level, kind, message, data)?;
+            }
+            Ok(moved)
+        })
     }
 
     /// At start-up: jobs that were running when the server stopped go back to the queue (they
     /// resume from their step logs). Returns how many.
     pub fn requeue_interrupted(&self) -> DbResult<usize> {
-        Ok(self.conn().execute(
-            "UPDATE jobs SET status = 'queued' WHERE status = 'running'",
-            [],
-        )?)
+        let requeued = self.transaction(|conn| {
+            conn.execute(
+                "UPDATE jobs SET status = 'queued' WHERE status = 'running'",
+                &[],
+            )
+        })?;
+        Ok(requeued as usize)
     }
 
     pub fn count_jobs_by_status(&self) -> DbResult<Vec<(JobStatus, u64)>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+        let rows = self.transaction(|conn| {
+            conn.query("SELECT status, COUNT(*) FROM jobs GROUP BY status", &[])
+        })?;
         let mut counts = Vec::new();
         for row in rows {
-            let (status, n) = row?;
-            if let Some(status) = JobStatus::parse(&status) {
-                counts.push((status, n));
+            if let Some(status) = JobStatus::parse(&row.get::<String>(0)?) {
+                counts.push((status, row.get(1)?));
             }
         }
         Ok(counts)
     }
 
     pub fn set_spec(&self, id: &str, spec: &JobSpec) -> DbResult<()> {
-        self.conn().execute(
-            "UPDATE jobs SET spec = ?2 WHERE id = ?1",
-            params![id, json(spec)],
-        )?;
+        self.transaction(|conn| {
+            conn.execute(
+                "UPDATE jobs SET spec = ?2 WHERE id = ?1",
+                &values![id, json(spec)],
+            )
+        })?;
         Ok(())
     }
 
     pub fn set_progress(&self, id: &str, progress: &Progress) -> DbResult<()> {
-        self.conn().execute(
-            "UPDATE jobs SET progress = ?2 WHERE id = ?1",
-            params![id, json(progress)],
-        )?;
+        self.transaction(|conn| {
+            conn.execute(
+                "UPDATE jobs SET progress = ?2 WHERE id = ?1",
+                &values![id, json(progress)],
+            )
+        })?;
         Ok(())
     }
 
     /// A job's training and held-out examples, in their posted order.
     pub fn examples(&self, id: &str) -> DbResult<(Vec<TrainingExample>, Vec<TrainingExample>)> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT held_out, body FROM examples WHERE job_id = ?1 ORDER BY held_out, idx",
-        )?;
-        let rows = stmt.query_map(params![id], |r| {
-            Ok((r.get::<_, bool>(0)?, r.get::<_, String>(1)?))
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT held_out, body FROM examples WHERE job_id = ?1 ORDER BY held_out, idx",
+                &values![id],
+            )
         })?;
         let (mut train, mut held_out) = (Vec::new(), Vec::new());
         for row in rows {
-            let (held, body) = row?;
             let example: TrainingExample =
-                serde_json::from_str(&body).map_err(corrupt("example"))?;
-            if held {
+                serde_json::from_str(&row.get::<String>(1)?).map_err(corrupt("example"))?;
+            if row.get::<bool>(0)? {
                 held_out.push(example);
             } else {
                 train.push(example);
@@ -231,83 +212,64 @@ impl Db {
 
     /// Appends a step record and the job's progress in one transaction.
     pub fn record_step(&self, id: &str, record: &StepRecord, progress: &Progress) -> DbResult<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO steps (job_id, step, record) VALUES (?1, ?2, ?3)",
-            params![id, record.step, json(record)],
-        )?;
-        tx.execute(
-            "UPDATE jobs SET progress = ?2 WHERE id = ?1",
-            params![id, json(progress)],
-        )?;
-        tx.commit()?;
+        self.transaction(|conn| {
+            conn.execute(
+                "INSERT INTO steps (job_id, step, record) VALUES (?1, ?2, ?3)",
+                &values![id, record.step, json(record)],
+            )?;
+            conn.execute(
+                "UPDATE jobs SET progress = ?2 WHERE id = ?1",
+                &values![id, json(progress)],
+            )
+        })?;
         Ok(())
     }
 
     /// The job's step log, in step order.
     pub fn step_log(&self, id: &str) -> DbResult<Vec<StepRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT record FROM steps WHERE job_id = ?1 ORDER BY step")?;
-        let rows = stmt.query_map(params![id], |r| r.get::<_, String>(0))?;
-        rows.map(|row| serde_json::from_str(&row?).map_err(corrupt("step record")))
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT record FROM steps WHERE job_id = ?1 ORDER BY step",
+                &values![id],
+            )
+        })?;
+        rows.iter()
+            .map(|row| serde_json::from_str(&row.get::<String>(0)?).map_err(corrupt("step record")))
             .collect()
+    }
+
+    /// The jobs `JOB_COLUMNS` selects with `clause` (a `WHERE`, an `ORDER BY`, a `LIMIT`).
+    fn jobs_where(&self, clause: &str, params: &[Value]) -> DbResult<Vec<Job>> {
+        let sql = format!("{JOB_COLUMNS} {clause}");
+        let rows = self.transaction(|conn| conn.query(&sql, params))?;
+        rows.iter().map(job_from_row).collect()
     }
 }
 
 const JOB_COLUMNS: &str = "SELECT id, created_at, spec, status, started_at, finished_at, error, progress, train_examples, held_out_examples FROM jobs";
 
-struct JobRow {
-    id: String,
-    created_at: u64,
-    spec: String,
-    status: String,
-    started_at: Option<u64>,
-    finished_at: Option<u64>,
-    error: Option<String>,
-    progress: String,
-    train_examples: usize,
-    held_out_examples: usize,
-}
-
-fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    Ok(JobRow {
-        id: r.get(0)?,
-        created_at: r.get(1)?,
-        spec: r.get(2)?,
-        status: r.get(3)?,
-        started_at: r.get(4)?,
-        finished_at: r.get(5)?,
-        error: r.get(6)?,
-        progress: r.get(7)?,
-        train_examples: r.get(8)?,
-        held_out_examples: r.get(9)?,
+fn job_from_row(row: &Row) -> DbResult<Job> {
+    let status: String = row.get(3)?;
+    Ok(Job {
+        id: row.get(0)?,
+        created_at: row.get(1)?,
+        spec: serde_json::from_str(&row.get::<String>(2)?).map_err(corrupt("job"))?,
+        status: JobStatus::parse(&status).ok_or(DbError::Corrupt {
+            what: "job",
+            reason: format!("unknown status `{status}`"),
+        })?,
+        started_at: row.get(4)?,
+        finished_at: row.get(5)?,
+        error: row.get(6)?,
+        progress: serde_json::from_str(&row.get::<String>(7)?).map_err(corrupt("job progress"))?,
+        train_examples: row.get(8)?,
+        held_out_examples: row.get(9)?,
     })
-}
-
-impl JobRow {
-    fn into_job(self) -> DbResult<Job> {
-        Ok(Job {
-            spec: serde_json::from_str(&self.spec).map_err(corrupt("job"))?,
-            status: JobStatus::parse(&self.status).ok_or(DbError::Corrupt {
-                what: "job",
-                reason: format!("unknown status `{}`", self.status),
-            })?,
-            progress: serde_json::from_str(&self.progress).map_err(corrupt("job progress"))?,
-            id: self.id,
-            created_at: self.created_at,
-            started_at: self.started_at,
-            finished_at: self.finished_at,
-            error: self.error,
-            train_examples: self.train_examples,
-            held_out_examples: self.held_out_examples,
-        })
-    }
 }
 
 /// Moves job `id` from one of the statuses `from` to `to`; whether it moved.
 fn transition_on(
-    conn: &Connection,
+    conn: &mut dyn SqlConnection,
     id: &str,
     from: &[JobStatus],
     to: JobStatus,
@@ -327,26 +289,30 @@ fn transition_on(
              WHERE id = ?1 AND status IN ({})",
             placeholders.join(", ")
         ),
-        params![id, to.as_str(), started, finished, error],
+        &values![id, to.as_str(), started, finished, error],
     )?;
     Ok(changed == 1)
 }
 
+/// Examples stored by one statement: 4 parameters each, well within SQLite's 32,766 and
+/// PostgreSQL's 65,535 parameters a statement.
+const EXAMPLES_PER_INSERT: usize = 256;
+
 /// A job's row (with its owner, if any) and its examples' rows.
-fn insert_job_rows(
-    tx: &rusqlite::Transaction<'_>,
+pub(super) fn insert_job_rows(
+    conn: &mut dyn SqlConnection,
     job: &Job,
     owner: Option<&str>,
     train: &[TrainingExample],
     held_out: &[TrainingExample],
 ) -> DbResult<()> {
-    tx.execute(
+    conn.execute(
         "INSERT INTO jobs (id, created_at, adapter, spec, status, progress, train_examples, held_out_examples, owner)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            job.id,
+        &values![
+            &job.id,
             job.created_at,
-            job.spec.adapter,
+            &job.spec.adapter,
             json(&job.spec),
             job.status.as_str(),
             json(&job.progress),
@@ -355,23 +321,43 @@ fn insert_job_rows(
             owner
         ],
     )?;
-    let mut insert =
-        tx.prepare("INSERT INTO examples (job_id, held_out, idx, body) VALUES (?1, ?2, ?3, ?4)")?;
-    for (held, examples) in [(false, train), (true, held_out)] {
-        for (idx, example) in examples.iter().enumerate() {
-            insert.execute(params![job.id, held, idx, json(example)])?;
-        }
+    // Many rows per statement: with PostgreSQL across a network, a round trip per example
+    // would make a 512-example job take seconds to store.
+    let rows: Vec<(bool, usize, &TrainingExample)> = [(false, train), (true, held_out)]
+        .into_iter()
+        .flat_map(|(held, examples)| {
+            let numbered = examples.iter().enumerate();
+            numbered.map(move |(idx, example)| (held, idx, example))
+        })
+        .collect();
+    for chunk in rows.chunks(EXAMPLES_PER_INSERT) {
+        let placeholders: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let first = 4 * i + 1;
+                format!("(?{first}, ?{}, ?{}, ?{})", first + 1, first + 2, first + 3)
+            })
+            .collect();
+        let params: Vec<Value> = chunk
+            .iter()
+            .flat_map(|&(held, idx, example)| values![&job.id, held, idx, json(example)])
+            .collect();
+        conn.execute(
+            &format!(
+                "INSERT INTO examples (job_id, held_out, idx, body) VALUES {}",
+                placeholders.join(", ")
+            ),
+            &params,
+        )?;
     }
     Ok(())
 }
 
 /// Examples stored for `adapter`: its jobs' (training and held-out) and its feedback items no
 /// job has used yet (a used item is one of its job's examples).
-pub(super) fn stored_examples(conn: &Connection, adapter: &str) -> DbResult<usize> {
-    Ok(conn.query_row(
+pub(super) fn stored_examples(conn: &mut dyn SqlConnection, adapter: &str) -> DbResult<usize> {
+    conn.query_value(
         "SELECT (SELECT COUNT(*) FROM examples WHERE job_id IN (SELECT id FROM jobs WHERE adapter = ?1))
               + (SELECT COUNT(*) FROM feedback WHERE adapter = ?1 AND job_id IS NULL)",
-        params![adapter],
-        |row| row.get(0),
-    )?)
+        &values![adapter],
+    )
 }

@@ -1,31 +1,40 @@
-//! The fine-tuning database: one SQLite file (`<data dir>/mezo.sqlite`) holding uploaded files,
-//! jobs with their examples, step logs and events, published versions, adapter settings, recent
-//! completions and feedback.
+//! The fine-tuning database: uploaded files, jobs with their examples, step logs and events,
+//! published versions, adapter settings, recent completions and feedback. It lives in one
+//! SQLite file (`<data dir>/mezo.sqlite`, the default) or in a PostgreSQL database
+//! (`--database postgres://…`); both run the same statements (`sql`), through one
+//! `Backend` each (`sqlite`, `postgres`).
 //!
 //! Everything a client was told is accepted (a job, its examples, a feedback item, a step) is
-//! committed before the reply or before the next step, with `synchronous = FULL`, so a
+//! committed before the reply or before the next step (SQLite with `synchronous = FULL`), so a
 //! `kill -9` loses nothing that was acknowledged. Adapter tensors are not here: each version is
 //! a PEFT folder on disk (see `super::publish`).
 //!
 //! One file per table group: `jobs` (jobs, examples, step logs), `events`, `versions` (versions,
-//! live pointers, adapter settings), `files`, `feedback` (remembered completions and feedback);
-//! `migrations` holds the schema and its history.
+//! live pointers, adapter settings), `files`, `feedback` (remembered completions and feedback).
+//! Each backend keeps its schema and its history (`sqlite_migrations`, `postgres`).
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
-use rusqlite::Connection;
+use std::path::{Path, PathBuf};
 
 mod events;
 mod feedback;
 mod files;
 mod jobs;
-mod migrations;
+mod location;
+mod postgres;
+pub(crate) mod sql;
+mod sqlite;
+mod sqlite_migrations;
 mod versions;
+
+#[cfg(test)]
+mod postgres_cluster;
 
 pub use feedback::{FeedbackItem, PendingFeedback, StoredCompletion};
 pub use files::StoredFile;
 pub use jobs::{Admission, JobLimits};
+pub use location::DatabaseUrl;
+
+use sql::SqlConnection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -38,7 +47,19 @@ pub enum DbError {
          same data folder?); stop it, or give this server its own --data-dir",
         path.display()
     )]
-    Locked { path: std::path::PathBuf },
+    Locked { path: PathBuf },
+    #[error("the fine-tuning database {url} failed: {source}{}", postgres_hint(.source))]
+    Postgres {
+        /// The URL with its password hidden.
+        url: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    #[error(
+        "the fine-tuning database {url} is in use by another `mezo serve`; replicas cannot share \
+         one database yet: stop the other server, or give this one its own database"
+    )]
+    InUse { url: String },
     #[error("the fine-tuning database holds a malformed {what}: {reason}")]
     Corrupt { what: &'static str, reason: String },
     #[error(
@@ -46,20 +67,54 @@ pub enum DbError {
          release knows up to {known}); run that release, or give this one another data folder"
     )]
     NewerSchema { found: u32, known: u32 },
+    #[error(
+        "`{given}` is not a database URL this server knows: use `sqlite:<path>` (a file, created \
+         if missing) or `postgres://user:password@host:port/database`"
+    )]
+    UnknownScheme { given: String },
 }
 
 pub type DbResult<T> = Result<T, DbError>;
 
-pub struct Db {
-    conn: Mutex<Connection>,
+impl DbError {
+    /// The database cannot be reached now (a lost connection, a server that is down), as
+    /// opposed to one that refused what was asked: the request may be sent again later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, DbError::Postgres { source, .. } if connection_lost(source))
+    }
 }
 
-/// SQLite's "another connection holds the lock" (after the busy timeout).
-fn is_busy(err: &rusqlite::Error) -> bool {
-    matches!(
-        err.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
+/// Whether a PostgreSQL error is the connection's, not a refused statement's. SQLSTATE
+/// classes 08 (connection exception) and 57 (operator intervention: the server shutting down)
+/// come from the server but say the same.
+fn connection_lost(source: &::postgres::Error) -> bool {
+    source.as_db_error().is_none_or(|e| {
+        let code = e.code().code();
+        code.starts_with("08") || code.starts_with("57")
+    })
+}
+
+/// What to check after a PostgreSQL error that is the connection's.
+fn postgres_hint(source: &::postgres::Error) -> &'static str {
+    if connection_lost(source) {
+        "; check that PostgreSQL is running and reachable from this host, and the URL's user \
+         and password"
+    } else {
+        ""
+    }
+}
+
+/// A database that runs the storage code's statements.
+trait Backend: Send + Sync {
+    /// Runs `work` in one transaction: committed when it returns `Ok`, rolled back otherwise.
+    fn transaction(
+        &self,
+        work: &mut (dyn FnMut(&mut dyn SqlConnection) -> DbResult<()> + Send),
+    ) -> DbResult<()>;
+}
+
+pub struct Db {
+    backend: Box<dyn Backend>,
 }
 
 fn corrupt(what: &'static str) -> impl Fn(serde_json::Error) -> DbError {
@@ -74,39 +129,43 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Db {
-    /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> DbResult<Self> {
-        let conn = Connection::open(path)?;
-        Self::init(conn).map_err(|err| match err {
-            DbError::Sqlite(e) if is_busy(&e) => DbError::Locked {
-                path: path.to_path_buf(),
-            },
-            other => other,
-        })
+    /// Opens (creating if needed) the database at `url`, bringing its schema up to date.
+    pub fn open(url: &DatabaseUrl) -> DbResult<Self> {
+        let backend: Box<dyn Backend> = match url {
+            DatabaseUrl::Sqlite(path) => Box::new(sqlite::SqliteBackend::open(path)?),
+            DatabaseUrl::Postgres(url) => Box::new(postgres::PostgresBackend::connect(url)?),
+        };
+        Ok(Self { backend })
     }
 
-    /// A database in memory, for tests.
+    /// Opens (creating if needed) the SQLite database at `path`.
+    pub fn open_sqlite(path: &Path) -> DbResult<Self> {
+        Self::open(&DatabaseUrl::Sqlite(path.to_path_buf()))
+    }
+
+    /// A SQLite database in memory, for tests.
     #[cfg(test)]
     pub fn in_memory() -> DbResult<Self> {
-        Self::init(Connection::open_in_memory()?)
-    }
-
-    fn init(mut conn: Connection) -> DbResult<Self> {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrations::migrate(&mut conn)?;
-        // A write lock held elsewhere would otherwise show up only at the first write a client
-        // waits for: take it once now, waiting no longer than the busy timeout.
-        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            backend: Box::new(sqlite::SqliteBackend::in_memory()?),
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // SQLite keeps its own consistency; a panic while holding the lock leaves no half write.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Runs `work` in one transaction; its result once committed.
+    fn transaction<R: Send>(
+        &self,
+        work: impl FnOnce(&mut dyn SqlConnection) -> DbResult<R> + Send,
+    ) -> DbResult<R> {
+        let mut work = Some(work);
+        let mut result = None;
+        self.backend.transaction(&mut |conn| {
+            let work = work
+                .take()
+                .expect("a backend runs a transaction's work once");
+            result = Some(work(conn)?);
+            Ok(())
+        })?;
+        Ok(result.expect("a committed transaction has run its work"))
     }
 }
 
@@ -117,6 +176,87 @@ mod tests {
         EventKind, EventLevel, Job, JobOrigin, JobSpec, JobStatus, Progress,
     };
     use plugin::{ObjectiveKind, StepRecord, TrainerConfig, TrainingExample};
+
+    /// The storage suite: every case runs on SQLite (one test each, in memory) and on a
+    /// throwaway PostgreSQL server (one test, a fresh database per case).
+    macro_rules! storage_suite {
+        ($($case:ident),* $(,)?) => {
+            mod on_sqlite {
+                $(
+                    #[test]
+                    fn $case() {
+                        super::$case(&super::Db::in_memory().unwrap());
+                    }
+                )*
+            }
+
+            #[test]
+            fn the_storage_suite_passes_on_postgresql() {
+                let cluster = super::postgres_cluster::PostgresCluster::start();
+                $(
+                    let url = cluster.create_database(stringify!($case));
+                    let db = Db::open(&DatabaseUrl::Postgres(url)).unwrap();
+                    $case(&db);
+                )*
+            }
+        };
+    }
+
+    storage_suite!(
+        an_owner_gets_no_more_unfinished_jobs_than_its_quota,
+        an_adapter_stores_no_more_examples_than_its_cap,
+        jobs_examples_and_steps_round_trip,
+        many_examples_keep_their_order_and_their_split,
+        a_finished_status_and_its_event_are_written_together,
+        the_queue_runs_one_job_per_adapter_in_order,
+        events_page_forwards_and_backwards,
+        feedback_counts_until_a_job_takes_it,
+        old_completions_are_forgotten
+    );
+
+    #[test]
+    fn postgresql_lost_is_unavailable_then_reconnected_and_a_second_server_is_refused() {
+        let cluster = postgres_cluster::PostgresCluster::start();
+        let url = DatabaseUrl::Postgres(cluster.create_database("lost"));
+        let db = Db::open(&url).unwrap();
+        let second = Db::open(&url).err().expect("a second server is refused");
+        assert!(matches!(second, DbError::InUse { .. }), "{second}");
+        db.insert_job(&job("j1", "x"), &[example("t")], &[])
+            .unwrap();
+
+        cluster.stop();
+        let lost = db.job("j1").unwrap_err();
+        assert!(lost.is_unavailable(), "{lost}");
+        assert!(
+            lost.to_string()
+                .contains("check that PostgreSQL is running"),
+            "{lost}"
+        );
+        cluster.start_server();
+        let job = db.job("j1").unwrap().expect("committed before the loss");
+        assert_eq!(job.id, "j1");
+        assert_eq!(db.examples("j1").unwrap().0, [example("t")]);
+    }
+
+    #[test]
+    fn an_unreachable_postgresql_is_named_without_its_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://mezo:hunter2@127.0.0.1:{port}/mezo");
+        let err = Db::open(&DatabaseUrl::Postgres(url))
+            .err()
+            .expect("nothing listens there");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("postgres://mezo:***@127.0.0.1:{port}/mezo")),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(err.is_unavailable(), "{text}");
+    }
 
     fn job(id: &str, adapter: &str) -> Job {
         Job {
@@ -150,9 +290,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_owner_gets_no_more_unfinished_jobs_than_its_quota() {
-        let db = Db::in_memory().unwrap();
+    fn an_owner_gets_no_more_unfinished_jobs_than_its_quota(db: &Db) {
         let quota = |owner: &str, max_unfinished: usize| crate::training::JobQuota {
             owner: owner.into(),
             max_unfinished,
@@ -185,9 +323,7 @@ mod tests {
         assert_eq!(insert("j8", &quota("app", 2)), Admission::OwnerAtCap);
     }
 
-    #[test]
-    fn an_adapter_stores_no_more_examples_than_its_cap() {
-        let db = Db::in_memory().unwrap();
+    fn an_adapter_stores_no_more_examples_than_its_cap(db: &Db) {
         let limits = JobLimits {
             quota: None,
             max_stored_per_adapter: 5,
@@ -244,9 +380,7 @@ mod tests {
         assert_eq!(insert("j6", "x", 5, 0), Admission::Stored);
     }
 
-    #[test]
-    fn jobs_examples_and_steps_round_trip() {
-        let db = Db::in_memory().unwrap();
+    fn jobs_examples_and_steps_round_trip(db: &Db) {
         let a = job("ftjob-a", "x");
         db.insert_job(&a, &[example("t")], &[example("h")]).unwrap();
         assert_eq!(db.job("ftjob-a").unwrap().unwrap(), a);
@@ -279,11 +413,12 @@ mod tests {
         // What the release before schema versions left: the first migration's tables (no job
         // owners), user_version 0, and job specs without `estimator` (they all ran with central
         // differences).
-        let db = Db::open(&path).unwrap();
+        let db = Db::open_sqlite(&path).unwrap();
         db.insert_job(&job("ftjob-old", "x"), &[example("t")], &[])
             .unwrap();
+        drop(db);
         {
-            let conn = db.conn();
+            let conn = rusqlite::Connection::open(&path).unwrap();
             conn.execute(
                 "UPDATE jobs SET spec = json_remove(spec, '$.trainer.estimator')",
                 [],
@@ -293,24 +428,30 @@ mod tests {
                 .unwrap();
             conn.pragma_update(None, "user_version", 0).unwrap();
         }
-        drop(db);
-        let reopened = Db::open(&path).unwrap();
+        let reopened = Db::open_sqlite(&path).unwrap();
         let old = reopened.job("ftjob-old").unwrap().unwrap();
         assert_eq!(old.spec.trainer.estimator, plugin::Estimator::Central);
         // Without the migration the spec would read the current default.
         assert_eq!(TrainerConfig::default().estimator, plugin::Estimator::Fzoo);
         assert_eq!(reopened.examples("ftjob-old").unwrap().0, [example("t")]);
-        let version: u32 = reopened
-            .conn()
+        drop(reopened);
+        let version: u32 = rusqlite::Connection::open(&path)
+            .unwrap()
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, migrations::CURRENT_VERSION);
+        assert_eq!(version, sqlite_migrations::CURRENT_VERSION);
     }
 
-    #[test]
-    fn a_finished_status_and_its_event_are_written_together() {
+    fn many_examples_keep_their_order_and_their_split(db: &Db) {
+        // More than one batched insert's worth, ending mid-batch.
+        let train: Vec<_> = (0..300).map(|i| example(&format!("t{i}"))).collect();
+        let held_out: Vec<_> = (0..7).map(|i| example(&format!("h{i}"))).collect();
+        db.insert_job(&job("big", "x"), &train, &held_out).unwrap();
+        assert_eq!(db.examples("big").unwrap(), (train, held_out));
+    }
+
+    fn a_finished_status_and_its_event_are_written_together(db: &Db) {
         use crate::training::job::{EventKind, EventLevel};
-        let db = Db::in_memory().unwrap();
         db.insert_job(&job("j1", "x"), &[], &[]).unwrap();
         let event = (
             EventLevel::Info,
@@ -329,9 +470,7 @@ mod tests {
         assert_eq!(db.events("j1", 0, 10).unwrap().len(), 1);
     }
 
-    #[test]
-    fn the_queue_runs_one_job_per_adapter_in_order() {
-        let db = Db::in_memory().unwrap();
+    fn the_queue_runs_one_job_per_adapter_in_order(db: &Db) {
         for (id, adapter) in [("j1", "x"), ("j2", "x"), ("j3", "y")] {
             db.insert_job(&job(id, adapter), &[], &[]).unwrap();
         }
@@ -362,9 +501,7 @@ mod tests {
         assert_eq!(rest, ["j1"]);
     }
 
-    #[test]
-    fn events_page_forwards_and_backwards() {
-        let db = Db::in_memory().unwrap();
+    fn events_page_forwards_and_backwards(db: &Db) {
         for i in 0..5 {
             let data = serde_json::json!({ "step": i });
             let seq = db
@@ -396,9 +533,7 @@ mod tests {
         assert!(db.events_before("j", Some(1), 10).unwrap().is_empty());
     }
 
-    #[test]
-    fn feedback_counts_until_a_job_takes_it() {
-        let db = Db::in_memory().unwrap();
+    fn feedback_counts_until_a_job_takes_it(db: &Db) {
         let completion = StoredCompletion {
             id: "chatcmpl-1".into(),
             adapter: Some("x".into()),
@@ -426,9 +561,7 @@ mod tests {
         assert!(db.pending_feedback("x").unwrap().is_empty());
     }
 
-    #[test]
-    fn old_completions_are_forgotten() {
-        let db = Db::in_memory().unwrap();
+    fn old_completions_are_forgotten(db: &Db) {
         for i in 0..5 {
             let c = StoredCompletion {
                 id: format!("c{i}"),

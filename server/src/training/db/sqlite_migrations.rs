@@ -1,4 +1,4 @@
-//! The database's schema and its history: each migration brings a database from one schema
+//! The SQLite database's schema and its history: each migration brings a database from one schema
 //! version (SQLite's `user_version`) to the next, in one transaction, so a data folder written
 //! by any earlier release opens with this one and nothing is half-migrated after a crash.
 //!
