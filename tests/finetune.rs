@@ -959,6 +959,65 @@ async fn feedback_is_kept_when_its_training_job_cannot_start() {
     );
 }
 
+/// A server moves from its SQLite file to PostgreSQL: stopped, `mezo copy-database --to`
+/// copies its database, and started on PostgreSQL with the same data folder it has its job,
+/// its events and its live version, and serves the adapter.
+#[tokio::test(flavor = "multi_thread")]
+async fn copy_database_moves_a_server_from_sqlite_to_postgresql() {
+    let data = tempfile::tempdir().expect("a data folder");
+    let mut server = Server::start(ServerOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        ..ServerOptions::default()
+    });
+    let job = submit_job(
+        &server,
+        json!({
+            "adapter": "moved",
+            "objective": "classification",
+            "examples": review_examples(),
+            "hyperparameters": {"max_steps": 2, "batch_size": 4, "seed": 5},
+        }),
+    )
+    .await;
+    let id = job["id"].as_str().expect("an id").to_string();
+    let done = wait_for_job(&server, &id, finished).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, events_before) = get_json(&server.url(&format!("/v1/finetune/{id}/events"))).await;
+    assert_eq!(server.terminate(Duration::from_secs(30)), Some(0));
+
+    let cluster = common::postgres_cluster::PostgresCluster::start();
+    let url = cluster.create_database("moved");
+    let copy = std::process::Command::new(env!("CARGO_BIN_EXE_mezo"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["copy-database", "--to", &url])
+        .env_remove("MEZO_DATABASE")
+        .output()
+        .expect("run mezo copy-database");
+    let stderr = String::from_utf8_lossy(&copy.stderr);
+    assert!(copy.status.success(), "{stderr}");
+    assert!(stderr.contains("jobs: 1 rows"), "{stderr}");
+    assert!(
+        stderr.contains("--database"),
+        "it says what to do next: {stderr}"
+    );
+
+    let server = Server::start(ServerOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        env: vec![("MEZO_DATABASE", url)],
+        ..ServerOptions::default()
+    });
+    let (_, moved) = get_json(&server.url(&format!("/v1/finetune/{id}"))).await;
+    assert_eq!(moved, done);
+    let (_, events) = get_json(&server.url(&format!("/v1/finetune/{id}/events"))).await;
+    assert_eq!(events, events_before);
+    let (status, version) = chat_version(&server, "moved").await;
+    assert_eq!(
+        (status, version),
+        (200, done["progress"]["published_versions"][0].clone())
+    );
+}
+
 /// The last version's tensors of `adapter`, as bytes on disk.
 fn version_bytes(server: &Server, adapter: &str, version: u64) -> Vec<u8> {
     let path = server.data_dir.join(format!(

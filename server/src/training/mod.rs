@@ -46,6 +46,15 @@ pub use queued_engine::QueuedEngine;
 /// The database file in the data folder.
 pub const DB_FILE: &str = "mezo.sqlite";
 
+/// Where the fine-tuning database is: `data.database`, or [`DB_FILE`] in the data folder.
+pub fn database_url(data: &DataConfig) -> Result<DatabaseUrl, DbError> {
+    if data.database.trim().is_empty() {
+        Ok(DatabaseUrl::Sqlite(data.dir.join(DB_FILE)))
+    } else {
+        DatabaseUrl::parse(&data.database)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainingError {
     #[error(transparent)]
@@ -155,11 +164,7 @@ impl Training {
             path: data.dir.clone(),
             source,
         })?;
-        let url = if data.database.trim().is_empty() {
-            DatabaseUrl::Sqlite(data.dir.join(DB_FILE))
-        } else {
-            DatabaseUrl::parse(&data.database)?
-        };
+        let url = database_url(data)?;
         let db = Db::open(&url)?;
         tracing::info!(database = %url, "fine-tuning database open");
         Ok(db)

@@ -64,6 +64,14 @@ pub enum Commands {
     /// Download the sentiment data sets the benchmarks use (movie reviews, NYT editorials).
     #[cfg(feature = "bench")]
     FetchData,
+    /// Copy the fine-tuning database (jobs, step logs, versions, files, feedback) into another,
+    /// empty one: from the SQLite file to PostgreSQL, or back. Stop the server first; adapter
+    /// folders stay in the data folder.
+    CopyDatabase {
+        /// The database to copy into: `postgres://user:password@host/db` or `sqlite:<path>`.
+        #[arg(long)]
+        to: String,
+    },
     /// Generate text from a prompt (a quick check of the engine from the shell).
     Generate(GenerateArgs),
     /// Benchmarks that print numbers.

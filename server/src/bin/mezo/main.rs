@@ -21,6 +21,7 @@ use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::sampler::SamplingParams;
 use mezo_server::fetch::{fetch_model, known_model, known_model_names};
 use mezo_server::serve::serve;
+use mezo_server::training::{self, DatabaseUrl, Db};
 
 fn main() {
     pin_thread_count();
@@ -67,12 +68,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fetch_model(source, &dir, &mut std::io::stderr())?;
             Ok(())
         }
+        Commands::CopyDatabase { to } => copy_database(&config, &to),
         Commands::Generate(args) => run_generate(&config, args),
         #[cfg(feature = "bench")]
         Commands::FetchData => bench_commands::fetch_data(&config),
         #[cfg(feature = "bench")]
         Commands::Bench { which } => bench_commands::run(config, which),
     }
+}
+
+/// Copies the configured database into the empty database `to`, saying what it copied.
+fn copy_database(config: &Config, to: &str) -> anyhow::Result<()> {
+    let from = training::database_url(&config.data)?;
+    let to = DatabaseUrl::parse(to)?;
+    if from == to {
+        anyhow::bail!("`--to` is the database being copied ({from}); name another one");
+    }
+    if let DatabaseUrl::Sqlite(path) = &from {
+        anyhow::ensure!(
+            path.exists(),
+            "there is no database at {} to copy; check --data-dir or --database",
+            path.display()
+        );
+    }
+    let source = Db::open(&from)?;
+    let target = Db::open(&to)?;
+    eprintln!("copying {from} into {to}");
+    let started = std::time::Instant::now();
+    for (table, rows) in source.copy_into(&target)? {
+        eprintln!("  {table}: {rows} rows");
+    }
+    eprintln!(
+        "done in {:.1} s; start the server with --database {to} (adapter folders stay in {})",
+        started.elapsed().as_secs_f64(),
+        config.data.adapters_dir().display()
+    );
+    Ok(())
 }
 
 /// Defaults, then the config file, then flags and `MEZO_*` variables.

@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
+mod copy;
 mod events;
 mod feedback;
 mod files;
@@ -29,6 +30,7 @@ mod versions;
 #[cfg(test)]
 mod postgres_cluster;
 
+pub use copy::CopyReport;
 pub use feedback::{FeedbackItem, PendingFeedback, StoredCompletion};
 pub use files::StoredFile;
 pub use jobs::{Admission, JobLimits};
@@ -60,6 +62,11 @@ pub enum DbError {
          one database yet: stop the other server, or give this one its own database"
     )]
     InUse { url: String },
+    #[error(
+        "the database to copy into already holds {rows} rows; copy into an empty one (a new \
+         PostgreSQL database, or a SQLite path that does not exist yet)"
+    )]
+    TargetNotEmpty { rows: u64 },
     #[error("the fine-tuning database holds a malformed {what}: {reason}")]
     Corrupt { what: &'static str, reason: String },
     #[error(
@@ -173,7 +180,7 @@ impl Db {
 mod tests {
     use super::*;
     use crate::training::job::{
-        EventKind, EventLevel, Job, JobOrigin, JobSpec, JobStatus, Progress,
+        EventKind, EventLevel, Job, JobOrigin, JobSpec, JobStatus, Progress, VersionInfo,
     };
     use plugin::{ObjectiveKind, StepRecord, TrainerConfig, TrainingExample};
 
@@ -256,6 +263,137 @@ mod tests {
         );
         assert!(!text.contains("hunter2"), "{text}");
         assert!(err.is_unavailable(), "{text}");
+    }
+
+    /// A database with a row in every table: two jobs (one from feedback) with examples,
+    /// steps and events, two versions and a rollback, a continuous-training setting, a file,
+    /// completions and feedback.
+    fn fill(db: &Db) {
+        db.insert_job(
+            &job("ftjob-1", "x"),
+            &[example("t1"), example("t2")],
+            &[example("h")],
+        )
+        .unwrap();
+        let record = StepRecord {
+            step: 0,
+            seeds: vec![u64::MAX - 1],
+            projected_grads: vec![0.25],
+            lr: 1e-3,
+            weight_decay: 0.0,
+            loss_plus: 1.0,
+            loss_minus: 2.0,
+            estimator: plugin::Estimator::Fzoo,
+            optimizer: plugin::Optimizer::Sgd,
+            trained_tensors: plugin::TrainedTensors::LoraB,
+        };
+        db.record_step("ftjob-1", &record, &Progress::default())
+            .unwrap();
+        let data = serde_json::json!({ "step": 0 });
+        db.add_event(
+            "ftjob-1",
+            3,
+            EventLevel::Info,
+            EventKind::Step,
+            "step",
+            &data,
+        )
+        .unwrap();
+        for version in [1, 2] {
+            let info = VersionInfo {
+                version,
+                created_at: 10 + u64::from(version),
+                job_id: Some("ftjob-1".into()),
+                step: Some(u64::from(version)),
+                held_out: None,
+            };
+            db.insert_version("x", &info).unwrap();
+        }
+        db.set_live_version("x", 1).unwrap();
+        db.set_continuous("x", Some((2, 5))).unwrap();
+        let file = StoredFile {
+            id: "file-1".into(),
+            created_at: 4,
+            filename: "train.jsonl".into(),
+            purpose: "fine-tune".into(),
+            bytes: 3,
+        };
+        db.insert_file(&file, &[0, 159, 255]).unwrap();
+        for i in 0..3 {
+            let completion = StoredCompletion {
+                id: format!("c{i}"),
+                adapter: (i > 0).then(|| "x".to_string()),
+                prompt: format!("p{i}"),
+                completion: "a".into(),
+            };
+            db.insert_completion(&completion, i, 10).unwrap();
+        }
+        db.insert_feedback("fb-1", 5, "c1", "x", 1.0, None, 0)
+            .unwrap();
+        db.insert_feedback("fb-2", 6, "c2", "x", -1.0, Some("better"), 0)
+            .unwrap();
+        db.insert_feedback_job(&job("ftjob-2", "x"), &[example("p1")], &["fb-1".into()])
+            .unwrap();
+    }
+
+    /// Everything the storage code reads back, as text.
+    fn snapshot(db: &Db) -> String {
+        let jobs = db.list_jobs(None, 100).unwrap();
+        let mut text = format!("{jobs:?}\n");
+        for job in &jobs {
+            text += &format!("{:?}\n", db.examples(&job.id).unwrap());
+            text += &format!("{:?}\n", db.step_log(&job.id).unwrap());
+            text += &format!("{:?}\n", db.events(&job.id, 0, 100).unwrap());
+        }
+        text += &format!("{:?}\n", db.versions("x").unwrap());
+        text += &format!("{:?}\n", db.live_versions().unwrap());
+        text += &format!("{:?}\n", db.continuous("x").unwrap());
+        text += &format!("{:?}\n", db.list_files().unwrap());
+        text += &format!("{:?}\n", db.file_content("file-1").unwrap());
+        text += &format!("{:?}\n", db.list_feedback("x", 100).unwrap());
+        text += &format!("{:?}\n", db.pending_feedback("x").unwrap());
+        for i in 0..3 {
+            text += &format!("{:?}\n", db.completion(&format!("c{i}")).unwrap());
+        }
+        text
+    }
+
+    /// SQLite → PostgreSQL → SQLite: everything reads back the same at each end, new rows
+    /// number after the copied ones, and a database that holds rows is not copied into.
+    #[test]
+    fn a_database_copies_into_another_backend_and_back() {
+        let folder = tempfile::tempdir().unwrap();
+        let sqlite = Db::open_sqlite(&folder.path().join("a.sqlite")).unwrap();
+        fill(&sqlite);
+        let before = snapshot(&sqlite);
+
+        let cluster = postgres_cluster::PostgresCluster::start();
+        let postgres = Db::open(&DatabaseUrl::Postgres(cluster.create_database("copy"))).unwrap();
+        let report = sqlite.copy_into(&postgres).unwrap();
+        let rows = |table: &str| report.iter().find(|(t, _)| *t == table).unwrap().1;
+        assert_eq!(
+            (rows("jobs"), rows("examples"), rows("feedback")),
+            (2, 4, 2)
+        );
+        assert_eq!(snapshot(&postgres), before);
+
+        let back = Db::open_sqlite(&folder.path().join("b.sqlite")).unwrap();
+        postgres.copy_into(&back).unwrap();
+        assert_eq!(snapshot(&back), before);
+
+        let refused = sqlite.copy_into(&postgres).unwrap_err();
+        assert!(
+            matches!(refused, DbError::TargetNotEmpty { .. }),
+            "{refused}"
+        );
+        // The sequences moved past the copied rows: a new job lists first, new feedback last.
+        postgres.insert_job(&job("ftjob-3", "x"), &[], &[]).unwrap();
+        assert_eq!(postgres.list_jobs(None, 1).unwrap()[0].id, "ftjob-3");
+        postgres
+            .insert_feedback("fb-3", 7, "c2", "x", 1.0, None, 0)
+            .unwrap();
+        let feedback = postgres.list_feedback("x", 100).unwrap();
+        assert_eq!(feedback.last().unwrap().id, "fb-3");
     }
 
     fn job(id: &str, adapter: &str) -> Job {

@@ -348,6 +348,7 @@ impl ToSql for Value {
             (Value::Int(v), &Type::INT4) => i32::try_from(*v)?.to_sql(ty, out),
             (Value::Int(v), &Type::INT2) => i16::try_from(*v)?.to_sql(ty, out),
             (Value::Int(v), &Type::BOOL) => (*v != 0).to_sql(ty, out),
+            (Value::Int(v), &Type::FLOAT8) => (*v as f64).to_sql(ty, out),
             (Value::Real(v), &Type::FLOAT8) => v.to_sql(ty, out),
             (Value::Real(v), &Type::FLOAT4) => (*v as f32).to_sql(ty, out),
             (Value::Text(text), _) if <&str as ToSql>::accepts(ty) => text.as_str().to_sql(ty, out),
