@@ -714,14 +714,7 @@ async fn scoped_keys_reach_their_routes_and_get_403_elsewhere() {
     );
 
     // Refusals are counted by route; the secrets never reach the log.
-    let metrics = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = common::metrics_text(&server).await;
     let counted = |route: &str, status: &str| {
         metrics.lines().any(|line| {
             line.starts_with("mezo_http_requests_total")

@@ -11,9 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adapters::{LoraAdapter, LoraConfig};
-
-#[path = "../../server/src/training/db/postgres_cluster.rs"]
-pub mod postgres_cluster;
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -27,6 +24,10 @@ mod engine_common;
 pub use engine_common::{
     gemma_golden, gemma_model_path, model_path, workspace_root, write_model_variant,
 };
+
+// A throwaway PostgreSQL server: shared with the storage suite's own tests.
+#[path = "../../server/src/training/db/postgres_cluster.rs"]
+pub mod postgres_cluster;
 
 /// The Python of `.venv/` (made by `bash tests/setup`, with the openai client and
 /// schemathesis), or `MEZO_TEST_PYTHON`.

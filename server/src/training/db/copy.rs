@@ -2,7 +2,7 @@
 //! embedded SQLite file to PostgreSQL, or back, keeping its jobs (and their step logs, so they
 //! resume), versions, live pointers, files, completions and feedback.
 
-use super::sql::{Dialect, SqlConnection, Value};
+use super::sql::{row_placeholders, values, Dialect, SqlConnection, Value};
 use super::{Db, DbError, DbResult};
 
 /// Rows read (and written) per statement.
@@ -84,7 +84,6 @@ impl Db {
     /// transaction on `target` (all or nothing). This database is read a page at a time: stop
     /// the server that uses it first.
     pub fn copy_into(&self, target: &Db) -> DbResult<CopyReport> {
-        let source_dialect = self.transaction(|conn| Ok(conn.dialect()))?;
         target.transaction(|into| {
             let stored: u64 = into.query_value(
                 "SELECT (SELECT COUNT(*) FROM jobs) + (SELECT COUNT(*) FROM files)
@@ -97,49 +96,37 @@ impl Db {
             }
             let mut report = Vec::new();
             for table in TABLES {
-                let copied = self.copy_table(table, source_dialect, into)?;
+                let copied = self.copy_table(table, into)?;
                 report.push((table.name, copied));
             }
             Ok(report)
         })
     }
 
-    fn copy_table(
-        &self,
-        table: &Table,
-        source_dialect: Dialect,
-        into: &mut dyn SqlConnection,
-    ) -> DbResult<u64> {
-        let order = table
-            .order
-            .unwrap_or_else(|| source_dialect.completions_insertion_order());
-        let select = format!(
-            "SELECT {} FROM {} ORDER BY {order} LIMIT ?1 OFFSET ?2",
-            table.columns, table.name
-        );
+    fn copy_table(&self, table: &Table, into: &mut dyn SqlConnection) -> DbResult<u64> {
         let width = table.columns.split(',').count();
         let mut copied = 0u64;
         loop {
             let rows = self.transaction(|conn| {
-                conn.query(&select, &super::sql::values![ROWS_PER_PAGE, copied])
+                let order = table
+                    .order
+                    .unwrap_or_else(|| conn.dialect().completions_insertion_order());
+                let select = format!(
+                    "SELECT {} FROM {} ORDER BY {order} LIMIT ?1 OFFSET ?2",
+                    table.columns, table.name
+                );
+                conn.query(&select, &values![ROWS_PER_PAGE, copied])
             })?;
             if rows.is_empty() {
                 break;
             }
-            let placeholders: Vec<String> = (0..rows.len())
-                .map(|r| {
-                    let row: Vec<String> =
-                        (1..=width).map(|c| format!("?{}", r * width + c)).collect();
-                    format!("({})", row.join(", "))
-                })
-                .collect();
             let params: Vec<Value> = rows.iter().flat_map(|row| row.0.iter().cloned()).collect();
             into.execute(
                 &format!(
                     "INSERT INTO {} ({}) VALUES {}",
                     table.name,
                     table.columns,
-                    placeholders.join(", ")
+                    row_placeholders(rows.len(), width)
                 ),
                 &params,
             )?;

@@ -4,7 +4,7 @@
 use plugin::{StepRecord, TrainingExample};
 
 use super::events::insert_event;
-use super::sql::{values, Row, SqlConnection, Value};
+use super::sql::{row_placeholders, values, Row, SqlConnection, Value};
 use super::{corrupt, json, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, Job, JobSpec, JobStatus, Progress};
 use crate::training::JobQuota;
@@ -331,12 +331,6 @@ pub(super) fn insert_job_rows(
         })
         .collect();
     for chunk in rows.chunks(EXAMPLES_PER_INSERT) {
-        let placeholders: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let first = 4 * i + 1;
-                format!("(?{first}, ?{}, ?{}, ?{})", first + 1, first + 2, first + 3)
-            })
-            .collect();
         let params: Vec<Value> = chunk
             .iter()
             .flat_map(|&(held, idx, example)| values![&job.id, held, idx, json(example)])
@@ -344,7 +338,7 @@ pub(super) fn insert_job_rows(
         conn.execute(
             &format!(
                 "INSERT INTO examples (job_id, held_out, idx, body) VALUES {}",
-                placeholders.join(", ")
+                row_placeholders(chunk.len(), 4)
             ),
             &params,
         )?;

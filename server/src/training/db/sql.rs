@@ -242,6 +242,16 @@ macro_rules! values {
 }
 pub(crate) use values;
 
+/// The `VALUES` list of a multi-row insert: `rows` groups of `width` numbered placeholders,
+/// `(?1, ?2), (?3, ?4)` for two rows of two.
+pub fn row_placeholders(rows: usize, width: usize) -> String {
+    let row = |r: usize| {
+        let numbered: Vec<String> = (1..=width).map(|c| format!("?{}", r * width + c)).collect();
+        format!("({})", numbered.join(", "))
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 /// `sql` with SQLite's `?N` placeholders written as PostgreSQL's `$N`. The storage code's
 /// statements have no `?` inside a string literal.
 pub fn numbered_dollar_placeholders(sql: &str) -> String {
@@ -267,6 +277,12 @@ mod tests {
             numbered_dollar_placeholders("UPDATE t SET a = ?2 WHERE id = ?1 AND b IN (?10)"),
             "UPDATE t SET a = $2 WHERE id = $1 AND b IN ($10)"
         );
+    }
+
+    #[test]
+    fn rows_of_placeholders_number_on() {
+        assert_eq!(row_placeholders(2, 2), "(?1, ?2), (?3, ?4)");
+        assert_eq!(row_placeholders(1, 3), "(?1, ?2, ?3)");
     }
 
     #[test]
