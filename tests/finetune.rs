@@ -7,78 +7,17 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::jobs::{
+    finished, resumable_job, review_examples, submit_job, version_bytes, wait_for_job,
+};
 use common::{
     get_event_stream, get_json, post_json, post_stream, promtool_check, request_json, Server,
     ServerOptions, BASE_MODEL,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
-
-/// Short movie reviews, half positive: the sentiment task of `mezo bench mezo` in miniature.
-const REVIEWS: [(&str, usize); 16] = [
-    ("A warm, funny and moving film.", 1),
-    ("Dull, slow and far too long.", 0),
-    ("The best thing I have seen all year.", 1),
-    ("A tedious mess with no redeeming qualities.", 0),
-    ("Brilliant acting and a clever script.", 1),
-    ("I walked out halfway through.", 0),
-    ("A delightful surprise from start to finish.", 1),
-    ("Lifeless characters and a predictable plot.", 0),
-    ("Charming, smart and beautifully shot.", 1),
-    ("An embarrassing waste of a good cast.", 0),
-    ("It made me laugh and cry.", 1),
-    ("Boring from the first minute.", 0),
-    ("A triumph of storytelling.", 1),
-    ("Clumsy, loud and forgettable.", 0),
-    ("Gripping and full of heart.", 1),
-    ("The worst film of the decade.", 0),
-];
-
-fn review_examples() -> Vec<Value> {
-    REVIEWS
-        .iter()
-        .map(|(text, label)| {
-            json!({
-                "prompt": format!("Review: {text}\nSentiment:"),
-                "candidates": [" negative", " positive"],
-                "label": label,
-            })
-        })
-        .collect()
-}
-
-/// Posts a `/v1/finetune` job and returns it, checking that it was accepted.
-async fn submit_job(server: &Server, body: Value) -> Value {
-    let (status, _, job) = post_json(&server.url("/v1/finetune"), &body).await;
-    assert_eq!(status, 202, "{job}");
-    job
-}
-
-async fn wait_for_job(server: &Server, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (status, job) = get_json(&server.url(&format!("/v1/finetune/{id}"))).await;
-        assert_eq!(status, 200, "{job}");
-        if done(&job) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} did not get there: {job}\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn finished(job: &Value) -> bool {
-    matches!(
-        job["status"].as_str(),
-        Some("succeeded" | "failed" | "cancelled")
-    )
-}
 
 async fn chat_version(server: &Server, model: &str) -> (u16, Value) {
     let (status, _, body) = post_json(
@@ -1018,14 +957,6 @@ async fn copy_database_moves_a_server_from_sqlite_to_postgresql() {
     );
 }
 
-/// The last version's tensors of `adapter`, as bytes on disk.
-fn version_bytes(server: &Server, adapter: &str, version: u64) -> Vec<u8> {
-    let path = server.data_dir.join(format!(
-        "adapters/{adapter}/v{version}/adapter_model.safetensors"
-    ));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_in_the_middle_of_a_job_loses_nothing_and_the_job_resumes_bit_for_bit() {
     kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(None).await;
@@ -1048,24 +979,18 @@ async fn kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(database: Option<S
     let data = tempfile::tempdir().expect("a data folder");
     let options = || ServerOptions {
         data_dir: Some(data.path().to_path_buf()),
+        // On PostgreSQL the restarted server takes the job over once the killed one's lease
+        // lapses (another replica might still be running it).
+        config: if database.is_some() {
+            "[training]\njob_lease_seconds = 2\n".into()
+        } else {
+            String::new()
+        },
         env: database
             .iter()
             .map(|url| ("MEZO_DATABASE", url.clone()))
             .collect(),
         ..ServerOptions::default()
-    };
-    let spec = |adapter: &str| {
-        json!({
-            "adapter": adapter,
-            "objective": "classification",
-            "examples": review_examples(),
-            "hyperparameters": {
-                "max_steps": 16, "batch_size": 4, "lr": 1e-2, "epsilon": 1e-2, "seed": 11,
-                // An optimizer with state: the moments too must resume exactly.
-                "optimizer": {"type": "momentum", "beta": 0.9},
-            },
-            "publish_every": 4,
-        })
     };
     let mut server = Server::start(options());
     if let Some(url) = &database {
@@ -1095,7 +1020,7 @@ async fn kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(database: Option<S
         "feedback on a fresh completion was refused: {receipt}"
     );
 
-    let job = submit_job(&server, spec("resume")).await;
+    let job = submit_job(&server, resumable_job("resume", 16, 4)).await;
     let id = job["id"].as_str().expect("an id").to_string();
     let before = wait_for_job(&server, &id, |j| {
         j["progress"]["published_versions"]
@@ -1164,7 +1089,7 @@ async fn kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(database: Option<S
     );
 
     // The same job run without interruption ends on the same adapter, bit for bit.
-    let twin = submit_job(&server, spec("resume-twin")).await;
+    let twin = submit_job(&server, resumable_job("resume-twin", 16, 4)).await;
     let twin_id = twin["id"].as_str().expect("an id").to_string();
     let twin = wait_for_job(&server, &twin_id, finished).await;
     assert_eq!(twin["status"], "succeeded", "{twin}");

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::UNIX_EPOCH;
 
+use adapters::peft::PeftFiles;
 use adapters::registry::{AdapterRegistry, AdapterVersion, ResolveError};
 use adapters::{AdapterError, LoraAdapter, ModelDims};
 
@@ -158,31 +159,45 @@ impl AdapterVersions {
         adapters::peft::load_limited(dir, &self.dims, MAX_ADAPTER_FILE_BYTES)
     }
 
-    /// Writes `adapter` as the next version of `name` (creating the name) and makes it live.
-    pub fn publish(
+    /// The PEFT files of `adapter` as this server writes them, once checked against the model.
+    pub fn files_of(&self, adapter: &LoraAdapter) -> Result<PeftFiles, PublishError> {
+        AdapterView::new(adapter, &self.dims)?;
+        Ok(PeftFiles::of(adapter, &self.base_model)?)
+    }
+
+    /// The highest version number of `name` here, served or left on disk (0: none): a new
+    /// version must take a higher one, never overwrite a folder.
+    pub fn highest_local_version(&self, name: &str) -> u32 {
+        let on_disk = highest_version_on_disk(&self.root.join(name));
+        let served = self
+            .registry
+            .versions(name)
+            .and_then(|(versions, _)| versions.last().map(|v| v.version))
+            .unwrap_or(0);
+        on_disk.max(served)
+    }
+
+    /// Writes `files` as version `version` of `name` (creating the name) and serves it; the
+    /// live version changes only when this is the adapter's first (see [`Self::set_live`]).
+    /// A folder already there under that number is replaced: the database, which numbered
+    /// this version, is the record.
+    pub fn install(
         &self,
         name: &str,
-        adapter: &LoraAdapter,
+        version: u32,
+        files: &PeftFiles,
     ) -> Result<Arc<ServedAdapterVersion>, PublishError> {
         adapters::store::validate_name(name)?;
-        let view = AdapterView::new(adapter, &self.dims)?;
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let parent = self.root.join(name);
         std::fs::create_dir_all(&parent).map_err(|source| PublishError::Io {
             path: parent.clone(),
             source,
         })?;
-        // A folder left by a publish the database never heard of (a crash in between) still
-        // holds its number: never overwrite it.
-        let on_disk = highest_version_on_disk(&parent);
-        let in_registry = self
-            .registry
-            .versions(name)
-            .and_then(|(versions, _)| versions.last().map(|v| v.version))
-            .unwrap_or(0);
-        let version = on_disk.max(in_registry) + 1;
         let dir = adapters::store::version_dir(&self.root, name, version);
-        write_version_folder(&parent, &dir, adapter, &self.base_model)?;
+        write_version_folder(&parent, &dir, files)?;
+        let lora = adapters::peft::load_limited(&dir, &self.dims, MAX_ADAPTER_FILE_BYTES)?;
+        let view = AdapterView::new(&lora, &self.dims)?;
         self.registry.insert(
             name,
             version,
@@ -192,14 +207,8 @@ impl AdapterVersions {
                 dir: dir.clone(),
             },
         );
-        // `insert` keeps a rolled-back live version; a publish always goes live.
-        self.registry
-            .set_live(name, version)
-            .expect("the version was inserted just above");
         self.update_gauges();
-        metrics::counter!(m::ADAPTER_PUBLISHES_TOTAL, "adapter" => m::adapter_label(name))
-            .increment(1);
-        tracing::info!(adapter = name, version, dir = %dir.display(), "adapter version published");
+        tracing::info!(adapter = name, version, dir = %dir.display(), "adapter version written");
         Ok(self
             .registry
             .resolve(&format!("{name}@{version}"))
@@ -271,6 +280,7 @@ fn remove_leftovers(root: &Path) {
         .filter_map(|e| e.ok())
     {
         leftovers.extend(hidden(&adapter.path(), ".publishing-"));
+        leftovers.extend(hidden(&adapter.path(), ".replaced-"));
     }
     for dir in leftovers {
         match std::fs::remove_dir_all(&dir) {
@@ -300,14 +310,10 @@ fn highest_version_on_disk(parent: &Path) -> u32 {
         .unwrap_or(0)
 }
 
-/// Saves `adapter` into a hidden temporary folder next to `dir`, then renames it to `dir`, so
-/// `dir` either does not exist or holds a complete version.
-fn write_version_folder(
-    parent: &Path,
-    dir: &Path,
-    adapter: &LoraAdapter,
-    base_model: &str,
-) -> Result<(), PublishError> {
+/// Writes `files` into a hidden temporary folder next to `dir`, then renames it to `dir` (a
+/// folder already there is moved aside and removed first), so `dir` either does not exist or
+/// holds a complete version.
+fn write_version_folder(parent: &Path, dir: &Path, files: &PeftFiles) -> Result<(), PublishError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PublishError::Io { path, source }
@@ -316,7 +322,12 @@ fn write_version_folder(
         .prefix(".publishing-")
         .tempdir_in(parent)
         .map_err(io(parent))?;
-    adapters::peft::save(adapter, tmp.path(), base_model)?;
+    files.write(tmp.path())?;
+    if dir.exists() {
+        let doomed = parent.join(format!(".replaced-{}", unix_now()));
+        std::fs::rename(dir, &doomed).map_err(io(dir))?;
+        std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
+    }
     let tmp_path = tmp.keep();
     if let Err(source) = std::fs::rename(&tmp_path, dir) {
         let _ = std::fs::remove_dir_all(&tmp_path);
@@ -403,9 +414,13 @@ mod tests {
             qk_rows: adapters::QkRowOrder::GgufInterleaved,
         };
         let adapter = LoraAdapter::new_initialized(Default::default(), dims, 3).unwrap();
+        let files = PeftFiles::of(&adapter, "base").unwrap();
         let dir = root.path().join("v1");
-        write_version_folder(root.path(), &dir, &adapter, "base").unwrap();
+        write_version_folder(root.path(), &dir, &files).unwrap();
         assert_eq!(adapters::peft::load(&dir, &dims).unwrap(), adapter);
+        let other = LoraAdapter::new_initialized(Default::default(), dims, 4).unwrap();
+        write_version_folder(root.path(), &dir, &PeftFiles::of(&other, "base").unwrap()).unwrap();
+        assert_eq!(adapters::peft::load(&dir, &dims).unwrap(), other);
         let leftovers: Vec<_> = std::fs::read_dir(root.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     /// adapters at runtime is off.
     #[serde(default)]
     pub lora_load_root: PathBuf,
+    /// Empty: `<host name>:<port>`.
+    pub replica_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -110,6 +112,7 @@ pub struct TrainingConfig {
     pub remembered_completions: usize,
     pub max_file_bytes: usize,
     pub frozen_states_bytes: usize,
+    pub job_lease_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -187,6 +190,10 @@ impl Config {
             ("training.max_examples", self.training.max_examples),
             ("training.max_steps", self.training.max_steps as usize),
             ("training.max_file_bytes", self.training.max_file_bytes),
+            (
+                "training.job_lease_seconds",
+                self.training.job_lease_seconds as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(format!("`{key}` must be at least 1"));
@@ -286,6 +293,9 @@ mod tests {
         let zero = Config::from_toml_over_defaults("[scheduler]\nmax_batch_rows = 0\n").unwrap();
         let err = zero.validate().unwrap_err();
         assert!(err.contains("scheduler.max_batch_rows"), "{err}");
+        let no_lease = Config::from_toml_over_defaults("[training]\njob_lease_seconds = 0\n");
+        let err = no_lease.unwrap().validate().unwrap_err();
+        assert!(err.contains("training.job_lease_seconds"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub const ADAPTER_LIVE_VERSION: &str = "mezo_adapter_live_version";
 pub const FEEDBACK_TOTAL: &str = "mezo_feedback_total";
 pub const TRAINING_FROZEN_STATES_BYTES: &str = "mezo_training_frozen_states_bytes";
 pub const TRAINING_FROZEN_LAYER_TOKENS_TOTAL: &str = "mezo_training_frozen_layer_tokens_total";
+pub const FINETUNE_JOBS_RUNNING_HERE: &str = "mezo_finetune_jobs_running_here";
+pub const REPLICATION_LAG_SECONDS: &str = "mezo_replication_lag_seconds";
 
 /// Adapters with their own `adapter` label value; later ones share [`OTHER_ADAPTERS`]. Adapter
 /// names are unbounded (one `ft:…` per OpenAI job), Prometheus series must not be.
@@ -103,6 +105,9 @@ const STEP_BUCKETS: &[f64] = &[
 const SLICE_TOKENS_BUCKETS: &[f64] = &[
     16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
+const REPLICATION_LAG_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 const TRAINING_STEP_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
 ];
@@ -124,6 +129,7 @@ pub fn install() -> PrometheusHandle {
                 (ENGINE_STEP_SECONDS, STEP_BUCKETS),
                 (ENGINE_TRAINING_SLICE_TOKENS, SLICE_TOKENS_BUCKETS),
                 (TRAINING_STEP_SECONDS, TRAINING_STEP_BUCKETS),
+                (REPLICATION_LAG_SECONDS, REPLICATION_LAG_BUCKETS),
             ];
             let mut builder = PrometheusBuilder::new();
             for (name, buckets) in histograms {
@@ -230,7 +236,20 @@ fn describe() {
         TRAINING_HELD_OUT,
         "Last held-out evaluation of a job, by adapter and metric (loss, accuracy, token_f1, ...)."
     );
-    describe_gauge!(FINETUNE_JOBS, "Fine-tuning jobs, by status.");
+    describe_gauge!(
+        FINETUNE_JOBS,
+        "Fine-tuning jobs in the database, by status: with replicas sharing a PostgreSQL \
+         database, the whole fleet's."
+    );
+    describe_gauge!(
+        FINETUNE_JOBS_RUNNING_HERE,
+        "Fine-tuning jobs this server is running (0 or 1)."
+    );
+    describe_histogram!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "From an adapter version's publish on another replica to this one serving it."
+    );
     describe_counter!(
         ADAPTER_PUBLISHES_TOTAL,
         "Adapter versions published (hot-swapped in), by adapter."

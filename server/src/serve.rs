@@ -89,13 +89,16 @@ pub async fn serve_on(
     {
         let state = state.clone();
         let config = config.clone();
-        tokio::task::spawn_blocking(move || match load_serving(&config, &model_path) {
-            Ok(serving) => {
-                tracing::info!(model = %serving.model_id, "ready");
-                state.set_serving(serving);
-            }
-            Err(message) => {
-                let _ = load_failed_tx.send(message);
+        let replica_name = replica_name(&config, local);
+        tokio::task::spawn_blocking(move || {
+            match load_serving(&config, &model_path, replica_name) {
+                Ok(serving) => {
+                    tracing::info!(model = %serving.model_id, "ready");
+                    state.set_serving(serving);
+                }
+                Err(message) => {
+                    let _ = load_failed_tx.send(message);
+                }
             }
         });
     }
@@ -174,8 +177,26 @@ async fn wait_for_signal() {
     }
 }
 
+/// This server's name among replicas: `server.replica_name`, or `<host name>:<port>`.
+fn replica_name(config: &Config, local: SocketAddr) -> String {
+    let configured = config.server.replica_name.trim();
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| local.ip().to_string());
+    format!("{host}:{}", local.port())
+}
+
 /// Loads the model and the adapters folder and starts the engine thread.
-fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
+fn load_serving(
+    config: &Config,
+    model_path: &Path,
+    replica_name: String,
+) -> Result<Serving, String> {
     let mut model = LoadedModel::load_with_template(
         model_path,
         config.model.weights,
@@ -212,7 +233,7 @@ fn load_serving(config: &Config, model_path: &Path) -> Result<Serving, String> {
         Arc::clone(&model),
         Arc::clone(&adapters),
         scheduler.handle().clone(),
-        model_id.clone(),
+        (model_id.clone(), replica_name),
     )
     .map_err(|e| e.to_string())?;
     Ok(Serving {

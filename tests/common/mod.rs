@@ -25,6 +25,8 @@ pub use engine_common::{
     gemma_golden, gemma_model_path, model_path, workspace_root, write_model_variant,
 };
 
+pub mod jobs;
+
 // A throwaway PostgreSQL server: shared with the storage suite's own tests.
 #[path = "../../server/src/training/db/postgres_cluster.rs"]
 pub mod postgres_cluster;

@@ -56,18 +56,46 @@ const MAX_HEADER_BYTES: u64 = 100 << 20;
 /// [`AdapterError::InvalidConfig`] if the adapter's config or data are inconsistent (nothing is
 /// written then), [`AdapterError::Io`] if the directory or a file cannot be written.
 pub fn save(adapter: &LoraAdapter, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
-    let config = &adapter.config;
-    config.validate()?;
-    let weights = serialize_weights(adapter)?;
+    PeftFiles::of(adapter, base_model_name_or_path)?.write(dir)
+}
 
-    let config_json = config_json(config, base_model_name_or_path)?;
+/// The two files of a PEFT adapter folder, in memory: what [`save`] writes, and what a server
+/// keeps in its database so that another server can write the same folder byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeftFiles {
+    /// `adapter_config.json`.
+    pub config_json: String,
+    /// `adapter_model.safetensors`.
+    pub weights: Vec<u8>,
+}
 
-    std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    write_atomically(dir, WEIGHTS_FILE, &weights)?;
-    write_atomically(dir, CONFIG_FILE, config_json.as_bytes())
+impl PeftFiles {
+    /// The files [`save`] writes for `adapter`.
+    ///
+    /// # Errors
+    ///
+    /// [`AdapterError::InvalidConfig`] if the adapter's config or data are inconsistent.
+    pub fn of(adapter: &LoraAdapter, base_model_name_or_path: &str) -> Result<Self> {
+        adapter.config.validate()?;
+        Ok(Self {
+            weights: serialize_weights(adapter)?,
+            config_json: config_json(&adapter.config, base_model_name_or_path)?,
+        })
+    }
+
+    /// Writes both files into `dir` (created if missing), the config last, as [`save`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`AdapterError::Io`] if the directory or a file cannot be written.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_atomically(dir, WEIGHTS_FILE, &self.weights)?;
+        write_atomically(dir, CONFIG_FILE, self.config_json.as_bytes())
+    }
 }
 
 /// The q/k row order that the tensors in `dir` declare, or `None` for a file that does not say

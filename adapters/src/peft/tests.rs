@@ -180,6 +180,25 @@ fn save_then_load_is_bit_exact() {
     assert_eq!(loaded, original);
 }
 
+#[test]
+fn files_in_memory_are_the_bytes_save_writes() {
+    let original = adapter(&[TargetModule::Q, TargetModule::V], false);
+    let dir = saved(&original);
+    let files = PeftFiles::of(&original, "test/tiny-llama").unwrap();
+    assert_eq!(
+        files.weights,
+        std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap()
+    );
+    assert_eq!(
+        files.config_json,
+        std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap()
+    );
+    // Written elsewhere (another server's folder), they load as the same adapter.
+    let elsewhere = tempfile::tempdir().unwrap();
+    files.write(elsewhere.path()).unwrap();
+    assert_eq!(load(elsewhere.path(), &DIMS).unwrap(), original);
+}
+
 /// The file's `lora_B` of `module` in layer 0, and its declared row order.
 fn stored_b(dir: &Path, module: TargetModule) -> (Vec<f32>, Option<QkRowOrder>) {
     let bytes = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();

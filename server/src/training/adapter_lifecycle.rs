@@ -1,13 +1,15 @@
-//! An adapter's lifecycle with its database rows, in one place: a version is published (its
-//! folder written and swapped in by [`AdapterVersions`], then its row: the job, the step and the
-//! held-out metrics it was published with) or loaded from a PEFT folder trained elsewhere, an
-//! older version is made live again (the registry's pointer, and the database's so that it stays
-//! live across restarts), or the adapter is deleted (its jobs cancelled, its folder and rows
-//! removed).
+//! An adapter's lifecycle with its database rows, in one place: a version is published (the
+//! database numbers it and keeps where it came from, the job, the step and the held-out
+//! metrics, with its files in PostgreSQL and their digest in SQLite; then [`AdapterVersions`]
+//! writes its folder and swaps it in) or loaded from a PEFT folder trained elsewhere, an older
+//! version is made live again (the registry's pointer, and the database's so that it stays live
+//! across restarts and reaches every replica), or the adapter is deleted (its jobs cancelled,
+//! its folder and rows removed).
 //!
-//! Publishing and deleting hold the publish gate: a deletion cancels the adapter's jobs before
-//! taking it, so a job that was about to publish either did so before the deletion (which then
-//! removes that version too) or finds itself cancelled, never recreating a deleted adapter.
+//! Publishing, rolling back and deleting hold the publish gate, as the replication thread does
+//! while it applies what other servers did: a deletion cancels the adapter's jobs before taking
+//! it, so a job that was about to publish either did so before the deletion (which then removes
+//! that version too) or finds itself cancelled, never recreating a deleted adapter.
 //!
 //! [`AdapterVersions`]: crate::adapter_versions::AdapterVersions
 
@@ -15,11 +17,16 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::PoisonError;
 
+use adapters::peft::PeftFiles;
 use adapters::registry::ResolveError;
 use adapters::LoraAdapter;
 
+use super::db::NewVersion;
 use super::job::{HeldOutPoint, VersionInfo};
 use super::{Shared, Training, TrainingError};
+use crate::adapter_versions::PublishError;
+use crate::ids::{unix_now, unix_now_ms};
+use crate::metrics as m;
 
 /// An adapter as it is served: each version, with what was recorded when it was published.
 pub struct AdapterRecord {
@@ -75,7 +82,9 @@ impl Training {
             .publish_gate
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let info = shared.write_version(name, &adapter, None)?;
+        let info = shared
+            .write_version(name, &adapter, None)?
+            .expect("a version no job made needs no lease");
         tracing::info!(adapter = name, version = info.version, from = %dir.display(), "adapter loaded");
         Ok(info)
     }
@@ -120,7 +129,8 @@ pub(super) struct Provenance<'a> {
 
 impl Shared {
     /// Publishes `adapter` as the next version of `name` and records where it came from; `None`
-    /// when the job was cancelled first (its adapter may be being deleted).
+    /// when the job was cancelled first (its adapter may be being deleted) or is no longer this
+    /// server's.
     pub(super) fn publish_version(
         &self,
         name: &str,
@@ -135,31 +145,87 @@ impl Shared {
         if cancelled.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        self.write_version(name, adapter, Some(made_by)).map(Some)
+        self.write_version(name, adapter, Some(made_by))
     }
 
-    /// Writes `adapter` as the next version of `name`, live at once, and its `versions` row (a
-    /// job's, or `None` for one loaded from elsewhere); the caller holds the publish gate.
+    /// Stores `adapter` as the next version of `name` (the database numbers it, with its
+    /// files and its maker: a job's, or `None` for one loaded from elsewhere), then writes its
+    /// folder and serves it, live at once; the caller holds the publish gate. `None` when the
+    /// job that made it no longer holds its lease.
     fn write_version(
         &self,
         name: &str,
         adapter: &LoraAdapter,
         made_by: Option<Provenance<'_>>,
-    ) -> Result<VersionInfo, TrainingError> {
-        let published = self.adapters.publish(name, adapter)?;
-        let info = VersionInfo {
-            version: published.version,
-            created_at: published.created,
+    ) -> Result<Option<VersionInfo>, TrainingError> {
+        adapters::store::validate_name(name).map_err(PublishError::from)?;
+        let files = self.adapters.files_of(adapter)?;
+        let created_at = unix_now();
+        let published_ms = unix_now_ms();
+        let new = NewVersion {
+            adapter: name,
+            files: &files,
+            created_at,
+            published_ms,
+            made_by: made_by
+                .as_ref()
+                .map(|m| (m.job_id, m.step, m.held_out.as_ref())),
+            local_floor: self.adapters.highest_local_version(name),
+            held: made_by.as_ref().map(|_| (&self.lease, published_ms)),
+        };
+        let previous_live = self
+            .adapters
+            .registry()
+            .versions(name)
+            .map(|(_, live)| live);
+        let Some(version) = self.db.publish_version(&new)? else {
+            return Ok(None);
+        };
+        if let Err(err) = self.install_version(name, version, &files) {
+            // The version would be listed, and live, with no folder to serve it from.
+            if let Err(undo) = self.db.withdraw_version(name, version, previous_live) {
+                tracing::warn!(adapter = name, version, error = %undo, "cannot withdraw the version from the database");
+            }
+            return Err(err.into());
+        }
+        self.adapters
+            .set_live(name, version)
+            .expect("the version was installed just above");
+        metrics::counter!(m::ADAPTER_PUBLISHES_TOTAL, "adapter" => m::adapter_label(name))
+            .increment(1);
+        tracing::info!(adapter = name, version, "adapter version published");
+        Ok(Some(VersionInfo {
+            version,
+            created_at,
             job_id: made_by.as_ref().map(|m| m.job_id.to_string()),
             step: made_by.as_ref().map(|m| m.step),
             held_out: made_by.and_then(|m| m.held_out),
-        };
-        self.db.insert_version(name, &info)?;
-        Ok(info)
+        }))
+    }
+
+    /// Writes and serves `name@version` from `files`, and remembers that the database has
+    /// versions of `name`; the caller holds the publish gate.
+    pub(super) fn install_version(
+        &self,
+        name: &str,
+        version: u32,
+        files: &PeftFiles,
+    ) -> Result<(), PublishError> {
+        self.adapters.install(name, version, files)?;
+        self.adapters_in_db
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string());
+        Ok(())
     }
 
     /// Makes `version` of `name` live again, and remembers it across restarts.
     pub(super) fn rollback(&self, name: &str, version: u32) -> Result<(), TrainingError> {
+        // Held so that the replication thread never applies an older live pointer over this.
+        let _gate = self
+            .publish_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.adapters.set_live(name, version).map_err(|e| match e {
             ResolveError::UnknownAdapter(_) => TrainingError::not_found("adapter", name),
             _ => TrainingError::NotFound {
@@ -187,6 +253,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.adapters.delete(name)?;
+        self.adapters_in_db
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
         self.db.delete_adapter(name)?;
         self.update_job_gauges();
         tracing::info!(adapter = name, "adapter deleted");

@@ -10,6 +10,10 @@
 //! [`AdapterVersions`]. After a crash the worker replays a job's step log and goes on.
 //! [`feedback`] turns rated answers into `reward` jobs. Every job event is written to the
 //! database and announced to event streams, which wait on an [`EventWatch`] instead of polling.
+//!
+//! Servers sharing a PostgreSQL database are replicas of one service: each runs jobs under a
+//! lease (`db::jobs`), so a job runs on one of them and moves to another when its server dies,
+//! and each installs the versions the others publish (`replication`).
 
 mod adapter_lifecycle;
 pub mod db;
@@ -18,8 +22,10 @@ pub mod feedback;
 mod files;
 pub mod job;
 pub mod queued_engine;
+mod replication;
 mod worker;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
@@ -34,7 +40,7 @@ use crate::engine::loaded_model::LoadedModel;
 use crate::ids::{new_id, unix_now};
 use crate::metrics as m;
 use crate::scheduler::SchedulerHandle;
-use db::{Admission, JobLimits};
+use db::{Admission, JobLimits, Lease};
 use event_notices::EventNotices;
 
 pub use adapter_lifecycle::{AdapterRecord, VersionRecord};
@@ -139,6 +145,17 @@ pub(crate) struct Shared {
     /// The memory every job's kept hidden states share (frozen-layer reuse).
     frozen_states: Arc<FrozenStatesBudget>,
     running: Mutex<Option<RunningJob>>,
+    /// This server's name among replicas (`server.replica_name`).
+    replica_name: String,
+    /// The lease this server takes jobs under: its name and a random token (so that a
+    /// restarted server, or another given the same name, never passes for this one).
+    lease: Lease,
+    /// Adapters this server knows the database has versions of: when one is no longer there,
+    /// another server deleted it (adapter folders put in by hand are not in the database).
+    adapters_in_db: Mutex<HashSet<String>>,
+    /// Versions the database lists whose files it does not have and that cannot be rebuilt
+    /// (published by an earlier release, their folders gone here): reported once.
+    unobtainable_versions: Mutex<HashSet<(String, u32)>>,
     shutdown: AtomicBool,
     /// Wakes the worker when a job is queued or the server stops.
     wake: (Mutex<u64>, Condvar),
@@ -170,29 +187,34 @@ impl Training {
         Ok(db)
     }
 
-    /// Takes over the database opened by [`Self::open_db`], puts jobs interrupted by a crash
-    /// back in the queue, restores rolled-back live versions, and starts the worker thread.
+    /// Takes over the database opened by [`Self::open_db`] as the server `replica_name`: the
+    /// only server of a SQLite database puts jobs interrupted by a crash back in the queue;
+    /// versions the database has and this server lacks are written and served, and the live
+    /// versions it records restored. Starts the worker thread and, on a database replicas
+    /// share, the replication thread.
     pub fn start(
         db: Db,
         config: TrainingConfig,
         model: Arc<LoadedModel>,
         adapters: Arc<AdapterVersions>,
         scheduler: SchedulerHandle,
-        base_model: String,
+        (base_model, replica_name): (String, String),
     ) -> Result<Self, TrainingError> {
-        let requeued = db.requeue_interrupted()?;
-        if requeued > 0 {
-            tracing::info!(
-                jobs = requeued,
-                "jobs interrupted by the last shutdown will resume from their step logs"
-            );
-        }
-        for (name, version) in db.live_versions()? {
-            if let Err(err) = adapters.set_live(&name, version) {
-                tracing::warn!(adapter = %name, version, error = %err, "cannot restore the live version");
+        if !db.is_shared() {
+            let requeued = db.requeue_interrupted()?;
+            if requeued > 0 {
+                tracing::info!(
+                    jobs = requeued,
+                    "jobs interrupted by the last shutdown will resume from their step logs"
+                );
             }
         }
         let frozen_states = FrozenStatesBudget::new(config.frozen_states_bytes);
+        let lease = Lease {
+            owner: format!("{replica_name}#{}", new_id("run")),
+            duration_ms: config.job_lease_seconds.max(1) * 1000,
+        };
+        let notices = db.version_notices();
         let training = Self {
             shared: Arc::new(Shared {
                 db,
@@ -202,6 +224,10 @@ impl Training {
                 adapters,
                 scheduler,
                 base_model,
+                replica_name,
+                lease,
+                adapters_in_db: Mutex::new(HashSet::new()),
+                unobtainable_versions: Mutex::new(HashSet::new()),
                 running: Mutex::new(None),
                 shutdown: AtomicBool::new(false),
                 wake: (Mutex::new(0), Condvar::new()),
@@ -209,12 +235,21 @@ impl Training {
                 publish_gate: Mutex::new(()),
             }),
         };
+        training.shared.sync_versions(replication::Sync::CatchUp)?;
         training.update_job_gauges();
+        metrics::gauge!(m::FINETUNE_JOBS_RUNNING_HERE).set(0.0);
         let shared = Arc::clone(&training.shared);
         std::thread::Builder::new()
             .name("mezo-training".into())
             .spawn(move || worker::run(shared))
             .expect("the OS can start one thread at start-up");
+        if let Some(notices) = notices {
+            let shared = Arc::clone(&training.shared);
+            std::thread::Builder::new()
+                .name("mezo-replication".into())
+                .spawn(move || replication::run(shared, notices))
+                .expect("the OS can start one thread at start-up");
+        }
         Ok(training)
     }
 
@@ -510,8 +545,11 @@ impl Shared {
     fn cancel_unfinished(&self, job: &Job) -> Result<(), TrainingError> {
         self.finish(
             &job.id,
-            &[JobStatus::Queued, JobStatus::Running],
-            JobStatus::Cancelled,
+            (
+                &[JobStatus::Queued, JobStatus::Running],
+                JobStatus::Cancelled,
+            ),
+            false,
             None,
             "job cancelled",
             serde_json::json!({ "status": "cancelled" }),
@@ -531,11 +569,14 @@ impl Shared {
     /// Ends job `id` (from one of `from`, to the finished status `to`) together with its status
     /// event, in one transaction, so that an event stream that sees the job finished also finds
     /// the event; whether the job moved (someone else may have ended it first).
+    ///
+    /// With `held`, only while this server holds the job's lease (the worker ending its job);
+    /// without, whoever holds it (a cancel).
     fn finish(
         &self,
         id: &str,
-        from: &[JobStatus],
-        to: JobStatus,
+        (from, to): (&[JobStatus], JobStatus),
+        held: bool,
         error: Option<&str>,
         message: &str,
         data: serde_json::Value,
@@ -548,6 +589,7 @@ impl Shared {
         let moved = self.db.transition_with_event(
             id,
             (from, to, error),
+            held.then_some(&self.lease),
             unix_now(),
             (level, job::EventKind::Status, message, &data),
         );

@@ -19,7 +19,7 @@ use serde_json::json;
 use super::adapter_lifecycle::Provenance;
 use super::job::{EventKind, EventLevel, HeldOutPoint, Job, JobStatus};
 use super::{QueuedEngine, RunningJob, Shared};
-use crate::ids::unix_now;
+use crate::ids::unix_now_ms;
 use crate::metrics as m;
 
 /// How often an idle worker looks at the queue even without being woken.
@@ -34,21 +34,29 @@ enum JobEnd {
 }
 
 pub(super) fn run(shared: Arc<Shared>) {
+    let mut failing: Option<String> = None;
     while !shared.is_shutting_down() {
-        let job = match shared.db.next_queued_job() {
+        let job = match shared.db.claim_next_job(&shared.lease, unix_now_ms()) {
             Ok(Some(job)) => job,
             Ok(None) => {
+                if failing.take().is_some() {
+                    tracing::info!("reading the job queue again");
+                }
                 shared.wait(IDLE_POLL);
                 continue;
             }
             Err(err) => {
-                tracing::error!(error = %err, "cannot read the job queue");
+                let message = err.to_string();
+                // Once per kind of failure, not at every poll while the database is down.
+                if failing.as_deref() != Some(message.as_str()) {
+                    tracing::error!(error = %message, "cannot read the job queue; retrying");
+                    failing = Some(message);
+                }
                 shared.wait(IDLE_POLL);
                 continue;
             }
         };
-        // Registered as running before its status says so: a cancel that sees the status
-        // `running` also finds the flag to set.
+        failing = None;
         let cancelled = Arc::new(AtomicBool::new(false));
         *shared
             .running
@@ -57,26 +65,8 @@ pub(super) fn run(shared: Arc<Shared>) {
             id: job.id.clone(),
             cancelled: Arc::clone(&cancelled),
         });
-        let started = shared.db.transition(
-            &job.id,
-            &[JobStatus::Queued],
-            JobStatus::Running,
-            unix_now(),
-            None,
-        );
-        if !matches!(started, Ok(true)) {
-            *shared
-                .running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
-            // `Ok(false)`: cancelled between the read and now.
-            if let Err(err) = started {
-                tracing::error!(job = %job.id, error = %err, "cannot start the job");
-                shared.wait(IDLE_POLL);
-            }
-            continue;
-        }
         shared.update_job_gauges();
+        metrics::gauge!(m::FINETUNE_JOBS_RUNNING_HERE).set(1.0);
         let id = job.id.clone();
         let adapter = job.spec.adapter.clone();
         // One engine per job: the hidden states it keeps for frozen-layer reuse are the job's.
@@ -85,29 +75,48 @@ pub(super) fn run(shared: Arc<Shared>) {
             shared.scheduler.clone(),
             Arc::clone(&shared.frozen_states),
         );
-        let outcome = JobRun::start(&shared, &engine, job, &cancelled).and_then(|run| run.run());
+        let lease_lost = AtomicBool::new(false);
+        let running = AtomicBool::new(true);
+        let outcome = std::thread::scope(|scope| {
+            let keeper =
+                scope.spawn(|| keep_lease(&shared, &id, &running, &lease_lost, &cancelled));
+            let outcome = JobRun::start(&shared, &engine, job, &cancelled, &lease_lost)
+                .and_then(|run| run.run());
+            running.store(false, Ordering::SeqCst);
+            keeper.thread().unpark();
+            outcome
+        });
         drop(engine);
         metrics::gauge!(m::TRAINING_FROZEN_STATES_BYTES)
             .set(shared.frozen_states.used_bytes() as f64);
+        metrics::gauge!(m::FINETUNE_JOBS_RUNNING_HERE).set(0.0);
         *shared
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
+        let interrupted = || {
+            tracing::info!(job = %id, "job interrupted by shutdown; it resumes from its step log, here at the next start or on another replica");
+            if let Err(err) = shared.db.release_lease(&id, &shared.lease) {
+                tracing::warn!(job = %id, error = %err, "cannot hand the job's lease back");
+            }
+        };
         match outcome {
+            _ if lease_lost.load(Ordering::SeqCst) => tracing::warn!(
+                job = %id,
+                "the job is no longer this server's: it was cancelled on another replica, or \
+                 its lease lapsed (this server stalled or lost the database) and another replica \
+                 resumed it"
+            ),
             Ok(JobEnd::Succeeded) => tracing::info!(job = %id, %adapter, "job succeeded"),
             Ok(JobEnd::Cancelled) => tracing::info!(job = %id, %adapter, "job cancelled"),
-            Ok(JobEnd::Interrupted) => {
-                tracing::info!(job = %id, "job interrupted by shutdown; it resumes at the next start");
-            }
-            Err(_) if shared.is_shutting_down() => {
-                tracing::info!(job = %id, "job interrupted by shutdown; it resumes at the next start");
-            }
+            Ok(JobEnd::Interrupted) => interrupted(),
+            Err(_) if shared.is_shutting_down() => interrupted(),
             Err(message) => {
                 tracing::error!(job = %id, %adapter, error = %message, "job failed");
                 let failed = shared.finish(
                     &id,
-                    &[JobStatus::Running],
-                    JobStatus::Failed,
+                    (&[JobStatus::Running], JobStatus::Failed),
+                    true,
                     Some(&message),
                     &format!("job failed: {message}"),
                     json!({ "status": "failed", "error": message }),
@@ -122,6 +131,35 @@ pub(super) fn run(shared: Arc<Shared>) {
     tracing::info!("training worker stopped");
 }
 
+/// Renews this server's lease on job `id` four times per lease while `running`; when the lease
+/// is no longer this server's (the job was cancelled on another replica, or the lease lapsed and
+/// another replica took the job), says so in `lost` and stops the run through `cancelled`. A
+/// database that cannot be reached is tried again at the next renewal.
+fn keep_lease(
+    shared: &Shared,
+    id: &str,
+    running: &AtomicBool,
+    lost: &AtomicBool,
+    cancelled: &AtomicBool,
+) {
+    let every = Duration::from_millis(shared.lease.duration_ms / 4);
+    loop {
+        std::thread::park_timeout(every);
+        if !running.load(Ordering::SeqCst) {
+            return;
+        }
+        match shared.db.renew_lease(id, &shared.lease, unix_now_ms()) {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.store(true, Ordering::SeqCst);
+                cancelled.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(err) => tracing::warn!(job = id, error = %err, "cannot renew the job's lease"),
+        }
+    }
+}
+
 /// One job being run: its trainer, and where its progress goes.
 struct JobRun<'a> {
     engine: &'a QueuedEngine,
@@ -134,6 +172,8 @@ struct JobReport<'a> {
     shared: &'a Shared,
     job: Job,
     cancelled: &'a AtomicBool,
+    /// Set (with `cancelled`) when a write finds the job's lease no longer this server's.
+    lease_lost: &'a AtomicBool,
     /// The adapter's name as a metrics label (bounded, see [`m::adapter_label`]).
     metrics_label: String,
 }
@@ -171,6 +211,7 @@ impl<'a> JobRun<'a> {
         engine: &'a QueuedEngine,
         mut job: Job,
         cancelled: &'a AtomicBool,
+        lease_lost: &'a AtomicBool,
     ) -> Result<Self, String> {
         let id = job.id.clone();
         let (train, held_out) = shared.db.examples(&id).map_err(|e| e.to_string())?;
@@ -178,7 +219,13 @@ impl<'a> JobRun<'a> {
         let adapter = job.spec.adapter.clone();
         if log.is_empty() {
             // The base is fixed when the job first starts: the adapter's live version then
-            // (a job queued behind another on the same adapter continues from its result).
+            // (a job queued behind another on the same adapter continues from its result,
+            // which another replica may have published a moment ago).
+            if shared.db.is_shared() {
+                shared
+                    .sync_versions(super::replication::Sync::Follow)
+                    .map_err(|e| e.to_string())?;
+            }
             let live = shared
                 .adapters
                 .registry()
@@ -215,20 +262,23 @@ impl<'a> JobRun<'a> {
             log,
         )
         .map_err(|e| e.to_string())?;
+        let replica = &shared.replica_name;
         let message = if resumed_at == 0 {
             format!(
-                "job started: adapter `{adapter}`, objective `{}`",
+                "job started on replica `{replica}`: adapter `{adapter}`, objective `{}`",
                 trainer.objective().name()
             )
         } else {
-            format!("job resumed at step {resumed_at}: the step log was replayed")
+            format!(
+                "job resumed at step {resumed_at} on replica `{replica}`: the step log was replayed"
+            )
         };
         shared.event(
             &id,
             EventLevel::Info,
             EventKind::Status,
             &message,
-            json!({ "status": "running", "steps_done": resumed_at }),
+            json!({ "status": "running", "steps_done": resumed_at, "replica": replica }),
         );
         Ok(Self {
             engine,
@@ -238,6 +288,7 @@ impl<'a> JobRun<'a> {
                 shared,
                 job,
                 cancelled,
+                lease_lost,
             },
         })
     }
@@ -271,8 +322,8 @@ impl<'a> JobRun<'a> {
             .shared
             .finish(
                 &report.job.id,
-                &[JobStatus::Running],
-                JobStatus::Succeeded,
+                (&[JobStatus::Running], JobStatus::Succeeded),
+                true,
                 None,
                 &format!("job succeeded after {done} steps; published versions {versions:?}"),
                 json!({ "status": "succeeded", "steps_done": done, "published_versions": versions }),
@@ -410,12 +461,7 @@ impl<'a> JobRun<'a> {
                         json!({ "published": false, "steps_done": done }),
                     );
                     self.report.job.progress.last_published_step = Some(done);
-                    return self
-                        .report
-                        .shared
-                        .db
-                        .set_progress(&self.report.job.id, &self.report.job.progress)
-                        .map_err(|e| e.to_string());
+                    return self.report.save_progress();
                 }
             }
         }
@@ -437,11 +483,7 @@ impl<'a> JobRun<'a> {
         let progress = &mut self.report.job.progress;
         progress.published_versions.push(info.version);
         progress.last_published_step = Some(done);
-        self.report
-            .shared
-            .db
-            .set_progress(&self.report.job.id, progress)
-            .map_err(|e| e.to_string())?;
+        self.report.save_progress()?;
         self.report.shared.event(
             &self.report.job.id,
             EventLevel::Info,
@@ -486,10 +528,21 @@ impl JobReport<'_> {
         let progress = &mut self.job.progress;
         progress.steps_done = record.step + 1;
         progress.train_loss = Some(loss);
-        self.shared
+        let held = self
+            .shared
             .db
-            .record_step(&self.job.id, record, progress)
+            .record_step(
+                &self.job.id,
+                record,
+                progress,
+                &self.shared.lease,
+                unix_now_ms(),
+            )
             .map_err(|e| e.to_string())?;
+        if !held {
+            self.lost_lease();
+            return Ok(());
+        }
         let label = &self.metrics_label;
         metrics::counter!(m::TRAINING_STEPS_TOTAL, "adapter" => label.clone()).increment(1);
         metrics::gauge!(m::TRAINING_LOSS, "adapter" => label.clone()).set(loss);
@@ -552,9 +605,30 @@ impl JobReport<'_> {
             progress.held_out_before = Some(point.clone());
         }
         progress.held_out = Some(point);
-        self.shared
+        self.save_progress()
+    }
+
+    /// Writes the job's progress while this server holds its lease.
+    fn save_progress(&self) -> Result<(), String> {
+        let held = self
+            .shared
             .db
-            .set_progress(&self.job.id, progress)
-            .map_err(|e| e.to_string())
+            .set_progress(
+                &self.job.id,
+                &self.job.progress,
+                &self.shared.lease,
+                unix_now_ms(),
+            )
+            .map_err(|e| e.to_string())?;
+        if !held {
+            self.lost_lease();
+        }
+        Ok(())
+    }
+
+    /// The job is no longer this server's: the run stops at the next check, writing nothing.
+    fn lost_lease(&self) {
+        self.lease_lost.store(true, Ordering::SeqCst);
+        self.cancelled.store(true, Ordering::SeqCst);
     }
 }

@@ -46,7 +46,8 @@ const TABLES: &[Table] = &[
     },
     Table {
         name: "versions",
-        columns: "adapter, version, created_at, job_id, step, held_out",
+        columns: "adapter, version, created_at, job_id, step, held_out, published_ms, \
+                  config_json, weights, weights_sha256",
         order: Some("adapter, version"),
         serial: None,
     },

@@ -1,10 +1,16 @@
 //! Jobs: their specs, status and progress, their examples and their step logs (the log that
-//! resumes and replays a job bit for bit).
+//! resumes and replays a job bit for bit), and the leases under which servers run them.
+//!
+//! A server runs a job only while it holds the job's lease: it takes a queued job (or a running
+//! one whose lease has lapsed: its server died) in one transaction, renews the lease while the
+//! job runs, and every write of the job's progress checks that the lease is still its own. A
+//! server that lost its lease (it stalled past it, or the job was cancelled elsewhere) stops
+//! without writing, and another server resumes the job from its step log.
 
 use plugin::{StepRecord, TrainingExample};
 
 use super::events::insert_event;
-use super::sql::{row_placeholders, values, Row, SqlConnection, Value};
+use super::sql::{row_placeholders, values, Dialect, Row, SqlConnection, Value};
 use super::{corrupt, json, Db, DbError, DbResult};
 use crate::training::job::{EventKind, EventLevel, Job, JobSpec, JobStatus, Progress};
 use crate::training::JobQuota;
@@ -28,6 +34,14 @@ pub enum Admission {
     AdapterFull {
         stored: usize,
     },
+}
+
+/// A server's claim on the jobs it runs: its name in the `lease_owner` column, and how long a
+/// lease lasts from its last renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    pub duration_ms: u64,
 }
 
 impl Db {
@@ -94,14 +108,66 @@ impl Db {
         }
     }
 
-    /// The oldest queued job whose adapter has no running job.
-    pub fn next_queued_job(&self) -> DbResult<Option<Job>> {
-        let rows = self.jobs_where(
-            "WHERE status = 'queued' AND adapter NOT IN
-               (SELECT adapter FROM jobs WHERE status = 'running') ORDER BY seq LIMIT 1",
-            &[],
-        )?;
-        Ok(rows.into_iter().next())
+    /// Takes the next job to run under `lease` (at `now_ms`, Unix milliseconds), marked
+    /// running: a running job whose lease has lapsed (its server died; it resumes from its
+    /// step log), else the oldest queued job; never a job of an adapter that has a running job
+    /// under a live lease. Claims are serialized across servers, so each job has one taker.
+    pub fn claim_next_job(&self, lease: &Lease, now_ms: u64) -> DbResult<Option<Job>> {
+        self.transaction(|conn| {
+            if conn.dialect() == Dialect::Postgres {
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(?1)",
+                    &values![super::postgres::CLAIM_LOCK],
+                )?;
+            }
+            let rows = conn.query(
+                &format!(
+                    "{JOB_COLUMNS} WHERE (status = 'queued'
+                       OR (status = 'running' AND COALESCE(lease_expires_ms, 0) < ?1))
+                     AND adapter NOT IN (SELECT adapter FROM jobs
+                       WHERE status = 'running' AND COALESCE(lease_expires_ms, 0) >= ?1)
+                     ORDER BY CASE WHEN status = 'running' THEN 0 ELSE 1 END, seq LIMIT 1"
+                ),
+                &values![now_ms],
+            )?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let mut job = job_from_row(row)?;
+            conn.execute(
+                "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?2),
+                   lease_owner = ?3, lease_expires_ms = ?4
+                 WHERE id = ?1",
+                &values![
+                    &job.id,
+                    now_ms / 1000,
+                    &lease.owner,
+                    now_ms + lease.duration_ms
+                ],
+            )?;
+            job.status = JobStatus::Running;
+            job.started_at = job.started_at.or(Some(now_ms / 1000));
+            Ok(Some(job))
+        })
+    }
+
+    /// Extends `lease` on running job `id` from `now_ms`; false when the lease is no longer
+    /// this server's (the job was cancelled, or its lease lapsed and another server took it).
+    pub fn renew_lease(&self, id: &str, lease: &Lease, now_ms: u64) -> DbResult<bool> {
+        self.transaction(|conn| renew_on(conn, id, lease, now_ms))
+    }
+
+    /// Lets another server take running job `id` at once (this one is stopping); the job stays
+    /// running, to be resumed from its step log.
+    pub fn release_lease(&self, id: &str, lease: &Lease) -> DbResult<()> {
+        self.transaction(|conn| {
+            conn.execute(
+                "UPDATE jobs SET lease_expires_ms = 0
+                 WHERE id = ?1 AND status = 'running' AND lease_owner = ?2",
+                &values![id, &lease.owner],
+            )
+        })?;
+        Ok(())
     }
 
     /// Jobs of `adapter` that are queued or running.
@@ -121,22 +187,26 @@ impl Db {
         now: u64,
         error: Option<&str>,
     ) -> DbResult<bool> {
-        self.transaction(|conn| transition_on(conn, id, from, to, now, error))
+        self.transaction(|conn| transition_on(conn, id, (from, None), to, now, error))
     }
 
     /// [`Self::transition`] and, when the job moved, its event, in one transaction: whoever sees
     /// the new status also finds the event (a job's event stream ends on a finished status).
+    /// With `held_by`, the job moves only while that server holds its lease (the server that
+    /// ran it ends it; a server that lost it does not).
     pub fn transition_with_event(
         &self,
         id: &str,
         change: (&[JobStatus], JobStatus, Option<&str>),
+        held_by: Option<&Lease>,
         now: u64,
         event: (EventLevel, EventKind, &str, &serde_json::Value),
     ) -> DbResult<bool> {
         let (from, to, error) = change;
         let (level, kind, message, data) = event;
+        let holder = held_by.map(|lease| lease.owner.as_str());
         self.transaction(|conn| {
-            let moved = transition_on(conn, id, from, to, now, error)?;
+            let moved = transition_on(conn, id, (from, holder), to, now, error)?;
             if moved {
                 insert_event(conn, id, now, level, kind, message, data)?;
             }
@@ -144,8 +214,9 @@ impl Db {
         })
     }
 
-    /// At start-up: jobs that were running when the server stopped go back to the queue (they
-    /// resume from their step logs). Returns how many.
+    /// At start-up of the only server of a database (SQLite): jobs that were running when it
+    /// stopped go back to the queue (they resume from their step logs, at once rather than
+    /// when their leases lapse). Returns how many.
     pub fn requeue_interrupted(&self) -> DbResult<usize> {
         let requeued = self.transaction(|conn| {
             conn.execute(
@@ -179,14 +250,16 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_progress(&self, id: &str, progress: &Progress) -> DbResult<()> {
-        self.transaction(|conn| {
-            conn.execute(
-                "UPDATE jobs SET progress = ?2 WHERE id = ?1",
-                &values![id, json(progress)],
-            )
-        })?;
-        Ok(())
+    /// Writes the progress of running job `id`, renewing `lease`; false (nothing written) when
+    /// the lease is no longer this server's.
+    pub fn set_progress(
+        &self,
+        id: &str,
+        progress: &Progress,
+        lease: &Lease,
+        now_ms: u64,
+    ) -> DbResult<bool> {
+        self.transaction(|conn| set_progress_on(conn, id, progress, lease, now_ms))
     }
 
     /// A job's training and held-out examples, in their posted order.
@@ -210,19 +283,26 @@ impl Db {
         Ok((train, held_out))
     }
 
-    /// Appends a step record and the job's progress in one transaction.
-    pub fn record_step(&self, id: &str, record: &StepRecord, progress: &Progress) -> DbResult<()> {
+    /// Appends a step record and the job's progress in one transaction, renewing `lease`;
+    /// false (nothing written) when the lease is no longer this server's.
+    pub fn record_step(
+        &self,
+        id: &str,
+        record: &StepRecord,
+        progress: &Progress,
+        lease: &Lease,
+        now_ms: u64,
+    ) -> DbResult<bool> {
         self.transaction(|conn| {
+            if !set_progress_on(conn, id, progress, lease, now_ms)? {
+                return Ok(false);
+            }
             conn.execute(
                 "INSERT INTO steps (job_id, step, record) VALUES (?1, ?2, ?3)",
                 &values![id, record.step, json(record)],
             )?;
-            conn.execute(
-                "UPDATE jobs SET progress = ?2 WHERE id = ?1",
-                &values![id, json(progress)],
-            )
-        })?;
-        Ok(())
+            Ok(true)
+        })
     }
 
     /// The job's step log, in step order.
@@ -267,11 +347,41 @@ fn job_from_row(row: &Row) -> DbResult<Job> {
     })
 }
 
-/// Moves job `id` from one of the statuses `from` to `to`; whether it moved.
+pub(super) fn renew_on(
+    conn: &mut dyn SqlConnection,
+    id: &str,
+    lease: &Lease,
+    now_ms: u64,
+) -> DbResult<bool> {
+    let renewed = conn.execute(
+        "UPDATE jobs SET lease_expires_ms = ?3
+         WHERE id = ?1 AND status = 'running' AND lease_owner = ?2",
+        &values![id, &lease.owner, now_ms + lease.duration_ms],
+    )?;
+    Ok(renewed == 1)
+}
+
+fn set_progress_on(
+    conn: &mut dyn SqlConnection,
+    id: &str,
+    progress: &Progress,
+    lease: &Lease,
+    now_ms: u64,
+) -> DbResult<bool> {
+    let written = conn.execute(
+        "UPDATE jobs SET progress = ?4, lease_expires_ms = ?3
+         WHERE id = ?1 AND status = 'running' AND lease_owner = ?2",
+        &values![id, &lease.owner, now_ms + lease.duration_ms, json(progress)],
+    )?;
+    Ok(written == 1)
+}
+
+/// Moves job `id` from one of the statuses `from` (and, when a holder is given, only while
+/// that server holds its lease) to `to`; whether it moved.
 fn transition_on(
     conn: &mut dyn SqlConnection,
     id: &str,
-    from: &[JobStatus],
+    (from, holder): (&[JobStatus], Option<&str>),
     to: JobStatus,
     now: u64,
     error: Option<&str>,
@@ -280,16 +390,23 @@ fn transition_on(
     let placeholders = from.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>();
     let started = (to == JobStatus::Running).then_some(now);
     let finished = to.is_finished().then_some(now);
+    let held = if holder.is_some() {
+        " AND lease_owner = ?6"
+    } else {
+        ""
+    };
+    let mut params = values![id, to.as_str(), started, finished, error].to_vec();
+    params.extend(holder.map(Value::from));
     let changed = conn.execute(
         &format!(
             "UPDATE jobs SET status = ?2,
                started_at = COALESCE(started_at, ?3),
                finished_at = ?4,
                error = ?5
-             WHERE id = ?1 AND status IN ({})",
+             WHERE id = ?1 AND status IN ({}){held}",
             placeholders.join(", ")
         ),
-        &values![id, to.as_str(), started, finished, error],
+        &params,
     )?;
     Ok(changed == 1)
 }

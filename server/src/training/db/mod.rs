@@ -6,8 +6,8 @@
 //!
 //! Everything a client was told is accepted (a job, its examples, a feedback item, a step) is
 //! committed before the reply or before the next step (SQLite with `synchronous = FULL`), so a
-//! `kill -9` loses nothing that was acknowledged. Adapter tensors are not here: each version is
-//! a PEFT folder on disk (see `super::publish`).
+//! `kill -9` loses nothing that was acknowledged. Each adapter version's files are kept here as
+//! well as in its PEFT folder on disk, so that any server sharing the database can serve it.
 //!
 //! One file per table group: `jobs` (jobs, examples, step logs), `events`, `versions` (versions,
 //! live pointers, adapter settings), `files`, `feedback` (remembered completions and feedback).
@@ -33,8 +33,10 @@ mod postgres_cluster;
 pub use copy::CopyReport;
 pub use feedback::{FeedbackItem, PendingFeedback, StoredCompletion};
 pub use files::StoredFile;
-pub use jobs::{Admission, JobLimits};
+pub use jobs::{Admission, JobLimits, Lease};
 pub use location::DatabaseUrl;
+pub use postgres::VersionNotices;
+pub use versions::{sha256_hex, NewVersion, VersionHead};
 
 use sql::SqlConnection;
 
@@ -57,11 +59,6 @@ pub enum DbError {
         #[source]
         source: ::postgres::Error,
     },
-    #[error(
-        "the fine-tuning database {url} is in use by another `mezo serve`; replicas cannot share \
-         one database yet: stop the other server, or give this one its own database"
-    )]
-    InUse { url: String },
     #[error(
         "the database to copy into already holds {rows} rows; copy into an empty one (a new \
          PostgreSQL database, or a SQLite path that does not exist yet)"
@@ -118,6 +115,12 @@ trait Backend: Send + Sync {
         &self,
         work: &mut (dyn FnMut(&mut dyn SqlConnection) -> DbResult<()> + Send),
     ) -> DbResult<()>;
+
+    /// A listener for changes other servers sharing the database make to adapter versions;
+    /// `None` where no other server can share it (SQLite).
+    fn version_notices(&self) -> Option<VersionNotices> {
+        None
+    }
 }
 
 pub struct Db {
@@ -158,6 +161,18 @@ impl Db {
         })
     }
 
+    /// A listener for the adapter versions other servers publish, roll back or delete;
+    /// `None` when no other server can share this database (SQLite).
+    pub fn version_notices(&self) -> Option<VersionNotices> {
+        self.backend.version_notices()
+    }
+
+    /// Whether other servers may share this database (PostgreSQL): then a job can be running
+    /// on another server, and nothing that is running may be taken back at start.
+    pub fn is_shared(&self) -> bool {
+        self.version_notices().is_some()
+    }
+
     /// Runs `work` in one transaction; its result once committed.
     fn transaction<R: Send>(
         &self,
@@ -182,6 +197,7 @@ mod tests {
     use crate::training::job::{
         EventKind, EventLevel, Job, JobOrigin, JobSpec, JobStatus, Progress, VersionInfo,
     };
+    use adapters::peft::PeftFiles;
     use plugin::{ObjectiveKind, StepRecord, TrainerConfig, TrainingExample};
 
     /// The storage suite: every case runs on SQLite (one test each, in memory) and on a
@@ -216,18 +232,18 @@ mod tests {
         many_examples_keep_their_order_and_their_split,
         a_finished_status_and_its_event_are_written_together,
         the_queue_runs_one_job_per_adapter_in_order,
+        a_job_whose_lease_lapses_is_taken_over_before_queued_ones,
+        published_versions_are_numbered_in_turn_and_keep_their_files,
         events_page_forwards_and_backwards,
         feedback_counts_until_a_job_takes_it,
         old_completions_are_forgotten
     );
 
     #[test]
-    fn postgresql_lost_is_unavailable_then_reconnected_and_a_second_server_is_refused() {
+    fn postgresql_lost_is_unavailable_then_reconnected() {
         let cluster = postgres_cluster::PostgresCluster::start();
         let url = DatabaseUrl::Postgres(cluster.create_database("lost"));
         let db = Db::open(&url).unwrap();
-        let second = Db::open(&url).err().expect("a second server is refused");
-        assert!(matches!(second, DbError::InUse { .. }), "{second}");
         db.insert_job(&job("j1", "x"), &[example("t")], &[])
             .unwrap();
 
@@ -287,8 +303,14 @@ mod tests {
             optimizer: plugin::Optimizer::Sgd,
             trained_tensors: plugin::TrainedTensors::LoraB,
         };
-        db.record_step("ftjob-1", &record, &Progress::default())
-            .unwrap();
+        let lease = lease("a");
+        assert_eq!(
+            db.claim_next_job(&lease, 1_000).unwrap().unwrap().id,
+            "ftjob-1"
+        );
+        assert!(db
+            .record_step("ftjob-1", &record, &Progress::default(), &lease, 2_000)
+            .unwrap());
         let data = serde_json::json!({ "step": 0 });
         db.add_event(
             "ftjob-1",
@@ -421,6 +443,13 @@ mod tests {
         }
     }
 
+    fn lease(owner: &str) -> Lease {
+        Lease {
+            owner: owner.into(),
+            duration_ms: 10_000,
+        }
+    }
+
     fn example(text: &str) -> TrainingExample {
         TrainingExample::Completion {
             prompt: text.into(),
@@ -539,8 +568,24 @@ mod tests {
             optimizer: plugin::Optimizer::Momentum { beta: 0.9 },
             trained_tensors: plugin::TrainedTensors::LoraB,
         };
-        db.record_step("ftjob-a", &record, &Progress::default())
-            .unwrap();
+        let lease = lease("a");
+        // Only the job's lease holder writes its steps.
+        assert!(!db
+            .record_step("ftjob-a", &record, &Progress::default(), &lease, 0)
+            .unwrap());
+        assert_eq!(db.claim_next_job(&lease, 0).unwrap().unwrap().id, "ftjob-a");
+        assert!(db
+            .record_step("ftjob-a", &record, &Progress::default(), &lease, 0)
+            .unwrap());
+        assert!(!db
+            .record_step(
+                "ftjob-a",
+                &record,
+                &Progress::default(),
+                &self::lease("b"),
+                0
+            )
+            .unwrap());
         assert_eq!(db.step_log("ftjob-a").unwrap(), vec![record]);
     }
 
@@ -549,7 +594,7 @@ mod tests {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("mezo.sqlite");
         // What the release before schema versions left: the first migration's tables (no job
-        // owners), user_version 0, and job specs without `estimator` (they all ran with central
+        // owners, leases or version files), user_version 0, and job specs without `estimator` (they all ran with central
         // differences).
         let db = Db::open_sqlite(&path).unwrap();
         db.insert_job(&job("ftjob-old", "x"), &[example("t")], &[])
@@ -562,8 +607,18 @@ mod tests {
                 [],
             )
             .unwrap();
-            conn.execute("ALTER TABLE jobs DROP COLUMN owner", [])
-                .unwrap();
+            for (table, column) in [
+                ("jobs", "owner"),
+                ("jobs", "lease_owner"),
+                ("jobs", "lease_expires_ms"),
+                ("versions", "published_ms"),
+                ("versions", "config_json"),
+                ("versions", "weights"),
+                ("versions", "weights_sha256"),
+            ] {
+                conn.execute(&format!("ALTER TABLE {table} DROP COLUMN {column}"), [])
+                    .unwrap();
+            }
             conn.pragma_update(None, "user_version", 0).unwrap();
         }
         let reopened = Db::open_sqlite(&path).unwrap();
@@ -598,30 +653,50 @@ mod tests {
             &serde_json::json!({ "status": "cancelled" }),
         );
         let cancel = (&[JobStatus::Queued][..], JobStatus::Cancelled, None);
-        assert!(db.transition_with_event("j1", cancel, 7, event).unwrap());
+        assert!(db
+            .transition_with_event("j1", cancel, None, 7, event)
+            .unwrap());
         assert_eq!(db.job("j1").unwrap().unwrap().status, JobStatus::Cancelled);
         let events = db.events("j1", 0, 10).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].message, "job cancelled");
         // A job that is not in `from` does not move, and gets no event.
-        assert!(!db.transition_with_event("j1", cancel, 8, event).unwrap());
+        assert!(!db
+            .transition_with_event("j1", cancel, None, 8, event)
+            .unwrap());
         assert_eq!(db.events("j1", 0, 10).unwrap().len(), 1);
+
+        // A running job is finished only by the server holding its lease.
+        db.insert_job(&job("j2", "x"), &[], &[]).unwrap();
+        let (a, b) = (lease("a"), lease("b"));
+        db.claim_next_job(&a, 0).unwrap().unwrap();
+        let succeed = (&[JobStatus::Running][..], JobStatus::Succeeded, None);
+        assert!(!db
+            .transition_with_event("j2", succeed, Some(&b), 9, event)
+            .unwrap());
+        assert!(db
+            .transition_with_event("j2", succeed, Some(&a), 9, event)
+            .unwrap());
+        assert_eq!(db.job("j2").unwrap().unwrap().status, JobStatus::Succeeded);
     }
 
     fn the_queue_runs_one_job_per_adapter_in_order(db: &Db) {
         for (id, adapter) in [("j1", "x"), ("j2", "x"), ("j3", "y")] {
             db.insert_job(&job(id, adapter), &[], &[]).unwrap();
         }
-        assert_eq!(db.next_queued_job().unwrap().unwrap().id, "j1");
-        assert!(db
-            .transition("j1", &[JobStatus::Queued], JobStatus::Running, 5, None)
-            .unwrap());
-        // x is busy: y's job is next.
-        assert_eq!(db.next_queued_job().unwrap().unwrap().id, "j3");
+        let (a, b) = (lease("a"), lease("b"));
+        let claimed = db.claim_next_job(&a, 0).unwrap().unwrap();
+        assert_eq!(
+            (claimed.id.as_str(), claimed.status),
+            ("j1", JobStatus::Running)
+        );
+        // x is busy: y's job is next, then nothing while j1's lease lives.
+        assert_eq!(db.claim_next_job(&b, 1).unwrap().unwrap().id, "j3");
+        assert!(db.claim_next_job(&b, 2).unwrap().is_none());
         assert!(!db
             .transition("j1", &[JobStatus::Queued], JobStatus::Cancelled, 6, None)
             .unwrap());
-        assert_eq!(db.requeue_interrupted().unwrap(), 1);
+        assert_eq!(db.requeue_interrupted().unwrap(), 2);
         assert_eq!(db.job("j1").unwrap().unwrap().status, JobStatus::Queued);
         let listed: Vec<String> = db
             .list_jobs(None, 2)
@@ -637,6 +712,89 @@ mod tests {
             .map(|j| j.id)
             .collect();
         assert_eq!(rest, ["j1"]);
+    }
+
+    fn a_job_whose_lease_lapses_is_taken_over_before_queued_ones(db: &Db) {
+        for (id, adapter) in [("j1", "x"), ("j2", "x"), ("j3", "y")] {
+            db.insert_job(&job(id, adapter), &[], &[]).unwrap();
+        }
+        let (a, b) = (lease("a"), lease("b"));
+        assert_eq!(db.claim_next_job(&a, 0).unwrap().unwrap().id, "j1");
+        // Renewed at 5 s, a's lease on j1 lives to 15 s.
+        assert!(db.renew_lease("j1", &a, 5_000).unwrap());
+        assert_eq!(db.claim_next_job(&b, 14_000).unwrap().unwrap().id, "j3");
+        assert!(db.claim_next_job(&b, 15_000).unwrap().is_none());
+        // a stopped renewing: b resumes j1 ahead of the queued j2, and a's lease is gone.
+        let taken = db.claim_next_job(&b, 15_001).unwrap().unwrap();
+        assert_eq!(
+            (taken.id.as_str(), taken.status),
+            ("j1", JobStatus::Running)
+        );
+        assert!(!db.renew_lease("j1", &a, 15_002).unwrap());
+        assert!(!db
+            .set_progress("j1", &Progress::default(), &a, 15_002)
+            .unwrap());
+        assert!(db
+            .set_progress("j1", &Progress::default(), &b, 15_002)
+            .unwrap());
+        // A stopping server hands its lease back: the job is free at once.
+        db.release_lease("j1", &b).unwrap();
+        assert_eq!(db.claim_next_job(&a, 15_003).unwrap().unwrap().id, "j1");
+        assert_eq!(db.job("j2").unwrap().unwrap().status, JobStatus::Queued);
+    }
+
+    fn published_versions_are_numbered_in_turn_and_keep_their_files(db: &Db) {
+        let files = |byte: u8| PeftFiles {
+            config_json: format!("{{\"r\": {byte}}}"),
+            weights: vec![byte; 3],
+        };
+        let (one, two) = (files(1), files(2));
+        let new = |files| NewVersion {
+            adapter: "x",
+            files,
+            created_at: 5,
+            published_ms: 5_000,
+            made_by: None,
+            local_floor: 0,
+            held: None,
+        };
+        assert_eq!(db.publish_version(&new(&one)).unwrap(), Some(1));
+        // A server that has a folder the database never heard of numbers past it.
+        let past_local = NewVersion {
+            local_floor: 4,
+            ..new(&two)
+        };
+        assert_eq!(db.publish_version(&past_local).unwrap(), Some(5));
+        assert_eq!(db.live_versions().unwrap(), [("x".to_string(), 5)]);
+        // Kept where replicas may need them: in a database that servers share.
+        let kept = |files: &PeftFiles| db.is_shared().then(|| files.clone());
+        assert_eq!(db.version_files("x", 1).unwrap(), kept(&one));
+        assert_eq!(db.version_files("x", 5).unwrap(), kept(&two));
+        assert_eq!(db.version_files("x", 2).unwrap(), None);
+        let heads = db.version_heads().unwrap();
+        assert_eq!(heads.len(), 2);
+        assert_eq!(heads[1].version, 5);
+        assert_eq!(heads[1].published_ms, Some(5_000));
+        assert_eq!(heads[1].weights_sha256, Some(sha256_hex(&two.weights)));
+
+        // A job publishes only while it holds its lease.
+        db.insert_job(&job("j1", "x"), &[], &[]).unwrap();
+        let (a, b) = (lease("a"), lease("b"));
+        db.claim_next_job(&a, 0).unwrap().unwrap();
+        let by_job = |held| NewVersion {
+            made_by: Some(("j1", 3, None)),
+            held: Some(held),
+            ..new(&two)
+        };
+        assert_eq!(db.publish_version(&by_job((&b, 1))).unwrap(), None);
+        assert_eq!(db.publish_version(&by_job((&a, 1))).unwrap(), Some(6));
+        let head = db.version_heads().unwrap().pop().unwrap();
+        assert_eq!((head.job_id.as_deref(), head.step), (Some("j1"), Some(3)));
+
+        // A version whose folder could not be written is taken back; 5 is live again.
+        db.withdraw_version("x", 6, Some(5)).unwrap();
+        assert_eq!(db.live_versions().unwrap(), [("x".to_string(), 5)]);
+        assert_eq!(db.version_heads().unwrap().len(), 2);
     }
 
     fn events_page_forwards_and_backwards(db: &Db) {

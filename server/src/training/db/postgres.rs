@@ -1,16 +1,16 @@
 //! The PostgreSQL backend (`--database postgres://…`): one connection behind a lock, opened
-//! again when it drops, and the schema's history for PostgreSQL.
+//! again when it drops, the schema's history for PostgreSQL, and the channel on which replicas
+//! sharing the database hear of each other's adapter versions (`LISTEN`/`NOTIFY`).
 //!
-//! One server per database for now: the server holds a session advisory lock on its database
-//! and a second server is refused at start, as a second server on one SQLite file is. (At
-//! start a server puts jobs that were running back in the queue; with two servers it would
-//! take the other's running jobs.)
+//! Any number of servers may share one database (replicas behind a load balancer): jobs are
+//! taken under leases (see `jobs`), versions are numbered by the database (see `versions`).
 
 use std::collections::HashMap;
 use std::error::Error;
 use std::sync::{Mutex, PoisonError};
 
 use bytes::BytesMut;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{FromSql, IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
@@ -18,15 +18,24 @@ use super::location::redact_password;
 use super::sql::{numbered_dollar_placeholders, Dialect, Row, SqlConnection, Value};
 use super::{Backend, DbError, DbResult};
 
-/// The key of the advisory lock a server holds on its database ("mezo" in ASCII).
-const SERVER_LOCK: i64 = 0x6d65_7a6f;
+/// The key of the advisory lock held while the schema is migrated ("mezo" in ASCII, plus one:
+/// the key an earlier release held for the whole session).
+const MIGRATION_LOCK: i64 = 0x6d65_7a70;
+
+/// The key of the advisory lock held while a job is claimed, so that two replicas looking for
+/// work at once never both take a job, nor two jobs of one adapter.
+pub(super) const CLAIM_LOCK: i64 = 0x6d65_7a71;
+
+/// The channel on which a change to adapter versions (a publish, a rollback, a delete) is
+/// announced to every replica.
+pub const VERSIONS_CHANNEL: &str = "mezo_versions";
 
 /// How long a connection attempt waits when the URL sets no `connect_timeout`.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The migrations in order: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`.
 /// Never edit one that has shipped; add the next.
-const MIGRATIONS: &[&str] = &[TABLES];
+const MIGRATIONS: &[&str] = &[TABLES, LEASES_AND_VERSION_FILES];
 
 /// Version 1: every table, as SQLite's schema has them at its version 3, with 64-bit integers.
 const TABLES: &str = "
@@ -113,6 +122,16 @@ CREATE TABLE feedback (
 CREATE INDEX feedback_by_adapter ON feedback (adapter, job_id);
 ";
 
+/// Version 2: as SQLite's version 4, job leases and versions' files.
+const LEASES_AND_VERSION_FILES: &str = "
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires_ms BIGINT;
+ALTER TABLE versions ADD COLUMN published_ms BIGINT;
+ALTER TABLE versions ADD COLUMN config_json TEXT;
+ALTER TABLE versions ADD COLUMN weights BYTEA;
+ALTER TABLE versions ADD COLUMN weights_sha256 TEXT;
+";
+
 /// The schema version this release writes.
 pub const CURRENT_VERSION: u32 = MIGRATIONS.len() as u32;
 
@@ -134,7 +153,7 @@ struct Connection {
 const MAX_PREPARED_STATEMENTS: usize = 256;
 
 impl PostgresBackend {
-    /// Connects, takes the server's lock on the database, and brings its schema up to date.
+    /// Connects and brings the database's schema up to date.
     pub fn connect(url: &str) -> DbResult<Self> {
         let backend = Self {
             url: url.to_string(),
@@ -155,7 +174,7 @@ impl PostgresBackend {
         }
     }
 
-    /// A new connection holding the server's lock, its schema migrated.
+    /// A new connection, the schema migrated.
     fn open_connection(&self) -> DbResult<Connection> {
         let mut config: postgres::Config = self.url.parse().map_err(|e| self.error(e))?;
         if config.get_connect_timeout().is_none() {
@@ -164,15 +183,6 @@ impl PostgresBackend {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let mut client = config.connect(NoTls).map_err(|e| self.error(e))?;
-        let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVER_LOCK])
-            .map_err(|e| self.error(e))?
-            .get(0);
-        if !locked {
-            return Err(DbError::InUse {
-                url: redact_password(&self.url),
-            });
-        }
         migrate(&mut client).map_err(|err| match err {
             MigrationError::Postgres(e) => self.error(e),
             MigrationError::Db(e) => e,
@@ -229,6 +239,66 @@ impl Backend for PostgresBackend {
     ) -> DbResult<()> {
         off_the_async_runtime(|| self.transaction_here(work))
     }
+
+    fn version_notices(&self) -> Option<VersionNotices> {
+        Some(VersionNotices {
+            url: self.url.clone(),
+            client: None,
+        })
+    }
+}
+
+/// A connection of its own that listens on the versions channel (`mezo_versions`): the blocking
+/// wait of a replica's replication thread. It connects (again) when it needs to.
+pub struct VersionNotices {
+    url: String,
+    client: Option<Client>,
+}
+
+impl VersionNotices {
+    /// Waits up to `timeout` for a change to be announced: `Ok(true)` when one was (all
+    /// announcements that arrived are taken), `Ok(false)` when none came. After an error the
+    /// next call connects again; changes announced while disconnected are not heard, so the
+    /// caller looks at the database after every wait, announced or not.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> DbResult<bool> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            let mut config: postgres::Config = self.url.parse().map_err(|e| self.error(e))?;
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(CONNECT_TIMEOUT);
+            }
+            let mut client = config.connect(NoTls).map_err(|e| self.error(e))?;
+            client
+                .batch_execute(&format!("LISTEN {VERSIONS_CHANNEL}"))
+                .map_err(|e| self.error(e))?;
+            self.client = Some(client);
+        }
+        let first = {
+            let client = self.client.as_mut().expect("connected just above");
+            let mut notifications = client.notifications();
+            let first = notifications.timeout_iter(timeout).next();
+            if first.is_ok() {
+                // Several changes may be announced at once: one look at the database covers all.
+                while let Ok(Some(_)) = notifications.iter().next() {}
+            }
+            first
+        };
+        let heard = match first {
+            Ok(heard) => heard.is_some(),
+            Err(e) => {
+                self.client = None;
+                return Err(self.error(e));
+            }
+        };
+        Ok(heard)
+    }
+
+    fn error(&self, source: postgres::Error) -> DbError {
+        DbError::Postgres {
+            url: redact_password(&self.url),
+            source,
+        }
+    }
 }
 
 /// Runs `call` where the blocking client may run. `postgres`'s blocking client drives its
@@ -263,7 +333,7 @@ impl From<postgres::Error> for MigrationError {
 /// another server migrating at the same time; refuses a database of a newer release.
 fn migrate(client: &mut Client) -> Result<(), MigrationError> {
     let mut transaction = client.transaction()?;
-    transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&(SERVER_LOCK + 1)])?;
+    transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     transaction.batch_execute(
         "CREATE TABLE IF NOT EXISTS mezo_schema (version BIGINT NOT NULL);
          INSERT INTO mezo_schema (version) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM mezo_schema);",

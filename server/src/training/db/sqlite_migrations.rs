@@ -11,7 +11,12 @@ use rusqlite::Connection;
 use super::{DbError, DbResult};
 
 /// The migrations in order: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`.
-const MIGRATIONS: &[&str] = &[TABLES, SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL, JOB_OWNERS];
+const MIGRATIONS: &[&str] = &[
+    TABLES,
+    SPECS_WITHOUT_ESTIMATOR_ARE_CENTRAL,
+    JOB_OWNERS,
+    LEASES_AND_VERSION_FILES,
+];
 
 /// Version 1: every table.
 const TABLES: &str = "
@@ -106,6 +111,19 @@ WHERE json_type(spec, '$.trainer.estimator') IS NULL;
 /// jobs; jobs stored before have none.
 const JOB_OWNERS: &str = "
 ALTER TABLE jobs ADD COLUMN owner TEXT;
+";
+
+/// Version 4: the lease of a running job (which server runs it, until when), and each
+/// version's files, so that a server that lacks a version's folder can write it (after a crash
+/// between the row and the folder, or a replica sharing a PostgreSQL database). Versions
+/// published before have no files here; their folders are on disk.
+const LEASES_AND_VERSION_FILES: &str = "
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires_ms INTEGER;
+ALTER TABLE versions ADD COLUMN published_ms INTEGER;
+ALTER TABLE versions ADD COLUMN config_json TEXT;
+ALTER TABLE versions ADD COLUMN weights BLOB;
+ALTER TABLE versions ADD COLUMN weights_sha256 TEXT;
 ";
 
 /// The schema version this release writes.

@@ -1,13 +1,201 @@
 //! Adapters: their published versions, the live version of each, and their continuous-training
 //! settings.
+//!
+//! The database numbers versions: a publish takes the adapter's next number in the transaction
+//! that stores the version's row and files, so servers sharing the database never pick the same
+//! one. Every change to versions (a publish, a rollback, a delete) is announced on PostgreSQL's
+//! [`VERSIONS_CHANNEL`] when it commits.
 
 use std::collections::HashSet;
 
-use super::sql::values;
+use adapters::peft::PeftFiles;
+use sha2::{Digest, Sha256};
+
+use super::jobs::{renew_on, Lease};
+use super::postgres::VERSIONS_CHANNEL;
+use super::sql::{values, Dialect, SqlConnection};
 use super::{corrupt, json, Db, DbResult};
 use crate::training::job::{HeldOutPoint, VersionInfo};
 
+/// A version to publish: its files and what made it.
+pub struct NewVersion<'a> {
+    pub adapter: &'a str,
+    pub files: &'a PeftFiles,
+    pub created_at: u64,
+    /// When it was published, in Unix milliseconds: replicas measure their lag from it.
+    pub published_ms: u64,
+    /// The job and step that made it, with its held-out evaluation; `None` for a folder loaded
+    /// from elsewhere.
+    pub made_by: Option<(&'a str, u64, Option<&'a HeldOutPoint>)>,
+    /// The highest version number this server has for the adapter (a folder the database never
+    /// heard of keeps its number).
+    pub local_floor: u32,
+    /// The lease the publishing job must still hold, with the time to renew it from.
+    pub held: Option<(&'a Lease, u64)>,
+}
+
+/// A version as replicas compare it with what they serve: everything but its files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionHead {
+    pub adapter: String,
+    pub version: u32,
+    pub job_id: Option<String>,
+    pub step: Option<u64>,
+    pub published_ms: Option<u64>,
+    /// SHA-256 of its weights file, hex; `None` for versions stored before files were.
+    pub weights_sha256: Option<String>,
+}
+
+/// The lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Tells the other servers sharing the database that `adapter`'s versions changed, when this
+/// transaction commits.
+fn announce(conn: &mut dyn SqlConnection, adapter: &str) -> DbResult<()> {
+    if conn.dialect() == Dialect::Postgres {
+        conn.execute(
+            "SELECT pg_notify(?1, ?2)",
+            &values![VERSIONS_CHANNEL, adapter],
+        )?;
+    }
+    Ok(())
+}
+
 impl Db {
+    /// Stores `new` as its adapter's next version, live at once, and returns its number; `None`
+    /// (nothing stored) when the publishing job no longer holds its lease (it was cancelled,
+    /// or another server took it over).
+    pub fn publish_version(&self, new: &NewVersion<'_>) -> DbResult<Option<u32>> {
+        let (job_id, step, held_out) = match new.made_by {
+            Some((job, step, held_out)) => (Some(job), Some(step), held_out),
+            None => (None, None, None),
+        };
+        self.transaction(|conn| {
+            if let (Some((lease, now_ms)), Some(job)) = (new.held, job_id) {
+                if !renew_on(conn, job, lease, now_ms)? {
+                    return Ok(None);
+                }
+            }
+            // The adapter's row, locked until commit: publishes of one adapter take turns.
+            conn.execute(
+                "INSERT INTO adapters (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                &values![new.adapter],
+            )?;
+            conn.execute(
+                "UPDATE adapters SET name = name WHERE name = ?1",
+                &values![new.adapter],
+            )?;
+            let highest: u32 = conn.query_value(
+                "SELECT COALESCE(MAX(version), 0) FROM versions WHERE adapter = ?1",
+                &values![new.adapter],
+            )?;
+            let version = highest.max(new.local_floor) + 1;
+            // Replicas sharing PostgreSQL write a version they cannot rebuild from these; the
+            // only server of a SQLite file has the folder, and the copy would double its disk.
+            let weights =
+                (conn.dialect() == Dialect::Postgres).then_some(new.files.weights.as_slice());
+            conn.execute(
+                "INSERT INTO versions (adapter, version, created_at, job_id, step, held_out,
+                   published_ms, config_json, weights, weights_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                &values![
+                    new.adapter,
+                    version,
+                    new.created_at,
+                    job_id,
+                    step,
+                    held_out.map(json),
+                    new.published_ms,
+                    new.files.config_json.as_str(),
+                    weights,
+                    sha256_hex(&new.files.weights)
+                ],
+            )?;
+            conn.execute(
+                "UPDATE adapters SET live_version = ?2 WHERE name = ?1",
+                &values![new.adapter, version],
+            )?;
+            announce(conn, new.adapter)?;
+            Ok(Some(version))
+        })
+    }
+
+    /// Takes back `adapter@version`, published a moment ago by this server, whose folder could
+    /// not be written here (a full disk): its row goes, and a live pointer still on it returns
+    /// to `previous_live` (`None`: the adapter had no version before).
+    pub fn withdraw_version(
+        &self,
+        adapter: &str,
+        version: u32,
+        previous_live: Option<u32>,
+    ) -> DbResult<()> {
+        self.transaction(|conn| {
+            conn.execute(
+                "DELETE FROM versions WHERE adapter = ?1 AND version = ?2",
+                &values![adapter, version],
+            )?;
+            conn.execute(
+                "UPDATE adapters SET live_version = ?3 WHERE name = ?1 AND live_version = ?2",
+                &values![adapter, version, previous_live],
+            )?;
+            announce(conn, adapter)
+        })
+    }
+
+    /// Every version of every adapter, by adapter and version, without their files.
+    pub fn version_heads(&self) -> DbResult<Vec<VersionHead>> {
+        let rows = self.transaction(|conn| {
+            conn.query(
+                "SELECT adapter, version, job_id, step, published_ms, weights_sha256
+                 FROM versions ORDER BY adapter, version",
+                &[],
+            )
+        })?;
+        rows.iter()
+            .map(|row| {
+                Ok(VersionHead {
+                    adapter: row.get(0)?,
+                    version: row.get(1)?,
+                    job_id: row.get(2)?,
+                    step: row.get(3)?,
+                    published_ms: row.get(4)?,
+                    weights_sha256: row.get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The files of `adapter@version`, when the database has them (PostgreSQL keeps them;
+    /// SQLite keeps only their digest).
+    pub fn version_files(&self, adapter: &str, version: u32) -> DbResult<Option<PeftFiles>> {
+        let row = self.transaction(|conn| {
+            conn.query_opt(
+                "SELECT config_json, weights FROM versions WHERE adapter = ?1 AND version = ?2",
+                &values![adapter, version],
+            )
+        })?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        Ok(
+            match (
+                row.get::<Option<String>>(0)?,
+                row.get::<Option<Vec<u8>>>(1)?,
+            ) {
+                (Some(config_json), Some(weights)) => Some(PeftFiles {
+                    config_json,
+                    weights,
+                }),
+                _ => None,
+            },
+        )
+    }
+
     pub fn insert_version(&self, adapter: &str, info: &VersionInfo) -> DbResult<()> {
         self.transaction(|conn| {
             conn.execute(
@@ -76,9 +264,9 @@ impl Db {
                 "INSERT INTO adapters (name, live_version) VALUES (?1, ?2)
                  ON CONFLICT (name) DO UPDATE SET live_version = ?2",
                 &values![adapter, version],
-            )
-        })?;
-        Ok(())
+            )?;
+            announce(conn, adapter)
+        })
     }
 
     /// Live versions chosen by rollbacks or publishes, by adapter.
@@ -138,7 +326,7 @@ impl Db {
             ] {
                 conn.execute(statement, &values![adapter])?;
             }
-            Ok(())
+            announce(conn, adapter)
         })
     }
 }
