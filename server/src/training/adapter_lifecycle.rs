@@ -21,8 +21,8 @@ use adapters::peft::PeftFiles;
 use adapters::registry::ResolveError;
 use adapters::LoraAdapter;
 
-use super::db::NewVersion;
-use super::job::{HeldOutPoint, VersionInfo};
+use super::db::{JobPublish, NewVersion};
+use super::job::{HeldOutPoint, Progress, VersionInfo};
 use super::{Shared, Training, TrainingError};
 use crate::adapter_versions::PublishError;
 use crate::ids::{unix_now, unix_now_ms};
@@ -125,6 +125,9 @@ pub(super) struct Provenance<'a> {
     pub step: u64,
     /// Its held-out evaluation, when the job has held-out examples.
     pub held_out: Option<HeldOutPoint>,
+    /// The job's progress with this publish but for the version's number (stored with the
+    /// version, which appends its number).
+    pub progress: &'a Progress,
 }
 
 impl Shared {
@@ -167,11 +170,14 @@ impl Shared {
             files: &files,
             created_at,
             published_ms,
-            made_by: made_by
-                .as_ref()
-                .map(|m| (m.job_id, m.step, m.held_out.as_ref())),
             local_floor: self.adapters.highest_local_version(name),
-            held: made_by.as_ref().map(|_| (&self.lease, published_ms)),
+            made_by: made_by.as_ref().map(|m| JobPublish {
+                job_id: m.job_id,
+                step: m.step,
+                held_out: m.held_out.as_ref(),
+                lease: &self.lease,
+                progress: m.progress,
+            }),
         };
         let previous_live = self
             .adapters
@@ -183,7 +189,8 @@ impl Shared {
         };
         if let Err(err) = self.install_version(name, version, &files) {
             // The version would be listed, and live, with no folder to serve it from.
-            if let Err(undo) = self.db.withdraw_version(name, version, previous_live) {
+            let job = made_by.as_ref().map(|m| (m.job_id, m.progress));
+            if let Err(undo) = self.db.withdraw_version(name, version, previous_live, job) {
                 tracing::warn!(adapter = name, version, error = %undo, "cannot withdraw the version from the database");
             }
             return Err(err.into());

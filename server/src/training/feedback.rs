@@ -198,9 +198,14 @@ impl Training {
         };
         let job = self.build_job(&request)?;
         let ids: Vec<String> = pending.into_iter().map(|p| p.id).collect();
-        self.shared
+        if !self
+            .shared
             .db
-            .insert_feedback_job(&job, &request.train, &ids)?;
+            .insert_feedback_job(&job, &request.train, &ids)?
+        {
+            // A replica sharing the database started a job on these items a moment ago.
+            return Ok(None);
+        }
         self.queued(&job);
         Ok(Some(job))
     }

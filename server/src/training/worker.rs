@@ -466,10 +466,13 @@ impl<'a> JobRun<'a> {
             }
         }
         let adapter = self.report.job.spec.adapter.clone();
+        let mut progress = self.report.job.progress.clone();
+        progress.last_published_step = Some(done);
         let made_by = Provenance {
             job_id: &self.report.job.id,
             step,
             held_out: held_out_now,
+            progress: &progress,
         };
         let published = self
             .report
@@ -477,13 +480,15 @@ impl<'a> JobRun<'a> {
             .publish_version(&adapter, theta, made_by, self.report.cancelled)
             .map_err(|e| e.to_string())?;
         let Some(info) = published else {
-            // Cancelled: the run loop ends the job.
+            // Cancelled here (the run loop ends the job), or the lease is gone.
+            if !self.report.cancelled.load(Ordering::SeqCst) {
+                self.report.lost_lease();
+            }
             return Ok(());
         };
-        let progress = &mut self.report.job.progress;
+        // The database stored this progress with the version.
         progress.published_versions.push(info.version);
-        progress.last_published_step = Some(done);
-        self.report.save_progress()?;
+        self.report.job.progress = progress;
         self.report.shared.event(
             &self.report.job.id,
             EventLevel::Info,

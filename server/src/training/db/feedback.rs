@@ -173,22 +173,31 @@ impl Db {
             .collect()
     }
 
-    /// Stores a job made of feedback items and marks them used, in one transaction.
+    /// Stores a job made of feedback items and marks them used, in one transaction; false
+    /// (nothing stored) when another server's job took one of the items first.
     pub fn insert_feedback_job(
         &self,
         job: &Job,
         train: &[TrainingExample],
         feedback_ids: &[String],
-    ) -> DbResult<()> {
+    ) -> DbResult<bool> {
         self.transaction(|conn| {
-            super::jobs::insert_job_rows(conn, job, None, train, &[])?;
+            let mut taken = 0;
             for id in feedback_ids {
-                conn.execute(
-                    "UPDATE feedback SET job_id = ?1 WHERE id = ?2",
+                taken += conn.execute(
+                    "UPDATE feedback SET job_id = ?1 WHERE id = ?2 AND job_id IS NULL",
                     &values![&job.id, id],
                 )?;
             }
-            Ok(())
+            if taken < feedback_ids.len() as u64 {
+                conn.execute(
+                    "UPDATE feedback SET job_id = NULL WHERE job_id = ?1",
+                    &values![&job.id],
+                )?;
+                return Ok(false);
+            }
+            super::jobs::insert_job_rows(conn, job, None, train, &[])?;
+            Ok(true)
         })
     }
 }

@@ -376,6 +376,20 @@ fn set_progress_on(
     Ok(written == 1)
 }
 
+/// Writes job `id`'s progress (the caller has checked or renewed its lease in the same
+/// transaction).
+pub(super) fn write_progress(
+    conn: &mut dyn SqlConnection,
+    id: &str,
+    progress: &Progress,
+) -> DbResult<()> {
+    conn.execute(
+        "UPDATE jobs SET progress = ?2 WHERE id = ?1",
+        &values![id, json(progress)],
+    )?;
+    Ok(())
+}
+
 /// Moves job `id` from one of the statuses `from` (and, when a holder is given, only while
 /// that server holds its lease) to `to`; whether it moved.
 fn transition_on(

@@ -36,7 +36,7 @@ pub use files::StoredFile;
 pub use jobs::{Admission, JobLimits, Lease};
 pub use location::DatabaseUrl;
 pub use postgres::VersionNotices;
-pub use versions::{sha256_hex, NewVersion, VersionHead};
+pub use versions::{sha256_hex, JobPublish, NewVersion, VersionHead};
 
 use sql::SqlConnection;
 
@@ -354,8 +354,9 @@ mod tests {
             .unwrap();
         db.insert_feedback("fb-2", 6, "c2", "x", -1.0, Some("better"), 0)
             .unwrap();
-        db.insert_feedback_job(&job("ftjob-2", "x"), &[example("p1")], &["fb-1".into()])
-            .unwrap();
+        assert!(db
+            .insert_feedback_job(&job("ftjob-2", "x"), &[example("p1")], &["fb-1".into()])
+            .unwrap());
     }
 
     /// Everything the storage code reads back, as text.
@@ -754,9 +755,8 @@ mod tests {
             files,
             created_at: 5,
             published_ms: 5_000,
-            made_by: None,
             local_floor: 0,
-            held: None,
+            made_by: None,
         };
         assert_eq!(db.publish_version(&new(&one)).unwrap(), Some(1));
         // A server that has a folder the database never heard of numbers past it.
@@ -781,20 +781,35 @@ mod tests {
         db.insert_job(&job("j1", "x"), &[], &[]).unwrap();
         let (a, b) = (lease("a"), lease("b"));
         db.claim_next_job(&a, 0).unwrap().unwrap();
-        let by_job = |held| NewVersion {
-            made_by: Some(("j1", 3, None)),
-            held: Some(held),
+        let progress = Progress {
+            steps_done: 3,
+            ..Progress::default()
+        };
+        let by_job = |lease| NewVersion {
+            made_by: Some(JobPublish {
+                job_id: "j1",
+                step: 3,
+                held_out: None,
+                lease,
+                progress: &progress,
+            }),
             ..new(&two)
         };
-        assert_eq!(db.publish_version(&by_job((&b, 1))).unwrap(), None);
-        assert_eq!(db.publish_version(&by_job((&a, 1))).unwrap(), Some(6));
+        assert_eq!(db.publish_version(&by_job(&b)).unwrap(), None);
+        assert_eq!(db.publish_version(&by_job(&a)).unwrap(), Some(6));
         let head = db.version_heads().unwrap().pop().unwrap();
         assert_eq!((head.job_id.as_deref(), head.step), (Some("j1"), Some(3)));
+        // The job's progress names the version, written in the same transaction.
+        let stored = db.job("j1").unwrap().unwrap().progress;
+        assert_eq!((stored.steps_done, stored.published_versions), (3, vec![6]));
 
         // A version whose folder could not be written is taken back; 5 is live again.
-        db.withdraw_version("x", 6, Some(5)).unwrap();
+        db.withdraw_version("x", 6, Some(5), Some(("j1", &progress)))
+            .unwrap();
         assert_eq!(db.live_versions().unwrap(), [("x".to_string(), 5)]);
         assert_eq!(db.version_heads().unwrap().len(), 2);
+        let stored = db.job("j1").unwrap().unwrap().progress;
+        assert!(stored.published_versions.is_empty());
     }
 
     fn events_page_forwards_and_backwards(db: &Db) {
@@ -852,9 +867,16 @@ mod tests {
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[1].corrected_answer.as_deref(), Some("better"));
         let ids: Vec<String> = pending.iter().map(|p| p.id.clone()).collect();
-        db.insert_feedback_job(&job("j", "x"), &[example("p")], &ids)
-            .unwrap();
+        assert!(db
+            .insert_feedback_job(&job("j", "x"), &[example("p")], &ids)
+            .unwrap());
         assert!(db.pending_feedback("x").unwrap().is_empty());
+        // Another server's job on the same items, decided a moment earlier, stores nothing.
+        assert!(!db
+            .insert_feedback_job(&job("j2", "x"), &[example("p")], &ids)
+            .unwrap());
+        assert_eq!(db.job("j2").unwrap(), None);
+        assert_eq!(db.unfinished_jobs_of("x").unwrap().len(), 1);
     }
 
     fn old_completions_are_forgotten(db: &Db) {

@@ -11,27 +11,39 @@ use std::collections::HashSet;
 use adapters::peft::PeftFiles;
 use sha2::{Digest, Sha256};
 
-use super::jobs::{renew_on, Lease};
+use super::jobs::{renew_on, write_progress, Lease};
 use super::postgres::VERSIONS_CHANNEL;
 use super::sql::{values, Dialect, SqlConnection};
 use super::{corrupt, json, Db, DbResult};
-use crate::training::job::{HeldOutPoint, VersionInfo};
+use crate::training::job::{HeldOutPoint, Progress, VersionInfo};
 
 /// A version to publish: its files and what made it.
 pub struct NewVersion<'a> {
     pub adapter: &'a str,
     pub files: &'a PeftFiles,
     pub created_at: u64,
-    /// When it was published, in Unix milliseconds: replicas measure their lag from it.
+    /// When it was published, in Unix milliseconds: replicas measure their lag from it (and
+    /// the publishing job's lease is renewed from it).
     pub published_ms: u64,
-    /// The job and step that made it, with its held-out evaluation; `None` for a folder loaded
-    /// from elsewhere.
-    pub made_by: Option<(&'a str, u64, Option<&'a HeldOutPoint>)>,
     /// The highest version number this server has for the adapter (a folder the database never
     /// heard of keeps its number).
     pub local_floor: u32,
-    /// The lease the publishing job must still hold, with the time to renew it from.
-    pub held: Option<(&'a Lease, u64)>,
+    /// The job that made it; `None` for a folder loaded from elsewhere.
+    pub made_by: Option<JobPublish<'a>>,
+}
+
+/// What a job's publish stores with the version.
+pub struct JobPublish<'a> {
+    pub job_id: &'a str,
+    /// Steps done when the published adapter was taken.
+    pub step: u64,
+    pub held_out: Option<&'a HeldOutPoint>,
+    /// The lease the job must still hold.
+    pub lease: &'a Lease,
+    /// The job's progress with this publish, but for the version's number, which the
+    /// transaction appends to `published_versions`: written together with the version, so a
+    /// job resumed after a crash never publishes the same step twice.
+    pub progress: &'a Progress,
 }
 
 /// A version as replicas compare it with what they serve: everything but its files.
@@ -71,13 +83,10 @@ impl Db {
     /// (nothing stored) when the publishing job no longer holds its lease (it was cancelled,
     /// or another server took it over).
     pub fn publish_version(&self, new: &NewVersion<'_>) -> DbResult<Option<u32>> {
-        let (job_id, step, held_out) = match new.made_by {
-            Some((job, step, held_out)) => (Some(job), Some(step), held_out),
-            None => (None, None, None),
-        };
+        let job = new.made_by.as_ref();
         self.transaction(|conn| {
-            if let (Some((lease, now_ms)), Some(job)) = (new.held, job_id) {
-                if !renew_on(conn, job, lease, now_ms)? {
+            if let Some(job) = job {
+                if !renew_on(conn, job.job_id, job.lease, new.published_ms)? {
                     return Ok(None);
                 }
             }
@@ -107,9 +116,9 @@ impl Db {
                     new.adapter,
                     version,
                     new.created_at,
-                    job_id,
-                    step,
-                    held_out.map(json),
+                    job.map(|j| j.job_id),
+                    job.map(|j| j.step),
+                    job.and_then(|j| j.held_out).map(json),
                     new.published_ms,
                     new.files.config_json.as_str(),
                     weights,
@@ -120,21 +129,31 @@ impl Db {
                 "UPDATE adapters SET live_version = ?2 WHERE name = ?1",
                 &values![new.adapter, version],
             )?;
+            if let Some(job) = job {
+                let mut progress = job.progress.clone();
+                progress.published_versions.push(version);
+                write_progress(conn, job.job_id, &progress)?;
+            }
             announce(conn, new.adapter)?;
             Ok(Some(version))
         })
     }
 
     /// Takes back `adapter@version`, published a moment ago by this server, whose folder could
-    /// not be written here (a full disk): its row goes, and a live pointer still on it returns
-    /// to `previous_live` (`None`: the adapter had no version before).
+    /// not be written here (a full disk): its row goes, a live pointer still on it returns to
+    /// `previous_live` (`None`: the adapter had no version before), and the job that published
+    /// it gets back `progress` (its progress without this version).
     pub fn withdraw_version(
         &self,
         adapter: &str,
         version: u32,
         previous_live: Option<u32>,
+        job: Option<(&str, &Progress)>,
     ) -> DbResult<()> {
         self.transaction(|conn| {
+            if let Some((id, progress)) = job {
+                write_progress(conn, id, progress)?;
+            }
             conn.execute(
                 "DELETE FROM versions WHERE adapter = ?1 AND version = ?2",
                 &values![adapter, version],
