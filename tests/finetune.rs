@@ -1022,10 +1022,14 @@ async fn kill_9_loses_nothing_and_the_job_resumes_bit_for_bit(database: Option<S
 
     let job = submit_job(&server, resumable_job("resume", 16, 4)).await;
     let id = job["id"].as_str().expect("an id").to_string();
+    // The database records a version (with the job's progress) before its folder is renamed
+    // into place; the kill waits for both, to compare the folder across the restart.
+    let v1_folder = data.path().join("adapters/resume/v1");
     let before = wait_for_job(&server, &id, |j| {
         j["progress"]["published_versions"]
             .as_array()
             .is_some_and(|v| !v.is_empty())
+            && v1_folder.exists()
     })
     .await;
     server.kill();

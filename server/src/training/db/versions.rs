@@ -215,6 +215,8 @@ impl Db {
         )
     }
 
+    /// Records `info` as a version without files, live at once: the row a release before
+    /// version files wrote (the upgrade tests build such databases with it).
     pub fn insert_version(&self, adapter: &str, info: &VersionInfo) -> DbResult<()> {
         self.transaction(|conn| {
             conn.execute(
