@@ -542,6 +542,24 @@ impl Shared {
         self.shutdown.load(Ordering::SeqCst) || self.scheduler.is_closed()
     }
 
+    /// The adapter job `spec` starts from: the version of its adapter it continues, or a fresh
+    /// adapter of its seed. Its step log replays onto this, when the job resumes and when a
+    /// replica rebuilds a version the job published.
+    fn initial_adapter(&self, spec: &JobSpec) -> Result<LoraAdapter, String> {
+        match spec.base_version {
+            Some(version) => self
+                .adapters
+                .load_lora(&spec.adapter, version)
+                .map_err(|e| format!("cannot load `{}@{version}` to continue: {e}", spec.adapter)),
+            None => LoraAdapter::new_initialized(
+                spec.lora.clone(),
+                self.adapters.dims(),
+                spec.init_seed,
+            )
+            .map_err(|e| e.to_string()),
+        }
+    }
+
     fn cancel_unfinished(&self, job: &Job) -> Result<(), TrainingError> {
         self.finish(
             &job.id,

@@ -15,7 +15,6 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use adapters::peft::PeftFiles;
-use adapters::LoraAdapter;
 
 use super::db::{sha256_hex, VersionHead, VersionNotices};
 use super::{Shared, TrainingError};
@@ -173,7 +172,7 @@ impl Shared {
         let (Some(job_id), Some(steps)) = (&head.job_id, head.step) else {
             return None;
         };
-        match self.replay_version(head, job_id, steps) {
+        match self.replay_version(job_id, steps) {
             Ok(files)
                 if head
                     .weights_sha256
@@ -203,14 +202,9 @@ impl Shared {
         }
     }
 
-    /// `head`'s files rebuilt as its job made them: the job's initial adapter (the base
-    /// version it continued, or the fresh adapter of its seed) and its first `steps` steps.
-    fn replay_version(
-        &self,
-        head: &VersionHead,
-        job_id: &str,
-        steps: u64,
-    ) -> Result<PeftFiles, String> {
+    /// The files of the version job `job_id` published after `steps` steps, rebuilt as the job
+    /// made it: its initial adapter and its first `steps` steps.
+    fn replay_version(&self, job_id: &str, steps: u64) -> Result<PeftFiles, String> {
         let job = self
             .db
             .job(job_id)
@@ -221,18 +215,7 @@ impl Shared {
             .ok()
             .and_then(|steps| log.get(..steps))
             .ok_or_else(|| format!("the step log has {} steps, not {steps}", log.len()))?;
-        let initial = match job.spec.base_version {
-            Some(version) => self
-                .adapters
-                .load_lora(&head.adapter, version)
-                .map_err(|e| format!("its base version {version}: {e}"))?,
-            None => LoraAdapter::new_initialized(
-                job.spec.lora.clone(),
-                self.adapters.dims(),
-                job.spec.init_seed,
-            )
-            .map_err(|e| e.to_string())?,
-        };
+        let initial = self.initial_adapter(&job.spec)?;
         let theta = plugin::replay(&initial, log).map_err(|e| e.to_string())?;
         self.adapters.files_of(&theta).map_err(|e| e.to_string())
     }

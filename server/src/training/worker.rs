@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use adapters::LoraAdapter;
 use plugin::{DynEngine, HeldOutReport, StepRecord, StopReason, Trainer, TrainerEvent};
 use serde_json::json;
 
@@ -239,18 +238,7 @@ impl<'a> JobRun<'a> {
                     .map_err(|e| e.to_string())?;
             }
         }
-        let initial = match job.spec.base_version {
-            Some(version) => shared
-                .adapters
-                .load_lora(&adapter, version)
-                .map_err(|e| format!("cannot load `{adapter}@{version}` to continue: {e}"))?,
-            None => LoraAdapter::new_initialized(
-                job.spec.lora.clone(),
-                shared.adapters.dims(),
-                job.spec.init_seed,
-            )
-            .map_err(|e| e.to_string())?,
-        };
+        let initial = shared.initial_adapter(&job.spec)?;
         let objective = job.spec.objective.build().map_err(|e| e.to_string())?;
         let resumed_at = log.len();
         let trainer = Trainer::resume(

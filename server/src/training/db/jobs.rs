@@ -368,12 +368,11 @@ fn set_progress_on(
     lease: &Lease,
     now_ms: u64,
 ) -> DbResult<bool> {
-    let written = conn.execute(
-        "UPDATE jobs SET progress = ?4, lease_expires_ms = ?3
-         WHERE id = ?1 AND status = 'running' AND lease_owner = ?2",
-        &values![id, &lease.owner, now_ms + lease.duration_ms, json(progress)],
-    )?;
-    Ok(written == 1)
+    if !renew_on(conn, id, lease, now_ms)? {
+        return Ok(false);
+    }
+    write_progress(conn, id, progress)?;
+    Ok(true)
 }
 
 /// Writes job `id`'s progress (the caller has checked or renewed its lease in the same

@@ -6,8 +6,9 @@
 //!
 //! Everything a client was told is accepted (a job, its examples, a feedback item, a step) is
 //! committed before the reply or before the next step (SQLite with `synchronous = FULL`), so a
-//! `kill -9` loses nothing that was acknowledged. Each adapter version's files are kept here as
-//! well as in its PEFT folder on disk, so that any server sharing the database can serve it.
+//! `kill -9` loses nothing that was acknowledged. Each adapter version is a PEFT folder on
+//! disk; PostgreSQL also keeps its files, so that any server sharing the database can serve it,
+//! and SQLite, which has one server, keeps their digest.
 //!
 //! One file per table group: `jobs` (jobs, examples, step logs), `events`, `versions` (versions,
 //! live pointers, adapter settings), `files`, `feedback` (remembered completions and feedback).
