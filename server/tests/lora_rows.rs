@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use mezo_server::engine::batch::{BatchRow, RowCache};
 use mezo_server::engine::lora::AdapterView;
 use mezo_server::engine::scoring::{score_continuations, score_continuations_reference, ScoreItem};
-use mezo_server::engine::transformer::Transformer;
+use mezo_server::engine::transformer::{Transformer, PACK_TOKENS};
 use mezo_server::engine::weights::WeightMode;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -80,6 +80,37 @@ fn mixed_adapter_batch_equals_each_row_alone() {
     let base = logits_alone(&model, PROMPTS[0], None);
     let adapted = logits_alone(&model, PROMPTS[0], Some(&qv));
     assert!(common::max_abs_diff(&base, &adapted) > 1e-2);
+}
+
+#[test]
+fn a_batch_of_several_packs_gives_each_row_what_it_gets_alone_bit_for_bit() {
+    let model = common::load_model(WeightMode::Quantized);
+    let qv = random_adapter(&model, vec![TargetModule::Q, TargetModule::V], 3);
+    // Rows of 100 tokens, each prompt's tokens repeated: three packs of PACK_TOKENS, and a row
+    // longer than a pack as a pack of its own.
+    let long: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| p.iter().copied().cycle().take(100).collect())
+        .chain([PROMPTS[1]
+            .iter()
+            .copied()
+            .cycle()
+            .take(PACK_TOKENS + 40)
+            .collect()])
+        .collect();
+    let total: usize = long.iter().map(Vec::len).sum();
+    assert!(total > 2 * PACK_TOKENS, "the batch spans several packs");
+    let views = [Some(&*qv), None, Some(&*qv), None, Some(&*qv)];
+    let mut rows: Vec<BatchRow<'_>> = long
+        .iter()
+        .zip(views)
+        .map(|(tokens, view)| BatchRow::all_logits(tokens, RowCache::None, view))
+        .collect();
+    let batched = model.forward(&mut rows).expect("forward");
+    for ((tokens, view), got) in long.iter().zip(views).zip(batched) {
+        let alone = logits_alone(&model, tokens, view);
+        assert_eq!(common::max_abs_diff(&got.expect("logits"), &alone), 0.0);
+    }
 }
 
 #[test]

@@ -9,12 +9,12 @@
 //! `attend_reference` (built for the tests) computes the same with candle's operations; the tests hold the two
 //! equal.
 
-use rayon::prelude::*;
+use std::sync::{Mutex, PoisonError};
 
 use super::kernels::isa::Isa;
 
-/// Rows with at least this many queries (prefill) spread them over the thread pool; decode rows
-/// are too small for a hand-off to pay.
+/// Batches with at least this many query positions spread them over the thread pool; a few
+/// decode rows are too small for a hand-off to pay.
 const PARALLEL_MIN_QUERIES: usize = 8;
 
 /// Keys and values a row attends to, `[positions, n_kv_head, head_dim]` each, as up to two
@@ -55,28 +55,52 @@ pub struct HeadShape {
     pub window: Option<usize>,
 }
 
-/// Causal attention of one row: `q` is `[t, n_head, head_dim]`, the row's `t` tokens being the
-/// last `t` positions of `kv`; writes `[t, n_head · head_dim]` to `out`. Query head `h` reads
-/// key/value head `h / (n_head / n_kv_head)`.
-pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
-    let HeadShape {
-        n_head,
-        n_kv_head,
-        head_dim,
-        scale,
-        window,
-    } = shape;
-    let kv_stride = n_kv_head * head_dim;
-    let total = (kv.keys[0].len() + kv.keys[1].len()) / kv_stride;
-    let t = q.len() / (n_head * head_dim);
-    let n_rep = n_head / n_kv_head;
-    let split = kv.keys[0].len() / kv_stride;
-    let isa = Isa::selected();
-    // Query i sits at position total - t + i and sees the positions `start..end` up to it (the
-    // last `window` of them in a sliding-window layer): in the first span those below `split`,
-    // in the second the rest, each counted from its span's start.
-    let query_position = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
-        let end = total - t + i + 1;
+/// Causal attention of one row, a query position at a time: `q` is `[t, n_head, head_dim]`,
+/// the row's `t` tokens being the last `t` positions of `kv`. Query head `h` reads key/value
+/// head `h / (n_head / n_kv_head)`.
+pub struct RowAttention<'a> {
+    q: &'a [f32],
+    kv: KvSpans<'a>,
+    shape: HeadShape,
+    /// Positions in `kv`.
+    total: usize,
+    /// Query positions (the row's tokens).
+    t: usize,
+    /// Positions in the first span.
+    split: usize,
+    isa: Isa,
+}
+
+impl<'a> RowAttention<'a> {
+    pub fn new(q: &'a [f32], kv: KvSpans<'a>, shape: HeadShape) -> Self {
+        let kv_stride = shape.n_kv_head * shape.head_dim;
+        Self {
+            q,
+            kv,
+            shape,
+            total: (kv.keys[0].len() + kv.keys[1].len()) / kv_stride,
+            t: q.len() / (shape.n_head * shape.head_dim),
+            split: kv.keys[0].len() / kv_stride,
+            isa: Isa::selected(),
+        }
+    }
+
+    /// Query `i`'s heads' outputs `[n_head · head_dim]` into `out`; `scores` is scratch.
+    fn query(&self, i: usize, out: &mut [f32], scores: &mut Vec<f32>) {
+        let HeadShape {
+            n_head,
+            n_kv_head,
+            head_dim,
+            scale,
+            window,
+        } = self.shape;
+        let (kv, isa, split) = (self.kv, self.isa, self.split);
+        let kv_stride = n_kv_head * head_dim;
+        let n_rep = n_head / n_kv_head;
+        // Query i sits at position total - t + i and sees the positions `start..end` up to it
+        // (the last `window` of them in a sliding-window layer): in the first span those below
+        // `split`, in the second the rest, each counted from its span's start.
+        let end = self.total - self.t + i + 1;
         let start = window.map_or(0, |w| end.saturating_sub(w));
         let visible = [
             start.min(split)..end.min(split),
@@ -86,7 +110,7 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
         scores.resize(end - start, 0.0);
         for h in 0..n_head {
             let g = h / n_rep;
-            let query = &q[(i * n_head + h) * head_dim..][..head_dim];
+            let query = &self.q[(i * n_head + h) * head_dim..][..head_dim];
             let (first, second) = scores.split_at_mut(in_first);
             for (keys, scores) in spans_from(kv.keys, &visible, kv_stride, g * head_dim)
                 .into_iter()
@@ -113,19 +137,44 @@ pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
                 isa.weighted_sum(weights, values, kv_stride, o);
             }
         }
-    };
-    let width = n_head * head_dim;
-    if t >= PARALLEL_MIN_QUERIES {
-        // Prefill: query positions are independent; each gets its own output row.
-        out.par_chunks_mut(width)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (i, out)| query_position(i, out, scores));
-    } else {
-        let mut scores = Vec::with_capacity(total);
-        for (i, out) in out.chunks_mut(width).enumerate() {
-            query_position(i, out, &mut scores);
-        }
     }
+}
+
+/// Causal attention of one row (see [`RowAttention`]); writes `[t, n_head · head_dim]` to `out`.
+pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
+    attend_all(&[RowAttention::new(q, kv, shape)], out);
+}
+
+/// Causal attention of several rows: writes each row's `[t, n_head · head_dim]` to `out`, one
+/// after the other. Every query position of every row is independent, so all of them are
+/// shared out between the cores in one hand-off (one per row cost more than the work of a
+/// short row), on the pool the matrix products use (a second pool would compete with its
+/// spinning workers for the cores).
+pub fn attend_all(rows: &[RowAttention<'_>], out: &mut [f32]) {
+    let Some(first) = rows.first() else { return };
+    let width = first.shape.n_head * first.shape.head_dim;
+    let owners: Vec<(&RowAttention<'_>, usize)> = rows
+        .iter()
+        .flat_map(|row| (0..row.t).map(move |i| (row, i)))
+        .collect();
+    if owners.len() < PARALLEL_MIN_QUERIES {
+        let mut scores = Vec::new();
+        for ((row, i), out) in owners.into_iter().zip(out.chunks_mut(width)) {
+            row.query(i, out, &mut scores);
+        }
+        return;
+    }
+    // Each query's output row sits behind a lock that exactly one thread takes, once: the
+    // safe way to hand it to whichever thread runs the query.
+    let outs: Vec<Mutex<&mut [f32]>> = out.chunks_mut(width).map(Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(owners.len(), |range| {
+        let mut scores = Vec::new();
+        for j in range {
+            let (row, i) = owners[j];
+            let mut out = outs[j].lock().unwrap_or_else(PoisonError::into_inner);
+            row.query(i, &mut out, &mut scores);
+        }
+    });
 }
 
 /// Each span from its first visible position on, at kv head `offset / head_dim`'s vectors (a span

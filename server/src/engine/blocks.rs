@@ -8,7 +8,7 @@ use std::ops::Range;
 use adapters::TargetModule;
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{attend, HeadShape, KvSpans};
+use super::attention::{attend_all, HeadShape, KvSpans, RowAttention};
 use super::batch::{BatchRow, RowCache};
 use super::gguf::GgufFile;
 use super::lora::{add_lora, AdapterSegment};
@@ -172,31 +172,51 @@ impl AttentionWeights {
     }
 
     /// Queries `[n, n_head · head_dim]`, keys and values `[n, n_kv_head · head_dim]`, each
-    /// with the rows' LoRA terms.
+    /// with the rows' LoRA terms, as row-major values on the host (where attention runs).
     pub fn qkv(
         &self,
         layer: usize,
         xs: &Tensor,
         batch: &ForwardContext<'_>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let seg = &batch.segments;
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         Ok((
-            add_lora(xs, self.wq.forward(xs)?, layer, TargetModule::Q, seg)?,
-            add_lora(xs, self.wk.forward(xs)?, layer, TargetModule::K, seg)?,
-            add_lora(xs, self.wv.forward(xs)?, layer, TargetModule::V, seg)?,
+            project_values(&self.wq, xs, layer, TargetModule::Q, batch)?,
+            project_values(&self.wk, xs, layer, TargetModule::K, batch)?,
+            project_values(&self.wv, xs, layer, TargetModule::V, batch)?,
         ))
     }
 
     /// The output projection of the heads' outputs `[n, n_head · head_dim]`.
     pub fn output(&self, layer: usize, ys: &Tensor, batch: &ForwardContext<'_>) -> Result<Tensor> {
-        add_lora(
-            ys,
-            self.wo.forward(ys)?,
-            layer,
-            TargetModule::O,
-            &batch.segments,
-        )
+        project(&self.wo, ys, layer, TargetModule::O, batch)
     }
+}
+
+/// `xs·Wᵀ` with the LoRA terms of `module` in `layer` for the rows that have them, row-major
+/// `[n, out]`: the product's vector gets the terms in place and is never copied.
+fn project_values(
+    w: &Matrix,
+    xs: &Tensor,
+    layer: usize,
+    module: TargetModule,
+    batch: &ForwardContext<'_>,
+) -> Result<Vec<f32>> {
+    let mut ys = w.forward_values(xs)?;
+    add_lora(xs, &mut ys, layer, module, &batch.segments)?;
+    Ok(ys)
+}
+
+/// [`project_values`] as a tensor `[n, out]`.
+fn project(
+    w: &Matrix,
+    xs: &Tensor,
+    layer: usize,
+    module: TargetModule,
+    batch: &ForwardContext<'_>,
+) -> Result<Tensor> {
+    let (n_out, _) = w.dims()?;
+    let ys = project_values(w, xs, layer, module, batch)?;
+    Ok(Tensor::from_vec(ys, (xs.dim(0)?, n_out), &Device::Cpu)?)
 }
 
 /// A tensor's values on the host, flattened.
@@ -218,25 +238,37 @@ pub fn attend_rows(
     let q_width = shape.n_head * shape.head_dim;
     let kv_width = shape.n_kv_head * shape.head_dim;
     let n = q.len() / q_width;
-    let mut out = vec![0f32; n * q_width];
+    let own = |range: &Range<usize>| {
+        let kv = range.start * kv_width..range.end * kv_width;
+        (&k[kv.clone()], &v[kv])
+    };
+    // Appends first (they need the caches mutably), then every row's queries at once.
     for (row, range) in rows.iter_mut().zip(&batch.row_ranges) {
-        let q_row = &q[range.start * q_width..range.end * q_width];
-        let own_k = &k[range.start * kv_width..range.end * kv_width];
-        let own_v = &v[range.start * kv_width..range.end * kv_width];
-        let out_row = &mut out[range.start * q_width..range.end * q_width];
-        match &mut row.cache {
-            RowCache::None => attend(q_row, KvSpans::one(own_k, own_v), shape, out_row),
-            RowCache::Append(cache) => {
-                cache.append(layer, own_k, own_v);
-                let (keys, values) = cache.layer(layer);
-                attend(q_row, KvSpans::one(keys, values), shape, out_row);
-            }
-            RowCache::Prefix(cache) => {
-                let prefix = cache.layer(layer);
-                attend(q_row, KvSpans::two(prefix, (own_k, own_v)), shape, out_row);
-            }
+        if let RowCache::Append(cache) = &mut row.cache {
+            let (own_k, own_v) = own(range);
+            cache.append(layer, own_k, own_v);
         }
     }
+    let attentions: Vec<RowAttention<'_>> = rows
+        .iter()
+        .zip(&batch.row_ranges)
+        .map(|(row, range)| {
+            let kv = match &row.cache {
+                RowCache::None => {
+                    let (own_k, own_v) = own(range);
+                    KvSpans::one(own_k, own_v)
+                }
+                RowCache::Append(cache) => {
+                    let (keys, values) = cache.layer(layer);
+                    KvSpans::one(keys, values)
+                }
+                RowCache::Prefix(cache) => KvSpans::two(cache.layer(layer), own(range)),
+            };
+            RowAttention::new(&q[range.start * q_width..range.end * q_width], kv, shape)
+        })
+        .collect();
+    let mut out = vec![0f32; n * q_width];
+    attend_all(&attentions, &mut out);
     Ok(Tensor::from_vec(out, (n, q_width), &Device::Cpu)?)
 }
 
@@ -280,14 +312,13 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, layer: usize, xs: &Tensor, batch: &ForwardContext<'_>) -> Result<Tensor> {
-        let seg = &batch.segments;
-        let gate = add_lora(xs, self.gate.forward(xs)?, layer, TargetModule::Gate, seg)?;
-        let up = add_lora(xs, self.up.forward(xs)?, layer, TargetModule::Up, seg)?;
+        let gate = project(&self.gate, xs, layer, TargetModule::Gate, batch)?;
+        let up = project(&self.up, xs, layer, TargetModule::Up, batch)?;
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
         let h = (gate * up)?;
-        add_lora(&h, self.down.forward(&h)?, layer, TargetModule::Down, seg)
+        project(&self.down, &h, layer, TargetModule::Down, batch)
     }
 }

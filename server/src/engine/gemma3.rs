@@ -18,7 +18,7 @@
 //! - RMS norm weights are stored with Gemma's `1 +` already added by the converter.
 
 use adapters::QkRowOrder;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::attention::HeadShape;
 use super::batch::BatchRow;
@@ -137,11 +137,11 @@ impl Gemma3Layers {
     }
 }
 
-/// RMS-normalizes each head of `xs` `[n, heads · head_dim]` with the same weights.
-fn norm_heads(norm: &RmsNorm, xs: &Tensor, head_dim: usize) -> Result<Tensor> {
-    let (n, width) = xs.dims2()?;
-    let per_head = xs.reshape((n * width / head_dim, head_dim))?;
-    Ok(norm.forward(&per_head)?.reshape((n, width))?)
+/// RMS-normalizes each head of `xs` (row-major `[n, heads · head_dim]`) with the same weights.
+fn norm_heads(norm: &RmsNorm, xs: Vec<f32>, head_dim: usize) -> Result<Vec<f32>> {
+    let heads = xs.len() / head_dim;
+    let per_head = Tensor::from_vec(xs, (heads, head_dim), &Device::Cpu)?;
+    to_host(&norm.forward(&per_head)?)
 }
 
 impl DecoderLayers for Gemma3Layers {
@@ -159,11 +159,10 @@ impl DecoderLayers for Gemma3Layers {
             (&self.local_rope, self.local)
         };
         let h = block.attn_norm.forward(xs)?;
-        let (q, k, v) = block.attn.qkv(layer, &h, batch)?;
-        let q = norm_heads(&block.q_norm, &q, shape.head_dim)?;
-        let k = norm_heads(&block.k_norm, &k, shape.head_dim)?;
         // Attention runs on the host, row by row (see `attention.rs`).
-        let (mut q, mut k, v) = (to_host(&q)?, to_host(&k)?, to_host(&v)?);
+        let (q, k, v) = block.attn.qkv(layer, &h, batch)?;
+        let mut q = norm_heads(&block.q_norm, q, shape.head_dim)?;
+        let mut k = norm_heads(&block.k_norm, k, shape.head_dim)?;
         rope.apply(&mut q, shape.n_head, &batch.positions);
         rope.apply(&mut k, shape.n_kv_head, &batch.positions);
         let heads = attend_rows(layer, (&q, &k, &v), shape, rows, batch)?;

@@ -18,8 +18,8 @@ use candle_core::Tensor;
 use super::attention::HeadShape;
 use super::batch::BatchRow;
 use super::blocks::{
-    attend_rows, to_host, Activation, AttentionWeights, DecoderLayers, ForwardContext, GatedMlp,
-    RmsNorm, TensorReader,
+    attend_rows, Activation, AttentionWeights, DecoderLayers, ForwardContext, GatedMlp, RmsNorm,
+    TensorReader,
 };
 use super::gguf::Metadata;
 use super::rope::{Rope, RopeFrequencies, RopeStyle};
@@ -112,9 +112,8 @@ impl DecoderLayers for LlamaLayers {
     ) -> Result<Tensor> {
         let block = &self.blocks[layer];
         let h = block.attn_norm.forward(xs)?;
-        let (q, k, v) = block.attn.qkv(layer, &h, batch)?;
         // Attention runs on the host, row by row (see `attention.rs`).
-        let (mut q, mut k, v) = (to_host(&q)?, to_host(&k)?, to_host(&v)?);
+        let (mut q, mut k, v) = block.attn.qkv(layer, &h, batch)?;
         self.rope.apply(&mut q, self.shape.n_head, &batch.positions);
         self.rope
             .apply(&mut k, self.shape.n_kv_head, &batch.positions);

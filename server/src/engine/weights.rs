@@ -97,9 +97,18 @@ impl Matrix {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let rows = xs.dim(0)?;
         let (n_out, _) = self.0.dims();
-        let mut ys = vec![0f32; rows * n_out];
-        with_f32_values(xs, |xs| self.0.matmul_t(xs, rows, &mut ys))?;
-        Ok(Tensor::from_vec(ys, (rows, n_out), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            self.forward_values(xs)?,
+            (rows, n_out),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// [`Self::forward`]'s values, row-major `[n, out]`, for callers that change them before
+    /// they become a tensor.
+    pub fn forward_values(&self, xs: &Tensor) -> Result<Vec<f32>> {
+        let rows = xs.dim(0)?;
+        with_f32_values(xs, |xs| self.0.matmul_t_new(xs, rows))
     }
 
     /// Rows of `W` selected by `ids` (the embedding lookup), as f32 `[ids.len(), in]`.

@@ -25,16 +25,14 @@ use super::lora::AdapterView;
 use super::sampler::SamplingParams;
 use super::scoring::{score_rows, ContinuationLogprobs, ScoreRow};
 use super::tokenizer::Tokenizer;
+use super::transformer::PACK_TOKENS;
 use super::{EngineError, Result};
 use crate::metrics as m;
 
-/// Upper bound on tokens per packed forward pass on the caller's thread. Small packs are
-/// faster, not only leaner: a pack's activations stay in the caches between the layer's
-/// products and its element-wise work. Measured with `mezo bench mezo --steps 8 --eval-every 8
-/// --test-size 16` (FZOO's five evaluations of 16 reviews, ~2,400 tokens a step), twice each on
-/// a 2-core Xeon: 3.13–3.15 s a step and 157 MiB peak at 256, 3.15–3.55 s and 168 MiB at 512,
-/// 3.21–3.31 s and 153 MiB at 128, 3.66–3.67 s and 271 MiB with the whole step in one pack.
-pub const MAX_TOKENS_PER_FORWARD: usize = 256;
+/// Upper bound on tokens per call of the scorer on the caller's thread: one pack of the
+/// forward pass (see [`PACK_TOKENS`]), so that a large evaluation's log-probs and kept states
+/// are gathered a pack at a time.
+pub const MAX_TOKENS_PER_FORWARD: usize = PACK_TOKENS;
 
 impl LoadedModel {
     /// The engine's view of each adapter, in order.

@@ -31,6 +31,8 @@ pub mod layout;
 mod portable;
 pub mod row_blocks;
 
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -54,6 +56,42 @@ const MIN_TASK_BYTES: usize = 16 * 1024;
 /// Tasks per thread when the matrix is large: enough for a thread that finishes early to take
 /// over part of the work of a core that is busy with something else.
 const TASKS_PER_THREAD: usize = 4;
+
+/// A value the products write exactly once: `f32` in a caller's buffer, or `MaybeUninit<f32>`
+/// in a new vector that is not zero-filled first (filling it cost about as much as the copy
+/// of the results: `memset` was 4–5% of a training step's profile).
+pub trait OutputValue: Send {
+    fn write_all(dst: &mut [Self], src: &[f32])
+    where
+        Self: Sized;
+}
+
+impl OutputValue for f32 {
+    fn write_all(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl OutputValue for MaybeUninit<f32> {
+    fn write_all(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+        dst.write_copy_of_slice(src);
+    }
+}
+
+/// One thread's buffers for [`PackedMatrix::task`], kept between calls: a row block's results
+/// and two panels' dequantized chunk (allocating and zeroing them per task showed in the
+/// profile of every batched product).
+struct TaskScratch {
+    results: Vec<f32>,
+    panels: [Vec<f32>; 2],
+}
+
+thread_local! {
+    static TASK_SCRATCH: RefCell<TaskScratch> = RefCell::new(TaskScratch {
+        results: Vec::new(),
+        panels: [vec![0f32; KC * PANEL], vec![0f32; KC * PANEL]],
+    });
+}
 
 /// A weight matrix `[out, in]` in the panel layout.
 #[derive(Clone, Debug)]
@@ -207,7 +245,7 @@ impl PackedMatrix {
         self.inp / format.block_values() * PANEL * format.block_bytes()
     }
 
-    fn check_io(&self, xs: &[f32], rows: usize, ys: &[f32]) {
+    fn check_io<T>(&self, xs: &[f32], rows: usize, ys: &[T]) {
         assert_eq!(
             xs.len(),
             rows * self.inp,
@@ -230,15 +268,41 @@ impl PackedMatrix {
         self.matmul_t_with(Isa::selected(), xs, rows, ys, true);
     }
 
+    /// [`Self::matmul_t`] into a new `rows × out` vector.
+    #[allow(unsafe_code)]
+    pub fn matmul_t_new(&self, xs: &[f32], rows: usize) -> Vec<f32> {
+        let n = rows * self.out;
+        let mut ys = Vec::with_capacity(n);
+        self.matmul_t_with(
+            Isa::selected(),
+            xs,
+            rows,
+            &mut ys.spare_capacity_mut()[..n],
+            true,
+        );
+        // SAFETY: `matmul_t_with` wrote each of the first `n` values: the tasks' column ranges
+        // cover every column, each task writes its range of every row, and the empty cases
+        // write every value too.
+        unsafe { ys.set_len(n) };
+        ys
+    }
+
     /// [`Self::matmul_t`] with the kernels of `isa` (which the CPU must support), on the
     /// calling thread alone unless `parallel`.
-    pub fn matmul_t_with(&self, isa: Isa, xs: &[f32], rows: usize, ys: &mut [f32], parallel: bool) {
+    pub fn matmul_t_with<T: OutputValue>(
+        &self,
+        isa: Isa,
+        xs: &[f32],
+        rows: usize,
+        ys: &mut [T],
+        parallel: bool,
+    ) {
         self.check_io(xs, rows, ys);
         if rows == 0 || self.out == 0 {
             return;
         }
         if self.inp == 0 {
-            ys.fill(0.0);
+            T::write_all(ys, &vec![0.0; ys.len()]);
             return;
         }
         let panels_per_task = self.panels_per_task();
@@ -246,17 +310,18 @@ impl PackedMatrix {
         // Task `t` owns output columns `t*chunk..` of every input row: one slice per row,
         // collected here, so that a task writes its results without `unsafe`.
         let ntasks = self.out.div_ceil(chunk);
-        let mut tasks: Vec<Vec<&mut [f32]>> =
-            (0..ntasks).map(|_| Vec::with_capacity(rows)).collect();
+        let mut tasks: Vec<Vec<&mut [T]>> = (0..ntasks).map(|_| Vec::with_capacity(rows)).collect();
         for y_row in ys.chunks_exact_mut(self.out) {
             for (task, part) in tasks.iter_mut().zip(y_row.chunks_mut(chunk)) {
                 task.push(part);
             }
         }
-        let run = |t: usize, outs: &mut [&mut [f32]]| {
+        let run = |t: usize, outs: &mut [&mut [T]]| {
             let first = t * panels_per_task;
             let last = (first + panels_per_task).min(self.panels());
-            self.task(isa, xs, rows, first..last, outs);
+            TASK_SCRATCH.with_borrow_mut(|scratch| {
+                self.task(isa, xs, rows, first..last, outs, scratch);
+            });
         };
         if ntasks == 1 || !parallel {
             for (t, mut outs) in tasks.into_iter().enumerate() {
@@ -271,7 +336,7 @@ impl PackedMatrix {
         // rayon). It is also the pool that candle's own CPU kernels use, so the two do not
         // compete for the cores. Each task's output slices sit behind a lock that exactly one
         // thread takes, once: the safe way to hand them to whichever thread runs the task.
-        let tasks: Vec<Mutex<Vec<&mut [f32]>>> = tasks.into_iter().map(Mutex::new).collect();
+        let tasks: Vec<Mutex<Vec<&mut [T]>>> = tasks.into_iter().map(Mutex::new).collect();
         candle_core::utils::barrier_pool().execute_chunked(ntasks, |range| {
             for t in range {
                 let mut outs = tasks[t].lock().unwrap_or_else(PoisonError::into_inner);
@@ -292,25 +357,34 @@ impl PackedMatrix {
     }
 
     /// Panels `panels` against every input row; `outs[r]` receives row `r`'s columns of
-    /// these panels.
-    fn task(
+    /// these panels. `scratch` is the running thread's buffers.
+    fn task<T: OutputValue>(
         &self,
         isa: Isa,
         xs: &[f32],
         rows: usize,
         panels: std::ops::Range<usize>,
-        outs: &mut [&mut [f32]],
+        outs: &mut [&mut [T]],
+        scratch: &mut TaskScratch,
     ) {
         let width = panels.len() * PANEL;
-        // One row block's results, copied out while they are still in cache.
-        let mut c = vec![0f32; MC.min(rows) * width];
+        // One row block's results, copied out while they are still in cache. Every tile writes
+        // its values before it reads them (`accumulate` is false at `k0 = 0`), so what the
+        // buffer held before does not matter.
+        let results_len = MC.min(rows) * width;
+        if scratch.results.len() < results_len {
+            scratch.results.resize(results_len, 0.0);
+        }
+        let TaskScratch {
+            results: c,
+            panels: buffers,
+        } = scratch;
         let (tile_rows, tile_panels) = isa.tile_shape();
         // A few rows of quantized weights: dequantize in registers, without the buffer.
         let fused = match &self.storage {
             Storage::Blocks { format, bytes } if rows <= isa.fused_rows() => Some((*format, bytes)),
             _ => None,
         };
-        let mut buffers = [vec![0f32; KC * PANEL], vec![0f32; KC * PANEL]];
         // Rows in blocks of `MC`, then columns in chunks of `KC`: the activations of one block
         // and chunk stay in L2 while every panel of the task passes over them.
         for rb in (0..rows).step_by(MC) {
@@ -328,7 +402,7 @@ impl PackedMatrix {
                             (Weights::Blocks(format, blocks), block_rows)
                         }
                         None => {
-                            let w = self.chunk_weights(isa, p, np, k0, kc, &mut buffers);
+                            let w = self.chunk_weights(isa, p, np, k0, kc, buffers);
                             (Weights::F32(w), tile_rows)
                         }
                     };
@@ -349,7 +423,7 @@ impl PackedMatrix {
             }
             for (out, c) in outs[rb..rb_end].iter_mut().zip(c.chunks_exact(width)) {
                 let n = out.len();
-                out.copy_from_slice(&c[..n]);
+                T::write_all(out, &c[..n]);
             }
         }
     }
