@@ -1,5 +1,5 @@
-//! Attention on host memory: causal (optionally sliding-window) grouped-query attention for one
-//! row of a packed batch, in plain loops over the row's queries and its key/value history.
+//! Attention on host memory: causal (optionally sliding-window) grouped-query attention for the
+//! rows of a packed batch, in plain loops over each row's queries and its key/value history.
 //!
 //! Each row attends over its own history only, so candle's tensor operations would cost a
 //! dozen small operations per row and layer (narrow, concatenate, reshape, two products,
@@ -140,11 +140,6 @@ impl<'a> RowAttention<'a> {
     }
 }
 
-/// Causal attention of one row (see [`RowAttention`]); writes `[t, n_head · head_dim]` to `out`.
-pub fn attend(q: &[f32], kv: KvSpans<'_>, shape: HeadShape, out: &mut [f32]) {
-    attend_all(&[RowAttention::new(q, kv, shape)], out);
-}
-
 /// Causal attention of several rows: writes each row's `[t, n_head · head_dim]` to `out`, one
 /// after the other. Every query position of every row is independent, so all of them are
 /// shared out between the cores in one hand-off (one per row cost more than the work of a
@@ -192,7 +187,7 @@ fn spans_from<'a>(
     })
 }
 
-/// Slow, obviously-correct twin of [`attend`] with candle's operations (full scores matrix,
+/// Slow, obviously-correct twin of [`attend_all`] for one row with candle's operations (full scores matrix,
 /// additive causal and window mask, softmax, product).
 #[cfg(test)]
 pub fn attend_reference(q: &[f32], kv: KvSpans<'_>, shape: HeadShape) -> Vec<f32> {
@@ -269,6 +264,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn rows_attended_together_get_what_each_gets_alone_bit_for_bit() {
+        let shape = HeadShape {
+            n_head: 6,
+            n_kv_head: 2,
+            head_dim: 12,
+            scale: 0.3,
+            window: Some(5),
+        };
+        let (width, kv_stride) = (
+            shape.n_head * shape.head_dim,
+            shape.n_kv_head * shape.head_dim,
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        // (prefix positions, own tokens): decode rows beside prefill rows, enough queries in
+        // all for the parallel path, too few in most rows alone.
+        let rows: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = [(0, 3), (6, 1), (0, 11), (2, 1), (4, 6)]
+            .into_iter()
+            .map(|(prefix, t)| {
+                let positions = prefix + t;
+                (
+                    random(t * width, &mut rng),
+                    random(positions * kv_stride, &mut rng),
+                    random(positions * kv_stride, &mut rng),
+                )
+            })
+            .collect();
+        let attentions: Vec<RowAttention<'_>> = rows
+            .iter()
+            .map(|(q, k, v)| RowAttention::new(q, KvSpans::one(k, v), shape))
+            .collect();
+        let mut together = vec![0f32; rows.iter().map(|(q, _, _)| q.len()).sum()];
+        attend_all(&attentions, &mut together);
+        let mut alone = Vec::new();
+        for attention in &attentions {
+            let mut out = vec![0f32; attention.q.len()];
+            attend_all(std::slice::from_ref(attention), &mut out);
+            alone.extend(out);
+        }
+        assert_eq!(together, alone);
+        assert!(together.iter().any(|&x| x != 0.0));
+    }
+
     fn check_against_reference(shape: HeadShape) {
         let kv_stride = shape.n_kv_head * shape.head_dim;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
@@ -287,7 +325,7 @@ mod tests {
             let want = attend_reference(&q, one, shape);
             for spans in [two, one] {
                 let mut got = vec![0f32; want.len()];
-                attend(&q, spans, shape, &mut got);
+                attend_all(&[RowAttention::new(&q, spans, shape)], &mut got);
                 let diff = got
                     .iter()
                     .zip(&want)
