@@ -32,7 +32,7 @@ use crate::metrics as m;
 /// Upper bound on tokens per call of the scorer on the caller's thread: one pack of the
 /// forward pass (see [`PACK_TOKENS`]), so that a large evaluation's log-probs and kept states
 /// are gathered a pack at a time.
-pub const MAX_TOKENS_PER_FORWARD: usize = PACK_TOKENS;
+pub const MAX_TOKENS_PER_SCORE_CALL: usize = PACK_TOKENS;
 
 impl LoadedModel {
     /// The engine's view of each adapter, in order.
@@ -76,8 +76,8 @@ pub trait ForwardRunner {
     fn greedy(&self, prompts: Vec<GreedyPrompt>, params: GenerationParams) -> Result<Vec<String>>;
 }
 
-/// Passes run on the caller's thread, in packed forwards of at most [`MAX_TOKENS_PER_FORWARD`]
-/// tokens (bounding activation memory on large evaluations).
+/// Passes run on the caller's thread, scored [`MAX_TOKENS_PER_SCORE_CALL`] tokens at a time
+/// (bounding the log-probs and kept states of a large evaluation gathered at once).
 pub struct OnCallerThread<'m>(pub &'m LoadedModel);
 
 impl ForwardRunner for OnCallerThread<'_> {
@@ -91,7 +91,8 @@ impl ForwardRunner for OnCallerThread<'_> {
         frozen: Option<&Arc<Mutex<FrozenStates>>>,
     ) -> Result<ContinuationLogprobs> {
         let mut scores = Vec::with_capacity(rows.len());
-        for chunk in chunks_by_budget(rows.iter().map(ScoreRow::tokens), MAX_TOKENS_PER_FORWARD) {
+        for chunk in chunks_by_budget(rows.iter().map(ScoreRow::tokens), MAX_TOKENS_PER_SCORE_CALL)
+        {
             scores.extend(score_rows(
                 &self.0.transformer,
                 &rows[chunk],
