@@ -791,6 +791,18 @@ async fn a_key_at_its_cap_of_requests_in_flight_gets_429_until_one_ends() {
     }
 }
 
+/// Polls `/ready` until the scheduler's queue holds `count` sequences (20 s at most).
+async fn wait_for_waiting(server: &Server, count: usize) {
+    for _ in 0..2000 {
+        let (_, ready) = get_json(&server.url("/ready")).await;
+        if ready["waiting"] == count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the queue never held {count} sequences");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_with_retry_after() {
     let server = Server::start(ServerOptions {
@@ -813,6 +825,9 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let mut running = response.bytes_stream();
     use futures_util::StreamExt;
     running.next().await.expect("the first chunk").unwrap();
+    // The role chunk goes out before the engine takes the request from the queue: wait until it
+    // has (the queue is empty again), or the two choices below would find it still waiting.
+    wait_for_waiting(&server, 0).await;
     // … one request with two choices fills the queue (both accepted or neither) …
     let waiting = tokio::spawn({
         let url = url.clone();
@@ -822,16 +837,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
             post_json(&url, &body).await.0
         }
     });
-    let mut queued = false;
-    for _ in 0..2000 {
-        let (_, ready) = get_json(&server.url("/ready")).await;
-        if ready["waiting"] == 2 {
-            queued = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(queued, "the two choices never showed as waiting");
+    wait_for_waiting(&server, 2).await;
     // … and the next request is refused at once, with Retry-After.
     let refused = post_json(&url, &chat(BASE_MODEL, "Hi", 2)).await;
     assert_error(&refused, 429, "rate_limit_error", None, Some("queue_full"));
