@@ -111,7 +111,8 @@ fn prefill_tokens_per_s(model: &LoadedModel, prompt: &[u32], reps: usize) -> Res
 }
 
 /// Aggregate decode tokens/s of `batch` greedy sequences decoding `steps` tokens each (the
-/// prefill step is not timed).
+/// prefill step is not timed): `batch` over the median step's time, so that a moment when
+/// another process took a core does not move the figure (the peer is timed the same way).
 fn decode_tokens_per_s(
     model: &LoadedModel,
     prompt: &[u32],
@@ -129,11 +130,13 @@ fn decode_tokens_per_s(
         .collect::<Result<_>>()?;
     let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
     step(&model.transformer, &model.tokenizer, &mut refs)?;
-    let start = Instant::now();
+    let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
+        let start = Instant::now();
         step(&model.transformer, &model.tokenizer, &mut refs)?;
+        times.push(start.elapsed().as_secs_f64());
     }
-    Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
+    Ok(batch as f64 / median(times))
 }
 
 fn scoring_seconds(model: &LoadedModel, reviews: &[Snippet], reps: usize) -> Result<f64> {

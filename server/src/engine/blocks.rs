@@ -179,11 +179,17 @@ impl AttentionWeights {
         xs: &Tensor,
         batch: &ForwardContext<'_>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok((
-            project_values(&self.wq, xs, layer, TargetModule::Q, batch)?,
-            project_values(&self.wk, xs, layer, TargetModule::K, batch)?,
-            project_values(&self.wv, xs, layer, TargetModule::V, batch)?,
-        ))
+        let [q, k, v] = project_many(
+            [
+                (&self.wq, TargetModule::Q),
+                (&self.wk, TargetModule::K),
+                (&self.wv, TargetModule::V),
+            ],
+            xs,
+            layer,
+            batch,
+        )?;
+        Ok((q, k, v))
     }
 
     /// The output projection of the heads' outputs `[n, n_head · head_dim]`.
@@ -192,21 +198,23 @@ impl AttentionWeights {
     }
 }
 
-/// `xs·Wᵀ` with the LoRA terms of `module` in `layer` for the rows that have them, row-major
-/// `[n, out]`: the product's vector gets the terms in place and is never copied.
-fn project_values(
-    w: &Matrix,
+/// `xs·Wᵀ` of each matrix with the LoRA terms of its module in `layer` for the rows that have
+/// them, row-major `[n, out]`: the products run together ([`Matrix::forward_many`]) and each
+/// product's vector gets its terms in place, never copied.
+fn project_many<const N: usize>(
+    projections: [(&Matrix, TargetModule); N],
     xs: &Tensor,
     layer: usize,
-    module: TargetModule,
     batch: &ForwardContext<'_>,
-) -> Result<Vec<f32>> {
-    let mut ys = w.forward_values(xs)?;
-    add_lora(xs, &mut ys, layer, module, &batch.segments)?;
+) -> Result<[Vec<f32>; N]> {
+    let mut ys = Matrix::forward_many(projections.map(|(w, _)| w), xs)?;
+    for (ys, (_, module)) in ys.iter_mut().zip(projections) {
+        add_lora(xs, ys, layer, module, &batch.segments)?;
+    }
     Ok(ys)
 }
 
-/// [`project_values`] as a tensor `[n, out]`.
+/// [`project_many`] of one matrix, as a tensor `[n, out]`.
 fn project(
     w: &Matrix,
     xs: &Tensor,
@@ -214,9 +222,14 @@ fn project(
     module: TargetModule,
     batch: &ForwardContext<'_>,
 ) -> Result<Tensor> {
-    let (n_out, _) = w.dims()?;
-    let ys = project_values(w, xs, layer, module, batch)?;
-    Ok(Tensor::from_vec(ys, (xs.dim(0)?, n_out), &Device::Cpu)?)
+    let [ys] = project_many([(w, module)], xs, layer, batch)?;
+    product_tensor(ys, xs.dim(0)?, w)
+}
+
+/// The row-major values of `w`'s product with `rows` rows, as a tensor `[rows, out]`.
+fn product_tensor(values: Vec<f32>, rows: usize, w: &Matrix) -> Result<Tensor> {
+    let (out, _) = w.dims()?;
+    Ok(Tensor::from_vec(values, (rows, out), &Device::Cpu)?)
 }
 
 /// A tensor's values on the host, flattened.
@@ -312,8 +325,18 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, layer: usize, xs: &Tensor, batch: &ForwardContext<'_>) -> Result<Tensor> {
-        let gate = project(&self.gate, xs, layer, TargetModule::Gate, batch)?;
-        let up = project(&self.up, xs, layer, TargetModule::Up, batch)?;
+        let [gate, up] = project_many(
+            [
+                (&self.gate, TargetModule::Gate),
+                (&self.up, TargetModule::Up),
+            ],
+            xs,
+            layer,
+            batch,
+        )?;
+        let rows = xs.dim(0)?;
+        let gate = product_tensor(gate, rows, &self.gate)?;
+        let up = product_tensor(up, rows, &self.up)?;
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,

@@ -95,20 +95,25 @@ impl Matrix {
 
     /// `xs · Wᵀ` for `xs` of shape `[n, in]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let rows = xs.dim(0)?;
-        let (n_out, _) = self.0.dims();
+        let [ys] = Self::forward_many([self], xs)?;
         Ok(Tensor::from_vec(
-            self.forward_values(xs)?,
-            (rows, n_out),
+            ys,
+            (xs.dim(0)?, self.0.dims().0),
             &Device::Cpu,
         )?)
     }
 
-    /// [`Self::forward`]'s values, row-major `[n, out]`, for callers that change them before
-    /// they become a tensor.
-    pub fn forward_values(&self, xs: &Tensor) -> Result<Vec<f32>> {
+    /// The products of several matrices with the same `xs` `[n, in]`, computed together (one
+    /// hand-off to the cores: [`PackedMatrix::products_new`]), as row-major `[n, out]` values
+    /// for callers that change them before they become tensors.
+    pub fn forward_many<const N: usize>(
+        matrices: [&Self; N],
+        xs: &Tensor,
+    ) -> Result<[Vec<f32>; N]> {
         let rows = xs.dim(0)?;
-        with_f32_values(xs, |xs| self.0.matmul_t_new(xs, rows))
+        with_f32_values(xs, |xs| {
+            PackedMatrix::products_new(matrices.map(|m| &m.0), xs, rows)
+        })
     }
 
     /// Rows of `W` selected by `ids` (the embedding lookup), as f32 `[ids.len(), in]`.

@@ -3,7 +3,7 @@
 Through llama-cpp-python, with the same thread count and the same token ids as the Rust side
 (it tokenizes): prefill is one `eval` of the long prompt into a fresh context (median of
 several), decode is greedy (argmax of the last logits) one token per `eval` after a short
-prompt, as `mezo bench engine` times its own batch-1 decode.
+prompt, one over the median step's time, as `mezo bench engine` times its own batch-1 decode.
 
 Input: a JSON file (argv[1]). Output: one JSON line on stdout.
 """
@@ -42,11 +42,13 @@ def main():
     llm.reset()
     llm.eval(spec["decode_prompt"])
     steps = spec["decode_steps"]
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([token])
-    decode = steps / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    decode = 1.0 / float(np.median(times))
 
     print(
         json.dumps(

@@ -158,6 +158,23 @@ pub unsafe fn dequantize(format: Format, blocks: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Panel blocks between the one a fused kernel reads and the one it asks the cache for.
+/// Decode streams every weight once per token, so the blocks come from memory; the hardware
+/// prefetcher follows the stream but starts late at each new panel.
+const PREFETCH_BLOCKS: usize = 16;
+
+/// Asks for every cache line of panel block `b + PREFETCH_BLOCKS` of the blocks at `blocks`
+/// (`pbb` bytes each). A prefetch never faults, so the address may lie past the end of the
+/// blocks (the pointer is only computed, with `wrapping_add`, never read).
+#[inline(always)]
+pub fn prefetch_ahead(blocks: *const u8, b: usize, pbb: usize) {
+    let ahead = blocks.wrapping_add((b + PREFETCH_BLOCKS) * pbb);
+    for line in (0..pbb).step_by(64) {
+        // SAFETY: `_mm_prefetch` is SSE (every x86-64 CPU) and reads nothing: it is a hint.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+    }
+}
+
 /// Rows per call of [`fused`].
 pub const FUSED_ROWS: usize = 4;
 
@@ -190,6 +207,7 @@ unsafe fn fused_fixed<const R: usize>(tile: &mut Tile) {
     // `x_stride`, `blocks[0]` `kc / 32` panel blocks, and `c` R rows of 16 at `c_stride`.
     let mut acc = load_accumulators::<R>(tile);
     for b in 0..tile.kc / QK {
+        prefetch_ahead(blocks, b, pbb);
         let block = blocks.add(b * pbb);
         let (d, m) = block_scales!(format, block);
         for k in (0..QK).step_by(2) {

@@ -11,6 +11,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::prefetch_ahead;
 use super::isa::{Tile, Weights};
 use super::layout::{Format, PANEL, QK};
 
@@ -139,7 +140,7 @@ pub unsafe fn dequantize(format: Format, blocks: &[u8], out: &mut [f32]) {
 }
 
 /// Rows per call of [`fused`].
-pub const FUSED_ROWS: usize = 4;
+pub const FUSED_ROWS: usize = 8;
 
 /// [`tile`] for a few rows, reading the quantized panel blocks directly: each column's
 /// weights are dequantized in registers and used at once (same operations, same bits), which
@@ -150,17 +151,15 @@ pub const FUSED_ROWS: usize = 4;
 /// `FUSED_ROWS` and `PANELS`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub unsafe fn fused(tile: &mut Tile) {
-    match (tile.rows, tile.panels) {
-        (1, 1) => fused_fixed::<1, 1>(tile),
-        (1, _) => fused_fixed::<1, 2>(tile),
-        (2, 1) => fused_fixed::<2, 1>(tile),
-        (2, _) => fused_fixed::<2, 2>(tile),
-        (3, 1) => fused_fixed::<3, 1>(tile),
-        (3, _) => fused_fixed::<3, 2>(tile),
-        (4, 1) => fused_fixed::<4, 1>(tile),
-        (4, _) => fused_fixed::<4, 2>(tile),
-        _ => unreachable!("Tile::check bounds the rows"),
+    macro_rules! dispatch {
+        ($($r:literal)*) => {
+            match (tile.rows, tile.panels) {
+                $(($r, 1) => fused_fixed::<$r, 1>(tile), ($r, _) => fused_fixed::<$r, 2>(tile),)*
+                _ => unreachable!("Tile::check bounds the rows"),
+            }
+        };
     }
+    dispatch!(1 2 3 4 5 6 7 8)
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -179,6 +178,9 @@ unsafe fn fused_fixed<const R: usize, const P: usize>(tile: &mut Tile) {
     // `c_stride`.
     let mut acc = load_accumulators::<R, P>(tile);
     for b in 0..tile.kc / QK {
+        for &block in &blocks {
+            prefetch_ahead(block, b, pbb);
+        }
         let mut scales = [(_mm512_setzero_ps(), _mm512_setzero_ps()); P];
         for (s, &block) in scales.iter_mut().zip(&blocks) {
             *s = block_scales!(format, block.add(b * pbb));
