@@ -4,6 +4,7 @@
 //! and implements [`DecoderLayers`]; [`super::transformer`] runs the rest of the forward.
 
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use adapters::TargetModule;
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +14,7 @@ use super::batch::{BatchRow, RowCache};
 use super::gguf::GgufFile;
 use super::lora::{add_lora, AdapterSegment};
 use super::transformer::{tensor_bytes, TransformerConfig};
-use super::weights::{Matrix, WeightMode};
+use super::weights::{with_f32_values, Matrix, WeightMode};
 use super::{EngineError, Result};
 use crate::progress::Progress;
 
@@ -112,7 +113,7 @@ impl TensorReader<'_> {
 
     pub fn rms_norm(&mut self, name: &str, len: usize, eps: f64) -> Result<RmsNorm> {
         Ok(RmsNorm {
-            weight: self.vector(name, len)?,
+            weight: to_host(&self.vector(name, len)?)?,
             eps: eps as f32,
         })
     }
@@ -130,13 +131,55 @@ impl TensorReader<'_> {
 /// stored weight by llama.cpp's converter, so one norm serves both families.)
 #[derive(Debug)]
 pub struct RmsNorm {
-    weight: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
+/// Rows a core normalizes per hand-off: below this many in all, the norm runs on the calling
+/// thread (decode's few rows take less time than waking the pool).
+const NORM_ROWS_PER_TASK: usize = 64;
+
 impl RmsNorm {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+        let ys = with_f32_values(xs, |xs| self.normalize_rows(xs))?;
+        Ok(Tensor::from_vec(ys, xs.shape(), &Device::Cpu)?)
+    }
+
+    /// The norm of each row of `xs` (row-major, rows as long as the weight), the rows shared
+    /// out between the cores on the products' pool. Bit for bit candle's `rms_norm` (the
+    /// reference twin in the tests), which splits a batch's rows on rayon instead, whose
+    /// threads then compete with the pool's spinning workers.
+    pub fn normalize_rows(&self, xs: &[f32]) -> Vec<f32> {
+        let width = self.weight.len();
+        let mut ys = vec![0f32; xs.len()];
+        if width == 0 {
+            return ys;
+        }
+        let norm_rows = |xs: &[f32], ys: &mut [f32]| {
+            for (x, y) in xs.chunks_exact(width).zip(ys.chunks_exact_mut(width)) {
+                let sum_of_squares = x.iter().map(|&v| v * v).sum::<f32>();
+                let rms = (sum_of_squares / width as f32 + self.eps).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(&self.weight) {
+                    *y = x / rms * w;
+                }
+            }
+        };
+        let chunk = NORM_ROWS_PER_TASK * width;
+        if xs.len() <= chunk {
+            norm_rows(xs, &mut ys);
+            return ys;
+        }
+        // Each chunk of rows sits behind a lock that exactly one thread takes, once.
+        let tasks: Vec<(&[f32], Mutex<&mut [f32]>)> = xs
+            .chunks(chunk)
+            .zip(ys.chunks_mut(chunk).map(Mutex::new))
+            .collect();
+        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+            for (xs, ys) in &tasks[range] {
+                norm_rows(xs, &mut ys.lock().unwrap_or_else(PoisonError::into_inner));
+            }
+        });
+        ys
     }
 }
 
@@ -343,5 +386,34 @@ impl GatedMlp {
         };
         let h = (gate * up)?;
         project(&self.down, &h, layer, TargetModule::Down, batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The norm equals candle's `rms_norm`, its reference twin, bit for bit: on the calling
+    /// thread (few rows) and shared between the cores (a batch, its last chunk short).
+    #[test]
+    fn rms_norm_equals_candles_bit_for_bit() {
+        let width = 96;
+        let weight = Tensor::randn(0f32, 1f32, (width,), &Device::Cpu).expect("weight");
+        let norm = RmsNorm {
+            weight: to_host(&weight).expect("weight values"),
+            eps: 1e-5,
+        };
+        for rows in [1, 7, NORM_ROWS_PER_TASK, 3 * NORM_ROWS_PER_TASK + 5] {
+            let xs = Tensor::randn(0f32, 2f32, (rows, width), &Device::Cpu).expect("xs");
+            let ours = to_host(&norm.forward(&xs).expect("ours")).expect("values");
+            let candle = candle_nn::ops::rms_norm(&xs, &weight, 1e-5).expect("candle");
+            let candle = to_host(&candle).expect("values");
+            assert!(
+                ours.iter()
+                    .zip(&candle)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rows = {rows}: differs from candle's rms_norm"
+            );
+        }
     }
 }

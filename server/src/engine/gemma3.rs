@@ -18,13 +18,13 @@
 //! - RMS norm weights are stored with Gemma's `1 +` already added by the converter.
 
 use adapters::QkRowOrder;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::attention::HeadShape;
 use super::batch::BatchRow;
 use super::blocks::{
-    attend_rows, to_host, Activation, AttentionWeights, DecoderLayers, ForwardContext, GatedMlp,
-    RmsNorm, TensorReader,
+    attend_rows, Activation, AttentionWeights, DecoderLayers, ForwardContext, GatedMlp, RmsNorm,
+    TensorReader,
 };
 use super::gguf::Metadata;
 use super::rope::{Rope, RopeFrequencies, RopeStyle};
@@ -137,13 +137,6 @@ impl Gemma3Layers {
     }
 }
 
-/// RMS-normalizes each head of `xs` (row-major `[n, heads · head_dim]`) with the same weights.
-fn norm_heads(norm: &RmsNorm, xs: Vec<f32>, head_dim: usize) -> Result<Vec<f32>> {
-    let heads = xs.len() / head_dim;
-    let per_head = Tensor::from_vec(xs, (heads, head_dim), &Device::Cpu)?;
-    to_host(&norm.forward(&per_head)?)
-}
-
 impl DecoderLayers for Gemma3Layers {
     fn forward(
         &self,
@@ -161,8 +154,9 @@ impl DecoderLayers for Gemma3Layers {
         let h = block.attn_norm.forward(xs)?;
         // Attention runs on the host, row by row (see `attention.rs`).
         let (q, k, v) = block.attn.qkv(layer, &h, batch)?;
-        let mut q = norm_heads(&block.q_norm, q, shape.head_dim)?;
-        let mut k = norm_heads(&block.k_norm, k, shape.head_dim)?;
+        // Each head is normalized on its own: rows of `head_dim`, the norms' width.
+        let mut q = block.q_norm.normalize_rows(&q);
+        let mut k = block.k_norm.normalize_rows(&k);
         rope.apply(&mut q, shape.n_head, &batch.positions);
         rope.apply(&mut k, shape.n_kv_head, &batch.positions);
         let heads = attend_rows(layer, (&q, &k, &v), shape, rows, batch)?;
