@@ -11,7 +11,8 @@ use super::portable;
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 
-/// A family of kernels, each for one instruction set.
+/// A family of kernels, each for one instruction set (declared in the order of [`Isa::ALL`],
+/// which [`Isa::supported`] indexes by the discriminant).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Avx512,
@@ -104,12 +105,19 @@ impl Isa {
             .collect()
     }
 
-    /// Whether this CPU runs the variant. Checked before every SIMD call, so it allocates
-    /// nothing (the detections are cached by the standard library).
+    /// Whether this CPU runs the variant. Checked before every SIMD call (every tile), so the
+    /// answers are worked out once per process: matching the features by name on each call
+    /// showed in the profile of a training step.
     pub fn supported(self) -> bool {
-        self.needed_features()
-            .iter()
-            .all(|&feature| cpu_has(feature))
+        static SUPPORTED: OnceLock<[bool; 3]> = OnceLock::new();
+        let supported = SUPPORTED.get_or_init(|| {
+            Isa::ALL.map(|isa| {
+                isa.needed_features()
+                    .iter()
+                    .all(|&feature| cpu_has(feature))
+            })
+        });
+        supported[self as usize]
     }
 
     /// The guard before any SIMD call: the soundness of the `unsafe` calls rests on it.
@@ -365,6 +373,20 @@ mod tests {
 
     fn supported() -> Vec<Isa> {
         Isa::ALL.into_iter().filter(|isa| isa.supported()).collect()
+    }
+
+    /// The cached answers belong to their variants: each is what the CPU's features say.
+    #[test]
+    fn supported_follows_the_features_of_each_variant() {
+        for isa in Isa::ALL {
+            assert_eq!(
+                isa.supported(),
+                isa.missing_features().is_empty(),
+                "{}",
+                isa.name()
+            );
+        }
+        assert!(Isa::Portable.supported());
     }
 
     #[test]
