@@ -426,7 +426,7 @@ impl PackedMatrix {
             results: c,
             panels: buffers,
         } = scratch;
-        let (tile_rows, tile_panels) = isa.tile_shape();
+        let (_, tile_panels) = isa.tile_shape();
         // A few rows of quantized weights: dequantize in registers, without the buffer.
         let fused = match &self.storage {
             Storage::Blocks { format, bytes } if rows <= isa.fused_rows() => Some((*format, bytes)),
@@ -447,29 +447,24 @@ impl PackedMatrix {
                 for p in (panels.start..panels.end).step_by(tile_panels) {
                     let np = tile_panels.min(panels.end - p);
                     let c = &mut c[(p - panels.start) * PANEL..];
-                    let (weights, step) = match fused {
+                    let weights = match fused {
                         Some((format, bytes)) => {
                             let blocks = self.chunk_blocks(format, bytes, p, np, k0, kc);
-                            (Weights::Blocks(format, blocks), block_rows)
+                            Weights::Blocks(format, blocks)
                         }
-                        None => {
-                            let w = self.chunk_weights(isa, p, np, k0, kc, buffers);
-                            (Weights::F32(w), tile_rows)
-                        }
+                        None => Weights::F32(self.chunk_weights(isa, p, np, k0, kc, buffers)),
                     };
-                    for r0 in (0..block_rows).step_by(step) {
-                        isa.tile(&mut Tile {
-                            rows: step.min(block_rows - r0),
-                            panels: np,
-                            kc,
-                            x: &xs[r0 * self.inp + k0..],
-                            x_stride: self.inp,
-                            weights,
-                            c: &mut c[r0 * width..],
-                            c_stride: width,
-                            accumulate: k0 > 0,
-                        });
-                    }
+                    isa.tile(&mut Tile {
+                        rows: block_rows,
+                        panels: np,
+                        kc,
+                        x: &xs[k0..],
+                        x_stride: self.inp,
+                        weights,
+                        c,
+                        c_stride: width,
+                        accumulate: k0 > 0,
+                    });
                 }
             }
             for (out, c) in outs[rb..rb_end].iter_mut().zip(c.chunks_exact(width)) {
